@@ -1,0 +1,265 @@
+"""Splits, the decoded-image cache, and the batches that feed training.
+
+Images are decoded once into a uint8 N x H x W array on disk and memory-mapped,
+so an epoch costs a memory read instead of a PNG decode per cell, and RAM does
+not grow with the data set. Augmentation happens later, on the device
+(augment.py), on whole batches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from elcell.errors import DataError, ImageError
+from elcell.images import load_cell
+from elcell.io import atomic_write_text
+from elcell.labels import LabelTable
+
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- split
+def stratified_split(
+    table: LabelTable, val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> np.ndarray:
+    """Assign each row to train/val/test, stratified by label combination (and group).
+
+    Returns an array of split names. Deterministic for a given seed and table.
+    """
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be in (0, 1) and sum below 1"
+        )
+    keys = [tuple(row) for row in table.positives]
+    if table.groups is not None:
+        keys = [key + (group,) for key, group in zip(keys, table.groups)]
+    rng = np.random.default_rng(seed)
+    split = np.full(len(table), "train", dtype=object)
+    for key in sorted(set(keys), key=str):
+        members = np.flatnonzero([k == key for k in keys])
+        members = rng.permutation(members)
+        n_test = int(round(len(members) * test_fraction))
+        n_val = int(round(len(members) * val_fraction))
+        split[members[:n_test]] = "test"
+        split[members[n_test : n_test + n_val]] = "val"
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        # Tiny sets can round every stratum to zero; a split asked for is never empty.
+        if fraction > 0 and not (split == name).any():
+            train = np.flatnonzero(split == "train")
+            if len(train) < 2:
+                raise DataError(f"{table.source}: {len(table)} images are too few to split")
+            split[rng.choice(train)] = name
+    return split.astype(str)
+
+
+def write_split_csv(path: Path, table: LabelTable, split: np.ndarray) -> None:
+    lines = [";".join(["path", "split", *table.names])]
+    for image, part, targets in zip(table.paths, split, table.targets):
+        lines.append(";".join([str(image), part, *(f"{t:g}" for t in targets)]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- cache
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ELCELL_CACHE", Path.home() / ".cache" / "elcell"))
+
+
+def cache_key(paths: list[Path], size: int) -> str:
+    """Content hash of every image plus the size: any changed file gives a new cache."""
+    digest = hashlib.blake2b(f"elcell-cache-v1 size={size}".encode(), digest_size=16)
+    for path in paths:
+        try:
+            digest.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read image ({err})") from None
+    return digest.hexdigest()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock so ranks on one node build the cache once and then share it."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decode_chunk(job: tuple[list[int], list[str], int]) -> tuple[list[int], np.ndarray, list[str]]:
+    indices, paths, size = job
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    errors = []
+    for row, path in enumerate(paths):
+        try:
+            out[row] = load_cell(path, size)
+        except ImageError as err:
+            errors.append(str(err))
+    return indices, out, errors
+
+
+def build_cache(
+    paths: list[Path],
+    size: int,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    chunk: int = 128,
+    progress: bool = True,
+) -> np.ndarray:
+    """Decode `paths` into a memory-mapped uint8 [N, size, size] array, or reuse it.
+
+    Built in parallel processes, in chunks whose completion is recorded, so an
+    interrupted build resumes where it stopped. Any unreadable image stops the
+    build with a message naming the files.
+    """
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size)
+    final = cache_dir / f"{key}.npy"
+    with _file_lock(cache_dir / f"{key}.lock"):
+        if not final.exists():
+            _fill_cache(paths, size, cache_dir / key, workers, chunk, progress)
+    return np.load(final, mmap_mode="r")
+
+
+def _fill_cache(
+    paths: list[Path], size: int, stem: Path, workers: int | None, chunk: int, progress: bool
+) -> None:
+    partial = stem.with_suffix(".partial.npy")
+    done_file = stem.with_suffix(".done.npy")
+    shape = (len(paths), size, size)
+    if partial.exists() and done_file.exists():
+        images = np.lib.format.open_memmap(partial, mode="r+")
+        done = np.load(done_file)
+    else:
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        done = np.zeros(len(paths), dtype=bool)
+    todo = np.flatnonzero(~done)
+    jobs = [
+        (todo[i : i + chunk].tolist(), [str(paths[j]) for j in todo[i : i + chunk]], size)
+        for i in range(0, len(todo), chunk)
+    ]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    errors: list[str] = []
+    bar = tqdm(total=len(paths), initial=int(done.sum()), desc="Decoding images", unit="img",
+               disable=not progress, leave=False)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for indices, decoded, chunk_errors in pool.map(_decode_chunk, jobs):
+            if chunk_errors:
+                errors.extend(chunk_errors)
+                continue
+            images[indices] = decoded
+            images.flush()
+            done[indices] = True
+            _save_atomic(done_file, done)
+            bar.update(len(indices))
+    bar.close()
+    if errors:
+        shown = "\n  ".join(errors[:10])
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise DataError(f"{len(errors)} image(s) cannot be used:\n  {shown}{more}")
+    del images
+    os.replace(partial, stem.with_suffix(".npy"))
+    done_file.unlink()
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def pixel_stats(images: np.ndarray, index: np.ndarray, chunk: int = 256) -> tuple[float, float]:
+    """Mean and std (in [0, 1] units) of the cells in `index`, read chunk by chunk."""
+    total = total_sq = 0.0
+    count = 0
+    for start in range(0, len(index), chunk):
+        block = images[np.sort(index[start : start + chunk])].astype(np.float64) / 255.0
+        total += block.sum()
+        total_sq += np.square(block).sum()
+        count += block.size
+    mean = total / count
+    return float(mean), float(np.sqrt(max(total_sq / count - mean * mean, 1e-12)))
+
+
+# --------------------------------------------------------------------------- batches
+class CachedCells(Dataset):
+    """Rows of the image cache with their targets; fetched a whole batch at a time."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, index: np.ndarray):
+        self.images = images
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        self.index = np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.__getitems__([i])
+        return images[0], targets[0]
+
+    def __getitems__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # One fancy-index read of the memmap per batch instead of one per cell.
+        rows = self.index[np.asarray(batch)]
+        images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))[:, None]
+        return images, self.targets[rows]
+
+
+def _keep_batch(batch):
+    """collate_fn for CachedCells: __getitems__ already returns a stacked batch."""
+    return batch
+
+
+class CellDataModule(L.LightningDataModule):
+    """Train/val(/test) loaders over the cache; uint8 batches, augmented on the device."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        table: LabelTable,
+        split: np.ndarray,
+        batch_size: int,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.images, self.table, self.split = images, table, split
+        self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
+
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        index = np.flatnonzero(self.split == part)
+        dataset = CachedCells(self.images, self.table.targets, index)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            # A training batch of one cell breaks BatchNorm; drop a ragged last batch.
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=_keep_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

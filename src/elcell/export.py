@@ -1,0 +1,128 @@
+"""ONNX export of a trained model, checked against PyTorch with ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from elcell.errors import ExportError
+from elcell.io import atomic_path
+from elcell.model import ResNet
+from elcell.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
+
+PARITY_TOLERANCE = 1e-4
+
+
+class InferenceGraph(nn.Module):
+    """uint8 gray cells in; probabilities and Grad-CAM heatmaps out."""
+
+    def __init__(self, model: ResNet, mean: float, std: float):
+        super().__init__()
+        self.model = model
+        self.mean, self.std = float(mean), float(std)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images.float() / 255.0 - self.mean) / self.std
+        logits, heatmap = self.model.forward_with_cam(x)
+        return torch.sigmoid(logits), heatmap
+
+
+def export_onnx(model: ResNet, info: ModelInfo, out: str | Path,
+                check_images: np.ndarray | None = None) -> float:
+    """Write `model` as an elcell ONNX file and return the parity error.
+
+    Parity is checked on a batch of 4 (real cells when `check_images` is given):
+    the largest |probability difference| between PyTorch and ONNX Runtime must
+    stay within 1e-4, or nothing is written and ExportError is raised.
+    """
+    out = Path(out)
+    graph = InferenceGraph(model, info.mean, info.std).eval().to("cpu", memory_format=torch.contiguous_format)
+    size = info.image_size
+    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with atomic_path(out) as raw, _quiet_exporter():
+        torch.onnx.export(
+            graph, (example,), str(raw), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
+        )
+        write_info(raw, raw, info)
+        error = check_parity(graph, raw, check_images)
+    return error
+
+
+def check_parity(graph: InferenceGraph, onnx_path: Path, images: np.ndarray | None) -> float:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph_size = session.get_inputs()[0].shape[-1]
+    if images is None or len(images) < 4:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(4, graph_size, graph_size), dtype=np.uint8)
+    batch = np.ascontiguousarray(images[:4])[:, None]
+    with torch.no_grad():
+        probs, heatmap = (t.numpy() for t in graph(torch.from_numpy(batch)))
+    onnx_probs, onnx_heatmap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+    error = float(np.abs(onnx_probs - probs).max())
+    scale = max(float(np.abs(heatmap).max()), 1e-6)
+    heatmap_error = float(np.abs(onnx_heatmap - heatmap).max()) / scale
+    if not error <= PARITY_TOLERANCE or not heatmap_error <= PARITY_TOLERANCE:
+        raise ExportError(
+            f"ONNX export does not match PyTorch: max |probs diff| {error:.2e}, "
+            f"heatmap diff {heatmap_error:.2e} of its peak (tolerance {PARITY_TOLERANCE:g})"
+        )
+    return error
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter narrates every step and warns about torchvision ops we do not use."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export",
+                                                    "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def info_from_hparams(hparams, epoch: int) -> ModelInfo:
+    n = len(hparams["label_names"])
+    return ModelInfo(
+        labels=list(hparams["label_names"]), image_size=int(hparams["image_size"]),
+        mean=float(hparams["mean"]), std=float(hparams["std"]),
+        thresholds=[0.5] * n, review_thresholds=[0.5] * n,
+        backbone=hparams["backbone"], epoch=int(epoch),
+    )
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
+                      check_images: np.ndarray | None = None) -> tuple[Path, float]:
+    """Re-export a Lightning checkpoint. `out` may be a file or a folder (default: the
+    checkpoint's folder); in a folder the file is named best_model_epoch{N}.onnx."""
+    from elcell.module import ELCellModule
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ExportError(f"{checkpoint}: checkpoint not found")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    module = ELCellModule(**state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"])
+    epoch = int(state["epoch"])
+    out = Path(out) if out else checkpoint.parent
+    if out.is_dir():
+        out = out / f"best_model_epoch{epoch}.onnx"
+    info = info_from_hparams(module.hparams, epoch)
+    error = export_onnx(module.model, info, out, check_images)
+    return out, error
+

@@ -1,0 +1,76 @@
+"""Decoding EL cell images into the one form the model sees: uint8 gray, square.
+
+Torch-free on purpose: the training cache and ONNX inference both call
+`load_cell`, so a cell is decoded identically on the GPU box and on the
+inspection PC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from elcell.errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
+    mode = image.mode
+    if mode in ("L", "P", "1", "LA"):
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    if mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+        return np.asarray(image.convert("RGB").convert("L"), dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit cameras: scale by the container's real depth (65535), not by 255,
+        # which would saturate almost every pixel.
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
+        return np.round(pixels * (255.0 / 65535.0)).astype(np.uint8)
+    if mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ImageError(f"{path}: float images must hold values in [0, 1]")
+        return np.round(pixels * 255.0).astype(np.uint8)
+    raise ImageError(f"{path}: unsupported image mode {mode!r}")
+
+
+def load_cell(path: str | Path, size: int) -> np.ndarray:
+    """Read one cell image as a `size` x `size` uint8 gray array.
+
+    8-bit or 16-bit gray and RGB are accepted; any other size is resized
+    (cells cut from module images are close to square, so no padding).
+    Raises ImageError with the file name for anything unreadable.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = _to_gray_uint8(image, path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageError(f"{path}: not a readable image ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{path}: image too large ({err})") from None
+    if gray.ndim != 2 or min(gray.shape) < 8:
+        raise ImageError(f"{path}: image is {gray.shape}, expected a 2-D cell of at least 8x8 pixels")
+    if gray.shape != (size, size):
+        gray = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))
+    return gray
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image files."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(
+                sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            )
+        else:
+            found.append(item)
+    return found

@@ -1,0 +1,168 @@
+"""Label tables: which image has which labels. Torch-free (used by evaluate too).
+
+Two sources: a labels CSV in the seed format (path; crack; inactive) and the
+ELPV cells shipped in the `elpv-dataset` package (one soft label, `defective`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from elcell.errors import DataError
+
+
+@dataclass
+class LabelTable:
+    """Image paths with one target column per label.
+
+    targets are floats in [0, 1]: 0/1 for CSV labels, the expert probability for
+    ELPV. A cell counts as positive for a label when its target is >= 0.5.
+    """
+
+    paths: list[Path]
+    names: list[str]
+    targets: np.ndarray  # float32 [N, L]
+    groups: list[str] | None = None  # e.g. ELPV cell type (mono/poly)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def positives(self) -> np.ndarray:
+        """0/1 int array [N, L]: the decision a perfect model would make."""
+        return (self.targets >= 0.5).astype(np.int64)
+
+    def subset(self, index: np.ndarray) -> LabelTable:
+        index = np.asarray(index, dtype=np.int64)
+        return LabelTable(
+            paths=[self.paths[i] for i in index],
+            names=list(self.names),
+            targets=self.targets[index],
+            groups=None if self.groups is None else [self.groups[i] for i in index],
+            source=self.source,
+        )
+
+
+def _detect_separator(header: str, csv_path: Path) -> str:
+    counts = {sep: header.count(sep) for sep in (";", ",", "\t")}
+    sep, count = max(counts.items(), key=lambda kv: kv[1])
+    if count == 0:
+        raise DataError(
+            f"{csv_path}: header {header.strip()!r} has only one column; "
+            "expected an image path column and at least one label column (e.g. 'path;crack;inactive')"
+        )
+    return sep
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
+    """Read a seed-format labels CSV.
+
+    First column: image path (relative to the CSV's folder unless absolute).
+    Every other column is a 0/1 label, except `group` (e.g. cell type), which is
+    kept as a group name for stratified splits and per-group reports.
+    """
+    csv_path = Path(csv_path)
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{csv_path}: labels file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: cannot read labels file ({err})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{csv_path}: the labels file is empty")
+
+    sep = _detect_separator(lines[0], csv_path)
+    rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=sep))
+    header = [name.strip() for name in rows[0]]
+    if any(_is_number(name) for name in header[1:]) or not all(header):
+        raise DataError(
+            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {lines[0].strip()!r}"
+        )
+    if len(set(header)) != len(header):
+        raise DataError(f"{csv_path}: duplicate column names in header {header}")
+    if group is not None and group not in header[1:]:
+        raise DataError(f"{csv_path}: no column {group!r} for groups; columns are {header}")
+    label_columns = [i for i, name in enumerate(header) if i > 0 and name != group]
+    if not label_columns:
+        raise DataError(f"{csv_path}: no label columns; expected e.g. 'path;crack;inactive'")
+    if len(rows) < 2:
+        raise DataError(f"{csv_path}: the labels file has a header but no rows")
+
+    base = csv_path.resolve().parent
+    paths, targets, groups = [], [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        where = f"{csv_path} line {line_no}"
+        if len(row) != len(header):
+            raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
+        image = row[0].strip()
+        if not image:
+            raise DataError(f"{where}: empty image path")
+        values = []
+        for i in label_columns:
+            value = row[i].strip()
+            if value not in ("0", "1", "0.0", "1.0"):
+                raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1")
+            values.append(float(value))
+        path = Path(image)
+        paths.append(path if path.is_absolute() else base / path)
+        targets.append(values)
+        if group is not None:
+            groups.append(row[header.index(group)].strip())
+
+    return LabelTable(
+        paths=paths,
+        names=[header[i] for i in label_columns],
+        targets=np.asarray(targets, dtype=np.float32),
+        groups=groups if group is not None else None,
+        source=str(csv_path),
+    )
+
+
+def elpv_table() -> LabelTable:
+    """The 2,624 ELPV cells: label `defective` = expert defect probability, group = cell type."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise DataError(
+            "--data elpv needs the ELPV cells: pip install elpv-dataset (or elcell[elpv])"
+        ) from None
+    folder = Path(elpv_dataset.__file__).parent / "data"
+    paths, probabilities, types = [], [], []
+    for line in (folder / "labels.csv").read_text().splitlines():
+        if line.strip():
+            image, probability, cell_type = line.split()
+            paths.append(folder / image)
+            probabilities.append(float(probability))
+            types.append(cell_type)
+    return LabelTable(
+        paths=paths,
+        names=["defective"],
+        targets=np.asarray(probabilities, dtype=np.float32)[:, None],
+        groups=types,
+        source="elpv",
+    )
+
+
+def load_table(data: str | Path, group: str | None = None) -> LabelTable:
+    """`elpv` for the embedded ELPV cells, else a labels CSV."""
+    if str(data) == "elpv":
+        table = elpv_table()
+        if group not in (None, "type"):
+            raise DataError(f"--data elpv has one group column, 'type' (mono/poly), not {group!r}")
+        return table
+    return read_labels_csv(data, group=group)

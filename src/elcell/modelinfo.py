@@ -1,0 +1,76 @@
+"""What an elcell ONNX file promises, and the metadata stored in it. Torch-free.
+
+Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = image_size);
+outputs `probs` float [batch, N] (sigmoid applied) and `heatmap` float
+[batch, N, h, w] (Grad-CAM of each label on the last ResNet stage).
+Normalisation happens inside the graph, so a caller only decodes and resizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from elcell.io import atomic_path
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probs", "heatmap")
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class ModelInfo:
+    """The metadata an elcell model carries. A cell's label is `defect` when its
+    probability >= threshold, `review` when >= review_threshold (below the
+    threshold), else `ok`. review_threshold == threshold means no review band."""
+
+    labels: list[str]
+    image_size: int
+    mean: float
+    std: float
+    thresholds: list[float]
+    review_thresholds: list[float]
+    backbone: str = ""
+    bit_depth: int = 8
+    epoch: int = -1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.thresholds) != n or len(self.review_thresholds) != n:
+            raise ValueError(f"need one threshold and one review threshold per label ({n})")
+        for label, low, high in zip(self.labels, self.review_thresholds, self.thresholds):
+            if not 0 <= low <= high <= 1:
+                raise ValueError(
+                    f"label {label!r}: need 0 <= review threshold ({low}) <= threshold ({high}) <= 1"
+                )
+
+    def to_props(self) -> dict[str, str]:
+        props = {"elcell_format": FORMAT_VERSION}
+        props.update({key: json.dumps(value) for key, value in asdict(self).items()})
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> ModelInfo:
+        if props.get("elcell_format") != FORMAT_VERSION:
+            raise ValueError(f"{source}: not an elcell model (no elcell metadata in the ONNX file)")
+        names = cls.__dataclass_fields__
+        return cls(**{key: json.loads(props[key]) for key in names if key in props})
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    model = onnx.load(str(path), load_external_data=False)
+    return ModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+
+
+def write_info(source: str | Path, target: str | Path, info: ModelInfo) -> None:
+    """Copy the ONNX file at `source` to `target` (atomically) with new metadata."""
+    model = onnx.load(str(source))
+    del model.metadata_props[:]
+    for key, value in info.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    with atomic_path(target) as tmp:
+        onnx.save(model, str(tmp))

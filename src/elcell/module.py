@@ -1,0 +1,138 @@
+"""The LightningModule: augmentation on the device, weighted BCE, Adam, metrics.
+
+Batches arrive as uint8 [B, 1, H, W] and are turned into normalised floats
+after the transfer to the device, so the host ships 4x fewer bytes and the
+augmentation runs where the compute is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchmetrics
+from lightning import LightningModule
+from torch import nn
+
+from elcell.augment import BatchAugment, normalise
+from elcell.model import build_model
+
+
+class LabelF1(torchmetrics.Metric):
+    """Per-label precision/recall/F1 plus the seed's weighted F1 and the mean F1.
+
+    Counts are summed states, so torchmetrics synchronises them across DDP ranks
+    and the score covers the whole validation set. (torchmetrics' multilabel
+    classes refuse a single label, which ELPV has.) Matches sklearn's
+    f1_score(average=...) with zero_division=0.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_labels: int, threshold: float = 0.5):
+        super().__init__()
+        self.threshold = threshold
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        predicted = probs >= self.threshold
+        actual = targets >= 0.5
+        self.tp += (predicted & actual).sum(0)
+        self.fp += (predicted & ~actual).sum(0)
+        self.fn += (~predicted & actual).sum(0)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+        recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
+        f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
+        support = tp + fn
+        weighted = (f1 * support).sum() / support.sum() if support.sum() > 0 else support.sum() * 0
+        return {"precision": precision, "recall": recall, "f1": f1,
+                "weighted_f1": weighted, "mean_f1": f1.mean()}
+
+
+class ELCellModule(LightningModule):
+    def __init__(
+        self,
+        backbone: str,
+        label_names: list[str],
+        mean: float,
+        std: float,
+        pos_weight: list[float],
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        lr_patience: int = 3,
+        lr_factor: float = 0.1,
+        flip_p: float = 0.4,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        channels_last: bool = False,
+        image_size: int = 300,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(backbone, len(label_names))
+        self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast)
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
+        self.val_scores = LabelF1(len(label_names))
+        self.test_scores = LabelF1(len(label_names))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, targets = batch
+        images = images.float().div_(255.0)
+        if self.trainer is not None and self.trainer.training:
+            images = self.augment(images)
+        images = normalise(images, self.hparams.mean, self.hparams.std)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        loss = self.criterion(self(images), targets)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def _evaluate(self, batch, stage: str, scores: LabelF1) -> None:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        scores.update(torch.sigmoid(logits.float()), targets)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(images), sync_dist=True)
+
+    def _log_scores(self, stage: str, scores: LabelF1) -> None:
+        result = scores.compute()  # torchmetrics squeezes one-label results to 0-d
+        per_label = {m: result[m].reshape(-1) for m in ("precision", "recall", "f1")}
+        self.log(f"{stage}_f1", result["weighted_f1"].float(), prog_bar=True)
+        self.log(f"{stage}_mean_f1", result["mean_f1"].float())
+        for i, name in enumerate(self.hparams.label_names):
+            for metric in ("precision", "recall", "f1"):
+                self.log(f"{stage}_{metric}_{name}", per_label[metric][i].float())
+        scores.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_scores)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val", self.val_scores)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_scores)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test", self.test_scores)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
+                                     weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}

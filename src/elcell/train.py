@@ -1,0 +1,228 @@
+"""`elcell train`: assemble data, model and Lightning Trainer; write the run folder.
+
+Everything that can be wrong with the input (labels, images, split, weights)
+is checked before the run folder is created, so a bad input never leaves a
+folder behind. A run that finishes writes summary.json last: a folder without
+it did not succeed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
+from elcell.export import export_checkpoint
+from elcell.io import atomic_path, atomic_write_json, atomic_write_text
+from elcell.config import TrainConfig
+from elcell.errors import DataError
+from elcell.labels import LabelTable, load_table
+from elcell.model import ARCHITECTURES, load_pretrained
+from elcell.module import ELCellModule
+
+
+def _gpu_available(config: TrainConfig) -> bool:
+    return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(config: TrainConfig) -> str:
+    """`auto`: bf16 autocast on GPUs that have it; float32 on CPU (see docs/performance.md)."""
+    if config.precision != "auto":
+        return config.precision
+    if _gpu_available(config):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
+    """A stratified random subset of `limit` cells (quick runs, tests)."""
+    if limit >= len(table):
+        return table
+    split = stratified_split(table, val_fraction=limit / len(table), seed=seed)
+    return table.subset(np.flatnonzero(split == "val"))
+
+
+def _check_labels(table: LabelTable, split: np.ndarray) -> None:
+    train = split == "train"
+    for i, name in enumerate(table.names):
+        positives = int(table.positives[train, i].sum())
+        if positives == 0:
+            raise DataError(
+                f"{table.source}: label {name!r} has no positive example in the train split "
+                f"({int(train.sum())} cells); add positive cells or drop the column"
+            )
+        if positives == int(train.sum()):
+            raise DataError(f"{table.source}: label {name!r} is positive on every train cell")
+
+
+def pos_weights(targets: np.ndarray) -> list[float]:
+    """negatives / positives per label, counted with soft targets (ELPV probabilities)."""
+    positive = targets.sum(axis=0)
+    return [float(w) for w in (len(targets) - positive) / positive]
+
+
+def prepare(config: TrainConfig):
+    """Read, split and decode the data; all input errors surface here."""
+    if config.backbone not in ARCHITECTURES:
+        raise DataError(f"--backbone {config.backbone!r}: choose from {sorted(ARCHITECTURES)}")
+    if config.image_size < 32:
+        raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
+    table = load_table(config.data, group=config.group)
+    if config.limit:
+        table = _limit_table(table, config.limit, config.seed)
+    split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
+    _check_labels(table, split)
+    images = build_cache(table.paths, config.image_size, config.cache_dir,
+                         progress=config.progress)
+    return table, split, images
+
+
+def plot_losses(metrics_csv: Path, out: Path) -> None:
+    """losses.png: train/val loss and val F1 per epoch, from Lightning's metrics.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_epoch: dict[int, dict[str, float]] = {}
+    with open(metrics_csv) as handle:
+        for row in csv.DictReader(handle):
+            if row.get("epoch"):
+                entry = per_epoch.setdefault(int(row["epoch"]), {})
+                entry.update({k: float(v) for k, v in row.items() if v and k != "epoch"})
+    epochs = sorted(per_epoch)
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        points = [(e, per_epoch[e][key]) for e in epochs if key in per_epoch[e]]
+        if points:
+            ax_loss.plot(*zip(*points), marker="o", label=label)
+    points = [(e, per_epoch[e]["val_f1"]) for e in epochs if "val_f1" in per_epoch[e]]
+    if points:
+        ax_f1.plot(*zip(*points), marker="o", color="tab:green", label="val weighted F1")
+    ax_loss.set(xlabel="epoch", ylabel="weighted BCE loss", title="Loss")
+    ax_f1.set(xlabel="epoch", ylabel="F1", ylim=(0, 1), title="Validation F1")
+    for ax in (ax_loss, ax_f1):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _run_folder(config: TrainConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    if config.resume:  # continue in the run the checkpoint came from
+        return Path(config.resume).resolve().parent.parent
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, export the best checkpoint to ONNX, and return the run summary."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    table, split, images = prepare(config)
+    train_index = np.flatnonzero(split == "train")
+    mean, std = pixel_stats(images, train_index)
+    gpu = _gpu_available(config)
+    module = ELCellModule(
+        backbone=config.backbone, label_names=table.names, mean=mean, std=std,
+        pos_weight=pos_weights(table.targets[train_index]), lr=config.lr,
+        weight_decay=config.weight_decay, lr_patience=config.lr_patience, flip_p=config.flip_p,
+        brightness=config.brightness, contrast=config.contrast, channels_last=gpu,
+        image_size=config.image_size,
+    )
+    if config.pretrained != "none" and not config.resume:
+        load_pretrained(module.model, config.pretrained)
+    if config.resume and not Path(config.resume).is_file():
+        raise DataError(f"--resume {config.resume}: checkpoint not found")
+
+    run = _run_folder(config)
+    if not config.resume and run.exists() and any(run.iterdir()):
+        raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    trainer = _trainer(config, run, gpu)
+    if trainer.is_global_zero:
+        atomic_write_text(run / "config.yaml", config.to_yaml())
+        write_split_csv(run / "split.csv", table, split)
+    workers = config.workers if config.workers is not None else (4 if gpu else 0)
+    datamodule = CellDataModule(images, table, split, config.batch_size, workers, pin_memory=gpu)
+
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume)
+    checkpoint = trainer.checkpoint_callback
+    test_scores = {}
+    if config.test_fraction > 0:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path,
+                               verbose=False)
+        test_scores = {k: float(v) for k, v in results[0].items()}
+    if not trainer.is_global_zero:
+        return {}
+
+    plot_losses(run / "metrics.csv", run / "losses.png")
+    val_rows = np.flatnonzero(split == "val")[:4]
+    onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
+                                          check_images=images[val_rows])
+    summary = {
+        "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run),
+        "best_val_f1": float(checkpoint.best_model_score),
+        "onnx": onnx_path.name,
+        "onnx_max_abs_diff": parity,
+        "epochs_run": trainer.current_epoch,
+        "train_seconds": round(time.time() - started, 1),
+        "labels": table.names,
+        "mean": mean,
+        "std": std,
+        "cells": {part: int((split == part).sum()) for part in ("train", "val", "test")},
+        "test": test_scores,
+    }
+    atomic_write_json(run / "summary.json", summary)
+    return {"run": str(run), **summary}
+
+
+def _trainer(config: TrainConfig, run: Path, gpu: bool) -> L.Trainer:
+    checkpoints = ModelCheckpoint(
+        dirpath=run / "checkpoints", filename="best-epoch{epoch}-f1{val_f1:.4f}",
+        monitor="val_f1", mode="max", save_last=True, auto_insert_metric_name=False,
+    )
+    early_stop = EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    devices = config.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    accelerator = config.accelerator
+    strategy = "auto"
+    if not gpu and isinstance(devices, int) and devices > 1:
+        # Several CPU processes: DDP over gloo (tests, CPU clusters).
+        accelerator, strategy = "cpu", "ddp"
+    return L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=config.num_nodes,
+        strategy=strategy,
+        precision=resolve_precision(config),
+        callbacks=[checkpoints, early_stop, LearningRateMonitor(logging_interval="epoch")],
+        logger=[CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="tensorboard")],
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+
+
+def main(config: TrainConfig) -> None:
+    summary = train(config)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")},
+                         indent=2))
