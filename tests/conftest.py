@@ -1,0 +1,73 @@
+"""Shared fixtures: real ELPV cells, a seed-format CSV made from them, and one
+tiny model trained once per test session (resnet18, 64 px, 64 cells)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the tests' image caches out of the user's ~/.cache."""
+    os.environ["ELCELL_CACHE"] = str(tmp_path_factory.mktemp("elcell-cache"))
+
+
+@pytest.fixture(scope="session")
+def elpv():
+    from elcell.labels import elpv_table
+
+    return elpv_table()
+
+
+def write_seed_csv(folder: Path, elpv, count: int = 64, sep: str = ";", seed: int = 0) -> Path:
+    """A crack/inactive CSV in the seed format over real ELPV cells, copied into `folder`.
+
+    ELPV has no crack/inactive columns; as stand-ins, `crack` is the expert's
+    defect probability >= 0.5 and `inactive` is probability 1 (the clearest defects).
+    """
+    rng = np.random.default_rng(seed)
+    probability = elpv.targets[:, 0]
+    defective = np.flatnonzero(probability >= 0.5)
+    intact = np.flatnonzero(probability < 0.5)
+    rows = np.concatenate([rng.choice(defective, count // 2, replace=False),
+                           rng.choice(intact, count - count // 2, replace=False)])
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    lines = [sep.join(["path", "crack", "inactive"])]
+    for i in rows:
+        name = f"cells/{elpv.paths[i].name}"
+        shutil.copy(elpv.paths[i], folder / name)
+        lines.append(sep.join([name, str(int(probability[i] >= 0.5)), str(int(probability[i] == 1.0))]))
+    csv_path = folder / "data.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path
+
+
+@pytest.fixture(scope="session")
+def seed_csv(tmp_path_factory, elpv) -> Path:
+    return write_seed_csv(tmp_path_factory.mktemp("seed"), elpv)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, seed_csv) -> Path:
+    """A run folder from `elcell train` on 64 real cells: resnet18, 64 px, 2 epochs.
+
+    Shared by every test that needs a trained model or its ONNX file.
+    """
+    from elcell.config import TrainConfig
+    from elcell.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+                      image_size=64, batch_size=16, epochs=2, lr=1e-3, val_fraction=0.25,
+                      progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run) -> Path:
+    return next(tiny_run.glob("best_model_epoch*.onnx"))
