@@ -179,7 +179,7 @@ def build_model(backbone: str, num_labels: int, pretrained: str = "none") -> Res
 def _read_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
     if source == "imagenet":
         source = IMAGENET_URLS[backbone]
-    if source.startswith(("http://", "https://")):
+    if source.startswith(("http://", "https://", "file://")):  # file:// suits a weights share
         try:
             state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
         except Exception as err:  # urllib raises several kinds when offline

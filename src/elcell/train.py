@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.export import export_checkpoint
@@ -82,7 +83,7 @@ def prepare(config: TrainConfig):
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
     _check_labels(table, split)
     images = build_cache(table.paths, config.image_size, config.cache_dir,
-                         progress=config.progress)
+                         progress=config.progress and rank_zero_only.rank == 0)
     return table, split, images
 
 
@@ -119,16 +120,32 @@ def plot_losses(metrics_csv: Path, out: Path) -> None:
     plt.close(fig)
 
 
+RUN_DIR_ENV = "ELCELL_RUN_DIR"
+
+
 def _run_folder(config: TrainConfig) -> Path:
+    """The run folder, the same on every rank.
+
+    Lightning's launcher re-runs this program for ranks 1..N-1 with rank 0's
+    environment, so rank 0 publishes its choice in ELCELL_RUN_DIR. Under
+    torchrun/SLURM the ranks start independently and must be told --out.
+    """
     if config.out:
         return Path(config.out)
     if config.resume:  # continue in the run the checkpoint came from
         return Path(config.resume).resolve().parent.parent
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        raise DataError("multi-process launches (torchrun, srun) need --out so that all ranks share one run folder")
+    run = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    os.environ[RUN_DIR_ENV] = str(run.resolve())
+    return run
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, export the best checkpoint to ONNX, and return the run summary."""
+def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict:
+    """Train, export the best checkpoint to ONNX, and return the run summary
+    (empty on ranks other than 0). `callbacks` are added to the Trainer's."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     table, split, images = prepare(config)
     train_index = np.flatnonzero(split == "train")
@@ -147,10 +164,11 @@ def train(config: TrainConfig) -> dict:
         raise DataError(f"--resume {config.resume}: checkpoint not found")
 
     run = _run_folder(config)
-    if not config.resume and run.exists() and any(run.iterdir()):
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero and not config.resume and run.exists() and any(run.iterdir()):
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
     run.mkdir(parents=True, exist_ok=True)
-    trainer = _trainer(config, run, gpu)
+    trainer = _trainer(config, run, gpu, callbacks or [])
     if trainer.is_global_zero:
         atomic_write_text(run / "config.yaml", config.to_yaml())
         write_split_csv(run / "split.csv", table, split)
@@ -189,7 +207,7 @@ def train(config: TrainConfig) -> dict:
     return {"run": str(run), **summary}
 
 
-def _trainer(config: TrainConfig, run: Path, gpu: bool) -> L.Trainer:
+def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch{epoch}-f1{val_f1:.4f}",
         monitor="val_f1", mode="max", save_last=True, auto_insert_metric_name=False,
@@ -212,7 +230,8 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool) -> L.Trainer:
         num_nodes=config.num_nodes,
         strategy=strategy,
         precision=resolve_precision(config),
-        callbacks=[checkpoints, early_stop, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[checkpoints, early_stop, LearningRateMonitor(logging_interval="epoch"),
+                   *extra_callbacks],
         logger=[CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="tensorboard")],
         enable_progress_bar=config.progress,
         enable_model_summary=False,

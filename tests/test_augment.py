@@ -1,0 +1,47 @@
+"""Augmentation statistics: flip rates, jitter ranges, normalisation."""
+
+import pytest
+import torch
+
+from elcell.augment import BatchAugment, normalise
+
+
+def test_each_flip_happens_with_probability_04():
+    torch.manual_seed(0)
+    n = 4000
+    image = torch.zeros(1, 1, 2, 2)
+    image[0, 0, 0, 0] = 1.0  # marks the top-left corner
+    out = BatchAugment(flip_p=0.4, brightness=0, contrast=0)(image.repeat(n, 1, 1, 1))
+    corner = out[:, 0].flatten(1).argmax(1)  # 0 none, 1 h-flip, 2 v-flip, 3 both
+    horizontal = ((corner == 1) | (corner == 3)).float().mean().item()
+    vertical = ((corner == 2) | (corner == 3)).float().mean().item()
+    assert horizontal == pytest.approx(0.4, abs=0.03)
+    assert vertical == pytest.approx(0.4, abs=0.03)
+    assert ((corner == 3).float().mean().item()) == pytest.approx(0.16, abs=0.03)  # independent
+
+
+def test_brightness_jitter_scales_each_image_within_range():
+    torch.manual_seed(0)
+    images = torch.full((2000, 1, 4, 4), 0.5)
+    out = BatchAugment(flip_p=0, brightness=0.2, contrast=0)(images)
+    factors = out.mean((1, 2, 3)) / 0.5
+    assert factors.min() >= 0.8 - 1e-5 and factors.max() <= 1.2 + 1e-5
+    assert factors.std() > 0.1  # drawn per image, roughly uniform (std of U(0.8,1.2) = 0.115)
+
+
+def test_contrast_jitter_keeps_the_mean_and_scales_spread():
+    torch.manual_seed(0)
+    images = torch.tensor([0.4, 0.6]).repeat(8).view(1, 1, 4, 4).repeat(500, 1, 1, 1)
+    out = BatchAugment(flip_p=0, brightness=0, contrast=0.3)(images)
+    assert torch.allclose(out.mean((1, 2, 3)), torch.full((500,), 0.5), atol=1e-5)
+    spread = (out.amax((1, 2, 3)) - out.amin((1, 2, 3))) / 0.2
+    assert spread.min() >= 0.7 - 1e-4 and spread.max() <= 1.3 + 1e-4
+
+
+def test_output_stays_in_unit_range_and_normalise_standardises():
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 16, 16)
+    out = BatchAugment()(images)
+    assert out.min() >= 0 and out.max() <= 1 and out.shape == images.shape
+    z = normalise(images, images.mean().item(), images.std().item())
+    assert z.mean().abs() < 1e-5 and (z.std() - 1).abs() < 1e-3

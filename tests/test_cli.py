@@ -1,0 +1,117 @@
+"""The `elcell` command: help, configs, and one clear line for every bad input."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elcell.cli import main
+from elcell.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--backbone", "resnet18", "--image-size", "32", "--epochs", "1", "--pretrained", "none",
+         "--no-progress", "--batch-size", "8"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text, name
+    assert "--config" in text and "--print-config" in text
+
+
+def test_python_train_py_is_elcell_train():
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--print-config", "--lr", "0.5"],
+                            capture_output=True, text=True, check=True)
+    assert "lr: 0.5" in result.stdout and "backbone: resnet50" in result.stdout
+
+
+def test_config_file_sets_defaults_and_command_line_wins(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone: resnet34\nbatch-size: 8\nlr: 0.01\n")
+    code, out, _ = run_cli(["train", "--config", str(config), "--lr", "0.5", "--print-config"], capsys)
+    assert code == 0
+    assert "backbone: resnet34" in out and "batch_size: 8" in out and "lr: 0.5" in out
+    config.write_text("colour: blue\n")
+    code, _, err = run_cli(["train", "--config", str(config)], capsys)
+    assert code == 2 and "unknown option(s) ['colour']" in err
+
+
+def make_cells(tmp_path, elpv, count=16):
+    (tmp_path / "cells").mkdir()
+    lines = ["path;crack;inactive"]
+    for i in range(count):
+        name = f"cells/{i}.png"
+        shutil.copy(elpv.paths[i], tmp_path / name)
+        lines.append(f"{name};{i % 2};{int(i % 4 == 0)}")
+    return lines
+
+
+def assert_clean_failure(code, err, out_dir, *fragments):
+    assert code == 2
+    assert err.startswith("elcell: error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+    assert not out_dir.exists(), "a failed run must not leave a run folder behind"
+
+
+@pytest.mark.parametrize("case", ["missing image", "corrupt png", "no labels", "non-binary label",
+                                  "empty csv", "no positives in train", "offline weights"])
+def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
+    lines = make_cells(tmp_path, elpv)
+    extra = []
+    expect = []
+    if case == "missing image":
+        lines[5] = "cells/nowhere.png;1;0"
+        expect = ["nowhere.png", "not found"]
+    elif case == "corrupt png":
+        (tmp_path / "cells" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+        expect = ["3.png", "not a readable image"]
+    elif case == "no labels":
+        lines = [line.split(";")[0] for line in lines]
+        expect = ["data.csv", "only one column"]
+    elif case == "non-binary label":
+        lines[7] = "cells/6.png;0.5;0"
+        expect = ["data.csv line 8", "label 'crack' is '0.5'"]
+    elif case == "empty csv":
+        lines = []
+        expect = ["data.csv", "empty"]
+    elif case == "no positives in train":
+        lines = [lines[0]] + [line.rsplit(";", 1)[0] + ";0" for line in lines[1:]]
+        expect = ["label 'inactive' has no positive example in the train split"]
+    elif case == "offline weights":
+        extra = ["--pretrained", "http://127.0.0.1:9/resnet18-f37072fd.pth"]
+        expect = ["Could not download ImageNet weights", "--pretrained none"]
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(csv_path), "--out", str(out), *QUICK, *extra], capsys)
+    assert_clean_failure(code, err, out, *expect)
+
+
+def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("path;crack\na.png;2\n")
+    result = subprocess.run([sys.executable, "-m", "elcell.cli", "train", "--data", str(csv_path),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"elcell: error: {csv_path} line 2: label 'crack' is '2'; labels must be 0 or 1"]
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys, seed_csv):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run_cli(["train", "--data", str(seed_csv), "--out", str(out), *QUICK], capsys)
+    assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "x"

@@ -1,0 +1,153 @@
+"""Splits, the memory-mapped image cache, and batches."""
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import elcell.data as data
+from elcell.data import CachedCells, build_cache, pixel_stats, stratified_split, write_split_csv
+from elcell.errors import DataError
+from elcell.images import load_cell
+
+
+def test_split_is_stratified_by_label_combination_and_group(elpv):
+    split = stratified_split(elpv, val_fraction=0.1, seed=0)
+    assert set(split) == {"train", "val"}
+    strata = [(tuple(p), g) for p, g in zip(elpv.positives, elpv.groups)]
+    total, in_val = Counter(strata), Counter(s for s, part in zip(strata, split) if part == "val")
+    for stratum, count in total.items():
+        assert abs(in_val[stratum] - 0.1 * count) <= 1, stratum
+    assert abs((split == "val").mean() - 0.1) < 0.01
+
+
+def test_split_is_reproducible_and_depends_on_the_seed(elpv):
+    a = stratified_split(elpv, 0.1, seed=1)
+    assert np.array_equal(a, stratified_split(elpv, 0.1, seed=1))
+    assert not np.array_equal(a, stratified_split(elpv, 0.1, seed=2))
+
+
+def test_test_fraction_makes_a_third_disjoint_part(elpv):
+    split = stratified_split(elpv, 0.1, seed=0, test_fraction=0.25)
+    assert abs((split == "test").mean() - 0.25) < 0.01
+    assert abs((split == "val").mean() - 0.1) < 0.01
+
+
+def test_tiny_sets_still_get_a_validation_cell(elpv):
+    split = stratified_split(elpv.subset(np.arange(6)), 0.1, seed=0)
+    assert (split == "val").sum() >= 1
+    with pytest.raises(DataError, match="too few"):
+        stratified_split(elpv.subset(np.arange(1)), 0.1, seed=0)
+    with pytest.raises(DataError, match="val-fraction"):
+        stratified_split(elpv, 1.5, seed=0)
+
+
+def test_split_csv_lists_every_cell(tmp_path, elpv):
+    table = elpv.subset(np.arange(10))
+    split = stratified_split(table, 0.2, seed=0)
+    write_split_csv(tmp_path / "split.csv", table, split)
+    lines = (tmp_path / "split.csv").read_text().splitlines()
+    assert lines[0] == "path;split;defective"
+    assert len(lines) == 11 and {line.split(";")[1] for line in lines[1:]} == {"train", "val"}
+
+
+@pytest.fixture
+def cells(tmp_path, elpv):
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    paths = []
+    for src in elpv.paths[:12]:
+        paths.append(folder / src.name)
+        shutil.copy(src, paths[-1])
+    return paths
+
+
+def test_cache_decodes_once_and_is_reused(tmp_path, cells):
+    cache = tmp_path / "cache"
+    first = build_cache(cells, 32, cache, workers=2, progress=False)
+    assert isinstance(first, np.memmap) and first.shape == (12, 32, 32)
+    assert np.array_equal(first[3], load_cell(cells[3], 32))
+    stored = sorted(cache.glob("*.npy"))
+    assert len(stored) == 1
+    mtime = stored[0].stat().st_mtime_ns
+    second = build_cache(cells, 32, cache, progress=False)
+    assert np.array_equal(first, second)
+    assert sorted(cache.glob("*.npy")) == stored and stored[0].stat().st_mtime_ns == mtime
+
+
+def test_cache_is_invalidated_when_an_image_or_the_size_changes(tmp_path, cells):
+    cache = tmp_path / "cache"
+    before = np.array(build_cache(cells, 32, cache, progress=False))
+    shutil.copy(cells[0], cells[5])  # image 5 now has other content
+    after = build_cache(cells, 32, cache, progress=False)
+    assert np.array_equal(after[5], after[0]) and not np.array_equal(after[5], before[5])
+    build_cache(cells, 48, cache, progress=False)
+    assert len(list(cache.glob("*.npy"))) == 3
+
+
+def test_bad_images_stop_the_build_naming_the_files(tmp_path, cells):
+    cells[4].write_bytes(b"corrupt")
+    with pytest.raises(DataError, match=rf"1 image\(s\) cannot be used:\n  {cells[4]}"):
+        build_cache(cells, 32, tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match="image file not found"):
+        build_cache([*cells, tmp_path / "gone.png"], 32, tmp_path / "cache", progress=False)
+
+
+class _InlinePool:
+    """Stands in for ProcessPoolExecutor: runs chunks in-process and records them."""
+
+    jobs: list = []
+    interrupt_after: int | None = None
+
+    def __init__(self, max_workers):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs):
+        for n, job in enumerate(jobs):
+            if self.interrupt_after is not None and n == self.interrupt_after:
+                raise KeyboardInterrupt
+            _InlinePool.jobs.append(job[0])
+            yield fn(job)
+
+
+def test_interrupted_build_resumes_where_it_stopped(tmp_path, cells, monkeypatch):
+    monkeypatch.setattr(data, "ProcessPoolExecutor", _InlinePool)
+    cache = tmp_path / "cache"
+    _InlinePool.jobs, _InlinePool.interrupt_after = [], 2
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cells, 32, cache, chunk=4, progress=False)
+    assert _InlinePool.jobs == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert not list(cache.glob("????????????????????????????????.npy"))  # no final file yet
+
+    _InlinePool.jobs, _InlinePool.interrupt_after = [], None
+    images = build_cache(cells, 32, cache, chunk=4, progress=False)
+    assert _InlinePool.jobs == [[8, 9, 10, 11]]  # only the missing chunk was decoded
+    assert np.array_equal(images, np.stack([load_cell(p, 32) for p in cells]))
+    assert not list(cache.glob("*.partial.npy")) and not list(cache.glob("*.done.npy"))
+
+
+def test_pixel_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 8, 8), dtype=np.uint8)
+    index = np.arange(0, 50, 3)
+    mean, std = pixel_stats(images, index, chunk=4)
+    expected = images[index].astype(np.float64) / 255
+    assert mean == pytest.approx(expected.mean()) and std == pytest.approx(expected.std())
+
+
+def test_cached_cells_fetch_whole_batches():
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    targets = np.eye(5, 2, dtype=np.float32)
+    dataset = CachedCells(images, targets, index=np.array([4, 2, 0]))
+    batch, y = dataset.__getitems__([0, 2])
+    assert batch.shape == (2, 1, 4, 4) and batch.dtype.is_floating_point is False
+    assert np.array_equal(batch[:, 0].numpy(), images[[4, 0]])
+    assert y.tolist() == [[0, 0], [1, 0]]
+    assert len(dataset) == 3 and dataset[1][0].shape == (1, 4, 4)

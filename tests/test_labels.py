@@ -1,0 +1,92 @@
+"""Reading label tables: the seed CSV format in its variants, and ELPV."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elcell.errors import DataError
+from elcell.labels import load_table, read_labels_csv
+
+
+def write(folder: Path, text: str, name: str = "data.csv") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("sep", [";", ",", "\t"])
+def test_separator_is_detected(tmp_path, sep):
+    path = write(tmp_path, sep.join(["path", "crack", "inactive"]) + "\n" + sep.join(["a.png", "1", "0"]) + "\n")
+    table = read_labels_csv(path)
+    assert table.names == ["crack", "inactive"]
+    assert table.targets.tolist() == [[1.0, 0.0]]
+
+
+def test_paths_are_relative_to_the_csv_folder_unless_absolute(tmp_path):
+    (tmp_path / "sub").mkdir()
+    absolute = tmp_path / "elsewhere" / "b.png"
+    path = write(tmp_path / "sub", f"path;crack\nimgs/a.png;0\n{absolute};1\n")
+    table = read_labels_csv(path)
+    assert table.paths == [tmp_path / "sub" / "imgs" / "a.png", absolute]
+
+
+def test_bom_blank_lines_and_float_style_labels_are_accepted(tmp_path):
+    path = write(tmp_path, "\ufeffpath,crack,inactive\n\na.png,1.0,0.0\nb.png,0,1\n\n")
+    table = read_labels_csv(path)
+    assert table.targets.tolist() == [[1, 0], [0, 1]]
+    assert table.positives.dtype == np.int64
+
+
+def test_group_column_is_not_a_label(tmp_path):
+    path = write(tmp_path, "path;type;crack\na.png;mono;1\nb.png;poly;0\n")
+    table = read_labels_csv(path, group="type")
+    assert table.names == ["crack"]
+    assert table.groups == ["mono", "poly"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty"),
+        ("\n\n", "empty"),
+        ("path;crack\n", "no rows"),
+        ("path\na.png\n", "only one column"),
+        ("a.png;1;0\nb.png;0;1\n", "header"),
+        ("path;crack;inactive\na.png;1;2\n", "line 2: label 'inactive' is '2'"),
+        ("path;crack;inactive\na.png;1;0\nb.png;yes;0\n", "line 3: label 'crack' is 'yes'"),
+        ("path;crack;inactive\na.png;1;0\nb.png;1\n", "line 3: 2 fields"),
+        ("path;crack\n;1\n", "line 2: empty image path"),
+        ("path;crack;crack\na.png;1;0\n", "duplicate column"),
+    ],
+)
+def test_bad_csv_gives_one_clear_message_naming_file_and_row(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(DataError) as err:
+        read_labels_csv(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_csv_and_unknown_group(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_labels_csv(tmp_path / "nope.csv")
+    path = write(tmp_path, "path;crack\na.png;1\n")
+    with pytest.raises(DataError, match="no column 'type'"):
+        read_labels_csv(path, group="type")
+
+
+def test_elpv_table_is_the_real_data_set(elpv):
+    assert len(elpv) == 2624
+    assert elpv.names == ["defective"]
+    assert np.allclose(np.unique(elpv.targets), [0, 1 / 3, 2 / 3, 1], atol=1e-3)
+    assert set(elpv.groups) == {"mono", "poly"}
+    assert all(p.is_file() for p in elpv.paths[:20])
+    assert load_table("elpv").names == ["defective"]
+
+
+def test_subset_keeps_rows_aligned(elpv):
+    sub = elpv.subset(np.array([5, 1]))
+    assert sub.paths == [elpv.paths[5], elpv.paths[1]]
+    assert sub.groups == [elpv.groups[5], elpv.groups[1]]
+    assert np.array_equal(sub.targets, elpv.targets[[5, 1]])

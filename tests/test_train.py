@@ -1,0 +1,106 @@
+"""End-to-end `elcell train` on real ELPV cells: every output, ONNX parity, resume."""
+
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from elcell.config import TrainConfig
+from elcell.export import InferenceGraph
+from elcell.images import load_cell
+from elcell.modelinfo import read_info
+from elcell.module import ELCellModule
+from elcell.train import pos_weights, train
+
+
+def test_run_folder_holds_every_output(tiny_run):
+    for name in ("config.yaml", "split.csv", "metrics.csv", "losses.png", "summary.json",
+                 "checkpoints/last.ckpt"):
+        assert (tiny_run / name).is_file(), name
+    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert (tiny_run / summary["best_checkpoint"]).is_file()
+    assert summary["onnx"] == f"best_model_epoch{read_info(tiny_run / summary['onnx']).epoch}.onnx"
+    assert summary["onnx_max_abs_diff"] <= 1e-4
+    assert summary["cells"] == {"train": 48, "val": 16, "test": 0}
+    assert yaml.safe_load((tiny_run / "config.yaml").read_text())["backbone"] == "resnet18"
+    with Image.open(tiny_run / "losses.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 400
+
+
+def test_metrics_csv_has_losses_and_f1_per_epoch(tiny_run):
+    rows = list(csv.DictReader(open(tiny_run / "metrics.csv")))
+    epochs = {int(r["epoch"]) for r in rows if r.get("val_f1")}
+    assert epochs == {0, 1}
+    columns = set(rows[0])
+    for name in ("train_loss", "val_loss", "val_f1", "val_mean_f1", "val_recall_crack",
+                 "val_precision_inactive", "val_f1_inactive"):
+        assert name in columns, name
+
+
+def test_onnx_file_is_uint8_in_probs_out_with_metadata(tiny_onnx, tiny_run):
+    session = ort.InferenceSession(str(tiny_onnx))
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 64, 64]
+    assert isinstance(inp.shape[0], str)  # dynamic batch
+    assert [o.name for o in session.get_outputs()] == ["probs", "heatmap"]
+    info = read_info(tiny_onnx)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert info.labels == ["crack", "inactive"] and info.image_size == 64
+    assert info.mean == pytest.approx(summary["mean"]) and info.thresholds == [0.5, 0.5]
+
+
+def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, seed_csv):
+    seen = {line.split(";")[0].split("/")[-1] for line in seed_csv.read_text().splitlines()[1:]}
+    unseen = [p for p in elpv.paths if p.name not in seen][:7]
+    cells = np.stack([load_cell(p, 64) for p in unseen])[:, None]
+    probs, heatmap = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": cells})
+    assert probs.shape == (7, 2) and ((probs >= 0) & (probs <= 1)).all()
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    state = torch.load(tiny_run / summary["best_checkpoint"], weights_only=False)
+    module = ELCellModule(**state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"])
+    graph = InferenceGraph(module.model, module.hparams.mean, module.hparams.std).eval()
+    with torch.no_grad():
+        torch_probs, torch_heatmap = graph(torch.from_numpy(cells))
+    assert np.abs(probs - torch_probs.numpy()).max() <= 1e-4
+    assert np.allclose(heatmap, torch_heatmap.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
+    out = tmp_path / "resumed"
+    summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18",
+                                pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
+                                val_fraction=0.25, progress=False,
+                                resume=str(tiny_run / "checkpoints" / "last.ckpt")))
+    before = list(csv.DictReader(open(tiny_run / "metrics.csv")))
+    after = list(csv.DictReader(open(out / "metrics.csv")))
+    last_step = max(int(r["step"]) for r in before)
+    # Lightning re-validates the checkpoint's epoch, but no training step is repeated:
+    # the step counter carries on and only epoch 2 is trained.
+    assert min(int(r["step"]) for r in after) >= last_step
+    assert {int(r["epoch"]) for r in after if r.get("train_loss")} <= {1, 2}
+    assert 2 in {int(r["epoch"]) for r in after if r.get("val_f1")}
+    assert summary["epochs_run"] == 3
+
+
+def test_elpv_trains_on_soft_targets(tmp_path):
+    summary = train(TrainConfig(data="elpv", limit=64, out=str(tmp_path / "elpv"), backbone="resnet18",
+                                pretrained="none", image_size=32, batch_size=16, epochs=1,
+                                val_fraction=0.25, progress=False))
+    assert summary["labels"] == ["defective"]
+    split = (tmp_path / "elpv" / "split.csv").read_text().splitlines()
+    assert len(split) == 65
+    soft = {float(line.split(";")[2]) for line in split[1:]}
+    assert any(0 < value < 1 for value in soft)  # 1/3 and 2/3 kept as soft targets
+
+
+def test_pos_weight_balances_classes():
+    targets = np.array([[1, 0], [0, 0], [0, 1], [0, 1]], dtype=np.float32)
+    assert pos_weights(targets) == [3.0, 1.0]
+    assert pos_weights(np.array([[1 / 3], [2 / 3], [0.0]])) == pytest.approx([2.0])
