@@ -80,12 +80,9 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
                                 resume=str(tiny_run / "checkpoints" / "last.ckpt")))
     before = list(csv.DictReader(open(tiny_run / "metrics.csv")))
     after = list(csv.DictReader(open(out / "metrics.csv")))
-    last_step = max(int(r["step"]) for r in before)
-    # Lightning re-validates the checkpoint's epoch, but no training step is repeated:
-    # the step counter carries on and only epoch 2 is trained.
-    assert min(int(r["step"]) for r in after) >= last_step
-    assert {int(r["epoch"]) for r in after if r.get("train_loss")} <= {1, 2}
-    assert 2 in {int(r["epoch"]) for r in after if r.get("val_f1")}
+    # No epoch is repeated: the step counter carries on and only epoch 2 runs.
+    assert min(int(r["step"]) for r in after) >= max(int(r["step"]) for r in before)
+    assert {int(r["epoch"]) for r in after if r.get("epoch")} == {2}
     assert summary["epochs_run"] == 3
 
 

@@ -208,10 +208,15 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 
 
 def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
-    checkpoints = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch{epoch}-f1{val_f1:.4f}",
-        monitor="val_f1", mode="max", save_last=True, auto_insert_metric_name=False,
+        monitor="val_f1", mode="max", auto_insert_metric_name=False,
     )
+    # last.ckpt after every epoch, whatever the score (the monitored one above only
+    # saves on improvement); written once the epoch is complete, so --resume starts
+    # the next epoch instead of repeating this one.
+    last = ModelCheckpoint(dirpath=run / "checkpoints", save_top_k=0, save_last=True,
+                           save_on_train_epoch_end=True)
     early_stop = EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)
     if gpu:
         torch.backends.cudnn.benchmark = True
@@ -230,7 +235,7 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
         num_nodes=config.num_nodes,
         strategy=strategy,
         precision=resolve_precision(config),
-        callbacks=[checkpoints, early_stop, LearningRateMonitor(logging_interval="epoch"),
+        callbacks=[best, last, early_stop, LearningRateMonitor(logging_interval="epoch"),
                    *extra_callbacks],
         logger=[CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="tensorboard")],
         enable_progress_bar=config.progress,
