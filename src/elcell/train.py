@@ -21,11 +21,11 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from elcell.config import TrainConfig
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
+from elcell.errors import DataError
 from elcell.export import export_checkpoint
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
-from elcell.config import TrainConfig
-from elcell.errors import DataError
 from elcell.labels import LabelTable, load_table
 from elcell.model import ARCHITECTURES, load_pretrained
 from elcell.module import ELCellModule
