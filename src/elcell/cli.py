@@ -80,37 +80,245 @@ def _train(args, parser) -> None:
     main(config)
 
 
-def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """--config FILE.yaml supplies defaults, so options on the command line still win."""
+def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """--recipe, then --config FILE.yaml, supply defaults; options on the command line still win."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
+    pre.add_argument("--recipe")
     known, _ = pre.parse_known_args(argv)
-    if known.command != "train" or not known.config:
+    if known.command != "train":
         return
     import yaml
 
-    from elcell.config import TrainConfig
+    from elcell.config import TrainConfig, recipe_defaults
     from elcell.errors import DataError
 
-    try:
-        with open(known.config) as handle:
-            values = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise DataError(f"--config {known.config}: cannot read ({err})") from None
-    if not isinstance(values, dict):
-        raise DataError(f"--config {known.config}: expected a mapping of option: value")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    TrainConfig.from_dict(values, source=f"--config {known.config}")  # rejects unknown keys
+    values = {}
+    if known.config:
+        try:
+            with open(known.config) as handle:
+                values = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise DataError(f"--config {known.config}: cannot read ({err})") from None
+        if not isinstance(values, dict):
+            raise DataError(f"--config {known.config}: expected a mapping of option: value")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        TrainConfig.from_dict(values, source=f"--config {known.config}")  # rejects unknown keys
+    recipe = known.recipe or values.get("recipe") or "seed"
+    defaults = {**recipe_defaults(recipe), **values, "recipe": recipe}
     train_parser = parser._subparsers._group_actions[0].choices["train"]
-    train_parser.set_defaults(**values)
+    train_parser.set_defaults(**defaults)
 
 
 def _export(args, parser) -> None:
-    from elcell.export import export_checkpoint
+    from pathlib import Path
 
-    out, error = export_checkpoint(args.checkpoint, args.out)
-    print(f"wrote {out} (max |probs diff| vs PyTorch: {error:.2e})")
+    from elcell.errors import DataError
+
+    if args.int8 and not args.calibration:
+        raise DataError("--int8 needs --calibration LABELS.csv (real cells to calibrate on)")
+    if args.checkpoint.lower().endswith(".onnx"):
+        if not args.int8:
+            raise DataError(f"{args.checkpoint} is already ONNX; pass --int8 --calibration to quantise "
+                            "it, or give a .ckpt checkpoint to re-export")
+        out = Path(args.checkpoint)
+    else:
+        from elcell.export import export_checkpoint  # imports torch
+
+        out, error = export_checkpoint(args.checkpoint, args.out)
+        print(f"wrote {out} (batch of 4 checked against PyTorch: max |probs diff| {error:.2e})")
+    if args.int8:
+        from elcell.errors import ExportError
+        from elcell.quantize import format_comparison, quantize_checked
+
+        int8_out = Path(args.int8_out) if args.int8_out else out.with_name(f"{out.stem}.int8.onnx")
+        comparison = quantize_checked(
+            out, int8_out, args.calibration, eval_data=args.eval_data, count=args.calibration_count,
+            allow_recall_drop=args.allow_recall_drop, batch_size=args.batch_size,
+            progress=args.progress)
+        print(format_comparison(comparison))
+        if comparison["refused"]:
+            raise ExportError(comparison["refusal"])
+        print(f"wrote {int8_out}")
+
+
+def _add_predict_parser(commands) -> None:
+    parser = commands.add_parser(
+        "predict", help="classify cell images with an ONNX model (no PyTorch needed)",
+        description="Run an elcell ONNX model on cell images with ONNX Runtime and write one CSV row "
+                    "per image: path, prob_<label>, decision_<label> (defect/review/ok), error. "
+                    "Images are decoded in parallel and streamed in batches; rows are appended and "
+                    "synced batch by batch, so an interrupted run loses nothing and --resume continues "
+                    "it. Unreadable images are listed in the error column and on stderr; the run goes "
+                    "on and exits with status 1 at the end if any failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx",
+                        help="elcell ONNX model (from `elcell train`, `export` or `evaluate --tune-thresholds`)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively) or CSVs whose first column "
+                             "holds image paths (relative to the CSV's folder), e.g. a labels CSV")
+    parser.add_argument("--out", metavar="FILE.csv", help="output CSV (default: stdout)")
+    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P",
+                        help="decision threshold overriding the model's: 0.3 for every label or "
+                             "crack=0.3 for one (repeatable)")
+    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P",
+                        help="lower edge of the review band (below it a cell is ok), as --threshold")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the four flips of each cell (4x the "
+                             "work); prob_<label>_no_tta columns keep the plain probabilities")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decoding threads (default: number of CPUs, at most 4; 0 decodes "
+                             "in the main thread)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads (0: one per physical core)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: skip images already in --out (images that "
+                             "failed are tried again; a half-written last line is dropped)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on stderr")
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args, parser) -> int:
+    from elcell.infer import collect_inputs, open_model, parse_thresholds, predict
+
+    model = open_model(args.model, threads=args.threads)
+    info = model.info
+    thresholds = parse_thresholds(args.threshold, info.labels, info.thresholds)
+    review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
+                              option="--review-threshold")
+    paths = collect_inputs(args.inputs)
+    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; labels {info.labels}; "
+          f"thresholds {thresholds}, review from {[min(r, t) for r, t in zip(review, thresholds, strict=True)]}",
+          file=sys.stderr)
+    result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
+                     tta=args.tta, thresholds=thresholds, review_thresholds=review,
+                     resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    if result.dropped_partial_line:
+        print(f"elcell: {args.out}: dropped a partially written last line", file=sys.stderr)
+    rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
+    skipped = f", {result.skipped} already in {args.out}" if result.skipped else ""
+    print(f"elcell: predicted {result.predicted} cells in {result.seconds:.1f} s ({rate:.1f} cells/s)"
+          f"{skipped}; defect: {result.defect}; review: {result.review}; "
+          f"{result.cells_in_review} cells need a person to review them", file=sys.stderr)
+    if result.failed:
+        print(f"elcell: {len(result.failed)} of {len(paths) - result.skipped} images failed "
+              "(see the error column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="score an ONNX model on labelled cells; tune its thresholds",
+        description="Score an elcell ONNX model on labelled cells with ONNX Runtime: per-label "
+                    "precision, recall, F1, ROC-AUC and average precision, the weighted and mean F1, "
+                    "confusion matrices, PR/ROC curves (PNG), predictions.csv and metrics.json in "
+                    "--out. With --tune-thresholds and/or --review-band the thresholds are tuned on "
+                    "these cells and written into OUT/<model>.tuned.onnx, a copy of the model that "
+                    "`elcell predict` then uses as is. Tune on validation cells, not on the test set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="elcell ONNX model")
+    parser.add_argument("--data", required=True, metavar="LABELS.csv",
+                        help="labels CSV (path;label1;...; header required) or 'elpv' for the embedded "
+                             "ELPV cells; a cell is positive where its label is >= 0.5")
+    parser.add_argument("--out", metavar="DIR",
+                        help="report folder (default: <model folder>/<model name>-eval)")
+    parser.add_argument("--group", metavar="COLUMN",
+                        help="also report per group of this CSV column (e.g. cell type; "
+                             "--data elpv has 'type': mono/poly)")
+    parser.add_argument("--tune-thresholds", metavar="f1|recall=R",
+                        help="'f1': per label the threshold of maximum F1; 'recall=0.95': the highest "
+                             "threshold that keeps recall >= 0.95 (its precision is reported)")
+    parser.add_argument("--review-band", metavar="P|recall=R",
+                        help="lower threshold below which a cell is ok; between it and the threshold "
+                             "the cell is 'review' (for a person): a probability such as 0.2, or "
+                             "recall=0.99 for the highest one that keeps recall (with review) >= 0.99")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation (mean of 4 flips); reported with and without")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decoding threads (default: number of CPUs, at most 4)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads (0: one per physical core)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on stderr")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args, parser) -> None:
+    from pathlib import Path
+
+    from elcell.evaluate import evaluate, format_report
+    from elcell.infer import open_model
+
+    model = open_model(args.model, threads=args.threads)
+    out = Path(args.out) if args.out else model.path.parent / f"{model.path.stem}-eval"
+    print(f"elcell: {model.path.name} on {model.provider}; data {args.data}", file=sys.stderr)
+    metrics = evaluate(model, args.data, out, group=args.group, tta=args.tta,
+                       tune_thresholds=args.tune_thresholds, review_band=args.review_band,
+                       batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+    print(format_report(metrics))
+    print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}")
+
+
+def _add_explain_parser(commands) -> None:
+    parser = commands.add_parser(
+        "explain", help="show where the model looked: heatmap overlays and boxes (no PyTorch needed)",
+        description="Run an elcell ONNX model on cell images with ONNX Runtime and write, for each "
+                    "image and label, <image>_<label>.png (the cell in gray with the label's Grad-CAM "
+                    "heatmap on top and its probability in the corner; colours are relative to each "
+                    "map's peak) and <image>_<label>.npy (the raw heatmap), and per image "
+                    "<image>.json with probabilities, decisions and a rough box per label (in the "
+                    "image's pixels) around the hottest region. Unreadable images are skipped and "
+                    "listed; the command then exits with status 1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="elcell ONNX model")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively) or CSVs whose first column "
+                             "holds image paths")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays, "
+                                                                     ".npy heatmaps and .json boxes")
+    parser.add_argument("--label", action="append", metavar="LABEL",
+                        help="explain only this label (repeatable; default: every label)")
+    parser.add_argument("--box-threshold", type=float, default=0.5, metavar="F",
+                        help="a box surrounds the region where the heatmap is >= F x its peak")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads (0: one per physical core)")
+    parser.set_defaults(handler=_explain)
+
+
+def _explain(args, parser) -> int:
+    from elcell.errors import DataError
+    from elcell.explain import label_indices, write_explanations
+    from elcell.infer import collect_inputs, open_model
+
+    if not 0 < args.box_threshold <= 1:
+        raise DataError(f"--box-threshold {args.box_threshold}: need a fraction in (0, 1]")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: need at least 1")
+    model = open_model(args.model, threads=args.threads)
+    labels = [model.info.labels[i] for i in label_indices(model.info.labels, args.label)]
+    paths = collect_inputs(args.inputs)
+    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; labels {labels}",
+          file=sys.stderr)
+    result = write_explanations(
+        model, paths, args.out, labels, batch_size=args.batch_size, threshold=args.box_threshold,
+        on_skip=lambda path, error: print(f"elcell: {error} (skipped)", file=sys.stderr))
+    print(f"elcell: explained {len(result.records)} images x {len(labels)} labels in {args.out}",
+          file=sys.stderr)
+    if result.skipped:
+        print(f"elcell: {len(result.skipped)} of {len(paths)} images could not be read (listed above)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,10 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="re-export a checkpoint to ONNX",
                                  description="Export a training checkpoint to an elcell ONNX file, "
                                              "checked against PyTorch with ONNX Runtime.")
-    export.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) from `elcell train`")
+    export.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="Lightning checkpoint (.ckpt) from `elcell train` (or, with --int8, a "
+                             "float elcell .onnx file to quantise)")
     export.add_argument("--out", help="ONNX file or folder (default: best_model_epoch{N}.onnx "
                                       "beside the checkpoint)")
+    export.add_argument("--int8", action="store_true",
+                        help="also write a statically quantised int8 model (QDQ, per-channel weights, "
+                             "ONNX Runtime), calibrated on real cells; its F1 and recall are printed "
+                             "next to the float model's. CHECKPOINT may then be a float .onnx file "
+                             "(no PyTorch needed)")
+    export.add_argument("--calibration", metavar="LABELS.csv",
+                        help="labelled cells for --int8 (CSV or 'elpv'): calibration and comparison")
+    export.add_argument("--calibration-count", type=int, default=200,
+                        help="cells drawn from --calibration to calibrate on")
+    export.add_argument("--eval-data", metavar="LABELS.csv",
+                        help="compare float and int8 on these cells (default: all --calibration cells)")
+    export.add_argument("--int8-out", metavar="FILE.onnx",
+                        help="int8 model path (default: <float model>.int8.onnx beside it)")
+    export.add_argument("--allow-recall-drop", action="store_true",
+                        help="write the int8 model even if a label's recall drops by more than 0.02")
+    export.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    export.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show progress bars on stderr")
     export.set_defaults(handler=_export)
+    _add_predict_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_explain_parser(commands)
     return parser
 
 
@@ -137,16 +368,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        _apply_config_file(parser, argv)
+        _apply_train_defaults(parser, argv)
         args = parser.parse_args(argv)
-        args.handler(args, parser)
+        status = args.handler(args, parser)
     except ElcellError as err:
         print(f"elcell: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("elcell: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(status or 0)  # a handler returns 1 when a batch job finished with failures
 
 
 if __name__ == "__main__":

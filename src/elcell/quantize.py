@@ -1,0 +1,194 @@
+"""Static int8 quantisation of an elcell ONNX model with ONNX Runtime's tools.
+
+Torch-free: it starts from the float ONNX file, so a model can be quantised
+on the inspection PC. Activations are calibrated on real cells decoded exactly
+as `predict` decodes them; weights are quantised per output channel (QDQ
+format, uint8 activations and int8 weights, which ONNX Runtime's CPU kernels
+run fastest on VNNI CPUs). The int8 file is only written when recall, the
+figure a plant cares about, holds up against the float model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from elcell.errors import DataError, ExportError
+from elcell.evaluate import predict_table, report
+from elcell.infer import Model, decide, decode_batches, default_workers, open_model
+from elcell.io import atomic_path
+from elcell.labels import LabelTable, load_table
+from elcell.modelinfo import INPUT_NAME, read_info, write_info
+
+# The backbone is where the time goes. The head's weights are shared by its
+# Gemm layers and by the in-graph Grad-CAM MatMuls, which ONNX Runtime's
+# per-channel quantiser cannot give two channel axes; the head is well under 1%
+# of the work, so it (and the Grad-CAM) stays float.
+QUANTIZED_OPS = ["Conv", "Add", "MaxPool", "Relu"]
+MAX_RECALL_DROP = 0.02
+
+
+class CellReader(CalibrationDataReader):
+    """Feeds decoded uint8 cells to ONNX Runtime's calibrator, a batch at a time."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 8):
+        self.images, self.batch_size, self.position = images, batch_size, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        batch = self.images[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return {INPUT_NAME: np.ascontiguousarray(batch)[:, None]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def calibration_cells(table: LabelTable, size: int, count: int = 200, seed: int = 0,
+                      workers: int | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """`count` cells drawn at random (seeded) from `table`, decoded as predict does;
+    unreadable ones are skipped and returned with their reason."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.permutation(len(table))[:count])
+    images, failed = [], []
+    workers = default_workers() if workers is None else workers
+    for batch in decode_batches([table.paths[i] for i in rows], size, 32, workers):
+        images.append(batch.images)
+        failed += [(str(p), e) for p, e in zip(batch.paths, batch.errors, strict=True) if e is not None]
+    cells = np.concatenate(images)
+    if len(cells) == 0:
+        raise DataError(f"{table.source}: none of the calibration images could be read")
+    return cells, failed
+
+
+def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
+             source: str = "") -> Path:
+    """Write a statically quantised (QDQ, per-channel int8) copy of `float_path`,
+    with the float model's metadata plus how it was quantised."""
+    float_path, out = Path(float_path), Path(out)
+    info = read_info(float_path)
+    with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # the quantiser logs every skipped tensor
+        try:
+            quant_pre_process(str(float_path), str(prepared))
+            quantize_static(
+                str(prepared), str(quantized), CellReader(calibration),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=QUANTIZED_OPS,
+            )  # MinMax calibration keeps only per-batch minima and maxima: memory stays small
+        finally:
+            logger.setLevel(level)
+        quantization = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8",
+                        "ops": QUANTIZED_OPS, "calibration": source, "calibration_cells": len(calibration),
+                        "float_model": float_path.name}
+        write_info(quantized, out, replace(info, extra={**info.extra, "quantization": quantization}))
+    return out
+
+
+def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size: int = 16,
+            workers: int | None = None, progress: bool = True) -> dict:
+    """F1, precision and recall per label of both models at the float model's
+    thresholds, how often their decisions agree, and how far the probabilities differ."""
+    runs = {name: predict_table(model, table, batch_size, workers, progress=progress)
+            for name, model in (("float", float_model), ("int8", int8_model))}
+    a, b = runs["float"], runs["int8"]
+    if [str(p) for p in a.paths] != [str(p) for p in b.paths]:
+        raise ExportError("float and int8 models read different cells")  # decoding is deterministic
+    info = float_model.info
+    columns = [info.labels.index(label) for label in a.labels]
+    high = [info.thresholds[c] for c in columns]
+    low = [info.review_thresholds[c] for c in columns]
+    scores = {name: report(run.positives, run.probs, run.labels, high, low) for name, run in runs.items()}
+    agree = decide(a.probs, None, high, low) == decide(b.probs, None, high, low)
+    per_label = {}
+    for j, label in enumerate(a.labels):
+        f, q = scores["float"]["per_label"][label], scores["int8"]["per_label"][label]
+        per_label[label] = {
+            "positives": f["positives"],
+            **{f"{metric}_{name}": m[metric] for name, m in (("float", f), ("int8", q))
+               for metric in ("precision", "recall", "f1")},
+            "recall_drop": f["recall"] - q["recall"],
+            "decision_agreement": float(agree[:, j].mean()),
+            "max_prob_diff": float(np.abs(a.probs[:, j] - b.probs[:, j]).max()),
+        }
+    return {
+        "cells": len(a.paths), "data": table.source, "failed": [p for p, _ in a.failed],
+        "mean_f1_float": scores["float"]["mean_f1"], "mean_f1_int8": scores["int8"]["mean_f1"],
+        "weighted_f1_float": scores["float"]["weighted_f1"],
+        "weighted_f1_int8": scores["int8"]["weighted_f1"],
+        "decision_agreement": float(agree.mean()), "per_label": per_label,
+    }
+
+
+def recall_drops(comparison: dict, limit: float = MAX_RECALL_DROP) -> dict[str, float]:
+    """Labels (with positives) whose int8 recall is more than `limit` below float's."""
+    return {label: m["recall_drop"] for label, m in comparison["per_label"].items()
+            if m["positives"] and m["recall_drop"] > limit + 1e-12}
+
+
+def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
+                     eval_data: str | None = None, count: int = 200, allow_recall_drop: bool = False,
+                     batch_size: int = 16, workers: int | None = None, progress: bool = True,
+                     seed: int = 0) -> dict:
+    """Quantise `float_path` calibrated on `count` cells of `calibration`, compare it
+    with the float model on `eval_data` (default: all of `calibration`), and write
+    it to `out` unless some label's recall drops by more than 0.02 (then
+    ExportError, unless allow_recall_drop). Returns the comparison."""
+    float_path, out = Path(float_path), Path(out)
+    if count < 1:
+        raise DataError(f"--calibration-count {count}: need at least 1 cell")
+    float_model = open_model(float_path, providers=["CPUExecutionProvider"])
+    table = load_table(calibration)
+    cells, failed = calibration_cells(table, float_model.info.image_size, count, seed, workers)
+    evaluation = table if eval_data is None else load_table(eval_data)
+    with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
+        candidate = quantize(float_path, Path(tmp) / out.name, cells, source=str(calibration))
+        int8_model = open_model(candidate, providers=["CPUExecutionProvider"])
+        comparison = compare(float_model, int8_model, evaluation, batch_size, workers, progress)
+        comparison.update(calibration=str(calibration), calibration_cells=len(cells),
+                          calibration_failed=[p for p, _ in failed], out=str(out))
+        drops = recall_drops(comparison)
+        comparison["refused"] = bool(drops) and not allow_recall_drop
+        if drops and not allow_recall_drop:
+            detail = ", ".join(f"{label} -{drop:.3f}" for label, drop in drops.items())
+            comparison["refusal"] = (
+                f"int8 recall drops by more than {MAX_RECALL_DROP} ({detail}) on {comparison['cells']} "
+                f"cells of {evaluation.source}; {out} not written. Calibrate on more or other cells, "
+                "or pass --allow-recall-drop to write it anyway"
+            )
+            return comparison
+        del int8_model
+        with atomic_path(out) as target:
+            shutil.copyfile(candidate, target)
+    return comparison
+
+
+def format_comparison(comparison: dict) -> str:
+    lines = [f"float vs int8 on {comparison['cells']} cells of {comparison['data']} "
+             f"(calibrated on {comparison['calibration_cells']} cells of {comparison['calibration']}):",
+             f"  {'label':<14}{'pos':>6}{'F1 fp32':>9}{'F1 int8':>9}{'rec fp32':>10}{'rec int8':>10}"
+             f"{'agree':>8}{'max|dp|':>9}"]
+    for label, m in comparison["per_label"].items():
+        lines.append(f"  {label:<14}{m['positives']:>6}{m['f1_float']:>9.3f}{m['f1_int8']:>9.3f}"
+                     f"{m['recall_float']:>10.3f}{m['recall_int8']:>10.3f}"
+                     f"{m['decision_agreement']:>8.3f}{m['max_prob_diff']:>9.4f}")
+    lines.append(f"  mean F1 {comparison['mean_f1_float']:.4f} (fp32) vs {comparison['mean_f1_int8']:.4f} "
+                 f"(int8); decisions agree on {100 * comparison['decision_agreement']:.1f}% of cell labels")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""`elcell predict` and the ONNX Runtime core, on real ELPV cells with the tiny trained model."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elcell.cli import main
+from elcell.errors import DataError
+from elcell.images import load_cell
+from elcell.infer import (
+    Model,
+    collect_inputs,
+    csv_header,
+    decide,
+    decode_batches,
+    open_model,
+    parse_thresholds,
+)
+from elcell.labels import load_table
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter=";"))
+    return rows[0], [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_onnx) -> Model:
+    return open_model(tiny_onnx)
+
+
+@pytest.fixture()
+def cell_folder(tmp_path, elpv) -> Path:
+    """12 real cells, some in a subfolder."""
+    folder = tmp_path / "cells"
+    (folder / "row2").mkdir(parents=True)
+    for i, source in enumerate(elpv.paths[:12]):
+        shutil.copy(source, folder / ("row2" if i % 2 else ".") / source.name)
+    return folder
+
+
+def test_predict_labels_csv_schema_and_probabilities(tiny_onnx, model, seed_csv, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(seed_csv), "--out", str(out), "--no-progress",
+                 "--batch-size", "5"]) == 0
+    header, rows = read_rows(out)
+    assert header == ["path", "prob_crack", "prob_inactive", "decision_crack", "decision_inactive", "error"]
+    table = load_table(seed_csv)
+    assert [row["path"] for row in rows] == [str(p) for p in table.paths]  # relative to the CSV, in order
+    probs = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
+    expected = model.run(np.stack([load_cell(p, model.info.image_size) for p in table.paths]))
+    np.testing.assert_allclose(probs, expected, atol=2e-6)  # batching does not change a cell's result
+    decisions = decide(probs, model.info)
+    assert [[row["decision_crack"], row["decision_inactive"]] for row in rows] == decisions.tolist()
+    assert all(row["error"] == "" for row in rows)
+    assert "CPUExecutionProvider" in capsys.readouterr().err  # says which provider runs
+
+
+def test_bad_images_reported_not_fatal(tiny_onnx, cell_folder, tmp_path, capsys):
+    (cell_folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (cell_folder / "row2" / "empty.jpg").write_bytes(b"")
+    Image.new("L", (300, 4)).save(cell_folder / "sliver.png")  # an image, but no cell
+    good = sorted(p for p in cell_folder.rglob("cell*.png"))
+    truncated = cell_folder / "truncated.png"
+    truncated.write_bytes(good[0].read_bytes()[:300])
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
+                 "--batch-size", "4", "--workers", "2"]) == 1
+    _, rows = read_rows(out)
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert len(rows) == 16  # recursive: 12 cells + 4 bad files, each once
+    bad = {"corrupt.png", "empty.jpg", "sliver.png", "truncated.png"}
+    for name in bad:
+        assert by_name[name]["error"] and by_name[name]["prob_crack"] == "" and by_name[name]["decision_crack"] == ""
+    for name, row in by_name.items():
+        if name not in bad:
+            assert row["error"] == "" and 0 <= float(row["prob_crack"]) <= 1
+    err = capsys.readouterr().err
+    for name in bad:
+        assert name in err
+    assert "4 of 16 images failed" in err
+
+
+def test_threshold_override_and_review_band(tiny_onnx, model, cell_folder, tmp_path):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
+                 "--threshold", "0", "--threshold", "inactive=1", "--review-threshold", "inactive=0"]) == 0
+    _, rows = read_rows(out)
+    assert {row["decision_crack"] for row in rows} == {"defect"}
+    assert {row["decision_inactive"] for row in rows} == {"review"}
+    assert parse_thresholds(["0.3", "crack=0.7"], ["crack", "inactive"], [0.5, 0.5]) == [0.7, 0.3]
+    for bad in (["cracks=0.3"], ["1.5"], ["crack=x"]):
+        with pytest.raises(DataError):
+            parse_thresholds(bad, ["crack", "inactive"], [0.5, 0.5])
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--threshold", "cracks=0.3"]) == 2
+
+
+def test_resume_after_crash_drops_half_line_and_retries_failures(tiny_onnx, cell_folder, tmp_path,
+                                                                 monkeypatch):
+    out = tmp_path / "preds.csv"
+    reference = tmp_path / "reference.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(reference), "--no-progress"]) == 0
+    _, expected = read_rows(reference)
+
+    # crash in the third batch: the two batches before it are on disk already
+    calls = itertools.count()
+    real_run = Model.run
+
+    def crashing_run(self, images, heatmaps=False):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(self, images, heatmaps)
+
+    monkeypatch.setattr(Model, "run", crashing_run)
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
+                 "--batch-size", "3"]) == 130
+    monkeypatch.undo()
+    _, partial = read_rows(out)
+    assert partial == expected[:6]
+
+    # a crash mid-write leaves half a line; an image that failed before is retried
+    text = out.read_text()
+    lines = text.splitlines(keepends=True)
+    failed = lines[2].split(";")[0] + ";;;;;not a readable image (was broken)\n"
+    out.write_text(lines[0] + lines[1] + failed + "".join(lines[3:]) + expected[6]["path"][:10])
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
+                 "--resume"]) == 0
+    header, resumed = read_rows(out)
+    assert sorted(resumed, key=lambda r: r["path"]) == sorted(expected, key=lambda r: r["path"])
+    assert out.read_text().count("path;") == 1
+
+
+def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    out.write_text("something\n")
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--resume"]) == 2
+    assert out.read_text() == "something\n"  # a foreign file is not touched
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--overwrite",
+                 "--no-progress"]) == 0
+    assert main(["predict", str(tiny_onnx), str(tmp_path / "nowhere")]) == 2
+    assert main(["predict", str(tmp_path / "missing.onnx"), str(cell_folder)]) == 2
+
+
+def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
+    header, rows = read_rows(out)
+    assert header == csv_header(["crack", "inactive"], tta=True)
+    assert "prob_crack_no_tta" in header
+    images = np.stack([load_cell(row["path"], model.info.image_size) for row in rows])
+    flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    expected = np.mean([model.run(f) for f in flips], axis=0)
+    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
+    plain = np.array([[float(row["prob_crack_no_tta"]), float(row["prob_inactive_no_tta"])] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(plain, model.run(images), atol=2e-6)
+
+
+def test_sixteen_bit_cells_scaled_by_their_depth(tiny_onnx, elpv, tmp_path):
+    """A 16-bit cell holding the 8-bit values x 257 is the same picture: same probabilities."""
+    folder = tmp_path / "depth"
+    folder.mkdir()
+    for source in elpv.paths[:4]:
+        pixels = np.asarray(Image.open(source).convert("L"), dtype=np.uint16)
+        shutil.copy(source, folder / f"{source.stem}_8bit.png")
+        Image.fromarray(pixels * 257).save(folder / f"{source.stem}_16bit.png")
+        assert Image.open(folder / f"{source.stem}_16bit.png").mode.startswith("I;16")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(folder), "--out", str(out), "--no-progress"]) == 0
+    _, rows = read_rows(out)
+    probs = {Path(row["path"]).stem: (row["prob_crack"], row["prob_inactive"]) for row in rows}
+    for source in elpv.paths[:4]:
+        assert probs[f"{source.stem}_16bit"] == probs[f"{source.stem}_8bit"]
+
+
+def test_predict_and_evaluate_import_no_torch(tiny_onnx, seed_csv, tmp_path):
+    code = (
+        "import sys\n"
+        "from elcell.cli import main\n"
+        f"assert main(['predict', {str(tiny_onnx)!r}, {str(seed_csv)!r}, '--no-progress',"
+        f" '--out', {str(tmp_path / 'p.csv')!r}]) == 0\n"
+        f"assert main(['evaluate', {str(tiny_onnx)!r}, '--data', {str(seed_csv)!r}, '--no-progress',"
+        f" '--out', {str(tmp_path / 'eval')!r}, '--tune-thresholds', 'f1']) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_decoding_streams_with_bounded_look_ahead(elpv):
+    pulled = 0
+
+    def paths():
+        nonlocal pulled
+        for path in itertools.islice(itertools.cycle(elpv.paths[:20]), 400):
+            pulled += 1
+            yield path
+
+    batches = decode_batches(paths(), 32, batch_size=8, workers=2)
+    first = next(batches)
+    assert first.images.shape == (8, 32, 32) and first.images.dtype == np.uint8
+    assert pulled <= (2 + 2) * 8 + 8  # a few batches ahead, not the whole list
+    assert sum(len(b.paths) for b in batches) == 400 - 8
+
+
+def test_collect_inputs(cell_folder, seed_csv, tmp_path):
+    listed = tmp_path / "list.csv"
+    listed.write_text("image\ncells/a.png\n")
+    paths = collect_inputs([cell_folder, seed_csv, listed, cell_folder])
+    assert len(paths) == 12 + 64 + 1  # each once
+    assert paths[-1] == tmp_path.resolve() / "cells" / "a.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images"):
+        collect_inputs([empty])
