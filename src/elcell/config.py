@@ -11,10 +11,22 @@ import yaml
 from elcell.errors import DataError
 
 
+# Named starting points. Precedence: TrainConfig defaults < recipe < --config file
+# < command line. `seed` is the original specification exactly (its defaults are
+# the dataclass defaults); `quick` is a from-scratch CPU preset for trying elcell
+# on a laptop in minutes.
+RECIPES: dict[str, dict] = {
+    "seed": {},
+    "quick": {"backbone": "resnet18", "pretrained": "none", "image_size": 128, "lr": 1e-3,
+              "epochs": 12, "batch_size": 32},
+}
+
+
 @dataclass
 class TrainConfig:
     """Every option of `elcell train`; the CLI and --config YAML files map onto it."""
 
+    recipe: str = "seed"
     data: str = "elpv"
     group: str | None = None
     out: str | None = None
@@ -51,6 +63,10 @@ class TrainConfig:
             raise DataError(f"{source}: unknown option(s) {unknown}")
         return cls(**values)
 
+    @classmethod
+    def from_recipe(cls, recipe: str = "seed", **overrides) -> TrainConfig:
+        return cls.from_dict({**recipe_defaults(recipe), **overrides, "recipe": recipe})
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
@@ -63,3 +79,9 @@ def option_types() -> dict[str, type]:
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         plain[f.name] = args[0] if args else hints[f.name]
     return plain
+
+
+def recipe_defaults(name: str) -> dict:
+    if name not in RECIPES:
+        raise DataError(f"--recipe {name!r}: choose from {sorted(RECIPES)}")
+    return dict(RECIPES[name])

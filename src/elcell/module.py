@@ -17,7 +17,7 @@ from elcell.model import build_model
 
 
 class LabelF1(torchmetrics.Metric):
-    """Per-label precision/recall/F1 plus the seed's weighted F1 and the mean F1.
+    """Per-label precision/recall/F1/accuracy plus the seed's weighted F1 and the mean F1.
 
     Counts are summed states, so torchmetrics synchronises them across DDP ranks
     and the score covers the whole validation set. (torchmetrics' multilabel
@@ -30,7 +30,7 @@ class LabelF1(torchmetrics.Metric):
     def __init__(self, num_labels: int, threshold: float = 0.5):
         super().__init__()
         self.threshold = threshold
-        for name in ("tp", "fp", "fn"):
+        for name in ("tp", "fp", "fn", "tn"):
             self.add_state(name, default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -39,15 +39,17 @@ class LabelF1(torchmetrics.Metric):
         self.tp += (predicted & actual).sum(0)
         self.fp += (predicted & ~actual).sum(0)
         self.fn += (~predicted & actual).sum(0)
+        self.tn += (~predicted & ~actual).sum(0)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
+        tp, fp, fn, tn = self.tp.double(), self.fp.double(), self.fn.double(), self.tn.double()
         precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
         recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
         f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
         support = tp + fn
         weighted = (f1 * support).sum() / support.sum() if support.sum() > 0 else support.sum() * 0
-        return {"precision": precision, "recall": recall, "f1": f1,
+        accuracy = (tp + tn) / (tp + fp + fn + tn).clamp(min=1)
+        return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy,
                 "weighted_f1": weighted, "mean_f1": f1.mean()}
 
 
@@ -108,11 +110,11 @@ class ELCellModule(LightningModule):
 
     def _log_scores(self, stage: str, scores: LabelF1) -> None:
         result = scores.compute()  # torchmetrics squeezes one-label results to 0-d
-        per_label = {m: result[m].reshape(-1) for m in ("precision", "recall", "f1")}
+        per_label = {m: result[m].reshape(-1) for m in ("precision", "recall", "f1", "accuracy")}
         self.log(f"{stage}_f1", result["weighted_f1"].float(), prog_bar=True)
         self.log(f"{stage}_mean_f1", result["mean_f1"].float())
         for i, name in enumerate(self.hparams.label_names):
-            for metric in ("precision", "recall", "f1"):
+            for metric in ("precision", "recall", "f1", "accuracy"):
                 self.log(f"{stage}_{metric}_{name}", per_label[metric][i].float())
         scores.reset()
 
