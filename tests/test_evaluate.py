@@ -1,0 +1,145 @@
+"""`elcell evaluate`: metrics, plots, groups, TTA and threshold tuning on real ELPV cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
+
+from elcell.cli import main
+from elcell.evaluate import threshold_for_f1, threshold_for_recall
+from elcell.infer import decide
+from elcell.modelinfo import read_info
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter=";"))
+
+
+@pytest.fixture(scope="module")
+def typed_csv(tmp_path_factory, elpv) -> Path:
+    """48 real cells with crack/inactive stand-in labels and the ELPV cell type as a group."""
+    folder = tmp_path_factory.mktemp("typed")
+    rng = np.random.default_rng(3)
+    probability = elpv.targets[:, 0]
+    lines = ["path,crack,inactive,type"]
+    for i in rng.permutation(len(elpv))[:48]:
+        shutil.copy(elpv.paths[i], folder / elpv.paths[i].name)
+        lines.append(f"{elpv.paths[i].name},{int(probability[i] >= 0.5)},{int(probability[i] == 1)},"
+                     f"{elpv.groups[i]}")
+    (folder / "broken.png").write_bytes(b"not an image")
+    lines.append("broken.png,1,0,mono")
+    (folder / "data.csv").write_text("\n".join(lines) + "\n")
+    return folder / "data.csv"
+
+
+def test_metrics_plots_and_groups(tiny_onnx, typed_csv, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(typed_csv), "--group", "type",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "1 of 49 images could not be read" in printed.out and "broken.png" in printed.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["crack", "inactive"] and metrics["cells"] == 48
+    assert [f["path"] for f in metrics["failed"]] == [str(typed_csv.parent / "broken.png")]
+
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 48
+    truth = np.array([[int(r["true_crack"]), int(r["true_inactive"])] for r in rows])
+    probs = np.array([[float(r["prob_crack"]), float(r["prob_inactive"])] for r in rows])
+    predicted = (probs >= 0.5).astype(int)
+    for j, label in enumerate(["crack", "inactive"]):
+        m = metrics["per_label"][label]
+        assert m["f1"] == pytest.approx(f1_score(truth[:, j], predicted[:, j], zero_division=0), abs=1e-4)
+        assert m["recall"] == pytest.approx(recall_score(truth[:, j], predicted[:, j], zero_division=0), abs=1e-4)
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(truth[:, j], probs[:, j]), abs=1e-3)
+        assert m["average_precision"] == pytest.approx(average_precision_score(truth[:, j], probs[:, j]), abs=1e-3)
+        cm = m["confusion_matrix"]
+        assert cm["tp"] + cm["fn"] == truth[:, j].sum() and sum(cm.values()) == 48
+    assert metrics["weighted_f1"] == pytest.approx(
+        f1_score(truth, predicted, average="weighted", zero_division=0), abs=1e-4)
+    assert metrics["mean_f1"] == pytest.approx(
+        f1_score(truth, predicted, average="macro", zero_division=0), abs=1e-4)
+
+    groups = {r["group"] for r in rows}
+    assert set(metrics["groups"]) == groups and groups <= {"mono", "poly"}
+    assert sum(g["cells"] for g in metrics["groups"].values()) == 48
+    for name in ["", *(f"_{g}" for g in groups)]:
+        for plot in ("pr_curve", "roc_curve", "confusion_matrix"):
+            assert (out / f"{plot}{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuned_thresholds_round_trip_into_predict(tiny_onnx, seed_csv, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress",
+                 "--tune-thresholds", "recall=0.9", "--review-band", "recall=0.98"]) == 0
+    assert "cells in review" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    tuned = out / f"{tiny_onnx.stem}.tuned.onnx"
+    assert metrics["tuning"]["model"] == str(tuned)
+    info = read_info(tuned)
+    assert info.thresholds == [metrics["thresholds"][label] for label in info.labels]
+    assert info.review_thresholds == [metrics["review_thresholds"][label] for label in info.labels]
+    assert info.extra["tuning"]["method"] == "recall=0.9"
+    assert info.thresholds != read_info(tiny_onnx).thresholds
+    for label in info.labels:
+        m = metrics["per_label"][label]
+        assert m["recall"] >= 0.9 and m["recall_with_review"] >= 0.98
+        assert m["review_threshold"] <= m["threshold"]
+
+    # predict picks the tuned thresholds up from the model file
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(tuned), str(seed_csv), "--out", str(preds), "--no-progress"]) == 0
+    rows = read_csv(preds)
+    probs = np.array([[float(r["prob_crack"]), float(r["prob_inactive"])] for r in rows])
+    decisions = np.array([[r["decision_crack"], r["decision_inactive"]] for r in rows])
+    assert (decisions == decide(probs, info)).all()
+    for j, label in enumerate(info.labels):
+        cm = metrics["per_label"][label]["confusion_matrix"]
+        assert (decisions[:, j] == "defect").sum() == cm["tp"] + cm["fp"]
+        assert (decisions[:, j] == "review").sum() == metrics["per_label"][label]["review"]
+    in_review = ((decisions == "review").any(1) & ~(decisions == "defect").any(1)).sum()
+    assert in_review == metrics["cells_in_review"]
+
+
+def test_tta_reported_with_and_without(tiny_onnx, seed_csv, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress",
+                 "--tta", "--tune-thresholds", "f1", "--review-band", "0.3"]) == 0
+    text = capsys.readouterr().out
+    assert "TTA" in text and "without TTA" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tta"] and set(metrics["without_tta"]["per_label"]) == {"crack", "inactive"}
+    for label, threshold in metrics["thresholds"].items():
+        assert metrics["review_thresholds"][label] == min(0.3, threshold)
+
+
+def test_user_mistakes_are_one_line_errors(tiny_onnx, seed_csv, tmp_path, capsys):
+    assert main(["evaluate", str(tiny_onnx), "--data", "elpv", "--out", str(tmp_path)]) == 2
+    assert "none of the model's labels" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--tune-thresholds", "recall"]) == 2
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--review-band", "big"]) == 2
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--group", "type"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("elcell: error:") == 3
+
+
+def test_threshold_search_is_exact():
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    positive = np.array([1, 0, 1, 1, 0])
+    # recall 1 needs the cell at 0.6: threshold halfway to the next lower cell
+    assert threshold_for_recall(positive, probs, 1.0) == pytest.approx(0.55)
+    assert threshold_for_recall(positive, probs, 0.6) == pytest.approx(0.65)  # 2 of 3
+    assert threshold_for_recall(positive, probs, 0.2) == pytest.approx(0.85)
+    # F1: top 4 cells -> 2*3 / (3 + 1 + 3) = 0.857, the best cut
+    assert threshold_for_f1(positive, probs) == pytest.approx(0.55)
+    # ties stay on one side of the threshold
+    tied = np.array([0.7, 0.7, 0.7, 0.2])
+    assert threshold_for_f1(np.array([1, 0, 1, 0]), tied) == pytest.approx(0.45)
+    assert threshold_for_recall(np.array([1, 0, 1, 0]), tied, 0.5) == pytest.approx(0.45)

@@ -1,0 +1,82 @@
+"""int8 export: static QDQ quantisation calibrated on real cells, checked against the float model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import elcell.quantize as quantize_module
+from elcell.cli import main
+from elcell.images import load_cell
+from elcell.infer import decide, open_model
+from elcell.labels import load_table
+from elcell.modelinfo import read_info
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, seed_csv, tmp_path_factory):
+    """`elcell export CKPT --int8` as a user runs it: float + int8 files and what it printed."""
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    checkpoint = next((tiny_run / "checkpoints").glob("best-*.ckpt"))
+    status = main(["export", str(checkpoint), "--out", str(out), "--int8", "--calibration", str(seed_csv),
+                   "--calibration-count", "32", "--no-progress"])
+    return status, out, out.with_name("model.int8.onnx")
+
+
+def test_int8_export_writes_a_quantised_model(exported, capsys):
+    status, float_path, int8_path = exported
+    assert status == 0 and float_path.is_file() and int8_path.is_file()
+    graph = onnx.load(str(int8_path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    weights = {init.name: init for init in graph.initializer}
+    per_channel = [node for node in graph.node if node.op_type == "DequantizeLinear"
+                   and node.input[0] in weights and weights[node.input[0]].data_type == onnx.TensorProto.INT8
+                   and len(weights[node.input[1]].dims) == 1 and weights[node.input[1]].dims[0] > 1]
+    assert per_channel, "weights are quantised per output channel"
+    info, float_info = read_info(int8_path), read_info(float_path)
+    assert (info.labels, info.thresholds, info.image_size) == (float_info.labels, float_info.thresholds,
+                                                               float_info.image_size)
+    assert info.extra["quantization"]["calibration_cells"] == 32
+    assert int8_path.stat().st_size < float_path.stat().st_size / 2
+
+
+def test_int8_agrees_with_float_on_real_cells(exported, elpv):
+    _, float_path, int8_path = exported
+    float_model, int8_model = open_model(float_path), open_model(int8_path)
+    cells = np.stack([load_cell(p, float_model.info.image_size) for p in elpv.paths[-40:]])
+    a, b = float_model.run(cells), int8_model.run(cells)  # batch of 40, cells not calibrated on
+    assert np.abs(a - b).max() < 0.05
+    assert (decide(a, float_model.info) == decide(b, float_model.info)).mean() >= 0.9
+    _, heat_a = float_model.run(cells[:4], heatmaps=True)
+    _, heat_b = int8_model.run(cells[:4], heatmaps=True)
+    assert heat_a.shape == heat_b.shape
+
+
+def test_recall_drop_refused_unless_allowed(exported, seed_csv, tmp_path, monkeypatch, capsys):
+    """Quantising an ONNX file (no checkpoint, no torch) with a forced recall drop."""
+    _, float_path, _ = exported
+    real_compare = quantize_module.compare
+
+    def worse(*args, **kwargs):
+        comparison = real_compare(*args, **kwargs)
+        label = next(iter(comparison["per_label"]))
+        comparison["per_label"][label]["recall_int8"] -= 0.05
+        comparison["per_label"][label]["recall_drop"] += 0.05
+        comparison["per_label"][label]["positives"] = max(1, comparison["per_label"][label]["positives"])
+        return comparison
+
+    monkeypatch.setattr(quantize_module, "compare", worse)
+    out = tmp_path / "refused.int8.onnx"
+    args = ["export", str(float_path), "--int8", "--calibration", str(seed_csv), "--calibration-count", "16",
+            "--int8-out", str(out), "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "recall drops" in captured.err and "--allow-recall-drop" in captured.err
+    assert "F1 fp32" in captured.out  # the comparison is shown before refusing
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+    assert main(args + ["--allow-recall-drop"]) == 0
+    assert open_model(out).info.labels == load_table(seed_csv).names
+    assert main(["export", str(float_path), "--int8"]) == 2  # no calibration data
+    assert main(["export", str(float_path)]) == 2  # an ONNX file has nothing to re-export
