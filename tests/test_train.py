@@ -101,3 +101,16 @@ def test_pos_weight_balances_classes():
     targets = np.array([[1, 0], [0, 0], [0, 1], [0, 1]], dtype=np.float32)
     assert pos_weights(targets) == [3.0, 1.0]
     assert pos_weights(np.array([[1 / 3], [2 / 3], [0.0]])) == pytest.approx([2.0])
+
+
+def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
+    from elcell.train import merge_session_logs
+
+    for session, text in (("0", "epoch,step,val_f1\n0,2,0.5\n1,5,0.6\n"),
+                          ("1", "epoch,step,val_f1,train_loss\n2,8,0.7,0.3\n"),
+                          ("10", "epoch,step,val_f1\n3,11,0.8\n")):
+        (tmp_path / "logs" / session).mkdir(parents=True)
+        (tmp_path / "logs" / session / "metrics.csv").write_text(text)
+    rows = list(csv.DictReader(open(merge_session_logs(tmp_path))))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]  # sessions in numeric order
+    assert rows[2]["train_loss"] == "0.3" and rows[0]["train_loss"] == ""

@@ -9,9 +9,12 @@ it did not succeed.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -87,6 +90,26 @@ def prepare(config: TrainConfig):
     return table, split, images
 
 
+def merge_session_logs(run: Path) -> Path:
+    """One metrics.csv for the run from each session's log (logs/<n>/metrics.csv).
+
+    Every start or --resume logs to a new session folder, because Lightning's
+    CSV logger would otherwise replace the earlier epochs' rows.
+    """
+    rows, columns = [], {}
+    for session in sorted((run / "logs").glob("*/metrics.csv"), key=lambda p: int(p.parent.name)):
+        with open(session) as handle:
+            reader = csv.DictReader(handle)
+            columns.update(dict.fromkeys(reader.fieldnames or []))
+            rows.extend(reader)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run / "metrics.csv", buffer.getvalue())
+    return run / "metrics.csv"
+
+
 def plot_losses(metrics_csv: Path, out: Path) -> None:
     """losses.png: train/val loss and val F1 per epoch, from Lightning's metrics.csv."""
     import matplotlib
@@ -143,6 +166,18 @@ def _run_folder(config: TrainConfig) -> Path:
     return run
 
 
+class _DropTips(logging.Filter):
+    """Lightning advertises a cloud logger on every run; not useful on an inspection PC."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+# Expected: our augmentation lives in the module's on_after_batch_transfer on purpose.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+
+
 def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict:
     """Train, export the best checkpoint to ONNX, and return the run summary
     (empty on ranks other than 0). `callbacks` are added to the Trainer's."""
@@ -186,7 +221,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     if not trainer.is_global_zero:
         return {}
 
-    plot_losses(run / "metrics.csv", run / "losses.png")
+    plot_losses(merge_session_logs(run), run / "losses.png")
     val_rows = np.flatnonzero(split == "val")[:4]
     onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
                                           check_images=images[val_rows])
@@ -205,6 +240,11 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     }
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
+
+
+def _next_session(run: Path) -> int:
+    sessions = [int(p.name) for p in (run / "logs").glob("*") if p.name.isdigit()]
+    return max(sessions, default=-1) + 1
 
 
 def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
@@ -237,7 +277,8 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
         precision=resolve_precision(config),
         callbacks=[best, last, early_stop, LearningRateMonitor(logging_interval="epoch"),
                    *extra_callbacks],
-        logger=[CSVLogger(run, name="", version=""), TensorBoardLogger(run, name="", version="tensorboard")],
+        logger=[CSVLogger(run, name="logs", version=str(_next_session(run))),
+                TensorBoardLogger(run, name="", version="tensorboard")],
         enable_progress_bar=config.progress,
         enable_model_summary=False,
         log_every_n_steps=1,
