@@ -214,6 +214,8 @@ def test_decoding_streams_with_bounded_look_ahead(elpv):
     assert first.images.shape == (8, 32, 32) and first.images.dtype == np.uint8
     assert pulled <= (2 + 2) * 8 + 8  # a few batches ahead, not the whole list
     assert sum(len(b.paths) for b in batches) == 400 - 8
+    serial = next(decode_batches(elpv.paths[:20], 32, batch_size=8, workers=0))
+    np.testing.assert_array_equal(serial.images, first.images)  # same cells, same order
 
 
 def test_collect_inputs(cell_folder, seed_csv, tmp_path):

@@ -154,7 +154,6 @@ def _add_predict_parser(commands) -> None:
                     "synced batch by batch, so an interrupted run loses nothing and --resume continues "
                     "it. Unreadable images are listed in the error column and on stderr; the run goes "
                     "on and exits with status 1 at the end if any failed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx",
                         help="elcell ONNX model (from `elcell train`, `export` or `evaluate --tune-thresholds`)")
@@ -170,7 +169,7 @@ def _add_predict_parser(commands) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the four flips of each cell (4x the "
                              "work); prob_<label>_no_tta columns keep the plain probabilities")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image decoding threads (default: number of CPUs, at most 4; 0 decodes "
                              "in the main thread)")
@@ -181,8 +180,12 @@ def _add_predict_parser(commands) -> None:
                              "failed are tried again; a half-written last line is dropped)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr")
+                        help="show a progress bar on stderr (default: on)")
     parser.set_defaults(handler=_predict)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{label} {n}" for label, n in counts.items())
 
 
 def _predict(args, parser) -> int:
@@ -194,9 +197,9 @@ def _predict(args, parser) -> int:
     review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
                               option="--review-threshold")
     paths = collect_inputs(args.inputs)
-    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; labels {info.labels}; "
-          f"thresholds {thresholds}, review from {[min(r, t) for r, t in zip(review, thresholds, strict=True)]}",
-          file=sys.stderr)
+    bands = ", ".join(f"{label} defect >= {t:.4g}, review >= {min(r, t):.4g}"
+                      for label, t, r in zip(info.labels, thresholds, review, strict=True))
+    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; {bands}", file=sys.stderr)
     result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
                      tta=args.tta, thresholds=thresholds, review_thresholds=review,
                      resume=args.resume, overwrite=args.overwrite, progress=args.progress)
@@ -205,7 +208,7 @@ def _predict(args, parser) -> int:
     rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
     skipped = f", {result.skipped} already in {args.out}" if result.skipped else ""
     print(f"elcell: predicted {result.predicted} cells in {result.seconds:.1f} s ({rate:.1f} cells/s)"
-          f"{skipped}; defect: {result.defect}; review: {result.review}; "
+          f"{skipped}; defect: {_counts(result.defect)}; review: {_counts(result.review)}; "
           f"{result.cells_in_review} cells need a person to review them", file=sys.stderr)
     if result.failed:
         print(f"elcell: {len(result.failed)} of {len(paths) - result.skipped} images failed "
@@ -223,7 +226,6 @@ def _add_evaluate_parser(commands) -> None:
                     "--out. With --tune-thresholds and/or --review-band the thresholds are tuned on "
                     "these cells and written into OUT/<model>.tuned.onnx, a copy of the model that "
                     "`elcell predict` then uses as is. Tune on validation cells, not on the test set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="elcell ONNX model")
     parser.add_argument("--data", required=True, metavar="LABELS.csv",
@@ -243,13 +245,13 @@ def _add_evaluate_parser(commands) -> None:
                              "recall=0.99 for the highest one that keeps recall (with review) >= 0.99")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation (mean of 4 flips); reported with and without")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image decoding threads (default: number of CPUs, at most 4)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (0: one per physical core)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr")
+                        help="show a progress bar on stderr (default: on)")
     parser.set_defaults(handler=_evaluate)
 
 
@@ -279,7 +281,6 @@ def _add_explain_parser(commands) -> None:
                     "<image>.json with probabilities, decisions and a rough box per label (in the "
                     "image's pixels) around the hottest region. Unreadable images are skipped and "
                     "listed; the command then exits with status 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="elcell ONNX model")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -291,7 +292,7 @@ def _add_explain_parser(commands) -> None:
                         help="explain only this label (repeatable; default: every label)")
     parser.add_argument("--box-threshold", type=float, default=0.5, metavar="F",
                         help="a box surrounds the region where the heatmap is >= F x its peak")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
+    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (0: one per physical core)")
     parser.set_defaults(handler=_explain)
