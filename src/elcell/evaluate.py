@@ -335,8 +335,8 @@ def evaluate(model: Model, data: str, out: str | Path, group: str | None = None,
     if review_band:
         parse_review_band(review_band)
     table = load_table(data, group=group)
-    if group and table.groups is None:
-        raise DataError(f"--group {group}: {data} has no such group column")
+    if group is None:
+        table = replace(table, groups=None)  # ELPV always has cell types; report them when asked
     out = Path(out)
     info = model.info
     predictions = predict_table(model, table, batch_size, workers, tta, progress)
