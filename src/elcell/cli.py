@@ -138,7 +138,7 @@ def _export(args, parser) -> None:
         comparison = quantize_checked(
             out, int8_out, args.calibration, eval_data=args.eval_data, count=args.calibration_count,
             allow_recall_drop=args.allow_recall_drop, batch_size=args.batch_size,
-            progress=args.progress)
+            progress=args.progress, group=args.group)
         print(format_comparison(comparison))
         if comparison["refused"]:
             raise ExportError(comparison["refusal"])
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cells drawn from --calibration to calibrate on")
     export.add_argument("--eval-data", metavar="LABELS.csv",
                         help="compare float and int8 on these cells (default: all --calibration cells)")
+    export.add_argument("--group", metavar="COLUMN",
+                        help="a column of those CSVs that is a group (e.g. cell type), not a label")
     export.add_argument("--int8-out", metavar="FILE.onnx",
                         help="int8 model path (default: <float model>.int8.onnx beside it)")
     export.add_argument("--allow-recall-drop", action="store_true",

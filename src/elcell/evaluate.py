@@ -249,7 +249,12 @@ def plot_curves(predictions: Predictions, positives: np.ndarray, probs: np.ndarr
                 suffix: str = "", title: str = "") -> list[Path]:
     """pr_curve.png, roc_curve.png and confusion_matrix.png (one line / panel per label)."""
     from matplotlib.figure import Figure
-    from sklearn.metrics import precision_recall_curve, roc_curve
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
 
     labels = predictions.labels
     written = []
@@ -260,7 +265,7 @@ def plot_curves(predictions: Predictions, positives: np.ndarray, probs: np.ndarr
         if not y.any():
             continue
         precision, recall, _ = precision_recall_curve(y, p)
-        line, = ax_pr.plot(recall, precision, label=label)
+        line, = ax_pr.plot(recall, precision, label=f"{label} (AP {average_precision_score(y, p):.3f})")
         for cut, marker in ((thresholds[j], "o"), (review_thresholds[j], "v")):
             predicted = p >= cut
             ax_pr.plot(_ratio((predicted & (y == 1)).sum(), y.sum()),
@@ -268,7 +273,7 @@ def plot_curves(predictions: Predictions, positives: np.ndarray, probs: np.ndarr
                        color=line.get_color())
         if not y.all():
             fpr, tpr, _ = roc_curve(y, p)
-            ax_roc.plot(fpr, tpr, label=label)
+            ax_roc.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
               title=f"Precision-recall {title}(o threshold, v review)".strip())
     ax_roc.plot([0, 1], [0, 1], ":", color="gray")

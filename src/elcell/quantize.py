@@ -146,7 +146,7 @@ def recall_drops(comparison: dict, limit: float = MAX_RECALL_DROP) -> dict[str, 
 def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
                      eval_data: str | None = None, count: int = 200, allow_recall_drop: bool = False,
                      batch_size: int = 16, workers: int | None = None, progress: bool = True,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, group: str | None = None) -> dict:
     """Quantise `float_path` calibrated on `count` cells of `calibration`, compare it
     with the float model on `eval_data` (default: all of `calibration`), and write
     it to `out` unless some label's recall drops by more than 0.02 (then
@@ -155,9 +155,9 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
     if count < 1:
         raise DataError(f"--calibration-count {count}: need at least 1 cell")
     float_model = open_model(float_path, providers=["CPUExecutionProvider"])
-    table = load_table(calibration)
+    table = load_table(calibration, group=group)  # `group` names a column that is not a label
     cells, failed = calibration_cells(table, float_model.info.image_size, count, seed, workers)
-    evaluation = table if eval_data is None else load_table(eval_data)
+    evaluation = table if eval_data is None else load_table(eval_data, group=group)
     with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
         candidate = quantize(float_path, Path(tmp) / out.name, cells, source=str(calibration))
         int8_model = open_model(candidate, providers=["CPUExecutionProvider"])
