@@ -33,7 +33,21 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory since the last reset_peak() (VmHWM), else since start."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Start the peak over (Linux), so export and quantisation do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
 
 
 def build_model(args):
@@ -103,7 +117,14 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=200,
                         help="held-out cells for F1 / agreement of float vs int8")
     parser.add_argument("--module-cells", type=int, default=72)
+    parser.add_argument("--spin", action="store_true",
+                        help="let idle threads spin-wait (the libraries' default). Without it both "
+                             "run without spinning (OMP_WAIT_POLICY=PASSIVE for torch, allow_spinning=0 "
+                             "for ONNX Runtime): on shared cores torch's spinning OpenMP threads "
+                             "otherwise collapse, e.g. 5.6 instead of 73 images/s here")
     args = parser.parse_args()
+    if not args.spin:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts OpenMP
 
     import onnxruntime as ort
     import torch
@@ -114,6 +135,8 @@ def main() -> None:
     from elcell.quantize import calibration_cells, compare, quantize
 
     torch.set_num_threads(args.threads)
+    print(f"threads: {args.threads}; spin-waiting: {'on' if args.spin else 'off'} "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})")
     graph, info, held_out = build_model(args)
     size = info.image_size
     cells_table = load_table("elpv")
@@ -145,6 +168,8 @@ def main() -> None:
             probs, _ = graph(torch.from_numpy(np.ascontiguousarray(batch)[:, None]).to(device))
             return probs.cpu().numpy()
 
+    print(f"peak RSS during export and quantisation: {peak_rss_mib():.0f} MiB")
+    reset_peak()
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -152,7 +177,7 @@ def main() -> None:
     memory = {}
     for name, path in (("ort fp32", float_path), ("ort int8", int8_path)):
         before = rss_mib()
-        model = open_model(path, providers=providers, threads=args.threads)
+        model = open_model(path, providers=providers, threads=args.threads, spin=args.spin)
         model.run(images[:args.batch_size])
         memory[name] = rss_mib() - before
         engines[name] = model.run
@@ -175,11 +200,11 @@ def main() -> None:
     print(f"  ratio ort fp32 / torch fp32: {median['ort fp32'] / base:.2f}x")
     print(f"  ratio ort int8 / torch fp32: {median['ort int8'] / base:.2f}x")
     print(f"  ratio ort int8 / ort fp32:   {median['ort int8'] / median['ort fp32']:.2f}x")
-    print(f"  peak RSS of this process: {peak_rss_mib():.0f} MiB")
+    print(f"  peak RSS of this process while the three engines ran: {peak_rss_mib():.0f} MiB")
 
     module_paths = bench_paths[:args.module_cells]
     for name, path in (("ort int8", int8_path), ("ort fp32", float_path)):
-        model = open_model(path, providers=providers, threads=args.threads)
+        model = open_model(path, providers=providers, threads=args.threads, spin=args.spin)
         started = time.perf_counter()
         for _ in score(model, module_paths, args.batch_size, workers=2):
             pass
@@ -191,8 +216,8 @@ def main() -> None:
     print(f"one {args.module_cells}-cell module, torch fp32, decoding included: "
           f"{time.perf_counter() - started:.2f} s")
 
-    float_model = open_model(float_path, providers=providers, threads=args.threads)
-    int8_model = open_model(int8_path, providers=providers, threads=args.threads)
+    float_model = open_model(float_path, providers=providers, threads=args.threads, spin=args.spin)
+    int8_model = open_model(int8_path, providers=providers, threads=args.threads, spin=args.spin)
     if held_out is not None:
         table = held_out.subset(np.arange(min(args.eval_count, len(held_out))))
         result = compare(float_model, int8_model, table, args.batch_size, progress=False)

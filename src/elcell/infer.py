@@ -60,8 +60,12 @@ class Model:
         return np.stack([self.run(flipped) for flipped in flips])
 
 
-def open_model(path: str | Path, providers: list[str] | None = None, threads: int = 0) -> Model:
-    """Open an elcell ONNX file; the fastest available provider (CUDA, then CPU) by default."""
+def open_model(path: str | Path, providers: list[str] | None = None, threads: int = 0,
+               spin: bool = True) -> Model:
+    """Open an elcell ONNX file; the fastest available provider (CUDA, then CPU) by default.
+
+    spin=False stops idle worker threads from spin-waiting: slightly slower on a
+    machine of one's own, much faster when other processes share the cores."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: model file not found")
@@ -78,6 +82,8 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     return Model(session=session, info=info, path=path)
 

@@ -41,9 +41,13 @@ MAX_RECALL_DROP = 0.02
 
 
 class CellReader(CalibrationDataReader):
-    """Feeds decoded uint8 cells to ONNX Runtime's calibrator, a batch at a time."""
+    """Feeds decoded uint8 cells to ONNX Runtime's calibrator, a batch at a time.
 
-    def __init__(self, images: np.ndarray, batch_size: int = 8):
+    Small batches: the calibration graph keeps every activation of a batch alive
+    (ResNet-50 at 300 px: 3.9 GB peak with 8 cells, 1.5 GB with 2); MinMax
+    ranges do not depend on the batch size."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 2):
         self.images, self.batch_size, self.position = images, batch_size, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
