@@ -172,7 +172,8 @@ def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = No
     title = label if prob is None else f"{label} {float(prob):.2f}".strip()
     if title:
         _label_text(draw, (pad + 2, pad + 2), title, text_size, "la")
-    note = f"colours relative, peak {peak:.3g}" if math.isfinite(peak) else "heatmap not finite"
+    raw_peak = float(np.max(heatmap))  # as heatmap_box reports it
+    note = f"colours relative, peak {raw_peak:.3g}" if math.isfinite(raw_peak) else "heatmap not finite"
     _label_text(draw, (pad + 2, height - pad - 2), note, max(8, text_size * 2 // 3), "ld")
     return image
 
