@@ -10,7 +10,6 @@ import yaml
 
 from elcell.errors import DataError
 
-
 # Named starting points. Precedence: TrainConfig defaults < recipe < --config file
 # < command line. `seed` is the original specification exactly (its defaults are
 # the dataclass defaults); `quick` is a from-scratch CPU preset for trying elcell
