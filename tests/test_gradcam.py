@@ -20,6 +20,16 @@ from elcell.model import ResNet
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on one thread: reproducible sums, and no OpenMP stalls on a
+    shared machine (two threads there made these tests up to 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise_batchnorm(model: nn.Module, seed: int) -> None:
     """A fresh model zeroes each block's last BN gamma, so layer4 would only pass
     its input through; random BN parameters and statistics make the test real."""
@@ -156,13 +166,13 @@ def test_heatmap_peak_lies_on_the_line():
     rng = np.random.default_rng(0)
     model = ResNet("resnet18", num_labels=1)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(30):
+    for _ in range(40):
         x, y, _ = synthetic_cells(rng, 8)
         loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], y)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    # Thirty small steps leave BN's running statistics behind the weights;
+    # Forty small steps leave BN's running statistics behind the weights;
     # re-estimate them (no weight changes) so eval mode sees what training saw.
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -177,7 +187,7 @@ def test_heatmap_peak_lies_on_the_line():
     with torch.no_grad():
         logits, cam = model.forward_with_cam(x)
     accuracy = float(((logits[:, 0] > 0).float() == y).float().mean())
-    assert accuracy >= 0.75, f"the model did not learn to find the line (accuracy {accuracy:.2f})"
+    assert accuracy >= 0.85, f"the model did not learn to find the line (accuracy {accuracy:.2f})"
 
     near = LINE_WIDTH / 2 + NEAR
     hits, chance = [], []
