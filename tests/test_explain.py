@@ -282,3 +282,41 @@ def test_report_on_real_cells_from_the_onnx_model(tiny_onnx, seed_csv, tmp_path)
     shown = [item.name for gallery in galleries for item in gallery.items]
     assert [image["alt"] for image in parser.images] == shown
     assert set(shown) <= set(names)
+
+
+# --------------------------------------------------------------------------- wired into predict/evaluate
+
+
+def test_predict_heatmaps_writes_overlays_only_for_cells_not_ok(tiny_onnx, seed_csv, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "preds.csv"
+    code = main(["predict", str(tiny_onnx), str(seed_csv), str(broken), "--out", str(out),
+                 "--heatmaps", str(tmp_path / "maps"), "--no-progress",
+                 "--threshold", "crack=0", "--threshold", "inactive=1", "--review-threshold", "inactive=1"])
+    assert code == 1  # the broken image is reported, the rest goes on
+    cells = [line.split(";")[0] for line in seed_csv.read_text().splitlines()[1:]]
+    overlays = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    # every readable cell is `defect` for crack (threshold 0) and `ok` for inactive (threshold 1)
+    assert overlays == sorted(f"{Path(c).stem}_crack.png" for c in cells)
+    with Image.open(tmp_path / "maps" / overlays[0]) as overlay:
+        assert overlay.mode == "RGB" and overlay.size[0] >= 256
+    assert f"{len(cells)} heatmap overlays" in capsys.readouterr().err
+
+
+def test_evaluate_report_shows_metrics_curves_and_the_models_mistakes(tiny_onnx, seed_csv, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out),
+                 "--report", "--no-progress"]) == 0
+    report = parse_report(out / "report.html")
+    text = (out / "report.html").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['weighted_f1']:.4f}"[:5] in text  # the metrics are in the page
+    alts = [image["alt"] for image in report.images]
+    assert sum("curve" in alt for alt in alts) == 2  # PR and ROC
+    cells = {str(seed_csv.parent / line.split(";")[0]) for line in seed_csv.read_text().splitlines()[1:]}
+    shown = [alt for alt in alts if alt.endswith(".png") and "/" in alt]
+    assert shown and set(shown) <= cells  # every gallery image is a real evaluated cell
+    for label in ("crack", "inactive"):
+        for kind in ("true positives", "false positives", "false negatives"):
+            assert f"{label}: {kind}" in text

@@ -179,6 +179,9 @@ def _add_predict_parser(commands) -> None:
                         help="continue an interrupted run: skip images already in --out (images that "
                              "failed are tried again; a half-written last line is dropped)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--heatmaps", metavar="DIR",
+                        help="write a heatmap overlay (<image>_<label>.png) for every cell and label "
+                             "not judged ok")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar on stderr (default: on)")
     parser.set_defaults(handler=_predict)
@@ -202,7 +205,10 @@ def _predict(args, parser) -> int:
     print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; {bands}", file=sys.stderr)
     result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
                      tta=args.tta, thresholds=thresholds, review_thresholds=review,
-                     resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+                     resume=args.resume, overwrite=args.overwrite, progress=args.progress,
+                     heatmaps_dir=args.heatmaps)
+    if args.heatmaps:
+        print(f"elcell: {result.overlays} heatmap overlays in {args.heatmaps}", file=sys.stderr)
     if result.dropped_partial_line:
         print(f"elcell: {args.out}: dropped a partially written last line", file=sys.stderr)
     rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
@@ -245,6 +251,10 @@ def _add_evaluate_parser(commands) -> None:
                              "recall=0.99 for the highest one that keeps recall (with review) >= 0.99")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation (mean of 4 flips); reported with and without")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/report.html: one self-contained page with the metrics, "
+                             "curves and, per label, the most confident true positives, false "
+                             "positives and false negatives with their heatmap overlays")
     parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
     parser.add_argument("--workers", type=int, default=None,
                         help="image decoding threads (default: number of CPUs, at most 4)")
@@ -266,9 +276,11 @@ def _evaluate(args, parser) -> None:
     print(f"elcell: {model.path.name} on {model.provider}; data {args.data}", file=sys.stderr)
     metrics = evaluate(model, args.data, out, group=args.group, tta=args.tta,
                        tune_thresholds=args.tune_thresholds, review_band=args.review_band,
-                       batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+                       batch_size=args.batch_size, workers=args.workers, progress=args.progress,
+                       html_report=args.report)
     print(format_report(metrics))
-    print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}")
+    print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}"
+          + (f"; report: {out / 'report.html'}" if args.report else ""))
 
 
 def _add_explain_parser(commands) -> None:

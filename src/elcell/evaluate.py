@@ -330,9 +330,11 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
 
 def evaluate(model: Model, data: str, out: str | Path, group: str | None = None, tta: bool = False,
              tune_thresholds: str | None = None, review_band: str | None = None,
-             batch_size: int = 16, workers: int | None = None, progress: bool = True) -> dict:
+             batch_size: int = 16, workers: int | None = None, progress: bool = True,
+             html_report: bool = False) -> dict:
     """Score `model` on labelled cells; write metrics.json, predictions.csv and plots
-    to `out`; with tuning also `out/<model>.tuned.onnx`. Returns the metrics."""
+    to `out`; with tuning also `out/<model>.tuned.onnx`; with html_report also
+    `out/report.html`. Returns the metrics."""
     from elcell.modelinfo import write_info
 
     if tune_thresholds:
@@ -402,7 +404,34 @@ def evaluate(model: Model, data: str, out: str | Path, group: str | None = None,
     write_predictions(out / "predictions.csv", predictions, thresholds, review_thresholds)
     metrics["plots"] = [p.name for p in plots]
     atomic_write_json(out / "metrics.json", metrics)
+    if html_report:
+        write_html_report(model, predictions, metrics, plots, thresholds, out / "report.html",
+                          subtitle=f"{model.path.name} on {data}")
     return metrics
+
+
+def write_html_report(model: Model, predictions: Predictions, metrics: dict, plots: list[Path],
+                      thresholds: list[float], out_html: Path, subtitle: str = "") -> Path:
+    """The self-contained HTML report: metrics, curves, and per label galleries of the
+    most confident true positives, false positives and false negatives with overlays.
+    Only the cells shown are decoded again and run for their heatmaps."""
+    from elcell.explain import build_galleries, write_report
+    from elcell.images import load_cell
+
+    columns = [model.info.labels.index(label) for label in predictions.labels]
+
+    def cell(i: int) -> np.ndarray:
+        return load_cell(predictions.paths[i], model.info.image_size)
+
+    def heatmap(i: int) -> np.ndarray:
+        return model.run(cell(i)[None], heatmaps=True)[1][0][columns]
+
+    galleries = build_galleries(predictions.labels, [str(p) for p in predictions.paths],
+                                predictions.probs, predictions.positives, thresholds, cell, heatmap)
+    figures = [(path.stem.replace("_", " "), path) for path in plots]
+    shown = {k: v for k, v in metrics.items() if k not in ("plots", "failed")}
+    shown["failed"] = len(metrics["failed"])
+    return write_report(out_html, shown, figures, galleries, subtitle=subtitle)
 
 
 def format_report(metrics: dict) -> str:

@@ -52,11 +52,11 @@ class Model:
         result = self.session.run(outputs, {INPUT_NAME: batch})
         return (result[0], result[1]) if heatmaps else result[0]
 
-    def run_flips(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities of each flip of the cells, [4, B, N]: as is, left-right,
-        up-down, both. Training flips cells both ways, so all four are cells the
-        model knows; their mean is the test-time-augmented probability."""
-        flips = (images, images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1])
+    def run_flipped(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities of the cells flipped left-right, up-down and both, [3, B, N].
+        Training flips cells both ways, so these are cells the model knows; with
+        the plain run they make the test-time-augmented mean."""
+        flips = (images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1])
         return np.stack([self.run(flipped) for flipped in flips])
 
 
@@ -241,28 +241,38 @@ def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
 
 @dataclass
 class Scored:
-    """One batch scored: probabilities per path (NaN rows where the image failed)."""
+    """One batch scored: probabilities per path (NaN rows where the image failed).
+
+    With heatmaps: `cells` and `heatmaps` hold the readable cells only, in
+    order (row k belongs to the k-th path whose error is None)."""
 
     paths: list[Path]
     probs: np.ndarray  # float32 [B, N], the TTA mean when tta
     plain: np.ndarray  # float32 [B, N] without TTA (same as probs when not tta)
     errors: list[str | None]
+    cells: np.ndarray | None = None  # uint8 [k, H, W]
+    heatmaps: np.ndarray | None = None  # float32 [k, N, h, w], of the unflipped cells
 
 
 def score(model: Model, paths: Iterable[Path], batch_size: int = 16, workers: int = 2,
-          tta: bool = False) -> Iterator[Scored]:
-    """Stream paths through the model batch by batch; failed images get NaN rows."""
+          tta: bool = False, heatmaps: bool = False) -> Iterator[Scored]:
+    """Stream paths through the model batch by batch; failed images get NaN rows.
+
+    Heatmaps come from the same ONNX Runtime call as the probabilities."""
     n = len(model.info.labels)
     for batch in decode_batches(paths, model.info.image_size, batch_size, workers):
         probs = np.full((len(batch.paths), n), np.nan, dtype=np.float32)
         plain = probs.copy()
+        maps = None
         if len(batch.images):
-            if tta:
-                flips = model.run_flips(batch.images)
-                probs[batch.ok], plain[batch.ok] = flips.mean(axis=0), flips[0]
+            if heatmaps:
+                first, maps = model.run(batch.images, heatmaps=True)
             else:
-                probs[batch.ok] = plain[batch.ok] = model.run(batch.images)
-        yield Scored(batch.paths, probs, plain, batch.errors)
+                first = model.run(batch.images)
+            plain[batch.ok] = first
+            probs[batch.ok] = (first + model.run_flipped(batch.images).sum(0)) / 4 if tta else first
+        yield Scored(batch.paths, probs, plain, batch.errors,
+                     batch.images if heatmaps else None, maps)
 
 
 def default_workers() -> int:
@@ -290,6 +300,7 @@ class PredictResult:
     cells_in_review: int = 0
     seconds: float = 0.0
     dropped_partial_line: bool = False
+    overlays: int = 0  # heatmap overlays written (--heatmaps)
 
 
 class _RowWriter:
@@ -355,11 +366,30 @@ def read_previous(out: Path, header: list[str]) -> tuple[set[str], bool]:
     return done, dropped
 
 
+def _write_overlays(folder: str | Path, scored: Scored, decisions: np.ndarray, ok: np.ndarray,
+                    names: dict[Path, str], labels: list[str]) -> int:
+    """Overlays for the labels each readable cell is not `ok` for; returns how many."""
+    from elcell.explain import explain_cell
+
+    written = 0
+    for k, i in enumerate(np.flatnonzero(ok)):
+        flagged = [j for j, decision in enumerate(decisions[i]) if decision != OK]
+        if flagged:
+            explain_cell(folder, names[scored.paths[i]], scored.cells[k], scored.heatmaps[k],
+                         scored.probs[i], labels, which=flagged, decisions=decisions[i], raw=False)
+            written += len(flagged)
+    return written
+
+
 def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
             batch_size: int = 16, workers: int | None = None, tta: bool = False,
             thresholds: list[float] | None = None, review_thresholds: list[float] | None = None,
-            resume: bool = False, overwrite: bool = False, progress: bool = True) -> PredictResult:
+            resume: bool = False, overwrite: bool = False, progress: bool = True,
+            heatmaps_dir: str | Path | None = None) -> PredictResult:
     """Predict every image in `paths` into a CSV (stdout when `out` is None).
+
+    With heatmaps_dir, cells judged `defect` or `review` for a label get an
+    overlay of that label's heatmap there (`<name>_<label>.png`).
 
     Columns: path, prob_<label> (the TTA mean with tta, plus prob_<label>_no_tta),
     decision_<label> (defect / review / ok), error. Bad images get an empty
@@ -389,14 +419,22 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     for counts in (result.defect, result.review):
         counts.update(dict.fromkeys(info.labels, 0))
 
+    names = {}
+    if heatmaps_dir is not None:
+        from elcell.explain import unique_names
+
+        names = dict(zip(todo, unique_names(todo)))  # once over all paths: no clashes
     writer = _RowWriter(out, header, fresh)
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="cell", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        for scored in score(model, todo, batch_size, workers if workers is not None else default_workers(), tta):
+        workers = workers if workers is not None else default_workers()
+        for scored in score(model, todo, batch_size, workers, tta, heatmaps=heatmaps_dir is not None):
             ok = np.array([e is None for e in scored.errors])
             decisions = decide(scored.probs, info, thresholds, review_thresholds)
+            if heatmaps_dir is not None:
+                result.overlays += _write_overlays(heatmaps_dir, scored, decisions, ok, names, info.labels)
             rows = []
             for i, path in enumerate(scored.paths):
                 error = scored.errors[i]
