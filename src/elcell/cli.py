@@ -145,6 +145,23 @@ def _export(args, parser) -> None:
         print(f"wrote {int8_out}")
 
 
+def _add_runtime_options(parser: argparse.ArgumentParser, workers: bool = True,
+                         threads: bool = True, progress: bool = True) -> None:
+    """The ONNX Runtime options that predict, evaluate, explain and export share."""
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="cells per ONNX Runtime call (default: 16)")
+    if workers:
+        parser.add_argument("--workers", type=int, default=None,
+                            help="image decoding threads (default: number of CPUs, at most 4; "
+                                 "0 decodes in the main thread)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=0,
+                            help="ONNX Runtime intra-op threads (0: one per physical core)")
+    if progress:
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                            help="show a progress bar on stderr (default: on)")
+
+
 def _add_predict_parser(commands) -> None:
     parser = commands.add_parser(
         "predict", help="classify cell images with an ONNX model (no PyTorch needed)",
@@ -169,12 +186,6 @@ def _add_predict_parser(commands) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the four flips of each cell (4x the "
                              "work); prob_<label>_no_tta columns keep the plain probabilities")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="image decoding threads (default: number of CPUs, at most 4; 0 decodes "
-                             "in the main thread)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime intra-op threads (0: one per physical core)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: skip images already in --out (images that "
                              "failed are tried again; a half-written last line is dropped)")
@@ -182,8 +193,7 @@ def _add_predict_parser(commands) -> None:
     parser.add_argument("--heatmaps", metavar="DIR",
                         help="write a heatmap overlay (<image>_<label>.png) for every cell and label "
                              "not judged ok")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr (default: on)")
+    _add_runtime_options(parser)
     parser.set_defaults(handler=_predict)
 
 
@@ -255,13 +265,7 @@ def _add_evaluate_parser(commands) -> None:
                         help="also write OUT/report.html: one self-contained page with the metrics, "
                              "curves and, per label, the most confident true positives, false "
                              "positives and false negatives with their heatmap overlays")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="image decoding threads (default: number of CPUs, at most 4)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime intra-op threads (0: one per physical core)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr (default: on)")
+    _add_runtime_options(parser)
     parser.set_defaults(handler=_evaluate)
 
 
@@ -304,9 +308,7 @@ def _add_explain_parser(commands) -> None:
                         help="explain only this label (repeatable; default: every label)")
     parser.add_argument("--box-threshold", type=float, default=0.5, metavar="F",
                         help="a box surrounds the region where the heatmap is >= F x its peak")
-    parser.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call (default: 16)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime intra-op threads (0: one per physical core)")
+    _add_runtime_options(parser, workers=False, progress=False)
     parser.set_defaults(handler=_explain)
 
 
@@ -369,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int8 model path (default: <float model>.int8.onnx beside it)")
     export.add_argument("--allow-recall-drop", action="store_true",
                         help="write the int8 model even if a label's recall drops by more than 0.02")
-    export.add_argument("--batch-size", type=int, default=16, help="cells per ONNX Runtime call")
-    export.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show progress bars on stderr")
+    _add_runtime_options(export, workers=False, threads=False)
     export.set_defaults(handler=_export)
     _add_predict_parser(commands)
     _add_evaluate_parser(commands)
