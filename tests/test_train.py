@@ -114,3 +114,20 @@ def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
     rows = list(csv.DictReader(open(merge_session_logs(tmp_path))))
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]  # sessions in numeric order
     assert rows[2]["train_loss"] == "0.3" and rows[0]["train_loss"] == ""
+
+
+def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
+    """An interrupted run must have something to --resume from, whatever its scores."""
+    import lightning as L
+
+    seen = []
+
+    class LookAtCheckpoints(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+            seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
+
+    train(TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+                      pretrained="none", image_size=32, batch_size=16, epochs=3, progress=False),
+          callbacks=[LookAtCheckpoints()])
+    assert seen == [None, 0, 1]

@@ -253,10 +253,10 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
         monitor="val_f1", mode="max", auto_insert_metric_name=False,
     )
     # last.ckpt after every epoch, whatever the score (the monitored one above only
-    # saves on improvement); written once the epoch is complete, so --resume starts
-    # the next epoch instead of repeating this one.
-    last = ModelCheckpoint(dirpath=run / "checkpoints", save_top_k=0, save_last=True,
-                           save_on_train_epoch_end=True)
+    # saves on improvement, and Lightning's save_last follows it); written once the
+    # epoch is complete, so --resume starts the next epoch instead of repeating it.
+    last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
     early_stop = EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)
     if gpu:
         torch.backends.cudnn.benchmark = True
