@@ -12,7 +12,7 @@ from dataclasses import fields
 
 TRAIN_HELP = {
     "recipe": "named set of defaults: 'seed' (the original spec: resnet50, ImageNet weights, 300 px, "
-              "Adam 1e-4) or 'quick' (resnet18 from scratch at 128 px: minutes on a laptop CPU)",
+              "Adam 1e-4) or 'quick' (resnet18 from scratch at 96 px: minutes on a laptop CPU)",
     "data": "labels CSV (path;label1;label2..., header required) or 'elpv' for the embedded ELPV cells",
     "group": "CSV column holding a group (e.g. cell type): stratifies the split, is not a label",
     "out": "run folder (default runs/<timestamp>)",

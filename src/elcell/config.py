@@ -16,8 +16,8 @@ from elcell.errors import DataError
 # on a laptop in minutes.
 RECIPES: dict[str, dict] = {
     "seed": {},
-    "quick": {"backbone": "resnet18", "pretrained": "none", "image_size": 128, "lr": 1e-3,
-              "epochs": 12, "batch_size": 32},
+    "quick": {"backbone": "resnet18", "pretrained": "none", "image_size": 96, "lr": 1e-3,
+              "epochs": 10, "batch_size": 32},
 }
 
 
