@@ -70,7 +70,9 @@ def tune_glibc_malloc() -> bool:
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**62))
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        # mallopt(3): M_MMAP_MAX 0 = never mmap a block; M_TRIM_THRESHOLD -1 = never trim the heap.
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
     except (OSError, AttributeError):
         return False
 
@@ -452,8 +454,16 @@ class TorchAugment(nn.Module):
 
 
 # --------------------------------------------------------------------------- reporting
-def alternate(contenders: dict, rounds: int, warmup: int, steps: int, batch: int) -> dict[str, list[float]]:
-    """images/s of each contender per round, contenders interleaved within each round."""
+def alternate(contenders: dict, rounds: int, warmup: int, steps: int, batch: int,
+              warm: bool = True) -> dict[str, list[float]]:
+    """images/s of each contender per round, contenders interleaved within each round.
+
+    With `warm`, every contender first runs once untimed (allocator, oneDNN
+    primitives, cudnn autotuning, worker start), so round 1 is like the others.
+    """
+    if warm:
+        for run in contenders.values():
+            run(warmup, 1)
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(rounds):
         cells = []
@@ -496,8 +506,6 @@ def compare(args, device, data: Data) -> None:
     print(f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up per round)")
     print("warm-up round (not counted) ...", flush=True)
-    for run in contenders.values():
-        run(args.warmup, 1)
     rates = alternate(contenders, args.rounds, args.warmup, args.steps, args.batch_size)
     print("result:")
     summarise({k: rates[k] for k in ("reference", "elcell")}, "reference")
@@ -510,74 +518,109 @@ def compare(args, device, data: Data) -> None:
 
 
 def levers(args, device, data: Data) -> None:
+    """Each lever on its own, its contenders alternating (see the module docstring)."""
+    precision, channels_last, _ = resolve_config(args)
+    print(f"{args.backbone}, {args.image_size} px, batch {args.batch_size}; "
+          f"{args.rounds} rounds x {args.steps} steps each; elcell's setting: {precision}, "
+          f"{'channels-last' if channels_last else 'NCHW'}")
+    groups = {1: lever_precision_layout, 2: lever_conv1, 3: lever_augmentation, 4: lever_compile,
+              5: lever_workers, 6: lever_allocator}
+    only = {int(n) for n in args.only.split(",")} if args.only else set(groups) - (
+        set() if args.compile_lever else {4})
+    for number, lever in groups.items():
+        if number in only:
+            lever(args, device, data, precision, channels_last)
+
+
+def _rate(args, contenders: dict) -> dict[str, list[float]]:
+    return alternate(contenders, args.rounds, args.warmup, args.steps, args.batch_size)
+
+
+def _layout_name(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "NCHW"
+
+
+def lever_precision_layout(args, device, data, precision, channels_last) -> None:
     from elcell.augment import BatchAugment
 
-    batch, w, s, r = args.batch_size, args.warmup, args.steps, args.rounds
-    precision, channels_last, _ = resolve_config(args)
-    fast = "bf16-mixed" if device.type == "cpu" else precision
-    print(f"{args.backbone}, {args.image_size} px, batch {batch}; {r} rounds x {s} steps each")
-
+    low = precision if precision != "32-true" else "bf16-mixed"
     print("\n[1] precision x memory format (model step on an augmented uint8 batch, 1-ch conv1)")
     grid = {}
-    for prec in ("32-true", fast):
+    for prec in ("32-true", low):
         for cl in (False, True):
             step = ModelStep(args, device, data, prec, cl, augment=BatchAugment().to(device))
-            grid[f"{prec} {'channels-last' if cl else 'NCHW'}"] = step.run
-    summarise(alternate(grid, r, w, s, batch), "32-true NCHW")
+            grid[f"{prec} {_layout_name(cl)}"] = step.run
+    summarise(_rate(args, grid), "32-true NCHW")
 
-    desc = f"{precision}, {'channels-last' if channels_last else 'NCHW'}"
+
+def lever_conv1(args, device, data, precision, channels_last) -> None:
+    from elcell.augment import BatchAugment
+
+    desc = f"{precision}, {_layout_name(channels_last)}"
     print(f"\n[2] conv1: gray in one channel vs gray copied to RGB ({desc})")
-    pair = {f"3-channel conv1 ({desc})": ModelStep(args, device, data, precision, channels_last,
-                                                    in_channels=3, augment=BatchAugment().to(device)).run,
+    pair = {"3-channel conv1": ModelStep(args, device, data, precision, channels_last,
+                                         in_channels=3, augment=BatchAugment().to(device)).run,
             "1-channel conv1": ModelStep(args, device, data, precision, channels_last,
                                          augment=BatchAugment().to(device)).run}
-    summarise(alternate(pair, r, w, s, batch), next(iter(pair)))
+    summarise(_rate(args, pair), "3-channel conv1")
 
+
+def lever_augmentation(args, device, data, precision, channels_last) -> None:
+    from elcell.augment import BatchAugment, normalise
+
+    batch = args.batch_size
     print(f"\n[3] augmentation alone on a uint8 batch of {batch} (float, /255, augment, normalise)")
     rows = torch.from_numpy(np.ascontiguousarray(data.images[data.train_index[:batch]]))[:, None]
     rows = rows.to(device)
-    augmenters = {"kornia BatchAugment": BatchAugment().to(device), "pure torch": TorchAugment()}
 
-    def timer(augment):
+    def timer(augment: nn.Module):
         def run(warmup: int, steps: int) -> float:
             for _ in range(warmup):
                 augment(rows.float().div_(255.0))
             sync(device)
             started = time.perf_counter()
-            for _ in range(steps * 10):
-                (augment(rows.float().div_(255.0)) - data.mean) / data.std
+            for _ in range(steps * 10):  # 10 batches per "step": one batch is short
+                normalise(augment(rows.float().div_(255.0)), data.mean, data.std)
             sync(device)
             return (time.perf_counter() - started) / 10
         return run
 
-    rates = alternate({k: timer(v) for k, v in augmenters.items()}, r, w, s, batch)
+    rates = _rate(args, {"kornia BatchAugment": timer(BatchAugment().to(device)),
+                         "pure torch": timer(TorchAugment())})
     summarise(rates, "kornia BatchAugment")
     for name, values in rates.items():
         print(f"  {name}: {1000 * batch / statistics.median(values):.2f} ms per batch")
 
-    if args.compile_lever:
-        print(f"\n[4] torch.compile of the model ({desc}); the first call compiles")
-        compiled = ModelStep(args, device, data, precision, channels_last,
-                             augment=BatchAugment().to(device), compile_model=True)
-        started = time.perf_counter()
-        compiled.run(0, 1)
-        print(f"  compile + first step: {time.perf_counter() - started:.0f} s")
-        pair = {"eager": ModelStep(args, device, data, precision, channels_last,
-                                   augment=BatchAugment().to(device)).run,
-                "torch.compile": compiled.run}
-        summarise(alternate(pair, r, w, s, batch), "eager")
 
-    print("\n[5] loader workers 0 vs 1 (the real Trainer path, elcell's precision/layout)")
+def lever_compile(args, device, data, precision, channels_last) -> None:
+    from elcell.augment import BatchAugment
+
+    desc = f"{precision}, {_layout_name(channels_last)}"
+    print(f"\n[4] torch.compile of the model ({desc}); the first call compiles")
+    compiled = ModelStep(args, device, data, precision, channels_last,
+                         augment=BatchAugment().to(device), compile_model=True)
+    started = time.perf_counter()
+    compiled.run(0, 1)
+    print(f"  compile + first step: {time.perf_counter() - started:.0f} s", flush=True)
+    pair = {"eager": ModelStep(args, device, data, precision, channels_last,
+                               augment=BatchAugment().to(device)).run,
+            "torch.compile": compiled.run}
+    summarise(_rate(args, pair), "eager")
+
+
+def lever_workers(args, device, data, precision, channels_last) -> None:
+    print("\n[5] elcell loader workers 0 vs 1 (the real Trainer path, elcell's precision/layout)")
     pair = {"workers 0": Elcell(data, args, device, workers=0).run,
             "workers 1": Elcell(data, args, device, workers=1).run}
-    for run in pair.values():
-        run(w, 1)
-    summarise(alternate(pair, r, w, s, batch), "workers 0")
+    summarise(_rate(args, pair), "workers 0")
 
-    if device.type == "cpu" and sys.platform.startswith("linux"):
-        print("\n[6] glibc malloc: default vs tuned (no mmap per large block, no trim);"
-              " alternating child processes, model step only")
-        allocator_lever(args)
+
+def lever_allocator(args, device, data, precision, channels_last) -> None:
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    print("\n[6] glibc malloc: default vs tuned (no mmap per large block, no trim);"
+          " alternating child processes, model step only")
+    allocator_lever(args)
 
 
 def allocator_lever(args) -> None:
@@ -585,7 +628,7 @@ def allocator_lever(args) -> None:
     base = [sys.executable, os.path.abspath(__file__), "--child-step", "--backbone", args.backbone,
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--precision", args.precision, "--channels-last", args.channels_last,
-            "--warmup", str(max(args.warmup, 1)), "--steps", str(args.steps)]
+            "--warmup", str(max(args.warmup, 3)), "--steps", str(args.steps)]
     if args.cache_dir:
         base += ["--cache-dir", args.cache_dir]
     for r in range(args.rounds):
@@ -615,8 +658,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender and round")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per contender and round (default: 5 on CPU, 50 on a GPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps at the start of each round (default: 1 on CPU, 5 on a GPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--precision", default="auto",
@@ -630,7 +675,10 @@ def main() -> None:
     parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the model-only ceiling (default: on with --device cuda)")
     parser.add_argument("--levers", action="store_true", help="measure the single levers instead")
-    parser.add_argument("--compile-lever", action="store_true", help="with --levers: torch.compile too")
+    parser.add_argument("--compile-lever", action="store_true",
+                        help="with --levers: torch.compile too (lever 4)")
+    parser.add_argument("--only", default=None,
+                        help="with --levers: comma-separated lever numbers to run, e.g. 1,4")
     parser.add_argument("--malloc", default="default", choices=["default", "tuned"],
                         help="glibc allocator settings for this process (see tune_glibc_malloc)")
     parser.add_argument("--cache-dir", default=None, help="elcell image cache (default: elcell's)")
@@ -641,8 +689,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
+    gpu = args.device == "cuda"
     if args.ceiling is None:
-        args.ceiling = args.device == "cuda"
+        args.ceiling = gpu
+    if args.steps is None:  # a GPU step takes milliseconds: time enough of them
+        args.steps = 50 if gpu else 5
+    if args.warmup is None:
+        args.warmup = 5 if gpu else 1
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as elcell's Trainer sets it on a GPU
