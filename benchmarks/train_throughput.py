@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import os
 import platform
 import random
@@ -287,6 +288,8 @@ class Elcell:
                 callbacks=[clock],
             )
             trainer.fit(self.module, datamodule=self.datamodule)
+        del trainer
+        gc.collect()  # the stopped fit's loader workers go now, not during a later round
         return clock.seconds
 
 
