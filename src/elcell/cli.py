@@ -33,8 +33,8 @@ TRAIN_HELP = {
     "flip_p": "probability of each horizontal and vertical flip",
     "brightness": "brightness jitter: factor drawn from [1-b, 1+b]",
     "contrast": "contrast jitter: factor drawn from [1-c, 1+c]",
-    "precision": "'auto' (bf16 autocast on GPUs that support it, else 32-true) or a Lightning "
-                 "precision such as 32-true, bf16-mixed, 16-mixed",
+    "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "
+                 "else 32-true) or a Lightning precision such as 32-true, bf16-mixed, 16-mixed",
     "accelerator": "auto, cpu or gpu",
     "devices": "'auto', a number of devices (with no GPU, N > 1 runs N CPU processes), or a list",
     "num_nodes": "number of machines (multi-node DDP under torchrun or SLURM)",

@@ -38,13 +38,20 @@ def _gpu_available(config: TrainConfig) -> bool:
     return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix work in hardware (AMD Zen 4+, Intel Cooper Lake+)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def resolve_precision(config: TrainConfig) -> str:
-    """`auto`: bf16 autocast on GPUs that have it; float32 on CPU (see docs/performance.md)."""
+    """`auto`: bf16 autocast on GPUs that have it and on CPUs with native bf16
+    (x3.4 per ResNet-50 step with channels-last, docs/performance.md); else float32."""
     if config.precision != "auto":
         return config.precision
     if _gpu_available(config):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
 def _limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
@@ -190,7 +197,9 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         backbone=config.backbone, label_names=table.names, mean=mean, std=std,
         pos_weight=pos_weights(table.targets[train_index]), lr=config.lr,
         weight_decay=config.weight_decay, lr_patience=config.lr_patience, flip_p=config.flip_p,
-        brightness=config.brightness, contrast=config.contrast, channels_last=gpu,
+        brightness=config.brightness, contrast=config.contrast,
+        # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
+        channels_last=gpu or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size,
     )
     if config.pretrained != "none" and not config.resume:
