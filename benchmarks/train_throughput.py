@@ -245,9 +245,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, bool, int]:
     config = TrainConfig(accelerator="gpu" if gpu else "cpu", precision=args.precision)
     precision = train.resolve_precision(config)
     if args.channels_last == "auto":
-        # train.py passes channels_last=gpu today; follow a resolver if the library grows one.
+        # The rule train.train() applies when it builds ELCellModule; a resolver
+        # function wins if the library grows one.
         resolver = getattr(train, "resolve_channels_last", None)
-        channels_last = resolver(config) if resolver else gpu
+        channels_last = resolver(config) if resolver else gpu or precision == "bf16-mixed"
     else:
         channels_last = args.channels_last == "on"
     workers = (4 if gpu else 0) if args.workers == "auto" else int(args.workers)  # as train.py
