@@ -99,7 +99,12 @@ def test_tuned_thresholds_round_trip_into_predict(tiny_onnx, seed_csv, tmp_path,
     rows = read_csv(preds)
     probs = np.array([[float(r["prob_crack"]), float(r["prob_inactive"])] for r in rows])
     decisions = np.array([[r["decision_crack"], r["decision_inactive"]] for r in rows])
-    assert (decisions == decide(probs, info)).all()
+    # The CSV rounds probabilities to 6 decimals; predict decided on the exact ones,
+    # so cells within that rounding of a threshold may legitimately differ.
+    high, low = np.array(info.thresholds), np.array(info.review_thresholds)
+    clear = (np.abs(probs - high) > 1e-6) & (np.abs(probs - low) > 1e-6)
+    assert clear.mean() > 0.8
+    assert (decisions == decide(probs, info))[clear].all()
     for j, label in enumerate(info.labels):
         cm = metrics["per_label"][label]["confusion_matrix"]
         assert (decisions[:, j] == "defect").sum() == cm["tp"] + cm["fp"]
