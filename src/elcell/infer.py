@@ -26,6 +26,7 @@ import onnxruntime as ort
 from elcell.errors import DataError
 from elcell.images import IMAGE_SUFFIXES, find_images, load_cell
 from elcell.io import atomic_path
+from elcell.labels import guess_separator
 from elcell.modelinfo import INPUT_NAME, ModelInfo, read_info
 
 DEFECT, REVIEW, OK = "defect", "review", "ok"
@@ -133,8 +134,7 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{csv_path}: the CSV is empty")
-    counts = {sep: lines[0].count(sep) for sep in (";", ",", "\t")}
-    sep = max(counts, key=counts.get) if max(counts.values()) else ";"
+    sep = guess_separator(lines[0]) or ";"  # one column: any separator reads it whole
     rows = list(csv.reader(lines, delimiter=sep))
     if Path(rows[0][0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
         rows = rows[1:]

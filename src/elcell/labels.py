@@ -49,10 +49,16 @@ class LabelTable:
         )
 
 
+def guess_separator(line: str) -> str | None:
+    """The most frequent of `;`, `,` and tab in a CSV line; None if it has none."""
+    counts = {sep: line.count(sep) for sep in (";", ",", "\t")}
+    sep = max(counts, key=counts.get)
+    return sep if counts[sep] else None
+
+
 def _detect_separator(header: str, csv_path: Path) -> str:
-    counts = {sep: header.count(sep) for sep in (";", ",", "\t")}
-    sep, count = max(counts.items(), key=lambda kv: kv[1])
-    if count == 0:
+    sep = guess_separator(header)
+    if sep is None:
         raise DataError(
             f"{csv_path}: header {header.strip()!r} has only one column; "
             "expected an image path column and at least one label column (e.g. 'path;crack;inactive')"
