@@ -45,3 +45,24 @@ def test_output_stays_in_unit_range_and_normalise_standardises():
     assert out.min() >= 0 and out.max() <= 1 and out.shape == images.shape
     z = normalise(images, images.mean().item(), images.std().item())
     assert z.mean().abs() < 1e-5 and (z.std() - 1).abs() < 1e-3
+
+
+def test_rotate90_turns_each_cell_exactly_by_a_uniform_quarter():
+    torch.manual_seed(0)
+    image = torch.arange(9.0).view(1, 1, 3, 3)
+    out = BatchAugment(flip_p=0, brightness=0, contrast=0, rotate90=True)(image.repeat(2000, 1, 1, 1))
+    turns = [torch.rot90(image[0], k, dims=(-2, -1)) for k in range(4)]
+    matches = torch.stack([(out == t).flatten(1).all(1) for t in turns], 1)
+    assert matches.sum(1).eq(1).all()  # every output is exactly one rotation, no resampling
+    share = matches.float().mean(0)
+    assert torch.allclose(share, torch.full((4,), 0.25), atol=0.03)
+
+
+def test_small_affine_moves_content_without_black_borders():
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 32, 32) * 0.5 + 0.25  # no pixel near 0
+    out = BatchAugment(flip_p=0, brightness=0, contrast=0, affine_degrees=5, affine_translate=0.05,
+                       affine_scale=0.1)(images)
+    assert out.shape == images.shape
+    assert (out - images).abs().mean() > 0.01  # it did move
+    assert out.min() >= 0.25 - 1e-4  # border padding: no zero-filled corners

@@ -131,3 +131,52 @@ def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
                       pretrained="none", image_size=32, batch_size=16, epochs=3, progress=False),
           callbacks=[LookAtCheckpoints()])
     assert seen == [None, 0, 1]
+
+
+def test_pos_weight_none_leaves_the_loss_unweighted():
+    targets = np.array([[1, 0], [0, 0], [0, 1], [0, 1]], dtype=np.float32)
+    assert pos_weights(targets, "none") == [1.0, 1.0]
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_zero():
+    from elcell.module import warmup_cosine
+
+    assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 4, 20) == 1.0
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
+
+
+def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tmp_path):
+    out = tmp_path / "protocol"
+    summary = train(TrainConfig(data="elpv", limit=96, out=str(out), backbone="resnet18",
+                                pretrained="none", image_size=32, batch_size=16, epochs=3,
+                                val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
+                                weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
+                                affine_degrees=5, affine_translate=0.05, affine_scale=0.1, tta=True,
+                                progress=False))
+    split = {line.split(";")[0]: line.split(";")[1] for line in (out / "split.csv").read_text().splitlines()[1:]}
+    test_rows = list(csv.DictReader(open(out / "eval" / "test" / "predictions.csv"), delimiter=";"))
+    assert len(test_rows) == summary["cells"]["test"] == summary["test"]["cells"] == 24
+    assert {split[row["path"]] for row in test_rows} == {"test"}  # only held-out cells are scored
+    test = summary["test"]
+    assert test["tta"] is True and set(test["groups"]) == {"mono", "poly"}
+    assert sum(g["cells"] for g in test["groups"].values()) == 24
+    accuracy = np.mean([(float(r["prob_defective"]) >= 0.5) == (r["true_defective"] == "1")
+                        for r in test_rows])
+    assert test["defective"]["accuracy"] == pytest.approx(accuracy)
+    assert json.loads((out / "eval" / "test" / "metrics.json").read_text())["tta"] is True
+    # cosine: low during the warm-up epoch, at the peak after it, decaying after that
+    rates = [float(r["lr-AdamW"]) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("lr-AdamW")]
+    assert len(rates) == 3 and rates[0] < rates[1] and rates[2] < rates[1] <= 1e-4
+
+
+@pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "sgd"),
+                                           ("loss_weighting", "focal")])
+def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
+    from elcell.errors import DataError
+
+    with pytest.raises(DataError, match=option.replace("_", "-")):
+        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), pretrained="none",
+                          **{option: value}))
+    assert not (tmp_path / "run").exists()

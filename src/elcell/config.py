@@ -34,8 +34,11 @@ class TrainConfig:
     image_size: int = 300
     batch_size: int = 32
     epochs: int = 100
+    optimizer: str = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
+    schedule: str = "plateau"
+    warmup_epochs: int = 0
     lr_patience: int = 3
     patience: int = 10
     val_fraction: float = 0.1
@@ -45,6 +48,12 @@ class TrainConfig:
     flip_p: float = 0.4
     brightness: float = 0.2
     contrast: float = 0.2
+    rotate90: bool = False
+    affine_degrees: float = 0.0
+    affine_translate: float = 0.0
+    affine_scale: float = 0.0
+    loss_weighting: str = "balanced"
+    tta: bool = False
     precision: str = "auto"
     accelerator: str = "auto"
     devices: str = "auto"

@@ -111,6 +111,7 @@ def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, len(positive)),
         "roc_auc": float(roc_auc_score(positive, prob)) if both else None,
         "average_precision": float(average_precision_score(positive, prob)) if positive.any() else None,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
@@ -328,22 +329,26 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
     atomic_write_text(path, buffer.getvalue())
 
 
-def evaluate(model: Model, data: str, out: str | Path, group: str | None = None, tta: bool = False,
+def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str | None = None, tta: bool = False,
              tune_thresholds: str | None = None, review_band: str | None = None,
              batch_size: int = 16, workers: int | None = None, progress: bool = True,
              html_report: bool = False) -> dict:
     """Score `model` on labelled cells; write metrics.json, predictions.csv and plots
     to `out`; with tuning also `out/<model>.tuned.onnx`; with html_report also
-    `out/report.html`. Returns the metrics."""
+    `out/report.html`. Returns the metrics. `data` is a labels CSV, 'elpv', or an
+    already loaded table (its groups, if any, are reported)."""
     from elcell.modelinfo import write_info
 
     if tune_thresholds:
         parse_tuning(tune_thresholds)
     if review_band:
         parse_review_band(review_band)
-    table = load_table(data, group=group)
-    if group is None:
-        table = replace(table, groups=None)  # ELPV always has cell types; report them when asked
+    if isinstance(data, LabelTable):
+        table, data = data, data.source
+    else:
+        table = load_table(data, group=group)
+        if group is None:
+            table = replace(table, groups=None)  # ELPV always has cell types; report them when asked
     out = Path(out)
     info = model.info
     predictions = predict_table(model, table, batch_size, workers, tta, progress)

@@ -1,4 +1,5 @@
-"""The LightningModule: augmentation on the device, weighted BCE, Adam, metrics.
+"""The LightningModule: augmentation on the device, weighted BCE, optimiser and
+learning-rate schedule, metrics.
 
 Batches arrive as uint8 [B, 1, H, W] and are turned into normalised floats
 after the transfer to the device, so the host ships 4x fewer bytes and the
@@ -6,6 +7,8 @@ augmentation runs where the compute is.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torchmetrics
@@ -70,14 +73,22 @@ class ELCellModule(LightningModule):
         contrast: float = 0.2,
         channels_last: bool = False,
         image_size: int = 300,
+        optimizer: str = "adam",
+        schedule: str = "plateau",
+        warmup_epochs: int = 0,
+        rotate90: bool = False,
+        affine_degrees: float = 0.0,
+        affine_translate: float = 0.0,
+        affine_scale: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(backbone, len(label_names))
-        self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast)
+        self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast,
+                                    rotate90=rotate90, affine_degrees=affine_degrees,
+                                    affine_translate=affine_translate, affine_scale=affine_scale)
         self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
         self.val_scores = LabelF1(len(label_names))
-        self.test_scores = LabelF1(len(label_names))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -124,17 +135,33 @@ class ELCellModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val", self.val_scores)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_scores)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_scores("test", self.test_scores)
-
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
-                                     weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
-        )
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}
+        hp = self.hparams
+        # AdamW decouples weight decay from the gradient scale; Adam's weight_decay
+        # is an L2 term (the seed's optimiser, kept as it was).
+        optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
+        optimizer = optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=hp.lr_factor, patience=hp.lr_patience)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}
+        total = self.trainer.estimated_stepping_batches
+        if hp.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
+        else:  # cosine: linear warm-up, then cosine decay to zero at the last step
+            warmup = hp.warmup_epochs * total // max(self.trainer.max_epochs, 1)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+SCHEDULES = ("plateau", "cosine", "onecycle")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: 0 -> 1 linearly over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * progress))

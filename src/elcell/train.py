@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +32,7 @@ from elcell.export import export_checkpoint
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
 from elcell.model import ARCHITECTURES, load_pretrained
-from elcell.module import ELCellModule
+from elcell.module import OPTIMIZERS, SCHEDULES, ELCellModule
 
 
 def _gpu_available(config: TrainConfig) -> bool:
@@ -75,8 +76,14 @@ def _check_labels(table: LabelTable, split: np.ndarray) -> None:
             raise DataError(f"{table.source}: label {name!r} is positive on every train cell")
 
 
-def pos_weights(targets: np.ndarray) -> list[float]:
-    """negatives / positives per label, counted with soft targets (ELPV probabilities)."""
+LOSS_WEIGHTINGS = ("balanced", "none")
+
+
+def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
+    """BCE pos_weight per label: negatives / positives counted with soft targets
+    (ELPV probabilities), or 1 (no weighting)."""
+    if weighting == "none":
+        return [1.0] * targets.shape[1]
     positive = targets.sum(axis=0)
     return [float(w) for w in (len(targets) - positive) / positive]
 
@@ -87,6 +94,13 @@ def prepare(config: TrainConfig):
         raise DataError(f"--backbone {config.backbone!r}: choose from {sorted(ARCHITECTURES)}")
     if config.image_size < 32:
         raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
+    for option, value, choices in (("optimizer", config.optimizer, OPTIMIZERS),
+                                   ("schedule", config.schedule, SCHEDULES),
+                                   ("loss-weighting", config.loss_weighting, LOSS_WEIGHTINGS)):
+        if value not in choices:
+            raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
+    if config.schedule == "cosine" and not 0 <= config.warmup_epochs < config.epochs:
+        raise DataError(f"--warmup-epochs {config.warmup_epochs} must be at least 0 and below --epochs {config.epochs}")
     table = load_table(config.data, group=config.group)
     if config.limit:
         table = _limit_table(table, config.limit, config.seed)
@@ -195,9 +209,12 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     gpu = _gpu_available(config)
     module = ELCellModule(
         backbone=config.backbone, label_names=table.names, mean=mean, std=std,
-        pos_weight=pos_weights(table.targets[train_index]), lr=config.lr,
+        pos_weight=pos_weights(table.targets[train_index], config.loss_weighting), lr=config.lr,
         weight_decay=config.weight_decay, lr_patience=config.lr_patience, flip_p=config.flip_p,
-        brightness=config.brightness, contrast=config.contrast,
+        brightness=config.brightness, contrast=config.contrast, optimizer=config.optimizer,
+        schedule=config.schedule, warmup_epochs=config.warmup_epochs, rotate90=config.rotate90,
+        affine_degrees=config.affine_degrees, affine_translate=config.affine_translate,
+        affine_scale=config.affine_scale,
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size,
@@ -222,11 +239,6 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume)
     checkpoint = trainer.checkpoint_callback
-    test_scores = {}
-    if config.test_fraction > 0:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path,
-                               verbose=False)
-        test_scores = {k: float(v) for k, v in results[0].items()}
     if not trainer.is_global_zero:
         return {}
 
@@ -245,10 +257,39 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         "mean": mean,
         "std": std,
         "cells": {part: int((split == part).sum()) for part in ("train", "val", "test")},
-        "test": test_scores,
     }
+    # The exported model, as an inspection PC runs it, scored on the held-out
+    # splits: full reports in eval/val and eval/test, headline figures here.
+    for part in ("val", "test"):
+        if (split == part).any():
+            held_out = replace(table.subset(np.flatnonzero(split == part)), source=f"{table.source} ({part} split)")
+            summary[part] = headline(evaluate_onnx(run / onnx_path.name, held_out, run / "eval" / part,
+                                                   tta=config.tta, progress=config.progress))
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
+
+
+def evaluate_onnx(onnx_path: Path, table: LabelTable, out: Path, tta: bool, progress: bool) -> dict:
+    from elcell.evaluate import evaluate
+    from elcell.infer import open_model
+
+    return evaluate(open_model(onnx_path), table, out, tta=tta, progress=progress)
+
+
+HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
+
+
+def headline(metrics: dict) -> dict:
+    """The figures of an evaluation worth a line in summary.json: weighted/mean F1
+    and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
+    def compact(block: dict) -> dict:
+        return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
+                **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
+
+    result = {"tta": metrics["tta"], **compact(metrics)}
+    if "groups" in metrics:
+        result["groups"] = {name: compact(block) for name, block in metrics["groups"].items()}
+    return result
 
 
 def _next_session(run: Path) -> int:
