@@ -101,3 +101,21 @@ def test_head_is_the_seeds(backbone, features):
         logits, cam = model.forward_with_cam(x)
         assert torch.allclose(logits, model(x), atol=1e-5)
     assert cam.shape == (2, 3, 2, 2) and (cam >= 0).all()
+
+
+def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tiny_run):
+    """Pretrain on one label set (here crack/inactive), fine-tune on another:
+    the backbone comes over, the head stays fresh."""
+    import json
+
+    import torch
+
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    checkpoint = tiny_run / summary["best_checkpoint"]
+    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model = ResNet("resnet18", 1)
+    fresh_head = model.fc[4].weight.clone()
+    loaded = load_pretrained(model, str(checkpoint))
+    assert "layer4.1.bn2.running_var" in loaded and not any(k.startswith("fc.") for k in loaded)
+    assert torch.equal(model.layer4[1].conv2.weight, trained["model.layer4.1.conv2.weight"])
+    assert torch.equal(model.fc[4].weight, fresh_head)

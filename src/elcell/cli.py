@@ -17,8 +17,9 @@ TRAIN_HELP = {
     "group": "CSV column holding a group (e.g. cell type): stratifies the split, is not a label",
     "out": "run folder (default runs/<timestamp>)",
     "backbone": "resnet18, resnet34 or resnet50",
-    "pretrained": "ImageNet weights: 'imagenet' (torchvision's URL via torch.hub), a URL, a local "
-                  "torchvision .pth file, or 'none' to train from scratch",
+    "pretrained": "starting weights: 'imagenet' (torchvision's URL via torch.hub), a URL, a local "
+                  "torchvision .pth file, an elcell checkpoint (its backbone; e.g. a model trained "
+                  "on ELPV), or 'none' to train from scratch",
     "image_size": "cells are resized to this square size in pixels",
     "batch_size": "cells per training batch",
     "epochs": "maximum number of epochs",

@@ -199,6 +199,10 @@ def _read_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
             raise PretrainedError(f"--pretrained {source}: not a PyTorch weight file ({err})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+        if any(key.startswith("model.") for key in state):
+            # an elcell checkpoint (e.g. a model trained on ELPV, fine-tuned on your labels):
+            # the ResNet sits under `model.`; loss and metric buffers are not weights
+            state = {key.removeprefix("model."): v for key, v in state.items() if key.startswith("model.")}
     if not isinstance(state, dict):
         raise PretrainedError(f"--pretrained {source}: expected a state_dict, got {type(state).__name__}")
     return state

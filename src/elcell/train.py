@@ -253,6 +253,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
         "train_seconds": round(time.time() - started, 1),
+        "machine": machine(config),
         "labels": table.names,
         "mean": mean,
         "std": std,
@@ -267,6 +268,20 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
                                                    tta=config.tta, progress=config.progress))
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
+
+
+def machine(config: TrainConfig) -> dict:
+    """What trained the model, for comparing wall times between runs."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if _gpu_available(config) else None
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": gpu, "precision": resolve_precision(config),
+            "torch": torch.__version__}
 
 
 def evaluate_onnx(onnx_path: Path, table: LabelTable, out: Path, tta: bool, progress: bool) -> dict:
