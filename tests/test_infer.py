@@ -228,3 +228,22 @@ def test_collect_inputs(cell_folder, seed_csv, tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
         collect_inputs([empty])
+
+
+def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx, cell_folder, tmp_path):
+    from dataclasses import replace
+
+    from elcell.modelinfo import read_info, write_info
+
+    assert read_info(tiny_onnx).extra == {"rotate90": False}  # trained without rotations
+    rotated = tmp_path / "rotate90.onnx"
+    write_info(tiny_onnx, rotated, replace(read_info(tiny_onnx), extra={"rotate90": True}))
+    model = open_model(rotated)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(rotated), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
+    _, rows = read_rows(out)
+    images = np.stack([load_cell(row["path"], model.info.image_size) for row in rows])
+    views = [np.rot90(flipped, k, axes=(1, 2)) for flipped in (images, images[:, :, ::-1]) for k in range(4)]
+    expected = np.mean([model.run(v) for v in views], axis=0)
+    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)

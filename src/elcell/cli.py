@@ -43,7 +43,7 @@ TRAIN_HELP = {
     "affine_translate": "small affine augmentation: shift up to this fraction of the size",
     "affine_scale": "small affine augmentation: zoom factor drawn from [1-s, 1+s]",
     "loss_weighting": "'balanced' (BCE pos_weight = negatives/positives per label, the seed's) or 'none'",
-    "tta": "score the final val/test evaluation with test-time augmentation (mean over flips)",
+    "tta": "score the final val/test evaluation with test-time augmentation (as predict --tta)",
     "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "
                  "else 32-true) or a Lightning precision such as 32-true, bf16-mixed, 16-mixed",
     "accelerator": "auto, cpu or gpu",
@@ -196,7 +196,8 @@ def _add_predict_parser(commands) -> None:
                         help="lower edge of the review band (below it a cell is ok), as --threshold")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the four flips of each cell (4x the "
-                             "work); prob_<label>_no_tta columns keep the plain probabilities")
+                             "work), or all eight symmetries for a model trained with --rotate90; "
+                             "prob_<label>_no_tta columns keep the plain probabilities")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: skip images already in --out (images that "
                              "failed are tried again; a half-written last line is dropped)")
@@ -271,7 +272,8 @@ def _add_evaluate_parser(commands) -> None:
                              "the cell is 'review' (for a person): a probability such as 0.2, or "
                              "recall=0.99 for the highest one that keeps recall (with review) >= 0.99")
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation (mean of 4 flips); reported with and without")
+                        help="test-time augmentation (mean of the 4 flips, or 8 symmetries with a --rotate90 "
+                             "model); reported with and without")
     parser.add_argument("--report", action="store_true",
                         help="also write OUT/report.html: one self-contained page with the metrics, "
                              "curves and, per label, the most confident true positives, false "

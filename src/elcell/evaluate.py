@@ -456,7 +456,7 @@ def format_report(metrics: dict) -> str:
         lines.append(f"  weighted F1 {block['weighted_f1']:.4f}, mean F1 {block['mean_f1']:.4f}, "
                      f"{block['cells_in_review']} of {block['cells']} cells in review")
 
-    table(metrics, "all cells" + (" (TTA: mean of 4 flips)" if metrics["tta"] else ""))
+    table(metrics, "all cells" + (" (TTA: mean over flips/rotations)" if metrics["tta"] else ""))
     if "without_tta" in metrics:
         table(metrics["without_tta"], "all cells without TTA")
     for name, block in metrics.get("groups", {}).items():

@@ -53,12 +53,16 @@ class Model:
         result = self.session.run(outputs, {INPUT_NAME: batch})
         return (result[0], result[1]) if heatmaps else result[0]
 
-    def run_flipped(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities of the cells flipped left-right, up-down and both, [3, B, N].
-        Training flips cells both ways, so these are cells the model knows; with
-        the plain run they make the test-time-augmented mean."""
-        flips = (images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1])
-        return np.stack([self.run(flipped) for flipped in flips])
+    def run_views(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities of the other views of the cells that training showed the
+        model, [V, B, N]: flipped left-right, up-down and both; with a model trained
+        with 90-degree rotations also the four transposed views (all eight
+        symmetries of a square). With the plain run they make the TTA mean."""
+        views = [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+        if self.info.extra.get("rotate90"):
+            turned = images.transpose(0, 2, 1)
+            views += [turned, turned[:, :, ::-1], turned[:, ::-1, :], turned[:, ::-1, ::-1]]
+        return np.stack([self.run(view) for view in views])
 
 
 def open_model(path: str | Path, providers: list[str] | None = None, threads: int = 0,
@@ -270,7 +274,7 @@ def score(model: Model, paths: Iterable[Path], batch_size: int = 16, workers: in
             else:
                 first = model.run(batch.images)
             plain[batch.ok] = first
-            probs[batch.ok] = (first + model.run_flipped(batch.images).sum(0)) / 4 if tta else first
+            probs[batch.ok] = np.concatenate([first[None], model.run_views(batch.images)]).mean(0) if tta else first
         yield Scored(batch.paths, probs, plain, batch.errors,
                      batch.images if heatmaps else None, maps)
 
