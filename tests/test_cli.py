@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from elcell.cli import main
 from elcell.config import TrainConfig
@@ -33,7 +34,35 @@ def test_help_explains_every_option(capsys):
 def test_python_train_py_is_elcell_train():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--print-config", "--lr", "0.5"],
                             capture_output=True, text=True, check=True)
-    assert "lr: 0.5" in result.stdout and "backbone: resnet50" in result.stdout
+    assert "lr: 0.5" in result.stdout and "recipe: full" in result.stdout
+
+
+def test_default_recipe_is_full_and_seed_keeps_the_original_settings(capsys):
+    from elcell.config import RECIPES
+
+    code, out, _ = run_cli(["train", "--print-config"], capsys)
+    config = yaml.safe_load(out)
+    assert code == 0 and config["recipe"] == "full"
+    assert {k: config[k] for k in RECIPES["full"]} == RECIPES["full"] and config["pretrained"] == "none"
+    code, out, _ = run_cli(["train", "--recipe", "seed", "--print-config"], capsys)
+    seed = yaml.safe_load(out)
+    assert seed == {**TrainConfig().__dict__, "recipe": "seed"}
+    assert (seed["backbone"], seed["pretrained"], seed["image_size"], seed["lr"], seed["optimizer"],
+            seed["schedule"], seed["flip_p"], seed["val_fraction"]) == \
+        ("resnet50", "imagenet", 300, 1e-4, "adam", "plateau", 0.4, 0.1)
+    code, out, _ = run_cli(["train", "--recipe", "quick", "--print-config"], capsys)
+    quick = yaml.safe_load(out)
+    assert quick["image_size"] < config["image_size"] and quick["epochs"] < config["epochs"]
+
+
+def test_resume_takes_the_options_of_the_run_it_continues(tiny_run, capsys):
+    run_config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    last = str(tiny_run / "checkpoints" / "last.ckpt")
+    code, out, _ = run_cli(["train", "--resume", last, "--epochs", "5", "--print-config"], capsys)
+    resumed = yaml.safe_load(out)
+    assert code == 0 and resumed["epochs"] == 5 and resumed["resume"] == last
+    assert {k: v for k, v in resumed.items() if k not in ("epochs", "resume", "out")} == \
+        {k: v for k, v in run_config.items() if k not in ("epochs", "resume", "out")}
 
 
 def test_config_file_sets_defaults_and_command_line_wins(tmp_path, capsys):

@@ -11,8 +11,9 @@ import sys
 from dataclasses import fields
 
 TRAIN_HELP = {
-    "recipe": "named set of defaults: 'seed' (the original spec: resnet50, ImageNet weights, 300 px, "
-              "Adam 1e-4) or 'quick' (resnet18 from scratch at 96 px: minutes on a laptop CPU)",
+    "recipe": "named set of defaults (docs/accuracy.md): 'full' (from scratch, for a GPU), 'quick' "
+              "(the same recipe cut down to minutes on a laptop CPU) or 'seed' (the original spec: "
+              "resnet50, ImageNet weights, 300 px, Adam 1e-4, ReduceLROnPlateau)",
     "data": "labels CSV (path;label1;label2..., header required) or 'elpv' for the embedded ELPV cells",
     "group": "CSV column holding a group (e.g. cell type): stratifies the split, is not a label",
     "out": "run folder (default runs/<timestamp>)",
@@ -51,7 +52,8 @@ TRAIN_HELP = {
     "num_nodes": "number of machines (multi-node DDP under torchrun or SLURM)",
     "workers": "data loader processes (default: 4 with a GPU, 0 on CPU)",
     "cache_dir": "where decoded images are cached (default $ELCELL_CACHE or ~/.cache/elcell)",
-    "resume": "continue training from this Lightning checkpoint (e.g. RUN/checkpoints/last.ckpt)",
+    "resume": "continue training from this Lightning checkpoint (e.g. RUN/checkpoints/last.ckpt) "
+              "with that run's options (RUN/config.yaml); options given here win (e.g. --epochs)",
     "progress": "show progress bars (--no-progress to hide them)",
 }
 
@@ -93,32 +95,49 @@ def _train(args, parser) -> None:
     main(config)
 
 
+def _read_config(path: str, source: str) -> dict:
+    import yaml
+
+    from elcell.config import TrainConfig
+    from elcell.errors import DataError
+
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"{source}: cannot read ({err})") from None
+    if not isinstance(values, dict):
+        raise DataError(f"{source}: expected a mapping of option: value")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    TrainConfig.from_dict(values, source=source)  # rejects unknown keys
+    return values
+
+
 def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """--recipe, then --config FILE.yaml, supply defaults; options on the command line still win."""
+    """Defaults, weakest first: the recipe; with --resume the options of the run
+    being continued (its config.yaml), so it goes on as it started; --config
+    FILE.yaml. Options on the command line still win."""
+    from pathlib import Path
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
     pre.add_argument("--recipe")
+    pre.add_argument("--resume")
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    import yaml
-
-    from elcell.config import TrainConfig, recipe_defaults
-    from elcell.errors import DataError
+    from elcell.config import DEFAULT_RECIPE, recipe_defaults
 
     values = {}
+    if known.resume:
+        run_config = Path(known.resume).resolve().parent.parent / "config.yaml"
+        if run_config.is_file():
+            values = {k: v for k, v in _read_config(run_config, str(run_config)).items()
+                      if k not in ("resume", "out")}
     if known.config:
-        try:
-            with open(known.config) as handle:
-                values = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise DataError(f"--config {known.config}: cannot read ({err})") from None
-        if not isinstance(values, dict):
-            raise DataError(f"--config {known.config}: expected a mapping of option: value")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        TrainConfig.from_dict(values, source=f"--config {known.config}")  # rejects unknown keys
-    recipe = known.recipe or values.get("recipe") or "seed"
+        values.update(_read_config(known.config, f"--config {known.config}"))
+    recipe = known.recipe or values.get("recipe") or DEFAULT_RECIPE
     defaults = {**recipe_defaults(recipe), **values, "recipe": recipe}
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     train_parser.set_defaults(**defaults)
