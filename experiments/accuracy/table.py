@@ -21,16 +21,16 @@ import numpy as np
 import yaml
 
 
-def score_test_with_tta(run: Path, summary: dict) -> dict:
+def score_test_with_tta(run: Path, summary: dict, config: dict) -> dict:
     from elcell.evaluate import evaluate
     from elcell.infer import open_model
-    from elcell.labels import elpv_table
+    from elcell.labels import load_table
     from elcell.train import headline
 
-    table = elpv_table()
+    table = load_table(config["data"], group=config.get("group"))
     parts = {line.split(";")[0]: line.split(";")[1] for line in (run / "split.csv").read_text().splitlines()[1:]}
     rows = np.flatnonzero([parts.get(str(path)) == "test" for path in table.paths])
-    test = replace(table.subset(rows), source="elpv (test split)")
+    test = replace(table.subset(rows), source=f"{config['data']} (test split)")
     return headline(evaluate(open_model(run / summary["onnx"]), test, run / "eval" / "test-tta", tta=True,
                              progress=False))
 
@@ -61,7 +61,7 @@ def row(run: Path, tta: bool) -> str:
           for g in ("mono", "poly")),
     ]
     if tta:
-        columns += cells(score_test_with_tta(run, summary))
+        columns += cells(score_test_with_tta(run, summary, config))
     best_epoch = summary["onnx"].removeprefix("best_model_epoch").removesuffix(".onnx")
     minutes = summary["train_seconds"] / 60
     columns += [f"{int(best_epoch) + 1} / {summary['epochs_run']}", f"{minutes:.1f}",
