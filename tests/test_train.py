@@ -180,3 +180,19 @@ def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option
         train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), pretrained="none",
                           **{option: value}))
     assert not (tmp_path / "run").exists()
+
+
+def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
+    def run(name, **seeds):
+        out = tmp_path / name
+        train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                          image_size=32, batch_size=16, epochs=1, val_fraction=0.25, progress=False, **seeds))
+        state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        return (out / "split.csv").read_text(), state["model.conv1.weight"]
+
+    split_a, conv_a = run("a")
+    split_b, conv_b = run("b", init_seed=1)
+    split_c, conv_c = run("c", init_seed=0)
+    assert split_a == split_b == split_c
+    assert not torch.equal(conv_a, conv_b)
+    assert torch.equal(conv_a, conv_c)  # init_seed equal to seed is the same run

@@ -29,12 +29,14 @@ TRAIN_HELP = {
     "weight_decay": "weight decay of the optimiser",
     "schedule": "learning-rate schedule: 'plateau' (ReduceLROnPlateau on val F1, the seed's), "
                 "'cosine' (linear warm-up, cosine decay to 0 over --epochs) or 'onecycle'",
-    "warmup_epochs": "linear warm-up epochs of --schedule cosine",
+    "warmup_epochs": "linear warm-up epochs of --schedule cosine (at most half the run)",
     "lr_patience": "epochs without val F1 gain before ReduceLROnPlateau cuts the learning rate 10x",
     "patience": "epochs without val F1 gain before early stopping",
     "val_fraction": "share of cells held out for validation (stratified by label combination)",
     "test_fraction": "share of cells held out as a test set, scored once with the best checkpoint",
     "seed": "random seed for the split, initialisation and augmentation",
+    "init_seed": "a different seed for initialisation and augmentation only, keeping --seed's split "
+                 "(run-to-run spread of a recipe)",
     "limit": "use only this many cells (a stratified sample): quick trials",
     "flip_p": "probability of each horizontal and vertical flip",
     "brightness": "brightness jitter: factor drawn from [1-b, 1+b]",

@@ -52,6 +52,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     seed: int = 0
+    init_seed: int | None = None
     limit: int | None = None
     flip_p: float = 0.4
     brightness: float = 0.2

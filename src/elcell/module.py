@@ -150,7 +150,8 @@ class ELCellModule(LightningModule):
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
         else:  # cosine: linear warm-up, then cosine decay to zero at the last step
-            warmup = hp.warmup_epochs * total // max(self.trainer.max_epochs, 1)
+            # at most half the run, so a short trial (--epochs 1) still decays
+            warmup = min(hp.warmup_epochs * total // max(self.trainer.max_epochs, 1), total // 2)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

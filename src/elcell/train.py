@@ -99,8 +99,8 @@ def prepare(config: TrainConfig):
                                    ("loss-weighting", config.loss_weighting, LOSS_WEIGHTINGS)):
         if value not in choices:
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
-    if config.schedule == "cosine" and not 0 <= config.warmup_epochs < config.epochs:
-        raise DataError(f"--warmup-epochs {config.warmup_epochs} must be at least 0 and below --epochs {config.epochs}")
+    if config.warmup_epochs < 0:
+        raise DataError(f"--warmup-epochs {config.warmup_epochs} must be 0 or more")
     table = load_table(config.data, group=config.group)
     if config.limit:
         table = _limit_table(table, config.limit, config.seed)
@@ -202,8 +202,9 @@ warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer
 def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict:
     """Train, export the best checkpoint to ONNX, and return the run summary
     (empty on ranks other than 0). `callbacks` are added to the Trainer's."""
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    table, split, images = prepare(config)
+    table, split, images = prepare(config)  # the split depends on config.seed alone
+    L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
+                      verbose=False)
     train_index = np.flatnonzero(split == "train")
     mean, std = pixel_stats(images, train_index)
     gpu = _gpu_available(config)
