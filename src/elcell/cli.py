@@ -125,7 +125,7 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
     pre.add_argument("--recipe")
-    pre.add_argument("--resume")
+    pre.add_argument("--resume", nargs="?")  # predict's --resume is a flag: this runs for every command
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
