@@ -51,17 +51,17 @@ def cells(block: dict, label: str = "defective") -> tuple[str, str]:
 def row(run: Path, tta: bool) -> str:
     summary = json.loads((run / "summary.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
-    val, test = summary["val"], summary["test"]
-    groups = test.get("groups", {})
+    val, test = summary["val"], summary.get("test")  # a pretraining run may have no test split
+    groups = test.get("groups", {}) if test else {}
     columns = [
         f"**{run.name.split('-')[0]}** {describe(run)}",
-        *cells(val), *cells(test),
-        f"{test['defective']['roc_auc']:.3f}",
+        *cells(val), *(cells(test) if test else ("-", "-")),
+        f"{test['defective']['roc_auc']:.3f}" if test else "-",
         *(f"{groups[g]['defective']['accuracy']:.3f} / {groups[g]['defective']['f1']:.3f}" if g in groups else "-"
           for g in ("mono", "poly")),
     ]
     if tta:
-        columns += cells(score_test_with_tta(run, summary, config))
+        columns += cells(score_test_with_tta(run, summary, config)) if test else ("-", "-")
     best_epoch = summary["onnx"].removeprefix("best_model_epoch").removesuffix(".onnx")
     minutes = summary["train_seconds"] / 60
     columns += [f"{int(best_epoch) + 1} / {summary['epochs_run']}", f"{minutes:.1f}",
