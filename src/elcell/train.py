@@ -355,5 +355,9 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
 def main(config: TrainConfig) -> None:
     summary = train(config)
     if summary:
-        print(json.dumps({k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")},
-                         indent=2))
+        shown = {k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")}
+        for part in ("val", "test"):  # the exported model on held-out cells: accuracy and F1 per label
+            if part in summary:
+                shown[part] = {label: {k: round(summary[part][label][k], 4) for k in ("accuracy", "f1")}
+                               for label in summary["labels"]}
+        print(json.dumps(shown, indent=2))
