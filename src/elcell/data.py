@@ -225,7 +225,7 @@ def _keep_batch(batch):
 
 
 class CellDataModule(L.LightningDataModule):
-    """Train/val(/test) loaders over the cache; uint8 batches, augmented on the device."""
+    """Train/val loaders over the cache (test cells are scored through the exported model); uint8 batches, augmented on the device."""
 
     def __init__(
         self,
@@ -260,6 +260,3 @@ class CellDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
