@@ -225,7 +225,8 @@ def _keep_batch(batch):
 
 
 class CellDataModule(L.LightningDataModule):
-    """Train/val loaders over the cache (test cells are scored through the exported model); uint8 batches, augmented on the device."""
+    """Train/val loaders over the cache; uint8 batches, augmented on the device.
+    (Test cells are scored through the exported model, not here.)"""
 
     def __init__(
         self,

@@ -140,6 +140,22 @@ def report(positives: np.ndarray, probs: np.ndarray, labels: list[str], threshol
     }
 
 
+HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
+
+
+def headline(metrics: dict) -> dict:
+    """The figures of an evaluation worth a line in summary.json: weighted/mean F1
+    and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
+    def compact(block: dict) -> dict:
+        return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
+                **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
+
+    result = {"tta": metrics["tta"], **compact(metrics)}
+    if "groups" in metrics:
+        result["groups"] = {name: compact(block) for name, block in metrics["groups"].items()}
+    return result
+
+
 # --------------------------------------------------------------------------- tuning
 def _midpoint(ranked: np.ndarray, k: int) -> float:
     """A threshold that includes the k highest probabilities of `ranked` (sorted

@@ -265,8 +265,8 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     for part in ("val", "test"):
         if (split == part).any():
             held_out = replace(table.subset(np.flatnonzero(split == part)), source=f"{table.source} ({part} split)")
-            summary[part] = headline(evaluate_onnx(run / onnx_path.name, held_out, run / "eval" / part,
-                                                   tta=config.tta, progress=config.progress))
+            summary[part] = evaluate_onnx(run / onnx_path.name, held_out, run / "eval" / part,
+                                          tta=config.tta, progress=config.progress)
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
 
@@ -286,26 +286,12 @@ def machine(config: TrainConfig) -> dict:
 
 
 def evaluate_onnx(onnx_path: Path, table: LabelTable, out: Path, tta: bool, progress: bool) -> dict:
-    from elcell.evaluate import evaluate
+    """Score the exported model on held-out cells: the full report goes to `out`,
+    the headline figures are returned."""
+    from elcell.evaluate import evaluate, headline
     from elcell.infer import open_model
 
-    return evaluate(open_model(onnx_path), table, out, tta=tta, progress=progress)
-
-
-HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
-
-
-def headline(metrics: dict) -> dict:
-    """The figures of an evaluation worth a line in summary.json: weighted/mean F1
-    and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
-    def compact(block: dict) -> dict:
-        return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
-                **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
-
-    result = {"tta": metrics["tta"], **compact(metrics)}
-    if "groups" in metrics:
-        result["groups"] = {name: compact(block) for name, block in metrics["groups"].items()}
-    return result
+    return headline(evaluate(open_model(onnx_path), table, out, tta=tta, progress=progress))
 
 
 def _next_session(run: Path) -> int:
