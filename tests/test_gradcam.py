@@ -55,7 +55,7 @@ def assert_equals_captum(model: ResNet, x: torch.Tensor, check_nontrivial: bool 
     model.eval()
     with torch.no_grad():
         logits, cam = model.forward_with_cam(x)
-        pooled = model.features(x).mean(dim=(2, 3))
+        pooled = model.pool(model.features(x))
         first_mask = model.fc[0](pooled) > 0
     reference = captum_cams(model, x)
     assert cam.shape == reference.shape
@@ -68,10 +68,10 @@ def assert_equals_captum(model: ResNet, x: torch.Tensor, check_nontrivial: bool 
     assert error <= TOLERANCE * max(1.0, peak), f"max |ours - captum| = {error:.3g} (peak {peak:.3g})"
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-def test_forward_with_cam_equals_captum_random_model(backbone):
+@pytest.mark.parametrize(("backbone", "pooling"), [("resnet18", "avg"), ("resnet50", "avg"), ("resnet18", "max")])
+def test_forward_with_cam_equals_captum_random_model(backbone, pooling):
     torch.manual_seed(0)
-    model = ResNet(backbone, num_labels=3)
+    model = ResNet(backbone, num_labels=3, pooling=pooling)
     randomise_batchnorm(model, seed=1)
     model.double()
     x = torch.randn(3, 1, 96, 96, dtype=torch.float64)

@@ -103,6 +103,15 @@ def test_head_is_the_seeds(backbone, features):
     assert cam.shape == (2, 3, 2, 2) and (cam >= 0).all()
 
 
+def test_max_pooling_keeps_a_small_hot_spot_that_average_pooling_dilutes():
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 3, 5] = 6.4  # one of 64 positions lights up, as a short crack would
+    assert torch.equal(ResNet("resnet18", 1, pooling="max").pool(maps), torch.tensor([[6.4, 0.0]]))
+    assert torch.allclose(ResNet("resnet18", 1).pool(maps), torch.tensor([[0.1, 0.0]]))
+    with pytest.raises(ValueError, match="pooling"):
+        ResNet("resnet18", 1, pooling="sum")
+
+
 def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tiny_run):
     """Pretrain on one label set (here crack/inactive), fine-tune on another:
     the backbone comes over, the head stays fresh."""

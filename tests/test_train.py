@@ -154,7 +154,10 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
                                 val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
                                 weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
                                 affine_degrees=5, affine_translate=0.05, affine_scale=0.1, tta=True,
-                                progress=False))
+                                pooling="max", progress=False))
+    assert summary["onnx_max_abs_diff"] < 1e-4  # the max-pooled model exports faithfully
+    hparams = torch.load(out / summary["best_checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hparams["pooling"] == "max"
     split = {line.split(";")[0]: line.split(";")[1] for line in (out / "split.csv").read_text().splitlines()[1:]}
     test_rows = list(csv.DictReader(open(out / "eval" / "test" / "predictions.csv"), delimiter=";"))
     assert len(test_rows) == summary["cells"]["test"] == summary["test"]["cells"] == 24
@@ -172,7 +175,7 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
 
 
 @pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "sgd"),
-                                           ("loss_weighting", "focal")])
+                                           ("loss_weighting", "focal"), ("pooling", "sum")])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
 

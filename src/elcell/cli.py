@@ -22,6 +22,8 @@ TRAIN_HELP = {
                   "torchvision .pth file, an elcell checkpoint (its backbone; e.g. a model trained "
                   "on ELPV), or 'none' to train from scratch",
     "image_size": "cells are resized to this square size in pixels",
+    "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
+               "(a small defect is not averaged away)",
     "batch_size": "cells per training batch",
     "epochs": "maximum number of epochs",
     "optimizer": "'adam' (the seed's; weight decay as an L2 term) or 'adamw' (decoupled weight decay)",

@@ -38,6 +38,7 @@ class TrainConfig:
     group: str | None = None
     out: str | None = None
     backbone: str = "resnet50"
+    pooling: str = "avg"
     pretrained: str = "imagenet"
     image_size: int = 300
     batch_size: int = 32

@@ -8,6 +8,10 @@ as they are. Two deliberate differences from torchvision:
   equals one over a single channel with the three kernels summed, so we sum
   them when loading ImageNet weights and save 3x the first layer's work.
 * fc is the seed's head: features -> 512 -> 256 -> N labels, ReLU between.
+
+The last feature map is pooled by its average (torchvision's) or, with
+pooling="max", by its maximum: a crack covers a few of the map's positions, and
+an average dilutes it by the others.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+POOLINGS = ("avg", "max")
+
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -96,10 +102,12 @@ def seed_head(in_features: int, num_labels: int) -> nn.Sequential:
 
 
 class ResNet(nn.Module):
-    def __init__(self, backbone: str, num_labels: int):
+    def __init__(self, backbone: str, num_labels: int, pooling: str = "avg"):
         super().__init__()
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(ARCHITECTURES)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
         block, depths = ARCHITECTURES[backbone]
         self.backbone_name = backbone
         self.conv1 = nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
@@ -120,7 +128,7 @@ class ResNet(nn.Module):
             blocks += [block(cin, width) for _ in range(depth - 1)]
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
         self.num_features = cin
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.pooling = pooling
         self.fc = seed_head(cin, num_labels)
         self._init_weights()
 
@@ -144,19 +152,25 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, C]: the spatial mean, or the maximum with pooling='max'."""
+        return maps.amax(dim=(2, 3)) if self.pooling == "max" else maps.mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.fc(self.pool(self.features(x)))
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, N] and Grad-CAM of every logit on layer4, [B, N, h, w].
 
         Grad-CAM weighs each feature map by the spatial mean of d(logit)/d(map).
-        With global average pooling and a ReLU MLP head that gradient is closed
-        form: d(logit)/d(pooled) = W3 diag(m2) W2 diag(m1) W1 (m = ReLU masks),
-        divided by h*w. No autograd, so it exports to ONNX as a plain output.
+        With a ReLU MLP head that mean is closed form: d(logit)/d(pooled) =
+        W3 diag(m2) W2 diag(m1) W1 (m = ReLU masks), divided by h*w, for average
+        pooling (the gradient is spread evenly) and max pooling alike (it all
+        goes to the maximum's position). No autograd, so it exports to ONNX as a
+        plain output.
         """
         maps = self.features(x)
-        pooled = maps.mean(dim=(2, 3))
+        pooled = self.pool(maps)
         fc1, fc2, fc3 = self.fc[0], self.fc[2], self.fc[4]
         z1 = fc1(pooled)
         z2 = fc2(torch.relu(z1))
@@ -169,8 +183,8 @@ class ResNet(nn.Module):
         return logits, cam
 
 
-def build_model(backbone: str, num_labels: int, pretrained: str = "none") -> ResNet:
-    model = ResNet(backbone, num_labels)
+def build_model(backbone: str, num_labels: int, pretrained: str = "none", pooling: str = "avg") -> ResNet:
+    model = ResNet(backbone, num_labels, pooling)
     if pretrained and pretrained != "none":
         load_pretrained(model, pretrained)
     return model

@@ -80,10 +80,11 @@ class ELCellModule(LightningModule):
         affine_degrees: float = 0.0,
         affine_translate: float = 0.0,
         affine_scale: float = 0.0,
+        pooling: str = "avg",
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(backbone, len(label_names))
+        self.model = build_model(backbone, len(label_names), pooling=pooling)
         self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast,
                                     rotate90=rotate90, affine_degrees=affine_degrees,
                                     affine_translate=affine_translate, affine_scale=affine_scale)
