@@ -1,0 +1,61 @@
+"""The accuracy experiment scripts (experiments/accuracy/) on a tiny real protocol run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from elcell.config import TrainConfig
+from elcell.train import train
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "experiments" / "accuracy"
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("experiments") / "E99-tiny"
+    train(TrainConfig(data="elpv", limit=96, out=str(out), backbone="resnet18", pretrained="none",
+                      image_size=32, batch_size=16, epochs=1, val_fraction=0.2, test_fraction=0.25,
+                      progress=False))
+    return out
+
+
+def run_script(name: str, *args) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_table_row_holds_the_runs_summary_figures(protocol_run):
+    summary = json.loads((protocol_run / "summary.json").read_text())
+    rows = [line for line in run_script("table.py", protocol_run).splitlines() if line.startswith("| **E99**")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1:5] == [f"{summary[s]['defective'][m]:.3f}" for s in ("val", "test") for m in ("accuracy", "f1")]
+    assert cells[-1] == "18, 32 px"
+
+
+def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_path):
+    summary = json.loads((protocol_run / "summary.json").read_text())
+    sheet = tmp_path / "missed.png"
+    text = run_script("errors.py", protocol_run, "--missed", sheet)
+    counts = [int(n) for n in re.findall(r"probability [\d.]+:\s+(\d+) cells", text)]
+    assert sum(counts) == summary["cells"]["test"] == 24
+    accuracy = float(re.search(r"binary accuracy ([\d.]+)", text).group(1))
+    assert accuracy == pytest.approx(summary["test"]["defective"]["accuracy"], abs=5e-4)
+    missed = int(re.search(r"(\d+) missed clear defects", text).group(1))
+    with Image.open(sheet) as image:  # 6 cells of 150 px per row
+        assert image.size == (900, 150 * max(1, -(-min(missed, 24) // 6)))
+
+
+def test_errors_of_a_run_with_itself_is_the_run(protocol_run):
+    alone = run_script("errors.py", protocol_run, "--split", "train").splitlines()[1:]
+    twice = run_script("errors.py", protocol_run, protocol_run, "--split", "train").splitlines()[1:]
+    assert alone == twice and len(alone) >= 3
