@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from elcell.augment import BatchAugment, normalise
+from elcell.augment import BatchAugment, SyntheticCracks, normalise
 
 
 def test_each_flip_happens_with_probability_04():
@@ -66,3 +66,27 @@ def test_small_affine_moves_content_without_black_borders():
     assert out.shape == images.shape
     assert (out - images).abs().mean() > 0.01  # it did move
     assert out.min() >= 0.25 - 1e-4  # border padding: no zero-filled corners
+
+
+def test_synthetic_cracks_mark_clean_cells_only_with_a_thin_line_from_edge_to_edge():
+    torch.manual_seed(0)
+    images = torch.full((64, 1, 96, 96), 0.6)
+    targets = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1 / 3, 1.0], [2 / 3, 0.0]]).repeat(16, 1)
+    out, marked = SyntheticCracks(p=1.0, label=0)(images, targets)
+    clean = targets[:, 0] < 0.5
+    assert torch.equal(marked[clean, 0], torch.ones(32)) and torch.equal(marked[~clean], targets[~clean])
+    assert torch.equal(marked[:, 1], targets[:, 1])  # other labels untouched
+    assert torch.equal(out[~clean], images[~clean]) and (out <= images).all()
+    darker = out[clean, 0] < 0.6 - 0.15 * 0.6 * 0.5  # at least half the weakest depth
+    for line in darker:
+        ys, xs = torch.nonzero(line, as_tuple=True)
+        assert 8 <= len(ys) <= 6 * 96  # a line about a pixel wide, not a blob
+        sides = {"top": (ys == 0).any(), "bottom": (ys == 95).any(), "left": (xs == 0).any(),
+                 "right": (xs == 95).any()}
+        assert sum(map(bool, sides.values())) >= 2  # from one side of the cell to another
+
+
+def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells():
+    torch.manual_seed(0)
+    _, marked = SyntheticCracks(p=0.3, label=0)(torch.full((2000, 1, 16, 16), 0.5), torch.zeros(2000, 1))
+    assert marked.mean().item() == pytest.approx(0.3, abs=0.03)

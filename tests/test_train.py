@@ -154,10 +154,10 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
                                 val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
                                 weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
                                 affine_degrees=5, affine_translate=0.05, affine_scale=0.1, tta=True,
-                                pooling="max", progress=False))
+                                pooling="max", synthetic_cracks=0.5, progress=False))
     assert summary["onnx_max_abs_diff"] < 1e-4  # the max-pooled model exports faithfully
     hparams = torch.load(out / summary["best_checkpoint"], weights_only=True)["hyper_parameters"]
-    assert hparams["pooling"] == "max"
+    assert hparams["pooling"] == "max" and hparams["synthetic_cracks"] == 0.5 and hparams["crack_label"] == 0
     split = {line.split(";")[0]: line.split(";")[1] for line in (out / "split.csv").read_text().splitlines()[1:]}
     test_rows = list(csv.DictReader(open(out / "eval" / "test" / "predictions.csv"), delimiter=";"))
     assert len(test_rows) == summary["cells"]["test"] == summary["test"]["cells"] == 24
@@ -199,3 +199,15 @@ def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
     assert split_a == split_b == split_c
     assert not torch.equal(conv_a, conv_b)
     assert torch.equal(conv_a, conv_c)  # init_seed equal to seed is the same run
+
+
+def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
+    from elcell.errors import DataError
+    from elcell.train import crack_label
+
+    with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
+        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
+    assert not (tmp_path / "run").exists()
+    assert crack_label(["inactive", "crack"], 0.2) == 1 and crack_label(["defective"], 0.2) == 0
+    with pytest.raises(DataError, match="'crack' or a single label"):
+        crack_label(["finger", "inactive"], 0.2)

@@ -63,6 +63,7 @@ class TrainConfig:
     affine_translate: float = 0.0
     affine_scale: float = 0.0
     loss_weighting: str = "balanced"
+    synthetic_cracks: float = 0.0
     tta: bool = False
     precision: str = "auto"
     accelerator: str = "auto"

@@ -15,7 +15,7 @@ import torchmetrics
 from lightning import LightningModule
 from torch import nn
 
-from elcell.augment import BatchAugment, normalise
+from elcell.augment import BatchAugment, SyntheticCracks, normalise
 from elcell.model import build_model
 
 
@@ -81,6 +81,8 @@ class ELCellModule(LightningModule):
         affine_translate: float = 0.0,
         affine_scale: float = 0.0,
         pooling: str = "avg",
+        synthetic_cracks: float = 0.0,
+        crack_label: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -88,6 +90,7 @@ class ELCellModule(LightningModule):
         self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast,
                                     rotate90=rotate90, affine_degrees=affine_degrees,
                                     affine_translate=affine_translate, affine_scale=affine_scale)
+        self.synthetic_cracks = SyntheticCracks(synthetic_cracks, crack_label) if synthetic_cracks > 0 else None
         self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
         self.val_scores = LabelF1(len(label_names))
         if channels_last:
@@ -100,6 +103,8 @@ class ELCellModule(LightningModule):
         images, targets = batch
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
+            if self.synthetic_cracks is not None:  # first, so flips and jitter apply to the crack too
+                images, targets = self.synthetic_cracks(images, targets)
             images = self.augment(images)
         images = normalise(images, self.hparams.mean, self.hparams.std)
         if self.hparams.channels_last:

@@ -88,6 +88,15 @@ def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]
     return [float(w) for w in (len(targets) - positive) / positive]
 
 
+def crack_label(names: list[str], synthetic_cracks: float) -> int:
+    """The label a drawn crack sets: 'crack', else the only label (ELPV's 'defective')."""
+    if "crack" in names:
+        return names.index("crack")
+    if len(names) == 1 or synthetic_cracks == 0:
+        return 0
+    raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names}")
+
+
 def prepare(config: TrainConfig):
     """Read, split and decode the data; all input errors surface here."""
     if config.backbone not in ARCHITECTURES:
@@ -102,7 +111,10 @@ def prepare(config: TrainConfig):
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
         raise DataError(f"--warmup-epochs {config.warmup_epochs} must be 0 or more")
+    if not 0 <= config.synthetic_cracks <= 1:
+        raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
+    crack_label(table.names, config.synthetic_cracks)  # refuses a label set it cannot mark
     if config.limit:
         table = _limit_table(table, config.limit, config.seed)
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
@@ -217,6 +229,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         schedule=config.schedule, warmup_epochs=config.warmup_epochs, rotate90=config.rotate90,
         affine_degrees=config.affine_degrees, affine_translate=config.affine_translate,
         affine_scale=config.affine_scale, pooling=config.pooling,
+        synthetic_cracks=config.synthetic_cracks, crack_label=crack_label(table.names, config.synthetic_cracks),
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size,
