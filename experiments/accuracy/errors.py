@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from elcell.images import load_cell
 from elcell.infer import open_model, score
@@ -72,8 +73,6 @@ def run_probabilities(run: Path, paths: list[Path]) -> np.ndarray:
 
 
 def write_contact_sheet(out: Path, paths: list[Path], size: int = 150, columns: int = 6) -> None:
-    from PIL import Image
-
     rows = max(1, -(-len(paths) // columns))
     sheet = Image.new("L", (columns * size, rows * size))
     for i, path in enumerate(paths):
