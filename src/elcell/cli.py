@@ -65,7 +65,7 @@ TRAIN_HELP = {
 
 
 def _add_train_parser(commands) -> None:
-    from elcell.config import TrainConfig, option_types
+    from elcell.config import TrainConfig
 
     parser = commands.add_parser(
         "train", help="train a model and export it to ONNX",
@@ -77,16 +77,67 @@ def _add_train_parser(commands) -> None:
                         help="read options from a YAML file (command-line options win)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as YAML and exit")
-    defaults = TrainConfig()
-    for name, kind in option_types().items():
+    _add_config_options(parser, TrainConfig, TRAIN_HELP)
+    parser.set_defaults(handler=_train)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type, help_texts: dict) -> None:
+    """One --option per field of a config dataclass, with its default and type."""
+    from elcell.config import option_types
+
+    defaults = config_class()
+    for name, kind in option_types(config_class).items():
         flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=TRAIN_HELP[name])
+                                help=help_texts[name])
         else:
-            parser.add_argument(flag, type=kind, default=default, help=TRAIN_HELP[name],
+            parser.add_argument(flag, type=kind, default=default, help=help_texts[name],
                                 metavar=name.upper())
-    parser.set_defaults(handler=_train)
+
+
+PRETRAIN_HELP = {
+    **{name: TRAIN_HELP[name] for name in ("backbone", "image_size", "limit", "precision",
+                                           "accelerator", "workers", "cache_dir", "progress")},
+    "data": "unlabelled cells: a folder of images (searched recursively), a labels CSV or 'elpv' "
+            "(their labels are not used)",
+    "group": "with a labels CSV and --test-fraction: the group column that stratifies the split",
+    "out": "run folder (default runs/pretrain-<timestamp>)",
+    "batch_size": "cells per batch (each gives two views; every other view in the batch is a negative)",
+    "epochs": "number of epochs",
+    "lr": "peak learning rate of AdamW (linear warm-up, then cosine to 0)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "linear warm-up epochs",
+    "temperature": "temperature of the contrastive (NT-Xent) loss",
+    "crop_scale": "each view is a random crop of at least this share of the cell, resized back",
+    "brightness": "brightness jitter between the views: factor drawn from [1-b, 1+b]",
+    "contrast": "contrast jitter between the views: factor drawn from [1-c, 1+c]",
+    "val_fraction": "with --test-fraction: the --val-fraction of the `elcell train` run to come",
+    "test_fraction": "leave out the cells that `elcell train` with the same --seed, --val-fraction and "
+                     "--test-fraction holds out as its test set, so pretraining never sees them",
+    "seed": "random seed for the split, initialisation and augmentation",
+}
+
+
+def _add_pretrain_parser(commands) -> None:
+    from elcell.config import PretrainConfig
+
+    parser = commands.add_parser(
+        "pretrain", help="self-supervised pretraining on unlabelled cells (SimCLR)",
+        description="Learn a backbone from unlabelled cells by contrasting two random views of each "
+                    "(SimCLR); write RUN/backbone.pth, the starting point of "
+                    "`elcell train --pretrained RUN/backbone.pth`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_config_options(parser, PretrainConfig, PRETRAIN_HELP)
+    parser.set_defaults(handler=_pretrain)
+
+
+def _pretrain(args, parser) -> None:
+    from elcell.config import PretrainConfig
+    from elcell.pretrain import main
+
+    main(PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)}))
 
 
 def _train(args, parser) -> None:
@@ -383,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(commands)
+    _add_pretrain_parser(commands)
 
     export = commands.add_parser("export", help="re-export a checkpoint to ONNX",
                                  description="Export a training checkpoint to an elcell ONNX file, "

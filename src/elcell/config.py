@@ -90,11 +90,43 @@ class TrainConfig:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
-def option_types() -> dict[str, type]:
+@dataclass
+class PretrainConfig:
+    """Every option of `elcell pretrain` (self-supervised, no labels needed)."""
+
+    data: str = "elpv"
+    group: str | None = None
+    out: str | None = None
+    backbone: str = "resnet18"
+    image_size: int = 128
+    batch_size: int = 128
+    epochs: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    temperature: float = 0.2
+    crop_scale: float = 0.35
+    brightness: float = 0.4
+    contrast: float = 0.4
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    limit: int | None = None
+    precision: str = "auto"
+    accelerator: str = "auto"
+    workers: int | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def option_types(config_class: type = TrainConfig) -> dict[str, type]:
     """Each option's plain type (int for `int | None`), for building the CLI parser."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(config_class)
     plain = {}
-    for f in fields(TrainConfig):
+    for f in fields(config_class):
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         plain[f.name] = args[0] if args else hints[f.name]
     return plain

@@ -224,6 +224,23 @@ def _keep_batch(batch):
     return batch
 
 
+def cell_loader(images: np.ndarray, targets: np.ndarray, index: np.ndarray, batch_size: int,
+                shuffle: bool, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of the cache rows `index`, whole batches read at once."""
+    dataset = CachedCells(images, targets, index)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        # A training batch of one cell breaks BatchNorm; drop a ragged last batch.
+        drop_last=shuffle and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        collate_fn=_keep_batch,
+    )
+
+
 class CellDataModule(L.LightningDataModule):
     """Train/val loaders over the cache; uint8 batches, augmented on the device.
     (Test cells are scored through the exported model, not here.)"""
@@ -242,19 +259,8 @@ class CellDataModule(L.LightningDataModule):
         self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
 
     def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        index = np.flatnonzero(self.split == part)
-        dataset = CachedCells(self.images, self.table.targets, index)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            # A training batch of one cell breaks BatchNorm; drop a ragged last batch.
-            drop_last=shuffle and len(dataset) > self.batch_size,
-            num_workers=self.workers,
-            persistent_workers=self.workers > 0,
-            pin_memory=self.pin_memory,
-            collate_fn=_keep_batch,
-        )
+        return cell_loader(self.images, self.table.targets, np.flatnonzero(self.split == part),
+                           self.batch_size, shuffle, self.workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -152,18 +152,25 @@ class ELCellModule(LightningModule):
                 optimizer, mode="max", factor=hp.lr_factor, patience=hp.lr_patience)
             return {"optimizer": optimizer,
                     "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}
-        total = self.trainer.estimated_stepping_batches
         if hp.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
-        else:  # cosine: linear warm-up, then cosine decay to zero at the last step
-            # at most half the run, so a short trial (--epochs 1) still decays
-            warmup = min(hp.warmup_epochs * total // max(self.trainer.max_epochs, 1), total // 2)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=self.trainer.estimated_stepping_batches)
+        else:
+            scheduler = cosine_schedule(optimizer, self.trainer, hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: int):
+    """Per-step schedule: linear warm-up over `warmup_epochs`, then cosine decay to
+    zero at the trainer's last step. The warm-up is at most half the run, so a
+    short trial (--epochs 1) still decays."""
+    total = trainer.estimated_stepping_batches
+    warmup = min(warmup_epochs * total // max(trainer.max_epochs, 1), total // 2)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -35,7 +35,7 @@ from elcell.model import ARCHITECTURES, POOLINGS, load_pretrained
 from elcell.module import OPTIMIZERS, SCHEDULES, ELCellModule
 
 
-def _gpu_available(config: TrainConfig) -> bool:
+def gpu_available(config: TrainConfig) -> bool:
     return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
@@ -50,12 +50,12 @@ def resolve_precision(config: TrainConfig) -> str:
     (x3.4 per ResNet-50 step with channels-last, docs/performance.md); else float32."""
     if config.precision != "auto":
         return config.precision
-    if _gpu_available(config):
+    if gpu_available(config):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
-def _limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
+def limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
     """A stratified random subset of `limit` cells (quick runs, tests)."""
     if limit >= len(table):
         return table
@@ -116,7 +116,7 @@ def prepare(config: TrainConfig):
     table = load_table(config.data, group=config.group)
     crack_label(table.names, config.synthetic_cracks)  # refuses a label set it cannot mark
     if config.limit:
-        table = _limit_table(table, config.limit, config.seed)
+        table = limit_table(table, config.limit, config.seed)
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
     _check_labels(table, split)
     images = build_cache(table.paths, config.image_size, config.cache_dir,
@@ -220,7 +220,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
                       verbose=False)
     train_index = np.flatnonzero(split == "train")
     mean, std = pixel_stats(images, train_index)
-    gpu = _gpu_available(config)
+    gpu = gpu_available(config)
     module = ELCellModule(
         backbone=config.backbone, label_names=table.names, mean=mean, std=std,
         pos_weight=pos_weights(table.targets[train_index], config.loss_weighting), lr=config.lr,
@@ -294,7 +294,7 @@ def machine(config: TrainConfig) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = torch.cuda.get_device_name(0) if _gpu_available(config) else None
+    gpu = torch.cuda.get_device_name(0) if gpu_available(config) else None
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": gpu, "precision": resolve_precision(config),
             "torch": torch.__version__}
 

@@ -1,0 +1,98 @@
+"""`elcell pretrain`: SimCLR on unlabelled cells, and fine-tuning from its backbone."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elcell.cli import main as cli
+from elcell.config import PretrainConfig
+from elcell.data import stratified_split
+from elcell.errors import DataError
+from elcell.model import ResNet, load_pretrained
+from elcell.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
+
+
+def test_nt_xent_matches_the_loss_written_out_and_scores_found_twins():
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(6, 8), dim=1)  # rows i and i+3 are one cell's two views
+    loss, accuracy = nt_xent(z, temperature=0.5)
+    similarity = z @ z.T / 0.5
+    expected = []
+    for i in range(6):
+        partner = (i + 3) % 6
+        others = [similarity[i, j] for j in range(6) if j != i]
+        expected.append(-similarity[i, partner] + torch.logsumexp(torch.stack(others), 0))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+    twins = F.normalize(torch.eye(3, 8), dim=1).repeat(2, 1)  # identical views, orthogonal cells
+    loss, accuracy = nt_xent(twins, temperature=0.1)
+    assert accuracy.item() == 1.0
+    # the partner is found with near-certainty: loss is the 4 orthogonal rows' share only
+    assert loss.item() == pytest.approx(math.log(1 + 4 * math.exp(-10)), rel=1e-3)
+
+
+def test_views_are_two_different_normalised_augmentations_of_each_cell():
+    module = SimCLRModule("resnet18", mean=0.5, std=0.2, image_size=32)
+    images = torch.randint(0, 256, (4, 1, 48, 48), dtype=torch.uint8)  # resized by the crop
+    views = module.on_after_batch_transfer((images, torch.zeros(4, 0)), 0)
+    assert views.shape == (8, 1, 32, 32)
+    assert not torch.allclose(views[:4], views[4:])
+
+
+def test_pretraining_leaves_out_exactly_the_test_cells_of_train(elpv):
+    config = PretrainConfig(data="elpv", test_fraction=0.25, val_fraction=0.1, seed=0)
+    kept = set(pretrain_cells(config))
+    split = stratified_split(elpv, val_fraction=0.1, seed=0, test_fraction=0.25)
+    assert kept == {p for p, part in zip(elpv.paths, split) if part != "test"}
+    assert len(kept) == int((split != "test").sum()) < len(elpv)
+
+
+def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for path in elpv.paths[:3]:
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="need at least 8"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), progress=False))
+    with pytest.raises(DataError, match="is a folder"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), test_fraction=0.25, progress=False))
+    with pytest.raises(DataError, match="crop-scale"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), crop_scale=0.0, progress=False))
+    assert not out.exists()
+
+
+def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, seed_csv, capsys):
+    folder = tmp_path / "unlabelled"
+    (folder / "line2").mkdir(parents=True)
+    for path in elpv.paths[:16]:
+        shutil.copy(path, folder / "line2" / path.name)
+    run = tmp_path / "ssl"
+    assert cli(["pretrain", "--data", str(folder), "--out", str(run), "--image-size", "64",
+                "--batch-size", "8", "--epochs", "2", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["cells"] == 16 and summary["epochs_run"] == 2
+    assert np.isfinite(summary["final_ssl_loss"])
+    assert json.loads(capsys.readouterr().out)["use"].endswith(f"--pretrained {run / 'backbone.pth'}")
+    metrics = (run / "metrics.csv").read_text()
+    assert "ssl_loss" in metrics and "pair_accuracy" in metrics
+
+    # the backbone loads into a labelled model, every layer but the head
+    model = ResNet("resnet18", num_labels=2)
+    loaded = load_pretrained(model, str(run / "backbone.pth"))
+    saved = torch.load(run / "backbone.pth", weights_only=True)
+    assert set(loaded) == set(saved) and not any(key.startswith("fc.") for key in saved)
+    assert torch.equal(model.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
+
+    fine_tuned = tmp_path / "fine-tuned"
+    assert cli(["train", "--data", str(seed_csv), "--out", str(fine_tuned), "--pretrained",
+                str(run / "backbone.pth"), "--image-size", "64", "--batch-size", "16", "--epochs", "1",
+                "--no-progress"]) == 0
+    assert (fine_tuned / "summary.json").is_file()
