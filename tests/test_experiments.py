@@ -59,3 +59,21 @@ def test_errors_of_a_run_with_itself_is_the_run(protocol_run):
     alone = run_script("errors.py", protocol_run, "--split", "train").splitlines()[1:]
     twice = run_script("errors.py", protocol_run, protocol_run, "--split", "train").splitlines()[1:]
     assert alone == twice and len(alone) >= 3
+
+
+def test_probe_scores_frozen_features_of_each_backbone_on_val_cells(protocol_run):
+    checkpoint = protocol_run / "checkpoints" / "last.ckpt"
+    out = run_script("probe.py", protocol_run / "split.csv", "none", checkpoint, "--image-size", "32")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for weights in ("none", str(checkpoint)):
+        figures = [float(x) for x in rows[weights].strip("|").split("|")[1:]]
+        assert len(figures) == 3 and all(0 <= x <= 1 for x in figures)
+
+
+@pytest.mark.parametrize("config", sorted(SCRIPTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_config_is_a_valid_train_config(config):
+    import yaml
+
+    values = yaml.safe_load(config.read_text())
+    assert values["data"] == "elpv" or values["data"].startswith("runs/accuracy/")
+    TrainConfig.from_dict(values, source=str(config))
