@@ -62,6 +62,12 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
     out = tmp_path / "run"
     with pytest.raises(DataError, match="need at least 8"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), progress=False))
+    listing = tmp_path / "cells.csv"
+    listing.write_text("path\n" + "".join(f"cells/{p.name}\n" for p in elpv.paths[:3]))
+    with pytest.raises(DataError, match="3 images to pretrain on"):
+        pretrain(PretrainConfig(data=str(listing), out=str(out), progress=False))
+    with pytest.raises(DataError, match="no such file"):
+        pretrain(PretrainConfig(data=str(tmp_path / "missing"), out=str(out), progress=False))
     with pytest.raises(DataError, match="is a folder"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), test_fraction=0.25, progress=False))
     with pytest.raises(DataError, match="crop-scale"):

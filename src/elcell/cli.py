@@ -99,8 +99,8 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class: type, hel
 PRETRAIN_HELP = {
     **{name: TRAIN_HELP[name] for name in ("backbone", "image_size", "limit", "precision",
                                            "accelerator", "workers", "cache_dir", "progress")},
-    "data": "unlabelled cells: a folder of images (searched recursively), a labels CSV or 'elpv' "
-            "(their labels are not used)",
+    "data": "unlabelled cells: a folder of images (searched recursively), a CSV whose first column "
+            "lists them, or 'elpv' (labels, if any, are not used)",
     "group": "with a labels CSV and --test-fraction: the group column that stratifies the split",
     "out": "run folder (default runs/pretrain-<timestamp>)",
     "batch_size": "cells per batch (each gives two views; every other view in the batch is a negative)",

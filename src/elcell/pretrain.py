@@ -30,7 +30,7 @@ from elcell.augment import BatchAugment, normalise
 from elcell.config import PretrainConfig
 from elcell.data import build_cache, cell_loader, pixel_stats, stratified_split
 from elcell.errors import DataError
-from elcell.images import find_images
+from elcell.infer import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import load_table
 from elcell.model import ARCHITECTURES, ResNet
@@ -102,18 +102,18 @@ class SimCLRModule(L.LightningModule):
 
 
 def pretrain_cells(config: PretrainConfig) -> list[Path]:
-    """The images to pretrain on: every image of a folder, or the cells of a
-    labels CSV / ELPV (labels unused) without the ones `elcell train` with the
-    same --seed, --val-fraction and --test-fraction holds out as its test set."""
-    source = Path(config.data)
-    if source.is_dir():
-        if config.test_fraction:
-            raise DataError(f"--test-fraction needs a labels CSV or 'elpv' to split; {source} is a folder")
-        paths = find_images([source])
+    """The images to pretrain on: a folder's (recursively), a CSV's first column,
+    or, with --test-fraction, the cells of a labels CSV / ELPV without the ones
+    `elcell train` with the same --seed, --val-fraction and --test-fraction
+    holds out as its test set. Labels are never used."""
+    if config.data != "elpv" and not config.test_fraction:
+        paths = collect_inputs([config.data])
         if config.limit and config.limit < len(paths):
             keep = np.random.default_rng(config.seed).choice(len(paths), config.limit, replace=False)
             paths = [paths[i] for i in sorted(keep)]
     else:
+        if Path(config.data).is_dir():
+            raise DataError(f"--test-fraction needs a labels CSV or 'elpv' to split; {config.data} is a folder")
         table = load_table(config.data, group=config.group)
         if config.limit:
             table = limit_table(table, config.limit, config.seed)
