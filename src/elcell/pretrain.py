@@ -143,10 +143,10 @@ def pretrain(config: PretrainConfig) -> dict:
     """Pretrain, write RUN/backbone.pth and RUN/summary.json, return the summary."""
     _check(config)
     paths = pretrain_cells(config)
-    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress)
     run = Path(config.out) if config.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and any(run.iterdir()):  # before decoding: a large folder takes minutes
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
+    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress)
     L.seed_everything(config.seed, workers=True, verbose=False)
     everything = np.arange(len(paths))
     mean, std = pixel_stats(images, everything)
