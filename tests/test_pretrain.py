@@ -102,3 +102,17 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
                 str(run / "backbone.pth"), "--image-size", "64", "--batch-size", "16", "--epochs", "1",
                 "--no-progress"]) == 0
     assert (fine_tuned / "summary.json").is_file()
+
+
+def test_a_used_run_folder_is_refused_before_any_work(tmp_path, elpv):
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for path in elpv.paths[:8]:
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="not empty"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), cache_dir=str(cache), progress=False))
+    assert not cache.exists() and [p.name for p in out.iterdir()] == ["summary.json"]
