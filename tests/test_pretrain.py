@@ -19,6 +19,14 @@ from elcell.model import ResNet, load_pretrained
 from elcell.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
 
 
+def copy_cells(folder, elpv, count: int):
+    """`count` real ELPV cells copied into `folder`: unlabelled images as a line records them."""
+    folder.mkdir(parents=True)
+    for path in elpv.paths[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
 def test_nt_xent_matches_the_loss_written_out_and_scores_found_twins():
     torch.manual_seed(0)
     z = F.normalize(torch.randn(6, 8), dim=1)  # rows i and i+3 are one cell's two views
@@ -55,10 +63,7 @@ def test_pretraining_leaves_out_exactly_the_test_cells_of_train(elpv):
 
 
 def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
-    folder = tmp_path / "cells"
-    folder.mkdir()
-    for path in elpv.paths[:3]:
-        shutil.copy(path, folder / path.name)
+    folder = copy_cells(tmp_path / "cells", elpv, 3)
     out = tmp_path / "run"
     with pytest.raises(DataError, match="need at least 8"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), progress=False))
@@ -77,9 +82,7 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
 
 def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, seed_csv, capsys):
     folder = tmp_path / "unlabelled"
-    (folder / "line2").mkdir(parents=True)
-    for path in elpv.paths[:16]:
-        shutil.copy(path, folder / "line2" / path.name)
+    copy_cells(folder / "line2", elpv, 16)  # found recursively
     run = tmp_path / "ssl"
     assert cli(["pretrain", "--data", str(folder), "--out", str(run), "--image-size", "64",
                 "--batch-size", "8", "--epochs", "2", "--no-progress"]) == 0
@@ -105,10 +108,7 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
 
 
 def test_a_used_run_folder_is_refused_before_any_work(tmp_path, elpv):
-    folder = tmp_path / "cells"
-    folder.mkdir()
-    for path in elpv.paths[:8]:
-        shutil.copy(path, folder / path.name)
+    folder = copy_cells(tmp_path / "cells", elpv, 8)
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
