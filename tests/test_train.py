@@ -211,3 +211,40 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     assert crack_label(["inactive", "crack"], 0.2) == 1 and crack_label(["defective"], 0.2) == 0
     with pytest.raises(DataError, match="'crack' or a single label"):
         crack_label(["finger", "inactive"], 0.2)
+
+
+def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path):
+    import lightning as L
+
+    start = {}
+
+    class KeepStartWeights(L.Callback):
+        def on_train_start(self, trainer, module):
+            start.update({k: v.clone() for k, v in module.model.state_dict().items()})
+
+    out = tmp_path / "run"
+    train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                      image_size=32, batch_size=16, epochs=2, optimizer="adamw", weight_decay=0.05,
+                      schedule="onecycle", backbone_lr_scale=0.0, progress=False),
+          callbacks=[KeepStartWeights()])
+    end = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    changed = {k for k, v in start.items() if not torch.equal(v, end["model." + k])}
+    assert {k for k in changed if k.startswith("fc.")} == {k for k in start if k.startswith("fc.")}
+    # only BatchNorm's running statistics move in the backbone, never a weight
+    assert {k.rsplit(".", 1)[1] for k in changed if not k.startswith("fc.")} == {
+        "running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
+    def groups(scale):
+        module = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], lr=1e-3, backbone_lr_scale=scale)
+        return [(len(g["params"]), g.get("lr")) for g in module._param_groups()]
+
+    total = len(list(ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0]).parameters()))
+    assert groups(1.0) == [(total, None)]  # the optimiser's lr for all
+    (backbone, backbone_lr), (head, head_lr) = groups(0.1)
+    assert backbone + head == total and head == 6 and backbone_lr == pytest.approx(1e-4) and head_lr is None
+    from elcell.errors import DataError
+
+    with pytest.raises(DataError, match="--backbone-lr-scale -1"):
+        train(TrainConfig(data="elpv", limit=32, backbone_lr_scale=-1))

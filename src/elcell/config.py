@@ -45,6 +45,7 @@ class TrainConfig:
     epochs: int = 100
     optimizer: str = "adam"
     lr: float = 1e-4
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 0.0
     schedule: str = "plateau"
     warmup_epochs: int = 0

@@ -65,6 +65,7 @@ class ELCellModule(LightningModule):
         std: float,
         pos_weight: list[float],
         lr: float = 1e-4,
+        backbone_lr_scale: float = 1.0,
         weight_decay: float = 0.0,
         lr_patience: int = 3,
         lr_factor: float = 0.1,
@@ -146,7 +147,7 @@ class ELCellModule(LightningModule):
         # AdamW decouples weight decay from the gradient scale; Adam's weight_decay
         # is an L2 term (the seed's optimiser, kept as it was).
         optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
-        optimizer = optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = optimizer_class(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=hp.lr_factor, patience=hp.lr_patience)
@@ -154,10 +155,22 @@ class ELCellModule(LightningModule):
                     "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=self.trainer.estimated_stepping_batches)
+                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=self.trainer.estimated_stepping_batches)
         else:
             scheduler = cosine_schedule(optimizer, self.trainer, hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> list[dict]:
+        """One group at --lr, or the backbone at lr * backbone_lr_scale and the
+        head at lr, so a fresh head can learn fast on top of pretrained features
+        without wrecking them. The schedules scale every group alike."""
+        if self.hparams.backbone_lr_scale == 1.0:  # one group: the logged lr keeps its name
+            return [{"params": list(self.parameters())}]
+        head = list(self.model.fc.parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.parameters() if id(p) not in head_ids]
+        return [{"params": backbone, "lr": self.hparams.lr * self.hparams.backbone_lr_scale},
+                {"params": head}]
 
 
 SCHEDULES = ("plateau", "cosine", "onecycle")

@@ -111,6 +111,8 @@ def prepare(config: TrainConfig):
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
         raise DataError(f"--warmup-epochs {config.warmup_epochs} must be 0 or more")
+    if config.backbone_lr_scale < 0:
+        raise DataError(f"--backbone-lr-scale {config.backbone_lr_scale} must be 0 or more")
     if not 0 <= config.synthetic_cracks <= 1:
         raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
@@ -224,6 +226,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     module = ELCellModule(
         backbone=config.backbone, label_names=table.names, mean=mean, std=std,
         pos_weight=pos_weights(table.targets[train_index], config.loss_weighting), lr=config.lr,
+        backbone_lr_scale=config.backbone_lr_scale,
         weight_decay=config.weight_decay, lr_patience=config.lr_patience, flip_p=config.flip_p,
         brightness=config.brightness, contrast=config.contrast, optimizer=config.optimizer,
         schedule=config.schedule, warmup_epochs=config.warmup_epochs, rotate90=config.rotate90,
