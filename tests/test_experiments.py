@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -50,9 +52,23 @@ def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_pa
     assert sum(counts) == summary["cells"]["test"] == 24
     accuracy = float(re.search(r"binary accuracy ([\d.]+)", text).group(1))
     assert accuracy == pytest.approx(summary["test"]["defective"]["accuracy"], abs=5e-4)
+    best = float(re.search(r"best accuracy at any threshold ([\d.]+)", text).group(1))
+    assert accuracy <= best <= 1  # 0.5 is one of the thresholds tried
     missed = int(re.search(r"(\d+) missed clear defects", text).group(1))
     with Image.open(sheet) as image:  # 6 cells of 150 px per row
         assert image.size == (900, 150 * max(1, -(-min(missed, 24) // 6)))
+
+
+def test_best_threshold_accuracy_finds_the_threshold_that_separates_best():
+    spec = importlib.util.spec_from_file_location("errors_script", SCRIPTS / "errors.py")
+    errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(errors)
+    best_threshold_accuracy = errors.best_threshold_accuracy
+
+    probs = np.array([0.1, 0.3, 0.35, 0.4, 0.9])
+    assert best_threshold_accuracy(probs, np.array([0, 0, 1, 1, 1], bool)) == (1.0, 0.35)
+    assert best_threshold_accuracy(probs, np.zeros(5, bool)) == (1.0, np.inf)  # all called ok
+    assert best_threshold_accuracy(probs, np.array([1, 0, 1, 0, 1], bool))[0] == 0.6  # no threshold fits
 
 
 def test_errors_of_a_run_with_itself_is_the_run(protocol_run):
