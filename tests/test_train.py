@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -213,7 +214,8 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
         crack_label(["finger", "inactive"], 0.2)
 
 
-def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path):
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, schedule):
     import lightning as L
 
     start = {}
@@ -223,10 +225,11 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path):
             start.update({k: v.clone() for k, v in module.model.state_dict().items()})
 
     out = tmp_path / "run"
-    train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
-                      image_size=32, batch_size=16, epochs=2, optimizer="adamw", weight_decay=0.05,
-                      schedule="onecycle", backbone_lr_scale=0.0, progress=False),
-          callbacks=[KeepStartWeights()])
+    with pytest.warns(UserWarning, match="stays at its random initialisation"):
+        train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                          image_size=32, batch_size=16, epochs=2, optimizer="adamw", weight_decay=0.05,
+                          schedule=schedule, backbone_lr_scale=0.0, progress=False),
+              callbacks=[KeepStartWeights()])
     end = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     changed = {k for k, v in start.items() if not torch.equal(v, end["model." + k])}
     assert {k for k in changed if k.startswith("fc.")} == {k for k in start if k.startswith("fc.")}
@@ -235,16 +238,34 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path):
         "running_mean", "running_var", "num_batches_tracked"}
 
 
-def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
-    def groups(scale):
-        module = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], lr=1e-3, backbone_lr_scale=scale)
-        return [(len(g["params"]), g.get("lr")) for g in module._param_groups()]
-
-    total = len(list(ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0]).parameters()))
-    assert groups(1.0) == [(total, None)]  # the optimiser's lr for all
-    (backbone, backbone_lr), (head, head_lr) = groups(0.1)
-    assert backbone + head == total and head == 6 and backbone_lr == pytest.approx(1e-4) and head_lr is None
+def test_backbone_lr_scale_holds_through_the_schedule_and_on_resume(tmp_path):
     from elcell.errors import DataError
 
-    with pytest.raises(DataError, match="--backbone-lr-scale -1"):
-        train(TrainConfig(data="elpv", limit=32, backbone_lr_scale=-1))
+    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+                         pretrained="none", image_size=32, batch_size=16, epochs=3, optimizer="adamw",
+                         schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.25, progress=False)
+    train(config)
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r.get("lr-AdamW/head")]
+    head = [float(r["lr-AdamW/head"]) for r in rows]
+    backbone = [float(r["lr-AdamW/backbone"]) for r in rows]
+    assert len(rows) == 3 and head[0] < head[1] and head[2] < head[1]  # warm-up, then decay
+    assert backbone == pytest.approx([0.25 * lr for lr in head])
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(DataError, match="--backbone-lr-scale 0.25; resume it with that value"):
+        train(replace(config, resume=last, backbone_lr_scale=1.0, epochs=4))
+
+
+def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
+    from elcell.errors import DataError
+
+    module = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], lr=1e-3, backbone_lr_scale=0.1)
+    backbone, head = module._param_groups()
+    assert (backbone["name"], backbone["lr"], head["name"], head.get("lr")) == ("backbone", pytest.approx(1e-4),
+                                                                             "head", None)
+    ids = [id(p) for p in backbone["params"] + head["params"]]
+    assert sorted(ids) == sorted(id(p) for p in module.parameters())  # each parameter in one group
+    assert {id(p) for p in head["params"]} == {id(p) for p in module.model.fc.parameters()}
+    (one,) = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0])._param_groups()
+    assert "lr" not in one and len(one["params"]) == len(ids)  # the optimiser's lr for all
+    with pytest.raises(DataError, match="--backbone-lr-scale nan"):
+        train(TrainConfig(data="elpv", limit=32, backbone_lr_scale=float("nan")))

@@ -29,7 +29,8 @@ TRAIN_HELP = {
     "optimizer": "'adam' (the seed's; weight decay as an L2 term) or 'adamw' (decoupled weight decay)",
     "lr": "learning rate (the peak one with --schedule cosine or onecycle)",
     "backbone_lr_scale": "the backbone learns at --lr times this, the fresh head at --lr: below 1 keeps "
-                         "pretrained features (--pretrained), 0 freezes the backbone's weights",
+                         "pretrained features (--pretrained), 0 freezes the backbone's weights (its BatchNorm "
+                         "statistics still follow the new cells)",
     "weight_decay": "weight decay of the optimiser",
     "schedule": "learning-rate schedule: 'plateau' (ReduceLROnPlateau on val F1, the seed's), "
                 "'cosine' (linear warm-up, cosine decay to 0 over --epochs) or 'onecycle'",

@@ -96,6 +96,8 @@ class ELCellModule(LightningModule):
         self.val_scores = LabelF1(len(label_names))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if backbone_lr_scale == 0:  # frozen: no gradients, so no backward pass through the backbone
+            self._backbone_and_head()[0].requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -155,7 +157,8 @@ class ELCellModule(LightningModule):
                     "lr_scheduler": {"scheduler": scheduler, "monitor": "val_f1", "interval": "epoch"}}
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=self.trainer.estimated_stepping_batches)
+                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=self.trainer.estimated_stepping_batches)
         else:
             scheduler = cosine_schedule(optimizer, self.trainer, hp.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -166,12 +169,15 @@ class ELCellModule(LightningModule):
         without wrecking them. The schedules scale every group alike."""
         if self.hparams.backbone_lr_scale == 1.0:  # one group: the logged lr keeps its name
             return [{"params": list(self.parameters())}]
-        head = list(self.model.fc.parameters())
-        head_ids = {id(p) for p in head}
-        backbone = [p for p in self.parameters() if id(p) not in head_ids]
-        return [{"params": backbone, "lr": self.hparams.lr * self.hparams.backbone_lr_scale},
-                {"params": head}]
+        backbone, head = self._backbone_and_head()
+        # the names label the groups' learning rates in metrics.csv (lr-AdamW/backbone)
+        return [{"params": list(backbone.parameters()), "name": "backbone",
+                 "lr": self.hparams.lr * self.hparams.backbone_lr_scale},
+                {"params": list(head.parameters()), "name": "head"}]
 
+    def _backbone_and_head(self) -> tuple[nn.Module, nn.Module]:
+        """Everything before the seed head (stem, stages, pooling) and the head."""
+        return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc"), self.model.fc
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")

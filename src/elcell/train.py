@@ -111,8 +111,11 @@ def prepare(config: TrainConfig):
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
         raise DataError(f"--warmup-epochs {config.warmup_epochs} must be 0 or more")
-    if config.backbone_lr_scale < 0:
+    if not config.backbone_lr_scale >= 0:  # NaN too
         raise DataError(f"--backbone-lr-scale {config.backbone_lr_scale} must be 0 or more")
+    if config.backbone_lr_scale == 0 and config.pretrained == "none":
+        warnings.warn("--backbone-lr-scale 0 with --pretrained none: the backbone stays at its random "
+                      "initialisation and only the head learns", stacklevel=2)
     if not 0 <= config.synthetic_cracks <= 1:
         raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
@@ -241,6 +244,12 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         load_pretrained(module.model, config.pretrained)
     if config.resume and not Path(config.resume).is_file():
         raise DataError(f"--resume {config.resume}: checkpoint not found")
+    if config.resume:
+        # the optimiser state holds one or two parameter groups and their rates
+        saved = torch.load(config.resume, map_location="cpu", weights_only=True)["hyper_parameters"]
+        if saved.get("backbone_lr_scale", 1.0) != config.backbone_lr_scale:
+            raise DataError(f"--resume {config.resume}: the run trained with --backbone-lr-scale "
+                            f"{saved.get('backbone_lr_scale', 1.0)}; resume it with that value")
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
