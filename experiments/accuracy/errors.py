@@ -13,7 +13,9 @@ misses defects it was trained on) from overfitting (it fits them but not the
 test cells). The best accuracy any one threshold reaches on the split is an
 upper bound, not a protocol figure (the threshold is picked on the very cells
 scored): if it is close to the accuracy at 0.5, the errors come from how the
-model ranks the cells, not from where the threshold sits. --missed writes a contact sheet of the clear defects (expert
+model ranks the cells, not from where the threshold sits.
+
+--missed writes a contact sheet of the clear defects (expert
 probability 1) that the model calls ok, to see what it fails to notice.
 Several runs on the same split are scored as an ensemble (mean probability):
 if it errs as often as its members, their errors are shared, not chance.
