@@ -179,6 +179,7 @@ class ELCellModule(LightningModule):
         """Everything before the seed head (stem, stages, pooling) and the head."""
         return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc"), self.model.fc
 
+
 SCHEDULES = ("plateau", "cosine", "onecycle")
 OPTIMIZERS = ("adam", "adamw")
 

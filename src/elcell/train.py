@@ -246,10 +246,11 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         raise DataError(f"--resume {config.resume}: checkpoint not found")
     if config.resume:
         # the optimiser state holds one or two parameter groups and their rates
-        saved = torch.load(config.resume, map_location="cpu", weights_only=True)["hyper_parameters"]
-        if saved.get("backbone_lr_scale", 1.0) != config.backbone_lr_scale:
+        hparams = torch.load(config.resume, map_location="cpu", weights_only=True)["hyper_parameters"]
+        trained_scale = hparams.get("backbone_lr_scale", 1.0)  # runs from before the option: 1
+        if trained_scale != config.backbone_lr_scale:
             raise DataError(f"--resume {config.resume}: the run trained with --backbone-lr-scale "
-                            f"{saved.get('backbone_lr_scale', 1.0)}; resume it with that value")
+                            f"{trained_scale}; resume it with that value")
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
