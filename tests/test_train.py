@@ -175,7 +175,7 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
     assert len(rates) == 3 and rates[0] < rates[1] and rates[2] < rates[1] <= 1e-4
 
 
-@pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "sgd"),
+@pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "lion"),
                                            ("loss_weighting", "focal"), ("pooling", "sum")])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
@@ -269,3 +269,52 @@ def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
     assert "lr" not in one and len(one["params"]) == len(ids)  # the optimiser's lr for all
     with pytest.raises(DataError, match="--backbone-lr-scale nan"):
         train(TrainConfig(data="elpv", limit=32, backbone_lr_scale=float("nan")))
+
+
+def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
+    import lightning as L
+
+    decay, average = 0.8, {}
+
+    class FollowTheAverage(L.Callback):
+        """An independent EMA over the head's weight after every optimiser step."""
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            weight = module.model.fc[0].weight.detach().clone()
+            average["fc"] = weight if "fc" not in average else decay * average["fc"] + (1 - decay) * weight
+
+    out = tmp_path / "run"
+    train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                      image_size=32, batch_size=16, epochs=2, lr=1e-2, ema_decay=decay, progress=False),
+          callbacks=[FollowTheAverage()])
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    saved, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert torch.allclose(saved["model.fc.0.weight"], average["fc"], atol=1e-6)
+    assert not torch.allclose(saved["model.fc.0.weight"], trained["model.fc.0.weight"])
+    # the exported model is the average (its parity is checked against the checkpoint)
+    summary = json.loads((out / "summary.json").read_text())
+    best = torch.load(out / summary["best_checkpoint"], weights_only=True)
+    assert "current_model_state" in best and summary["onnx_max_abs_diff"] < 1e-4
+
+
+def test_ema_decay_is_checked_and_must_match_on_resume(tmp_path):
+    from elcell.errors import DataError
+
+    with pytest.raises(DataError, match="--ema-decay 1.0 must be in"):
+        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "bad"), ema_decay=1.0))
+    assert not (tmp_path / "bad").exists()
+    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "plain"), backbone="resnet18",
+                         pretrained="none", image_size=32, batch_size=16, epochs=1, progress=False)
+    train(config)
+    with pytest.raises(DataError, match="trained without --ema-decay; resume it without it"):
+        train(replace(config, resume=str(tmp_path / "plain" / "checkpoints" / "last.ckpt"), epochs=2,
+                      ema_decay=0.99))
+
+
+def test_sgd_uses_nesterov_momentum_and_l2_weight_decay():
+    module = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], lr=0.05, weight_decay=5e-4,
+                          optimizer="sgd", schedule="plateau")
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.05, 0.9, True, 5e-4)

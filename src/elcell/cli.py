@@ -26,12 +26,15 @@ TRAIN_HELP = {
                "(a small defect is not averaged away)",
     "batch_size": "cells per training batch",
     "epochs": "maximum number of epochs",
-    "optimizer": "'adam' (the seed's; weight decay as an L2 term) or 'adamw' (decoupled weight decay)",
+    "optimizer": "'adam' (the seed's; weight decay as an L2 term), 'adamw' (decoupled weight decay) or "
+                 "'sgd' (Nesterov momentum 0.9; weight decay as an L2 term)",
     "lr": "learning rate (the peak one with --schedule cosine or onecycle)",
     "backbone_lr_scale": "the backbone learns at --lr times this, the fresh head at --lr: below 1 keeps "
                          "pretrained features (--pretrained), 0 freezes the backbone's weights (its BatchNorm "
                          "statistics still follow the new cells)",
     "weight_decay": "weight decay of the optimiser",
+    "ema_decay": "keep an exponential moving average of the weights with this decay per step (e.g. 0.995; "
+                 "0 = off): validation, checkpoints and the exported model use the average",
     "schedule": "learning-rate schedule: 'plateau' (ReduceLROnPlateau on val F1, the seed's), "
                 "'cosine' (linear warm-up, cosine decay to 0 over --epochs) or 'onecycle'",
     "warmup_epochs": "linear warm-up epochs of --schedule cosine (at most half the run)",

@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 1e-4
     backbone_lr_scale: float = 1.0
     weight_decay: float = 0.0
+    ema_decay: float = 0.0
     schedule: str = "plateau"
     warmup_epochs: int = 0
     lr_patience: int = 3

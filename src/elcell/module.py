@@ -147,9 +147,13 @@ class ELCellModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         # AdamW decouples weight decay from the gradient scale; Adam's weight_decay
-        # is an L2 term (the seed's optimiser, kept as it was).
-        optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
-        optimizer = optimizer_class(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # is an L2 term (the seed's optimiser, kept as it was), and so is SGD's.
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay,
+                                        momentum=0.9, nesterov=True)
+        else:
+            optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
+            optimizer = optimizer_class(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=hp.lr_factor, patience=hp.lr_patience)
@@ -181,7 +185,7 @@ class ELCellModule(LightningModule):
 
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: int):

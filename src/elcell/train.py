@@ -21,7 +21,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -116,6 +121,8 @@ def prepare(config: TrainConfig):
     if config.backbone_lr_scale == 0 and config.pretrained == "none":
         warnings.warn("--backbone-lr-scale 0 with --pretrained none: the backbone stays at its random "
                       "initialisation and only the head learns", stacklevel=2)
+    if not 0 <= config.ema_decay < 1:
+        raise DataError(f"--ema-decay {config.ema_decay} must be in [0, 1) (0 = off)")
     if not 0 <= config.synthetic_cracks <= 1:
         raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
@@ -245,12 +252,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     if config.resume and not Path(config.resume).is_file():
         raise DataError(f"--resume {config.resume}: checkpoint not found")
     if config.resume:
-        # the optimiser state holds one or two parameter groups and their rates
-        hparams = torch.load(config.resume, map_location="cpu", weights_only=True)["hyper_parameters"]
-        trained_scale = hparams.get("backbone_lr_scale", 1.0)  # runs from before the option: 1
-        if trained_scale != config.backbone_lr_scale:
-            raise DataError(f"--resume {config.resume}: the run trained with --backbone-lr-scale "
-                            f"{trained_scale}; resume it with that value")
+        _check_resumable(config)
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
@@ -298,6 +300,23 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     return {"run": str(run), **summary}
 
 
+def _check_resumable(config: TrainConfig) -> None:
+    """Refuse to resume with settings the checkpoint cannot carry on with."""
+    checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True)
+    # the optimiser state holds one or two parameter groups and their rates
+    trained_scale = checkpoint["hyper_parameters"].get("backbone_lr_scale", 1.0)  # older runs: 1
+    if trained_scale != config.backbone_lr_scale:
+        raise DataError(f"--resume {config.resume}: the run trained with --backbone-lr-scale "
+                        f"{trained_scale}; resume it with that value")
+    # With an average, the checkpoint's weights are the average and the trained
+    # ones sit beside them: without it, training would go on from the average.
+    averaged = "averaging_state" in checkpoint
+    if averaged != (config.ema_decay > 0):
+        raise DataError(f"--resume {config.resume}: the run trained "
+                        f"{'with' if averaged else 'without'} --ema-decay; resume it "
+                        f"{'with the same value' if averaged else 'without it'}")
+
+
 def machine(config: TrainConfig) -> dict:
     """What trained the model, for comparing wall times between runs."""
     import platform
@@ -337,6 +356,10 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
     last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     early_stop = EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)
+    if config.ema_decay > 0:
+        # Validation runs on the average and checkpoints hold it as their weights,
+        # so the best checkpoint, its ONNX export and --pretrained use the average.
+        extra_callbacks = [EMAWeightAveraging(decay=config.ema_decay), *extra_callbacks]
     if gpu:
         torch.backends.cudnn.benchmark = True
     devices = config.devices
