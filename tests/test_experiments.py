@@ -93,3 +93,16 @@ def test_every_experiment_config_is_a_valid_train_config(config):
     values = yaml.safe_load(config.read_text())
     assert values["data"] == "elpv" or values["data"].startswith("runs/accuracy/")
     TrainConfig.from_dict(values, source=str(config))
+
+
+def test_elpv_csv_all_gives_the_protocol_split_with_hard_labels(tmp_path):
+    """E23 trains on this CSV and must hold out exactly the test quarter of --data elpv."""
+    from elcell.data import stratified_split
+    from elcell.labels import load_table
+
+    run_script("elpv_csv.py", "all", tmp_path / "all.csv")
+    soft, hard = load_table("elpv"), load_table(str(tmp_path / "all.csv"), group="type")
+    assert [str(p) for p in hard.paths] == [str(p) for p in soft.paths]
+    assert set(np.unique(hard.targets)) == {0.0, 1.0}
+    assert np.array_equal(hard.targets, soft.positives.astype(np.float32))
+    assert np.array_equal(stratified_split(hard, 0.1, 0, 0.25), stratified_split(soft, 0.1, 0, 0.25))

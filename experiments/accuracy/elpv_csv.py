@@ -1,12 +1,15 @@
-"""Write ELPV cells of one cell type as a seed-format labels CSV (path;defective;type).
+"""Write ELPV cells as a seed-format labels CSV (path;defective;type).
 
-The pretraining experiment (docs/accuracy.md, P1-P3) pretrains on one cell
-type and fine-tunes on the other, so no cell of the fine-tuning set, test split
-included, is ever seen in pretraining. Labels are binary as in the seed
-format: defective when the expert probability is >= 0.5.
+Labels are binary as in the seed format: defective when the expert
+probability is >= 0.5. The pretraining experiment (docs/accuracy.md, P1-P3)
+pretrains on one cell type and fine-tunes on the other, so no cell of the
+fine-tuning set, test split included, is ever seen in pretraining. `all`
+keeps every cell in ELPV's order, so `--group type` gives exactly the split
+of `--data elpv` with hard 0/1 targets instead of the soft ones (E23).
 
     python experiments/accuracy/elpv_csv.py mono runs/accuracy/elpv_mono.csv
     python experiments/accuracy/elpv_csv.py poly runs/accuracy/elpv_poly.csv
+    python experiments/accuracy/elpv_csv.py all runs/accuracy/elpv_all.csv
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ from elcell.labels import elpv_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("type", choices=["mono", "poly"])
+    parser.add_argument("type", choices=["mono", "poly", "all"])
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     table = elpv_table()
     lines = ["path;defective;type"]
     for path, positive, kind in zip(table.paths, table.positives[:, 0], table.groups, strict=True):
-        if kind == args.type:
+        if args.type in (kind, "all"):
             lines.append(f"{path};{int(positive)};{kind}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(lines) + "\n")
-    print(f"wrote {args.out}: {len(lines) - 1} {args.type} cells")
+    print(f"wrote {args.out}: {len(lines) - 1} cells ({args.type})")
 
 
 if __name__ == "__main__":
