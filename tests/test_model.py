@@ -128,3 +128,21 @@ def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tiny_run):
     assert "layer4.1.bn2.running_var" in loaded and not any(k.startswith("fc.") for k in loaded)
     assert torch.equal(model.layer4[1].conv2.weight, trained["model.layer4.1.conv2.weight"])
     assert torch.equal(model.fc[4].weight, fresh_head)
+
+
+def test_cell_input_norm_makes_the_model_blind_to_exposure():
+    torch.manual_seed(0)
+    cells = torch.rand(3, 1, 64, 64)
+    brighter = 1.7 * cells + 0.4  # another exposure and offset of the same cells
+    with torch.no_grad():
+        per_cell = ResNet("resnet18", 2, input_norm="cell").eval()
+        logits, _ = per_cell.forward_with_cam(brighter)  # Grad-CAM sees the same input
+        dataset = ResNet("resnet18", 2).eval()
+        # a freshly initialised ResNet barely varies with its input, hence the small scales
+        assert (per_cell(cells) - per_cell(brighter)).abs().max() < 1e-4
+        assert (logits - per_cell(cells)).abs().max() < 1e-4
+        assert (dataset(cells) - dataset(brighter)).abs().max() > 1e-3
+        blank = per_cell(torch.full((1, 1, 64, 64), 0.5))
+    assert torch.isfinite(blank).all()
+    with pytest.raises(ValueError, match="unknown input_norm"):
+        ResNet("resnet18", 2, input_norm="histogram")

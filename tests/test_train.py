@@ -176,7 +176,8 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
 
 
 @pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "lion"),
-                                           ("loss_weighting", "focal"), ("pooling", "sum")])
+                                           ("loss_weighting", "focal"), ("pooling", "sum"),
+                                           ("input_norm", "histogram")])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
 
@@ -318,3 +319,17 @@ def test_sgd_uses_nesterov_momentum_and_l2_weight_decay():
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.05, 0.9, True, 5e-4)
+
+
+def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
+    """A darker exposure of a cell scores the same in the exported model: the
+    standardisation runs in the graph, not in elcell's Python preprocessing."""
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                                image_size=64, batch_size=16, epochs=1, input_norm="cell", progress=False))
+    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:6]])[:, None]
+    darker = np.round(cells * 0.6).astype(np.uint8)  # no clipping, only rounding
+    session = ort.InferenceSession(str(out / summary["onnx"]))
+    probs, darker_probs = (session.run(["probs"], {"images": x})[0] for x in (cells, darker))
+    assert np.abs(probs - darker_probs).max() < 0.02
+    assert torch.load(out / summary["best_checkpoint"], weights_only=True)["hyper_parameters"]["input_norm"] == "cell"

@@ -24,6 +24,8 @@ TRAIN_HELP = {
     "image_size": "cells are resized to this square size in pixels",
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
+    "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "
+                  "standardised by its own mean/std inside the model, so its exposure cannot matter)",
     "batch_size": "cells per training batch",
     "epochs": "maximum number of epochs",
     "optimizer": "'adam' (the seed's; weight decay as an L2 term), 'adamw' (decoupled weight decay) or "

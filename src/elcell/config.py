@@ -39,6 +39,7 @@ class TrainConfig:
     out: str | None = None
     backbone: str = "resnet50"
     pooling: str = "avg"
+    input_norm: str = "dataset"
     pretrained: str = "imagenet"
     image_size: int = 300
     batch_size: int = 32

@@ -12,6 +12,11 @@ as they are. Two deliberate differences from torchvision:
 The last feature map is pooled by its average (torchvision's) or, with
 pooling="max", by its maximum: a crack covers a few of the map's positions, and
 an average dilutes it by the others.
+
+With input_norm="cell" each cell is first standardised by its own pixel mean
+and standard deviation, so the model cannot see a cell's exposure at all (EL
+images differ in exposure between cameras and lines); the default, "dataset",
+leaves the input as the train split's mean/std normalised it.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class Bottleneck(nn.Module):
 
 
 POOLINGS = ("avg", "max")
+INPUT_NORMS = ("dataset", "cell")
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -102,12 +108,15 @@ def seed_head(in_features: int, num_labels: int) -> nn.Sequential:
 
 
 class ResNet(nn.Module):
-    def __init__(self, backbone: str, num_labels: int, pooling: str = "avg"):
+    def __init__(self, backbone: str, num_labels: int, pooling: str = "avg", input_norm: str = "dataset"):
         super().__init__()
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(ARCHITECTURES)}")
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; choose from {list(INPUT_NORMS)}")
+        self.input_norm = input_norm
         block, depths = ARCHITECTURES[backbone]
         self.backbone_name = backbone
         self.conv1 = nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
@@ -149,6 +158,10 @@ class ResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last stage (layer4): [B, C, h, w]."""
+        if self.input_norm == "cell":
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            x = (x - mean) / (std + 1e-3)  # a blank (constant) cell stays finite
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -183,8 +196,9 @@ class ResNet(nn.Module):
         return logits, cam
 
 
-def build_model(backbone: str, num_labels: int, pretrained: str = "none", pooling: str = "avg") -> ResNet:
-    model = ResNet(backbone, num_labels, pooling)
+def build_model(backbone: str, num_labels: int, pretrained: str = "none", pooling: str = "avg",
+                input_norm: str = "dataset") -> ResNet:
+    model = ResNet(backbone, num_labels, pooling, input_norm)
     if pretrained and pretrained != "none":
         load_pretrained(model, pretrained)
     return model

@@ -82,12 +82,13 @@ class ELCellModule(LightningModule):
         affine_translate: float = 0.0,
         affine_scale: float = 0.0,
         pooling: str = "avg",
+        input_norm: str = "dataset",
         synthetic_cracks: float = 0.0,
         crack_label: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(backbone, len(label_names), pooling=pooling)
+        self.model = build_model(backbone, len(label_names), pooling=pooling, input_norm=input_norm)
         self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast,
                                     rotate90=rotate90, affine_degrees=affine_degrees,
                                     affine_translate=affine_translate, affine_scale=affine_scale)

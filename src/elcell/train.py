@@ -36,7 +36,7 @@ from elcell.errors import DataError
 from elcell.export import export_checkpoint
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
-from elcell.model import ARCHITECTURES, POOLINGS, load_pretrained
+from elcell.model import ARCHITECTURES, INPUT_NORMS, POOLINGS, load_pretrained
 from elcell.module import OPTIMIZERS, SCHEDULES, ELCellModule
 
 
@@ -111,7 +111,8 @@ def prepare(config: TrainConfig):
     for option, value, choices in (("optimizer", config.optimizer, OPTIMIZERS),
                                    ("schedule", config.schedule, SCHEDULES),
                                    ("loss-weighting", config.loss_weighting, LOSS_WEIGHTINGS),
-                                   ("pooling", config.pooling, POOLINGS)):
+                                   ("pooling", config.pooling, POOLINGS),
+                                   ("input-norm", config.input_norm, INPUT_NORMS)):
         if value not in choices:
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
@@ -241,7 +242,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         brightness=config.brightness, contrast=config.contrast, optimizer=config.optimizer,
         schedule=config.schedule, warmup_epochs=config.warmup_epochs, rotate90=config.rotate90,
         affine_degrees=config.affine_degrees, affine_translate=config.affine_translate,
-        affine_scale=config.affine_scale, pooling=config.pooling,
+        affine_scale=config.affine_scale, pooling=config.pooling, input_norm=config.input_norm,
         synthetic_cracks=config.synthetic_cracks, crack_label=crack_label(table.names, config.synthetic_cracks),
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
