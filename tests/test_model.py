@@ -128,6 +128,8 @@ def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tiny_run):
     assert "layer4.1.bn2.running_var" in loaded and not any(k.startswith("fc.") for k in loaded)
     assert torch.equal(model.layer4[1].conv2.weight, trained["model.layer4.1.conv2.weight"])
     assert torch.equal(model.fc[4].weight, fresh_head)
+    with pytest.warns(UserWarning, match="trained with --input-norm dataset, this model uses cell"):
+        load_pretrained(ResNet("resnet18", 1, input_norm="cell"), str(checkpoint))
 
 
 def test_cell_input_norm_makes_the_model_blind_to_exposure():

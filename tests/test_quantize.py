@@ -80,3 +80,25 @@ def test_recall_drop_refused_unless_allowed(exported, seed_csv, tmp_path, monkey
     assert open_model(out).info.labels == load_table(seed_csv).names
     assert main(["export", str(float_path), "--int8"]) == 2  # no calibration data
     assert main(["export", str(float_path)]) == 2  # an ONNX file has nothing to re-export
+
+
+def test_int8_keeps_the_per_cell_standardisation_in_float(seed_csv, elpv, tmp_path):
+    """--input-norm cell divides by the cell's standard deviation: quantised, a
+    blank cell's zero deviation (and the floor that guards it) would round away."""
+    from elcell.config import TrainConfig
+    from elcell.train import train
+
+    summary = train(TrainConfig(data=str(seed_csv), out=str(tmp_path / "run"), backbone="resnet18",
+                                pretrained="none", image_size=64, batch_size=16, epochs=1, input_norm="cell",
+                                progress=False))
+    float_path = tmp_path / "run" / summary["onnx"]
+    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:24]])
+    int8_path = quantize_module.quantize(float_path, tmp_path / "model.int8.onnx", cells, source="test")
+    nodes = [node.op_type for node in onnx.load(str(int8_path)).graph.node]
+    before_quantising = set(nodes[:nodes.index("QuantizeLinear")])
+    assert {"ReduceMean", "Sqrt", "Clip", "Div"} <= before_quantising
+    float_model, int8_model = open_model(float_path), open_model(int8_path)
+    blank = np.full((2, 64, 64), 128, dtype=np.uint8)
+    for batch in (blank, cells[:8]):
+        a, b = float_model.run(batch), int8_model.run(batch)
+        assert np.isfinite(b).all() and np.abs(a - b).max() < 0.05

@@ -17,7 +17,8 @@ model ranks the cells, not from where the threshold sits.
 
 --missed writes a contact sheet of the clear defects (expert
 probability 1) that the model calls ok, to see what it fails to notice.
-Several runs on the same split are scored as an ensemble (mean probability):
+Several runs on the same split (the same cells in each part; the first run's
+targets are scored) are scored as an ensemble (mean probability):
 if it errs as often as its members, their errors are shared, not chance.
 """
 
@@ -37,6 +38,10 @@ from elcell.io import atomic_path
 EXPERT_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
+def cells_and_parts(run: Path) -> list[list[str]]:
+    return [line.split(";")[:2] for line in (run / "split.csv").read_text().splitlines()[1:]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", metavar="RUN")
@@ -46,10 +51,11 @@ def main() -> None:
     args = parser.parse_args()
 
     first = args.runs[0]
-    split = (first / "split.csv").read_text()
-    if any((run / "split.csv").read_text() != split for run in args.runs[1:]):
-        parser.error("an ensemble needs runs on the same split (same split.csv)")
-    rows = [line.split(";") for line in split.splitlines()[1:]]
+    rows = [line.split(";") for line in (first / "split.csv").read_text().splitlines()[1:]]
+    # the same cells in the same parts; the targets may differ (E23 trains on hard 0/1
+    # ones), and the first run's are the ones scored and broken down
+    if any(cells_and_parts(run) != [row[:2] for row in rows] for run in args.runs[1:]):
+        parser.error("an ensemble needs runs on the same split (the same cells in split.csv)")
     chosen = [(Path(path), float(target)) for path, part, target, *_ in rows if part == args.split]
     if not chosen:
         parser.error(f"{first / 'split.csv'} has no {args.split} cells")

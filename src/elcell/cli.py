@@ -25,18 +25,21 @@ TRAIN_HELP = {
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
     "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "
-                  "standardised by its own mean/std inside the model, so its exposure cannot matter)",
+                  "standardised by its own mean/std inside the model: blind to a cell's overall gain and "
+                  "offset, which also makes --brightness/--contrast jitter nearly a no-op)",
     "batch_size": "cells per training batch",
     "epochs": "maximum number of epochs",
     "optimizer": "'adam' (the seed's; weight decay as an L2 term), 'adamw' (decoupled weight decay) or "
-                 "'sgd' (Nesterov momentum 0.9; weight decay as an L2 term)",
+                 "'sgd' (Nesterov momentum 0.9, cycled 0.85-0.95 by onecycle; weight decay as an L2 term; "
+                 "needs a far larger --lr than Adam, e.g. 0.05)",
     "lr": "learning rate (the peak one with --schedule cosine or onecycle)",
     "backbone_lr_scale": "the backbone learns at --lr times this, the fresh head at --lr: below 1 keeps "
                          "pretrained features (--pretrained), 0 freezes the backbone's weights (its BatchNorm "
                          "statistics still follow the new cells)",
     "weight_decay": "weight decay of the optimiser",
-    "ema_decay": "keep an exponential moving average of the weights with this decay per step (e.g. 0.995; "
-                 "0 = off): validation, checkpoints and the exported model use the average",
+    "ema_decay": "keep an exponential moving average of the weights and BatchNorm statistics, with this "
+                 "decay per optimiser step (e.g. 0.995 averages over about 200 steps; 0 = off): validation, "
+                 "checkpoints and the exported model use the average",
     "schedule": "learning-rate schedule: 'plateau' (ReduceLROnPlateau on val F1, the seed's), "
                 "'cosine' (linear warm-up, cosine decay to 0 over --epochs) or 'onecycle'",
     "warmup_epochs": "linear warm-up epochs of --schedule cosine (at most half the run)",

@@ -21,6 +21,7 @@ leaves the input as the train split's mean/std normalised it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -161,7 +162,9 @@ class ResNet(nn.Module):
         if self.input_norm == "cell":
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
-            x = (x - mean) / (std + 1e-3)  # a blank (constant) cell stays finite
+            # a floor, not "+ eps": a blank (constant) cell stays finite, and int8
+            # export leaves the Clip unquantised where it would round an Add's eps to 0
+            x = (x - mean) / std.clamp_min(1e-3)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -204,7 +207,8 @@ def build_model(backbone: str, num_labels: int, pretrained: str = "none", poolin
     return model
 
 
-def _read_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights in `source`, and the hyperparameters of an elcell checkpoint ({} otherwise)."""
     if source == "imagenet":
         source = IMAGENET_URLS[backbone]
     if source.startswith(("http://", "https://", "file://")):  # file:// suits a weights share
@@ -225,7 +229,9 @@ def _read_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise PretrainedError(f"--pretrained {source}: not a PyTorch weight file ({err})") from None
+    hyper_parameters = {}
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        hyper_parameters = state.get("hyper_parameters") or {}
         state = state["state_dict"]
         if any(key.startswith("model.") for key in state):
             # an elcell checkpoint (e.g. a model trained on ELPV, fine-tuned on your labels):
@@ -233,7 +239,7 @@ def _read_state_dict(source: str, backbone: str) -> dict[str, torch.Tensor]:
             state = {key.removeprefix("model."): v for key, v in state.items() if key.startswith("model.")}
     if not isinstance(state, dict):
         raise PretrainedError(f"--pretrained {source}: expected a state_dict, got {type(state).__name__}")
-    return state
+    return state, hyper_parameters
 
 
 def load_pretrained(model: ResNet, source: str) -> list[str]:
@@ -243,7 +249,11 @@ def load_pretrained(model: ResNet, source: str) -> list[str]:
     initialisation, and an RGB conv1 is summed to one gray channel. Returns the
     backbone keys that were loaded.
     """
-    state = _read_state_dict(source, model.backbone_name)
+    state, trained = _read_state_dict(source, model.backbone_name)
+    trained_norm = trained.get("input_norm", "dataset")
+    if trained and trained_norm != model.input_norm:
+        warnings.warn(f"--pretrained {source} was trained with --input-norm {trained_norm}, this model "
+                      f"uses {model.input_norm}: its features will see differently scaled cells", stacklevel=2)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     if state.get("conv1.weight") is not None and state["conv1.weight"].shape[1] == 3:
         state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)

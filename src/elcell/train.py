@@ -304,18 +304,21 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 def _check_resumable(config: TrainConfig) -> None:
     """Refuse to resume with settings the checkpoint cannot carry on with."""
     checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True)
-    # the optimiser state holds one or two parameter groups and their rates
-    trained_scale = checkpoint["hyper_parameters"].get("backbone_lr_scale", 1.0)  # older runs: 1
-    if trained_scale != config.backbone_lr_scale:
-        raise DataError(f"--resume {config.resume}: the run trained with --backbone-lr-scale "
-                        f"{trained_scale}; resume it with that value")
+    trained = checkpoint["hyper_parameters"]
+    # The optimiser state holds one or two parameter groups and their rates; the
+    # weights were trained on one input scaling and pooling. Older runs: defaults.
+    for option, default in (("backbone_lr_scale", 1.0), ("input_norm", "dataset"), ("pooling", "avg")):
+        if trained.get(option, default) != getattr(config, option):
+            flag = "--" + option.replace("_", "-")
+            raise DataError(f"--resume {config.resume}: the run trained with {flag} "
+                            f"{trained.get(option, default)}; resume it with that value")
     # With an average, the checkpoint's weights are the average and the trained
     # ones sit beside them: without it, training would go on from the average.
     averaged = "averaging_state" in checkpoint
     if averaged != (config.ema_decay > 0):
         raise DataError(f"--resume {config.resume}: the run trained "
                         f"{'with' if averaged else 'without'} --ema-decay; resume it "
-                        f"{'with the same value' if averaged else 'without it'}")
+                        f"{'with --ema-decay' if averaged else 'without it'}")
 
 
 def machine(config: TrainConfig) -> dict:
@@ -360,7 +363,10 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
     if config.ema_decay > 0:
         # Validation runs on the average and checkpoints hold it as their weights,
         # so the best checkpoint, its ONNX export and --pretrained use the average.
-        extra_callbacks = [EMAWeightAveraging(decay=config.ema_decay), *extra_callbacks]
+        # On a GPU the average must live there too: Lightning builds it before the
+        # model moves, and would otherwise average on the CPU after every step.
+        extra_callbacks = [EMAWeightAveraging(decay=config.ema_decay, device="cuda" if gpu else None),
+                           *extra_callbacks]
     if gpu:
         torch.backends.cudnn.benchmark = True
     devices = config.devices
