@@ -235,7 +235,7 @@ def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx
 
     from elcell.modelinfo import read_info, write_info
 
-    assert read_info(tiny_onnx).extra == {"rotate90": False}  # trained without rotations
+    assert read_info(tiny_onnx).extra["rotate90"] is False  # trained without rotations
     rotated = tmp_path / "rotate90.onnx"
     write_info(tiny_onnx, rotated, replace(read_info(tiny_onnx), extra={"rotate90": True}))
     model = open_model(rotated)
