@@ -14,9 +14,9 @@ pooling="max", by its maximum: a crack covers a few of the map's positions, and
 an average dilutes it by the others.
 
 With input_norm="cell" each cell is first standardised by its own pixel mean
-and standard deviation, so the model cannot see a cell's exposure at all (EL
-images differ in exposure between cameras and lines); the default, "dataset",
-leaves the input as the train split's mean/std normalised it.
+and standard deviation, so the model is blind to a cell's overall gain and
+offset (EL images differ in exposure between cameras and lines); the default,
+"dataset", leaves the input as the train split's mean/std normalised it.
 """
 
 from __future__ import annotations
