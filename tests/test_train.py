@@ -120,8 +120,6 @@ def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
 
 def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
     """An interrupted run must have something to --resume from, whatever its scores."""
-    import lightning as L
-
     seen = []
 
     class LookAtCheckpoints(L.Callback):
@@ -218,8 +216,6 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
 def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, schedule):
-    import lightning as L
-
     start = {}
 
     class KeepStartWeights(L.Callback):
@@ -274,8 +270,6 @@ def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
 
 
 def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
-    import lightning as L
-
     decay, average = 0.8, {}
 
     class FollowTheAverage(L.Callback):
