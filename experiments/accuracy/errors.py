@@ -54,7 +54,8 @@ def main() -> None:
     rows = [line.split(";") for line in (first / "split.csv").read_text().splitlines()[1:]]
     # the same cells in the same parts; the targets may differ (E23 trains on hard 0/1
     # ones), and the first run's are the ones scored and broken down
-    if any(cells_and_parts(run) != [row[:2] for row in rows] for run in args.runs[1:]):
+    cells = [row[:2] for row in rows]
+    if any(cells_and_parts(run) != cells for run in args.runs[1:]):
         parser.error("an ensemble needs runs on the same split (the same cells in split.csv)")
     chosen = [(Path(path), float(target)) for path, part, target, *_ in rows if part == args.split]
     if not chosen:

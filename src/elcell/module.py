@@ -149,12 +149,8 @@ class ELCellModule(LightningModule):
         hp = self.hparams
         # AdamW decouples weight decay from the gradient scale; Adam's weight_decay
         # is an L2 term (the seed's optimiser, kept as it was), and so is SGD's.
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                        momentum=0.9, nesterov=True)
-        else:
-            optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[hp.optimizer]
-            optimizer = optimizer_class(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer_class, settings = _OPTIMIZERS[hp.optimizer]
+        optimizer = optimizer_class(self._param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, **settings)
         if hp.schedule == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=hp.lr_factor, patience=hp.lr_patience)
@@ -186,7 +182,10 @@ class ELCellModule(LightningModule):
 
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+# each --optimizer's class and its settings beyond lr and weight decay
+_OPTIMIZERS = {"adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {}),
+               "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True})}
+OPTIMIZERS = tuple(_OPTIMIZERS)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: int):

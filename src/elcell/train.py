@@ -303,7 +303,8 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 
 def _check_resumable(config: TrainConfig) -> None:
     """Refuse to resume with settings the checkpoint cannot carry on with."""
-    checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True)
+    # mmap: only the hyperparameters and keys are read here; Lightning loads the weights
+    checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True, mmap=True)
     trained = checkpoint["hyper_parameters"]
     # The optimiser state holds one or two parameter groups and their rates; the
     # weights were trained on one input scaling and pooling. Older runs: defaults.
