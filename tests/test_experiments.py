@@ -59,11 +59,24 @@ def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_pa
         assert image.size == (900, 150 * max(1, -(-min(missed, 24) // 6)))
 
 
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_names_a_repeat_by_its_experiment_and_seed():
+    short_name = load_script("table").short_name
+    assert short_name(Path("runs/E03-rot90")) == "E03"
+    assert short_name(Path("E29-R1-finetune-after-synthetic-init-seed1")) == "E29-R1"
+    assert short_name(Path("R2-E03-init-seed2")) == "R2"
+    assert short_name(Path("Q-quick-recipe")) == "Q"
+    assert short_name(Path("my-run")) == "my-run"
+
+
 def test_best_threshold_accuracy_finds_the_threshold_that_separates_best():
-    spec = importlib.util.spec_from_file_location("errors_script", SCRIPTS / "errors.py")
-    errors = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(errors)
-    best_threshold_accuracy = errors.best_threshold_accuracy
+    best_threshold_accuracy = load_script("errors").best_threshold_accuracy
 
     probs = np.array([0.1, 0.3, 0.35, 0.4, 0.9])
     assert best_threshold_accuracy(probs, np.array([0, 0, 1, 1, 1], bool)) == (1.0, 0.35)

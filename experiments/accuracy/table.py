@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def describe(run: Path) -> str:
     return run.name
 
 
+def short_name(run: Path) -> str:
+    """The experiment's id: E03-rot90 -> E03, a repeat E29-R1-... -> E29-R1."""
+    match = re.match(r"[A-Z]+\d*(-R\d+)?", run.name)
+    return match.group(0) if match else run.name
+
+
 def cells(block: dict, label: str = "defective") -> tuple[str, str]:
     return f"{block[label]['accuracy']:.3f}", f"{block[label]['f1']:.3f}"
 
@@ -53,7 +60,7 @@ def row(run: Path, tta: bool) -> str:
     val, test = summary["val"], summary.get("test")  # a pretraining run may have no test split
     groups = test.get("groups", {}) if test else {}
     columns = [
-        f"**{run.name.split('-')[0]}** {describe(run)}",
+        f"**{short_name(run)}** {describe(run)}",
         *cells(val), *(cells(test) if test else ("-", "-")),
         f"{test['defective']['roc_auc']:.3f}" if test else "-",
         *(f"{groups[g]['defective']['accuracy']:.3f} / {groups[g]['defective']['f1']:.3f}" if g in groups else "-"
