@@ -54,6 +54,8 @@ def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_pa
     assert accuracy == pytest.approx(summary["test"]["defective"]["accuracy"], abs=5e-4)
     best = float(re.search(r"best accuracy at any threshold ([\d.]+)", text).group(1))
     assert accuracy <= best <= 1  # some threshold splits the cells as 0.5 does
+    at_val_threshold = float(re.search(r"best threshold on the val cells ([\d.]+)", text).group(1))
+    assert 0 <= at_val_threshold <= best
     missed = int(re.search(r"(\d+) missed clear defects", text).group(1))
     with Image.open(sheet) as image:  # 6 cells of 150 px per row
         assert image.size == (900, 150 * max(1, -(-min(missed, 24) // 6)))

@@ -13,7 +13,9 @@ misses defects it was trained on) from overfitting (it fits them but not the
 test cells). The best accuracy any one threshold reaches on the split is an
 upper bound, not a protocol figure (the threshold is picked on the very cells
 scored): if it is close to the accuracy at 0.5, the errors come from how the
-model ranks the cells, not from where the threshold sits.
+model ranks the cells, not from where the threshold sits. The accuracy at the
+threshold that is best on the run's validation cells is one the protocol could
+have reached without looking at the scored cells.
 
 --missed writes a contact sheet of the clear defects (expert
 probability 1) that the model calls ok, to see what it fails to notice.
@@ -74,6 +76,12 @@ def main() -> None:
     print(f"  binary accuracy {np.mean(called == (targets >= 0.5)):.3f}")
     best, threshold = best_threshold_accuracy(probs, targets >= 0.5)
     print(f"  best accuracy at any threshold {best:.3f} (at {threshold:.3f}; picked on these cells)")
+    if args.split != "val":  # a threshold the protocol could have picked: on the val cells
+        val = [(Path(path), float(target) >= 0.5) for path, part, target, *_ in rows if part == "val"]
+        val_probs = np.mean([run_probabilities(run, [p for p, _ in val]) for run in args.runs], axis=0)
+        _, val_threshold = best_threshold_accuracy(val_probs, np.array([hit for _, hit in val]))
+        accuracy = np.mean((probs >= val_threshold) == (targets >= 0.5))
+        print(f"  accuracy at the best threshold on the val cells {accuracy:.3f} (at {val_threshold:.3f})")
     if args.missed:
         missed = [path for (path, target), hit in zip(chosen, called) if target == 1.0 and not hit]
         write_contact_sheet(args.missed, missed[:24])
