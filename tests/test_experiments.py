@@ -54,8 +54,11 @@ def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_pa
     assert accuracy == pytest.approx(summary["test"]["defective"]["accuracy"], abs=5e-4)
     best = float(re.search(r"best accuracy at any threshold ([\d.]+)", text).group(1))
     assert accuracy <= best <= 1  # some threshold splits the cells as 0.5 does
-    at_val_threshold = float(re.search(r"best threshold on the val cells ([\d.]+)", text).group(1))
-    assert 0 <= at_val_threshold <= best
+    # the threshold applied to the test cells is the one that is best on the val cells
+    applied = re.search(r"best threshold on the val cells [\d.]+ \(at ([\d.inf]+)\)", text).group(1)
+    on_val = run_script("errors.py", protocol_run, "--split", "val")
+    assert re.search(r"best accuracy at any threshold [\d.]+ \(at ([\d.inf]+);", on_val).group(1) == applied
+    assert "val cells" not in on_val
     missed = int(re.search(r"(\d+) missed clear defects", text).group(1))
     with Image.open(sheet) as image:  # 6 cells of 150 px per row
         assert image.size == (900, 150 * max(1, -(-min(missed, 24) // 6)))
@@ -75,6 +78,7 @@ def test_table_names_a_repeat_by_its_experiment_and_seed():
     assert short_name(Path("R2-E03-init-seed2")) == "R2"
     assert short_name(Path("Q-quick-recipe")) == "Q"
     assert short_name(Path("my-run")) == "my-run"
+    assert short_name(Path("Baseline-run")) == "Baseline-run"
 
 
 def test_best_threshold_accuracy_finds_the_threshold_that_separates_best():

@@ -14,8 +14,9 @@ test cells). The best accuracy any one threshold reaches on the split is an
 upper bound, not a protocol figure (the threshold is picked on the very cells
 scored): if it is close to the accuracy at 0.5, the errors come from how the
 model ranks the cells, not from where the threshold sits. The accuracy at the
-threshold that is best on the run's validation cells is one the protocol could
-have reached without looking at the scored cells.
+threshold that is best on the run's validation cells (for an ensemble, on its
+mean there; not printed with --split val) is one the protocol could have
+reached without looking at the scored cells.
 
 --missed writes a contact sheet of the clear defects (expert
 probability 1) that the model calls ok, to see what it fails to notice.

@@ -46,7 +46,7 @@ def describe(run: Path) -> str:
 
 def short_name(run: Path) -> str:
     """The experiment's id: E03-rot90 -> E03, a repeat E29-R1-... -> E29-R1."""
-    match = re.match(r"[A-Z]+\d*(-R\d+)?", run.name)
+    match = re.match(r"[A-Z]+\d*(-R\d+)?(?=-|$)", run.name)
     return match.group(0) if match else run.name
 
 

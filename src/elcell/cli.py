@@ -59,8 +59,9 @@ TRAIN_HELP = {
     "affine_translate": "small affine augmentation: shift up to this fraction of the size",
     "affine_scale": "small affine augmentation: zoom factor drawn from [1-s, 1+s]",
     "synthetic_cracks": "probability that a clean training cell gets a drawn thin crack and is labelled "
-                        "defective (its 'crack' label, or its only label); best as a first stage that a "
-                        "second run fine-tunes on the real labels (--pretrained RUN/checkpoints/last.ckpt)",
+                        "defective (its 'crack' label, or its only label); on ELPV it helped most as a first "
+                        "stage that a second run, with the same split options, fine-tunes on the real labels "
+                        "(--pretrained RUN/checkpoints/last.ckpt)",
     "loss_weighting": "'balanced' (BCE pos_weight = negatives/positives per label, the seed's) or 'none'",
     "tta": "score the final val/test evaluation with test-time augmentation (as predict --tta)",
     "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "
