@@ -86,7 +86,37 @@ def test_synthetic_cracks_mark_clean_cells_only_with_a_thin_line_from_edge_to_ed
         assert sum(map(bool, sides.values())) >= 2  # from one side of the cell to another
 
 
-def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells():
+@pytest.mark.parametrize("shape", ["line", "realistic"])
+def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells(shape):
     torch.manual_seed(0)
-    _, marked = SyntheticCracks(p=0.3, label=0)(torch.full((2000, 1, 16, 16), 0.5), torch.zeros(2000, 1))
+    _, marked = SyntheticCracks(p=0.3, label=0, shape=shape)(torch.full((2000, 1, 16, 16), 0.5),
+                                                              torch.zeros(2000, 1))
     assert marked.mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+def test_realistic_cracks_are_thin_lines_and_some_cut_off_a_dark_area_marked_inactive():
+    torch.manual_seed(0)
+    images = torch.full((400, 1, 96, 96), 0.6)
+    targets = torch.zeros(400, 2)  # crack, inactive
+    targets[:100, 0] = 1.0  # already cracked: left alone
+    out, marked = SyntheticCracks(p=1.0, label=0, shape="realistic", inactive_label=1)(images, targets)
+    assert torch.equal(out[:100], images[:100]) and torch.equal(marked[:100], targets[:100])
+    assert torch.equal(marked[100:, 0], torch.ones(300)) and (out <= images).all()
+    inactive = marked[100:, 1] == 1
+    assert inactive.float().mean().item() == pytest.approx(0.4, abs=0.08)
+    darkened = (out[100:, 0] < 0.6 * 0.95).flatten(1).float().mean(1)  # share of each cell darker by 5 %+
+    # a cut-off area is at least a corner of the cell, at most half of it (plus the crack lines)
+    assert (darkened[inactive] > 0.01).all() and (darkened[inactive] < 0.6).all()
+    # cracks alone: one to three lines a few pixels wide across a 96-pixel cell
+    assert (darkened[~inactive] > 0).all() and (darkened[~inactive] < 3 * 3 * 96 * 1.5 / 96 ** 2).all()
+    area = (out[100:, 0] < 0.6 * 0.65).flatten(1).sum(1)  # only a cut-off area darkens by 35 %+ widely
+    assert area[inactive].float().median() > 300 and area[~inactive].float().median() < 30
+
+
+def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():
+    torch.manual_seed(0)
+    _, marked = SyntheticCracks(p=1.0, label=0, shape="realistic")(torch.full((64, 1, 32, 32), 0.5),
+                                                                    torch.zeros(64, 2))
+    assert torch.equal(marked[:, 0], torch.ones(64)) and torch.equal(marked[:, 1], torch.zeros(64))
+    with pytest.raises(ValueError, match="crack shape 'wavy'"):
+        SyntheticCracks(p=1.0, label=0, shape="wavy")

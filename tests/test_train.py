@@ -154,10 +154,12 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
                                 val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
                                 weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
                                 affine_degrees=5, affine_translate=0.05, affine_scale=0.1, tta=True,
-                                pooling="max", synthetic_cracks=0.5, progress=False))
+                                pooling="max", synthetic_cracks=0.5, synthetic_crack_shape="realistic",
+                                progress=False))
     assert summary["onnx_max_abs_diff"] < 1e-4  # the max-pooled model exports faithfully
     hparams = torch.load(out / summary["best_checkpoint"], weights_only=True)["hyper_parameters"]
     assert hparams["pooling"] == "max" and hparams["synthetic_cracks"] == 0.5 and hparams["crack_label"] == 0
+    assert hparams["synthetic_crack_shape"] == "realistic" and hparams["inactive_label"] is None  # ELPV: one label
     split = {line.split(";")[0]: line.split(";")[1] for line in (out / "split.csv").read_text().splitlines()[1:]}
     test_rows = list(csv.DictReader(open(out / "eval" / "test" / "predictions.csv"), delimiter=";"))
     assert len(test_rows) == summary["cells"]["test"] == summary["test"]["cells"] == 24
@@ -176,7 +178,7 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
 
 @pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "lion"),
                                            ("loss_weighting", "focal"), ("pooling", "sum"),
-                                           ("input_norm", "histogram")])
+                                           ("input_norm", "histogram"), ("synthetic_crack_shape", "wavy")])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
 
@@ -368,3 +370,17 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
         change[name] = np.abs(probs - darker_probs).max()
     # a one-epoch model barely reacts to its input, hence the small scales
     assert change["cell"] < 5e-5 and change["control"] > 2e-4
+
+
+def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+                      image_size=32, batch_size=16, epochs=1, val_fraction=0.25, synthetic_cracks=0.5,
+                      synthetic_crack_shape="realistic", progress=False))
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    names = state["hyper_parameters"]["label_names"]
+    assert names[state["hyper_parameters"]["crack_label"]] == "crack"
+    assert names[state["hyper_parameters"]["inactive_label"]] == "inactive"
+    module = ELCellModule(**state["hyper_parameters"])
+    assert module.synthetic_cracks.shape == "realistic"
+    assert module.synthetic_cracks.inactive_label == names.index("inactive")

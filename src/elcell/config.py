@@ -67,6 +67,7 @@ class TrainConfig:
     affine_scale: float = 0.0
     loss_weighting: str = "balanced"
     synthetic_cracks: float = 0.0
+    synthetic_crack_shape: str = "line"
     tta: bool = False
     precision: str = "auto"
     accelerator: str = "auto"

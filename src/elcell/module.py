@@ -84,7 +84,9 @@ class ELCellModule(LightningModule):
         pooling: str = "avg",
         input_norm: str = "dataset",
         synthetic_cracks: float = 0.0,
+        synthetic_crack_shape: str = "line",
         crack_label: int = 0,
+        inactive_label: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,7 +94,8 @@ class ELCellModule(LightningModule):
         self.augment = BatchAugment(flip_p=flip_p, brightness=brightness, contrast=contrast,
                                     rotate90=rotate90, affine_degrees=affine_degrees,
                                     affine_translate=affine_translate, affine_scale=affine_scale)
-        self.synthetic_cracks = SyntheticCracks(synthetic_cracks, crack_label) if synthetic_cracks > 0 else None
+        self.synthetic_cracks = (SyntheticCracks(synthetic_cracks, crack_label, synthetic_crack_shape, inactive_label)
+                                 if synthetic_cracks > 0 else None)
         self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
         self.val_scores = LabelF1(len(label_names))
         if channels_last:

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from elcell.augment import CRACK_SHAPES
 from elcell.config import TrainConfig
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.errors import DataError
@@ -112,7 +113,8 @@ def prepare(config: TrainConfig):
                                    ("schedule", config.schedule, SCHEDULES),
                                    ("loss-weighting", config.loss_weighting, LOSS_WEIGHTINGS),
                                    ("pooling", config.pooling, POOLINGS),
-                                   ("input-norm", config.input_norm, INPUT_NORMS)):
+                                   ("input-norm", config.input_norm, INPUT_NORMS),
+                                   ("synthetic-crack-shape", config.synthetic_crack_shape, CRACK_SHAPES)):
         if value not in choices:
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
@@ -243,7 +245,9 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
         schedule=config.schedule, warmup_epochs=config.warmup_epochs, rotate90=config.rotate90,
         affine_degrees=config.affine_degrees, affine_translate=config.affine_translate,
         affine_scale=config.affine_scale, pooling=config.pooling, input_norm=config.input_norm,
-        synthetic_cracks=config.synthetic_cracks, crack_label=crack_label(table.names, config.synthetic_cracks),
+        synthetic_cracks=config.synthetic_cracks, synthetic_crack_shape=config.synthetic_crack_shape,
+        crack_label=crack_label(table.names, config.synthetic_cracks),
+        inactive_label=table.names.index("inactive") if "inactive" in table.names else None,
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size,
