@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from elcell.augment import BatchAugment, SyntheticCracks, normalise
+from elcell.augment import (
+    BatchAugment,
+    SyntheticCracks,
+    _brownian_bridge,
+    _coverage,
+    _crack_coordinates,
+    normalise,
+)
 
 
 def test_each_flip_happens_with_probability_04():
@@ -105,12 +112,41 @@ def test_realistic_cracks_are_thin_lines_and_some_cut_off_a_dark_area_marked_ina
     inactive = marked[100:, 1] == 1
     assert inactive.float().mean().item() == pytest.approx(0.4, abs=0.08)
     darkened = (out[100:, 0] < 0.6 * 0.95).flatten(1).float().mean(1)  # share of each cell darker by 5 %+
-    # a cut-off area is at least a corner of the cell, at most half of it (plus the crack lines)
-    assert (darkened[inactive] > 0.01).all() and (darkened[inactive] < 0.6).all()
-    # cracks alone: one to three lines a few pixels wide across a 96-pixel cell
-    assert (darkened[~inactive] > 0).all() and (darkened[~inactive] < 3 * 3 * 96 * 1.5 / 96 ** 2).all()
-    area = (out[100:, 0] < 0.6 * 0.65).flatten(1).sum(1)  # only a cut-off area darkens by 35 %+ widely
-    assert area[inactive].float().median() > 300 and area[~inactive].float().median() < 30
+    # cracks alone: one to three lines up to 2 pixels wide (3 with anti-aliasing) across a 96-pixel cell
+    assert (darkened[~inactive] > 0).all() and (darkened[~inactive] < 3 * 3 * 96 * 2 ** 0.5 / 96 ** 2).all()
+    # a cut-off area, darkened by 30 %+: the smaller part (at most half the cell, plus the cracks),
+    # and at least the corner cut by a line through a point 15 % in from two edges (4.5 % of the cell)
+    area = (out[100:, 0] < 0.6 * 0.72).flatten(1).float().mean(1)
+    assert (area[inactive] > 0.04).all() and (darkened[inactive] < 0.6).all()
+    assert area[inactive].median() > 5 * darkened[~inactive].median()
+
+
+def test_crack_coordinates_are_along_and_across_the_jagged_line():
+    angle, centre = torch.tensor([[0.0, torch.pi / 2]]), torch.tensor([[[10.0, 20.0], [5.0, 7.0]]])
+    along, side = _crack_coordinates(angle, centre, torch.zeros(1, 2), height=30, width=40)
+    ys, xs = torch.meshgrid(torch.arange(30.0), torch.arange(40.0), indexing="ij")
+    assert torch.allclose(along[0, 0], xs.flatten() - 10) and torch.allclose(side[0, 0], ys.flatten() - 20)
+    assert torch.allclose(along[0, 1], ys.flatten() - 7, atol=1e-5)  # cos(pi / 2) is not exactly 0
+    assert torch.allclose(side[0, 1], 5 - xs.flatten(), atol=1e-5)
+    torch.manual_seed(0)
+    _, jagged = _crack_coordinates(angle, centre, torch.full((1, 2), 3.0), height=30, width=40)
+    moved = (jagged - side).abs()
+    assert moved.max() <= 3.0 + 1e-5 and moved.mean() > 0.2  # displaced across, by at most the wiggle
+
+
+@pytest.mark.parametrize("half_width", [0.5, 0.75, 1.0])
+def test_a_thin_crack_covers_its_full_width_wherever_it_falls_between_pixel_centres(half_width):
+    rows = torch.arange(20.0)[:, None]
+    for centre in torch.linspace(5, 6, 11):  # a horizontal crack at y = centre: the side is y - centre
+        assert _coverage(rows - centre, torch.tensor(half_width)).sum() == pytest.approx(2 * half_width)
+
+
+def test_brownian_bridge_starts_and_ends_at_zero_with_unit_largest_excursion():
+    torch.manual_seed(0)
+    bridge = _brownian_bridge((50, 3), steps=64, device="cpu")
+    assert bridge.shape == (50, 3, 64)
+    assert torch.all(bridge[..., 0] == 0) and torch.allclose(bridge[..., -1], torch.zeros(50, 3), atol=1e-6)
+    assert torch.allclose(bridge.abs().amax(-1), torch.ones(50, 3))
 
 
 def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():

@@ -381,6 +381,9 @@ def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, see
     names = state["hyper_parameters"]["label_names"]
     assert names[state["hyper_parameters"]["crack_label"]] == "crack"
     assert names[state["hyper_parameters"]["inactive_label"]] == "inactive"
-    module = ELCellModule(**state["hyper_parameters"])
-    assert module.synthetic_cracks.shape == "realistic"
-    assert module.synthetic_cracks.inactive_label == names.index("inactive")
+    module = ELCellModule(**state["hyper_parameters"])  # as trained: cracks mark both labels
+    torch.manual_seed(0)
+    _, marked = module.synthetic_cracks(torch.full((64, 1, 32, 32), 0.5), torch.zeros(64, 2))
+    crack, inactive = marked[:, names.index("crack")], marked[:, names.index("inactive")]
+    assert crack.mean() == pytest.approx(0.5, abs=0.2) and 0 < inactive.sum() < crack.sum()
+    assert (crack[inactive == 1] == 1).all()  # an area is only cut off by a crack

@@ -43,9 +43,9 @@ class SyntheticCracks(nn.Module):
     - shape "line": one quadratic Bezier curve from one edge to another, about
       a pixel wide, darkening the cell by 15-50 % along it;
     - shape "realistic": what cracked cells look like, see `_realistic_cracks`:
-      one to three jagged, mostly diagonal cracks, some ending inside the cell,
-      and in 40 % of cells the smaller part cut off by a crack darkened as an
-      inactive area. Such a cell also gets `inactive_label` set, if given.
+      one to three jagged, mostly diagonal cracks, some ending inside the cell;
+      in 40 % of the cracked cells the smaller part that a crack cuts off is
+      darkened as an inactive area, and `inactive_label` set, if given.
 
     Other labels are left alone.
     """
@@ -90,67 +90,89 @@ def _bezier_crack(n: int, height: int, width: int, device) -> torch.Tensor:
     return 1 - depth * line
 
 
-def _realistic_cracks(n: int, height: int, width: int, device, cracks: int = 3,
-                      steps: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int = 3,
+                      inactive_share: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
     """Cracks as seen in EL images, as a brightness factor [n, H, W] and which cells
     got a darkened (inactive) area [n].
 
-    Each cell gets one to three cracks. A crack is a line through a random point
-    of the cell, along a diagonal (+-10 degrees: mono cells cleave along
-    crystal planes) or, for half of them, at any angle, made jagged by a
-    Brownian bridge across it (up to 3 % of the cell size: poly cells crack
-    through grains). Half the cracks run from edge to edge; the others start
-    inside the cell. Each darkens the cell by 15-50 % over 1-2 pixels. In 40 %
-    of the cells the first crack runs edge to edge and the smaller part it cuts
-    off is darkened by 30-90 %, as a cell area that lost its contact.
+    Each cell gets one to three cracks, whatever its type. A crack is a line
+    through a random point of the cell's central 70 %, along a diagonal
+    (+-10 degrees; mono cells cleave along crystal planes) for half of them and
+    at any angle for the others, made jagged by a Brownian bridge across it (up
+    to 3 % of the cell size; poly cells crack through grains). It darkens the cell by
+    15-50 % over a width of 1-2 pixels. Half the cracks run from edge to edge;
+    the others start near the chosen point, so they mostly end inside the cell.
+    In `inactive_share` of the cells the first crack runs from edge to edge and
+    the smaller part it cuts off is darkened by 30-90 %, as a cell area that
+    lost its contact.
     """
     size = float(max(height, width))
+    shape = (n, max_cracks)
+    diagonal = (torch.randint(0, 2, shape, device=device) * 2 - 1) * torch.pi / 4
+    angle = torch.where(torch.rand(shape, device=device) < 0.5,
+                        diagonal + torch.deg2rad(_uniform(-10, 10, shape, device)),
+                        _uniform(0, torch.pi, shape, device))
+    centre = torch.stack([_uniform(0.15, 0.85, shape, device) * (width - 1),
+                          _uniform(0.15, 0.85, shape, device) * (height - 1)], -1)
+    wiggle = _uniform(0, 0.03 * size, shape, device)
+    along, side = _crack_coordinates(angle, centre, wiggle, height, width)  # [n, C, P] each
+
+    line = _coverage(side, half_width=_uniform(0.5, 1.0, (*shape, 1), device))
+    inactive = torch.rand(n, device=device) < inactive_share
+    partial = torch.rand(shape, device=device) < 0.5
+    partial[inactive, 0] = False  # the crack that cuts off an area runs from edge to edge
+    start = torch.where(partial, _uniform(-0.3 * size, 0.1 * size, shape, device), -torch.inf)
+    line = line * (along >= start[..., None])
+    count = torch.randint(1, max_cracks + 1, (n, 1), device=device)
+    depth = _uniform(0.15, 0.5, shape, device) * (torch.arange(max_cracks, device=device) < count)
+    shade = (1 - depth[..., None] * line).prod(1)  # [n, P]
+
+    cut = side[:, 0] > 0  # one side of the first crack
+    smaller = torch.where(cut.float().mean(-1, keepdim=True) <= 0.5, cut, ~cut)
+    darken = _uniform(0.3, 0.9, (n, 1), device) * (smaller & inactive[:, None])
+    return (shade * (1 - darken)).view(n, height, width), inactive
+
+
+def _crack_coordinates(angle: torch.Tensor, centre: torch.Tensor, wiggle: torch.Tensor, height: int,
+                       width: int, bridge_steps: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's position along each crack and its signed distance from it, [n, C, H*W] each.
+
+    A crack is the line through `centre` [n, C, 2] (x, y) at `angle` [n, C]
+    (radians, from the x axis), displaced across by a Brownian bridge whose
+    largest excursion is `wiggle` [n, C] pixels."""
+    device = angle.device
     ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
                             torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
-    pixels = torch.stack([xs.flatten(), ys.flatten()], -1)  # [P, 2] as (x, y)
-
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return low + (high - low) * torch.rand(*shape, device=device)
-
-    diagonal = (torch.randint(0, 2, (n, cracks), device=device) * 2 - 1) * torch.pi / 4
-    angle = torch.where(torch.rand(n, cracks, device=device) < 0.5,
-                        diagonal + torch.deg2rad(uniform(-10, 10, n, cracks)), uniform(0, torch.pi, n, cracks))
-    along = torch.stack([angle.cos(), angle.sin()], -1)  # [n, C, 2]
-    across = torch.stack([-angle.sin(), angle.cos()], -1)
-    centre = torch.stack([uniform(0.15, 0.85, n, cracks) * (width - 1),
-                          uniform(0.15, 0.85, n, cracks) * (height - 1)], -1)
-    offset = pixels[None, None] - centre[:, :, None]  # [n, C, P, 2]
-    s = (offset * along[:, :, None]).sum(-1)  # position along each crack, in [-size, size]
-    d = (offset * across[:, :, None]).sum(-1)  # signed distance from its straight line
-
-    # Brownian bridge: a random walk pinned to 0 at both ends, scaled to 0-3 % of the cell
-    walk = torch.randn(n, cracks, steps, device=device).cumsum(-1)
-    t = torch.linspace(0, 1, steps, device=device)
-    bridge = walk - t * walk[..., -1:]
-    bridge = bridge / bridge.abs().amax(-1, keepdim=True).clamp_min(1e-6) * uniform(0, 0.03 * size, n, cracks, 1)
-    position = ((s + size) / (2 * size)).clamp(0, 1) * (steps - 1)  # s as a fractional bridge index
-    low = position.floor().long().clamp(max=steps - 2)
+    xs, ys = xs.flatten() - centre[..., :1], ys.flatten() - centre[..., 1:]  # [n, C, P]
+    cos, sin = angle.cos()[..., None], angle.sin()[..., None]
+    along, across = xs * cos + ys * sin, ys * cos - xs * sin
+    bridge = _brownian_bridge(wiggle.shape, bridge_steps, device) * wiggle[..., None]
+    reach = (height ** 2 + width ** 2) ** 0.5  # no pixel is farther from a centre along a crack
+    position = (along + reach) / (2 * reach) * (bridge_steps - 1)  # as a fractional bridge index
+    low = position.floor().long().clamp(0, bridge_steps - 2)
     frac = position - low
-    wiggle = bridge.gather(-1, low) * (1 - frac) + bridge.gather(-1, low + 1) * frac
-    side = d - wiggle  # signed distance from the jagged crack
+    offset = bridge.gather(-1, low) * (1 - frac) + bridge.gather(-1, low + 1) * frac
+    return along, across - offset
 
-    half_width = uniform(0.5, 1.0, n, cracks, 1)
-    line = (1 - side.abs() / half_width).clamp(min=0)
-    starts = torch.where(torch.rand(n, cracks, 1, device=device) < 0.5,
-                         torch.full((n, cracks, 1), -size, device=device), uniform(-0.3 * size, 0.1 * size, n, cracks, 1))
-    line = line * (s >= starts)
-    count = torch.randint(1, cracks + 1, (n, 1), device=device)
-    drawn = torch.arange(cracks, device=device)[None] < count  # [n, C]
-    inactive = torch.rand(n, device=device) < 0.4
-    drawn[:, 0] |= inactive  # the cut-off area needs its crack drawn ...
-    line[inactive, 0] = (1 - side[inactive, 0].abs() / half_width[inactive, 0]).clamp(min=0)  # ... edge to edge
-    depth = uniform(0.15, 0.5, n, cracks, 1) * drawn[..., None]
-    shade = (1 - depth * line).prod(1)  # [n, P]
 
-    cut = side[:, 0] > 0
-    smaller = torch.where(cut.float().mean(-1, keepdim=True) <= 0.5, cut, ~cut)
-    darken = uniform(0.3, 0.9, n, 1) * (smaller & inactive[:, None])
-    return (shade * (1 - darken)).view(n, height, width), inactive
+def _coverage(side: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
+    """About the share of each pixel, at signed distance `side` from a crack's
+    centre line, that the crack covers: every pixel step along a crack darkens
+    by its full width, wherever the crack falls between pixel centres."""
+    return (half_width + 0.5 - side.abs()).clamp(0, 1)
+
+
+def _brownian_bridge(shape: tuple[int, ...], steps: int, device) -> torch.Tensor:
+    """Random walks of `steps` points that start and end at 0, scaled so that the
+    largest excursion of each is 1: [*shape, steps]."""
+    walk = torch.cat([torch.zeros(*shape, 1, device=device),
+                      torch.randn(*shape, steps - 1, device=device).cumsum(-1)], -1)
+    bridge = walk - torch.linspace(0, 1, steps, device=device) * walk[..., -1:]
+    return bridge / bridge.abs().amax(-1, keepdim=True).clamp_min(1e-6)
+
+
+def _uniform(low: float, high: float, shape: tuple[int, ...], device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, device=device)
 
 
 def _draw(curves: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -63,8 +63,8 @@ TRAIN_HELP = {
                         "stage that a second run, with the same split options, fine-tunes on the real labels "
                         "(--pretrained RUN/checkpoints/last.ckpt)",
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
-                             "mostly diagonal cracks; in 40 %% of cells the part one cuts off is darkened and "
-                             "the 'inactive' label, if any, set)",
+                             "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
+                             "off is darkened and the 'inactive' label, if any, set)",
     "loss_weighting": "'balanced' (BCE pos_weight = negatives/positives per label, the seed's) or 'none'",
     "tta": "score the final val/test evaluation with test-time augmentation (as predict --tta)",
     "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "
