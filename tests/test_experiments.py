@@ -52,6 +52,8 @@ def test_errors_counts_the_test_cells_by_expert_probability(protocol_run, tmp_pa
     assert sum(counts) == summary["cells"]["test"] == 24
     accuracy = float(re.search(r"binary accuracy ([\d.]+)", text).group(1))
     assert accuracy == pytest.approx(summary["test"]["defective"]["accuracy"], abs=5e-4)
+    auc = float(re.search(r"ROC-AUC ([\d.]+)", text).group(1))
+    assert auc == pytest.approx(summary["test"]["defective"]["roc_auc"], abs=5e-4)
     best = float(re.search(r"best accuracy at any threshold ([\d.]+)", text).group(1))
     assert accuracy <= best <= 1  # some threshold splits the cells as 0.5 does
     # the threshold applied to the test cells is the one that is best on the val cells

@@ -8,7 +8,7 @@
 Scores the run's ONNX model (ONNX Runtime, no augmentation) on one split of its
 split.csv and prints, for each expert probability (0, 1/3, 2/3, 1), how many
 cells there are and the share the model calls defective (probability >= 0.5),
-plus the binary accuracy. On the train split this tells underfitting (the model
+plus the binary accuracy and ROC-AUC. On the train split this tells underfitting (the model
 misses defects it was trained on) from overfitting (it fits them but not the
 test cells). The best accuracy any one threshold reaches on the split is an
 upper bound, not a protocol figure (the threshold is picked on the very cells
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from elcell.images import load_cell
 from elcell.infer import open_model, score
@@ -75,6 +76,8 @@ def main() -> None:
             print(f"  expert probability {expert:.2f}: {these.sum():4d} cells, "
                   f"called defective {called[these].mean():.3f}")
     print(f"  binary accuracy {np.mean(called == (targets >= 0.5)):.3f}")
+    if 0 < np.mean(targets >= 0.5) < 1:  # the ranking, whatever the threshold
+        print(f"  ROC-AUC {roc_auc_score(targets >= 0.5, probs):.3f}")
     best, threshold = best_threshold_accuracy(probs, targets >= 0.5)
     print(f"  best accuracy at any threshold {best:.3f} (at {threshold:.3f}; picked on these cells)")
     if args.split != "val":  # a threshold the protocol could have picked: on the val cells
