@@ -13,7 +13,7 @@ from elcell.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--backbone", "resnet18", "--image-size", "32", "--epochs", "1", "--pretrained", "none",
-         "--no-progress", "--batch-size", "8"]
+         "--no-progress", "--batch-size", "8", "--finetune-epochs", "0"]
 
 
 def run_cli(args, capsys):
@@ -52,18 +52,38 @@ def test_default_recipe_is_full_and_seed_keeps_the_original_settings(capsys):
         ("resnet50", "imagenet", 300, 1e-4, "adam", "plateau", 0.4, 0.1)
     code, out, _ = run_cli(["train", "--recipe", "quick", "--print-config"], capsys)
     quick = yaml.safe_load(out)
-    assert quick["epochs"] < config["epochs"]
-    assert {k: v for k, v in quick.items() if k not in ("recipe", "epochs", "patience")} == \
-        {k: v for k, v in config.items() if k not in ("recipe", "epochs", "patience")}
+    assert quick["epochs"] < config["epochs"] and quick["finetune_epochs"] == 0 < config["finetune_epochs"]
+
+
+PROTOCOL = {"recipe", "data", "test_fraction", "val_fraction", "seed"}
+
+
+def measured(name: str) -> dict:
+    """An experiment's settings from its YAML, without the protocol's data options."""
+    path = REPO / "experiments" / "accuracy" / f"{name}.yaml"
+    return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in PROTOCOL}
 
 
 def test_full_recipe_is_the_measured_winner_of_docs_accuracy():
-    """The default must stay the configuration whose figures docs/accuracy.md shows."""
-    measured = yaml.safe_load((REPO / "experiments" / "accuracy" / "E03-rot90.yaml").read_text())
-    full = TrainConfig.from_recipe("full").__dict__
-    protocol = {"recipe", "data", "test_fraction", "val_fraction", "seed"}
-    assert {k: v for k, v in measured.items() if k not in protocol} == \
-        {k: full[k] for k in measured if k not in protocol}
+    """The default must stay the configuration whose figures docs/accuracy.md
+    shows: E33's settings, then E34's fine-tuning of E33's backbone."""
+    full = TrainConfig.from_recipe("full")
+    first = {**measured("E33-realistic-cracks-50pc"), "finetune_epochs": 20, "finetune_lr": 3e-4}
+    assert {k: getattr(full, k) for k in first} == first
+    second = measured("E34-finetune-after-realistic-50pc")
+    assert (full.finetune_epochs, full.finetune_lr, min(full.warmup_epochs, 1)) == \
+        (second["epochs"], second["lr"], second["warmup_epochs"])
+    assert second.get("synthetic_cracks", 0) == 0 and second["pretrained"].startswith("runs/accuracy/E33-")
+    same = {k: v for k, v in second.items()
+            if k not in ("pretrained", "epochs", "lr", "warmup_epochs", "patience", "synthetic_cracks",
+                         "synthetic_crack_shape")}
+    assert {k: getattr(full, k) for k in same} == same
+
+
+def test_quick_recipe_is_the_measured_one_stage_recipe_cut_to_20_epochs():
+    quick = TrainConfig.from_recipe("quick")
+    e03 = {**measured("E03-rot90"), "epochs": 20, "patience": 20, "finetune_epochs": 0, "synthetic_cracks": 0.0}
+    assert {k: getattr(quick, k) for k in e03} == e03
 
 
 def test_resume_takes_the_options_of_the_run_it_continues(tiny_run, capsys):

@@ -103,7 +103,7 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
     fine_tuned = tmp_path / "fine-tuned"
     assert cli(["train", "--data", str(seed_csv), "--out", str(fine_tuned), "--pretrained",
                 str(run / "backbone.pth"), "--image-size", "64", "--batch-size", "16", "--epochs", "1",
-                "--no-progress"]) == 0
+                "--finetune-epochs", "0", "--no-progress"]) == 0
     assert (fine_tuned / "summary.json").is_file()
 
 

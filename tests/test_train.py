@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from elcell.config import TrainConfig
+from elcell.errors import DataError
 from elcell.export import InferenceGraph
 from elcell.images import load_cell
 from elcell.modelinfo import read_info
@@ -387,3 +388,26 @@ def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, see
     crack, inactive = marked[:, names.index("crack")], marked[:, names.index("inactive")]
     assert crack.mean() == pytest.approx(0.5, abs=0.2) and 0 < inactive.sum() < crack.sum()
     assert (crack[inactive == 1] == 1).all()  # an area is only cut off by a crack
+
+
+def test_two_stages_fine_tune_the_pretext_backbone_on_the_real_labels_alone(tmp_path, seed_csv):
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+                                image_size=32, batch_size=16, epochs=1, val_fraction=0.25, warmup_epochs=2,
+                                synthetic_cracks=0.5, synthetic_crack_shape="realistic", finetune_epochs=2,
+                                finetune_lr=5e-4, progress=False))
+    pretext = out / "pretext"
+    first = yaml.safe_load((pretext / "config.yaml").read_text())
+    second = yaml.safe_load((out / "config.yaml").read_text())
+    assert (first["epochs"], first["synthetic_cracks"], first["finetune_epochs"]) == (1, 0.5, 0)
+    assert (second["epochs"], second["lr"], second["warmup_epochs"], second["synthetic_cracks"]) == (2, 5e-4, 1, 0)
+    assert second["pretrained"] == str(pretext / "checkpoints" / "last.ckpt")
+    assert (pretext / "split.csv").read_text() == (out / "split.csv").read_text()  # the same held-out cells
+    assert summary["epochs_run"] == 2 and summary["pretext"]["run"] == "pretext"
+    assert json.loads((out / "summary.json").read_text())["pretext"] == summary["pretext"]
+    assert len(list(out.glob("*.onnx"))) == 1 and (out / "eval" / "val" / "metrics.json").is_file()
+    with pytest.raises(DataError, match="not empty"):  # a finished two-stage run is not overwritten
+        train(TrainConfig(data=str(seed_csv), out=str(out), finetune_epochs=1))
+    with pytest.raises(DataError, match="--resume continues one stage"):
+        train(TrainConfig(data=str(seed_csv), out=str(tmp_path / "other"), finetune_epochs=1,
+                          resume=str(out / "checkpoints" / "last.ckpt")))

@@ -65,6 +65,10 @@ TRAIN_HELP = {
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
                              "off is darkened and the 'inactive' label, if any, set)",
+    "finetune_epochs": "then fine-tune the backbone, with a fresh head, on the real labels alone (no drawn "
+                       "cracks) for this many epochs into the run folder; the first stage stays in "
+                       "RUN/pretext (0: one stage)",
+    "finetune_lr": "peak learning rate of the fine-tuning stage (--finetune-epochs)",
     "loss_weighting": "'balanced' (BCE pos_weight = negatives/positives per label, the seed's) or 'none'",
     "tta": "score the final val/test evaluation with test-time augmentation (as predict --tta)",
     "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "

@@ -13,9 +13,10 @@ from elcell.errors import DataError
 # Named starting points. Precedence: TrainConfig defaults < recipe < --config file
 # < command line. `seed` is the original specification exactly (its values are
 # the dataclass defaults). `full` is the best from-scratch recipe measured in
-# docs/accuracy.md (experiment E03: rotations were the change that counted);
-# `quick` is the same recipe cut to 20 epochs for a laptop CPU. `full` is what
-# `elcell train` uses unless told otherwise.
+# docs/accuracy.md (E33 then E34): the one-stage recipe E03 (AdamW, cosine, 90-degree
+# rotations) with realistic drawn cracks on half the clean cells, then 20 epochs
+# of fine-tuning on the real labels alone. `quick` is E03 cut to 20 epochs, one
+# stage, for a laptop CPU. `full` is what `elcell train` uses unless told otherwise.
 _FROM_SCRATCH = {
     "backbone": "resnet18", "pretrained": "none", "image_size": 128, "batch_size": 32,
     "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2,
@@ -23,7 +24,8 @@ _FROM_SCRATCH = {
 }
 RECIPES: dict[str, dict] = {
     "seed": {},
-    "full": {**_FROM_SCRATCH, "epochs": 40, "patience": 40},
+    "full": {**_FROM_SCRATCH, "epochs": 40, "patience": 40, "synthetic_cracks": 0.5,
+             "synthetic_crack_shape": "realistic", "finetune_epochs": 20, "finetune_lr": 3e-4},
     "quick": {**_FROM_SCRATCH, "epochs": 20, "patience": 20},
 }
 DEFAULT_RECIPE = "full"
@@ -68,6 +70,8 @@ class TrainConfig:
     loss_weighting: str = "balanced"
     synthetic_cracks: float = 0.0
     synthetic_crack_shape: str = "line"
+    finetune_epochs: int = 0
+    finetune_lr: float = 3e-4
     tta: bool = False
     precision: str = "auto"
     accelerator: str = "auto"

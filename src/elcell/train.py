@@ -100,7 +100,8 @@ def crack_label(names: list[str], synthetic_cracks: float) -> int:
         return names.index("crack")
     if len(names) == 1 or synthetic_cracks == 0:
         return 0
-    raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names}")
+    raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names} "
+                    "(--synthetic-cracks 0 trains without drawn cracks)")
 
 
 def prepare(config: TrainConfig):
@@ -227,9 +228,14 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips()
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
+PRETEXT_STAGE = "pretext"  # the first stage's folder inside a two-stage run
+
+
 def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict:
     """Train, export the best checkpoint to ONNX, and return the run summary
     (empty on ranks other than 0). `callbacks` are added to the Trainer's."""
+    if config.finetune_epochs > 0:
+        return _train_two_stages(config, callbacks)
     table, split, images = prepare(config)  # the split depends on config.seed alone
     L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
                       verbose=False)
@@ -261,7 +267,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
-    if rank_zero and not config.resume and run.exists() and any(run.iterdir()):
+    if rank_zero and not config.resume and run.exists() and any(p.name != PRETEXT_STAGE for p in run.iterdir()):
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     trainer = _trainer(config, run, gpu, callbacks or [])
@@ -303,6 +309,37 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
                                           tta=config.tta, progress=config.progress)
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
+
+
+def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
+    """Drawn cracks as a pretext task (docs/accuracy.md, E33/E34).
+
+    The first stage trains as configured, drawn cracks included, into
+    RUN/pretext. The second starts from its backbone with a fresh head and
+    fine-tunes on the real labels alone, for --finetune-epochs at peak rate
+    --finetune-lr with a one-epoch warm-up, into RUN: that model is exported
+    and scored. The drawn cracks teach thin dark lines; the second stage undoes
+    the share of defective cells they add. Both stages hold out the same cells.
+    """
+    if config.resume:
+        raise DataError("--resume continues one stage: resume RUN/pretext/checkpoints/last.ckpt or "
+                        "RUN/checkpoints/last.ckpt without --finetune-epochs")
+    if not config.finetune_lr > 0:
+        raise DataError(f"--finetune-lr {config.finetune_lr} must be above 0")
+    run = _run_folder(config)
+    if rank_zero_only.rank == 0 and run.exists() and any(run.iterdir()):
+        raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
+    pretext = run / PRETEXT_STAGE
+    first = train(replace(config, out=str(pretext), finetune_epochs=0), callbacks)
+    second = train(replace(config, out=str(run), finetune_epochs=0, synthetic_cracks=0.0,
+                           pretrained=str(pretext / "checkpoints" / "last.ckpt"), epochs=config.finetune_epochs,
+                           lr=config.finetune_lr, warmup_epochs=min(config.warmup_epochs, 1)), callbacks)
+    if not second:  # ranks other than 0
+        return {}
+    second["pretext"] = {"run": PRETEXT_STAGE, "best_val_f1": first["best_val_f1"],
+                         "train_seconds": first["train_seconds"]}
+    atomic_write_json(run / "summary.json", {k: v for k, v in second.items() if k != "run"})
+    return second
 
 
 def _check_resumable(config: TrainConfig) -> None:
