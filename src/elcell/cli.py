@@ -11,8 +11,9 @@ import sys
 from dataclasses import fields
 
 TRAIN_HELP = {
-    "recipe": "named set of defaults (docs/accuracy.md): 'full' (from scratch, for a GPU), 'quick' "
-              "(the same recipe cut down to minutes on a laptop CPU) or 'seed' (the original spec: "
+    "recipe": "named set of defaults (docs/accuracy.md): 'full' (from scratch in two stages, drawn cracks "
+              "then fine-tuning; a GPU, or about 12 minutes on 2 CPU cores), 'quick' (one stage cut down to "
+              "minutes on a laptop CPU) or 'seed' (the original spec: "
               "resnet50, ImageNet weights, 300 px, Adam 1e-4, ReduceLROnPlateau)",
     "data": "labels CSV (path;label1;label2..., header required) or 'elpv' for the embedded ELPV cells",
     "group": "CSV column holding a group (e.g. cell type): stratifies the split, is not a label",
@@ -58,10 +59,9 @@ TRAIN_HELP = {
     "affine_degrees": "small affine augmentation: rotation drawn from [-d, d] degrees",
     "affine_translate": "small affine augmentation: shift up to this fraction of the size",
     "affine_scale": "small affine augmentation: zoom factor drawn from [1-s, 1+s]",
-    "synthetic_cracks": "probability that a clean training cell gets a drawn thin crack and is labelled "
-                        "defective (its 'crack' label, or its only label); on ELPV it helped most as a first "
-                        "stage that a second run, with the same split options, fine-tunes on the real labels "
-                        "(--pretrained RUN/checkpoints/last.ckpt)",
+    "synthetic_cracks": "probability that a clean training cell gets drawn cracks and is labelled "
+                        "defective (its 'crack' label, or its only label); on ELPV it helps as the first "
+                        "stage of a two-stage run (--finetune-epochs), not in the final model",
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
                              "off is darkened and the 'inactive' label, if any, set)",
