@@ -64,20 +64,18 @@ def measured(name: str) -> dict:
     return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in PROTOCOL}
 
 
-def test_full_recipe_is_the_measured_winner_of_docs_accuracy():
+def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
     """The default must stay the configuration whose figures docs/accuracy.md
     shows: E33's settings, then E34's fine-tuning of E33's backbone."""
-    full = TrainConfig.from_recipe("full")
-    first = {**measured("E33-realistic-cracks-50pc"), "finetune_epochs": 20, "finetune_lr": 3e-4}
-    assert {k: getattr(full, k) for k in first} == first
-    second = measured("E34-finetune-after-realistic-50pc")
-    assert (full.finetune_epochs, full.finetune_lr, min(full.warmup_epochs, 1)) == \
-        (second["epochs"], second["lr"], second["warmup_epochs"])
-    assert second.get("synthetic_cracks", 0) == 0 and second["pretrained"].startswith("runs/accuracy/E33-")
-    same = {k: v for k, v in second.items()
-            if k not in ("pretrained", "epochs", "lr", "warmup_epochs", "patience", "synthetic_cracks",
-                         "synthetic_crack_shape")}
-    assert {k: getattr(full, k) for k in same} == same
+    from elcell.train import two_stage_configs
+
+    first, second = two_stage_configs(TrainConfig.from_recipe("full"), tmp_path / "run")
+    e33, e34 = measured("E33-realistic-cracks-50pc"), measured("E34-finetune-after-realistic-50pc")
+    assert {k: getattr(first, k) for k in e33} == e33
+    assert e34.pop("pretrained") == "runs/accuracy/E33-realistic-cracks-50pc/checkpoints/last.ckpt"
+    assert second.pretrained == str(tmp_path / "run" / "pretext" / "checkpoints" / "last.ckpt")
+    assert {k: getattr(second, k) for k in e34} == e34
+    assert second.synthetic_cracks == 0 and first.out == str(tmp_path / "run" / "pretext")
 
 
 def test_quick_recipe_is_the_measured_one_stage_recipe_cut_to_20_epochs():
@@ -94,6 +92,20 @@ def test_resume_takes_the_options_of_the_run_it_continues(tiny_run, capsys):
     assert code == 0 and resumed["epochs"] == 5 and resumed["resume"] == last
     assert {k: v for k, v in resumed.items() if k not in ("epochs", "resume", "out")} == \
         {k: v for k, v in run_config.items() if k not in ("epochs", "resume", "out")}
+
+
+def test_resuming_a_run_older_than_an_option_keeps_what_the_run_did(tiny_run, tmp_path, capsys):
+    """A run of the one-stage `full` recipe, from before two stages and crack shapes."""
+    old = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    old = {k: v for k, v in old.items() if k not in ("finetune_epochs", "finetune_lr", "synthetic_crack_shape")}
+    run = tmp_path / "old-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({**old, "recipe": "full", "synthetic_cracks": 0.2}))
+    last = str(run / "checkpoints" / "last.ckpt")
+    code, out, _ = run_cli(["train", "--resume", last, "--print-config"], capsys)
+    resumed = yaml.safe_load(out)
+    assert code == 0 and resumed["recipe"] == "full" and resumed["synthetic_cracks"] == 0.2
+    assert (resumed["finetune_epochs"], resumed["synthetic_crack_shape"]) == (0, "line")
 
 
 def test_config_file_sets_defaults_and_command_line_wins(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 
 import lightning as L
@@ -390,24 +391,52 @@ def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, see
     assert (crack[inactive == 1] == 1).all()  # an area is only cut off by a crack
 
 
+class FirstWeights(L.Callback):
+    """Keeps the model's first convolution as training starts."""
+
+    def on_train_start(self, trainer, module):
+        self.conv1 = module.model.conv1.weight.detach().clone()
+
+
 def test_two_stages_fine_tune_the_pretext_backbone_on_the_real_labels_alone(tmp_path, seed_csv):
     out = tmp_path / "run"
-    summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
-                                image_size=32, batch_size=16, epochs=1, val_fraction=0.25, warmup_epochs=2,
-                                synthetic_cracks=0.5, synthetic_crack_shape="realistic", finetune_epochs=2,
-                                finetune_lr=5e-4, progress=False))
+    config = TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+                         image_size=32, batch_size=16, epochs=1, val_fraction=0.25, warmup_epochs=2,
+                         synthetic_cracks=0.5, synthetic_crack_shape="realistic", finetune_epochs=2,
+                         finetune_lr=5e-4, progress=False)
+    seen = FirstWeights()
+    summary = train(config, callbacks=[seen])
     pretext = out / "pretext"
     first = yaml.safe_load((pretext / "config.yaml").read_text())
     second = yaml.safe_load((out / "config.yaml").read_text())
     assert (first["epochs"], first["synthetic_cracks"], first["finetune_epochs"]) == (1, 0.5, 0)
     assert (second["epochs"], second["lr"], second["warmup_epochs"], second["synthetic_cracks"]) == (2, 5e-4, 1, 0)
-    assert second["pretrained"] == str(pretext / "checkpoints" / "last.ckpt")
+    assert yaml.safe_load((out / "two-stage.yaml").read_text())["finetune_epochs"] == 2  # how it was started
     assert (pretext / "split.csv").read_text() == (out / "split.csv").read_text()  # the same held-out cells
+    # the callback saw the second stage only, and it started from the first stage's last weights
+    pretext_state = torch.load(pretext / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(seen.conv1, pretext_state["model.conv1.weight"].float())
     assert summary["epochs_run"] == 2 and summary["pretext"]["run"] == "pretext"
     assert json.loads((out / "summary.json").read_text())["pretext"] == summary["pretext"]
     assert len(list(out.glob("*.onnx"))) == 1 and (out / "eval" / "val" / "metrics.json").is_file()
-    with pytest.raises(DataError, match="not empty"):  # a finished two-stage run is not overwritten
-        train(TrainConfig(data=str(seed_csv), out=str(out), finetune_epochs=1))
+
+    with pytest.raises(DataError, match="not empty"):  # another command does not overwrite it
+        train(replace(config, finetune_epochs=1))
+    # the second stage failed: the same command again keeps the first stage and runs the second
+    first_stage = (pretext / "summary.json").stat().st_mtime_ns
+    for entry in out.iterdir():
+        if entry.name not in ("pretext", "two-stage.yaml"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    assert train(config)["pretext"] == summary["pretext"]
+    assert (pretext / "summary.json").stat().st_mtime_ns == first_stage and (out / "summary.json").is_file()
     with pytest.raises(DataError, match="--resume continues one stage"):
-        train(TrainConfig(data=str(seed_csv), out=str(tmp_path / "other"), finetune_epochs=1,
-                          resume=str(out / "checkpoints" / "last.ckpt")))
+        train(replace(config, out=str(tmp_path / "other"), resume=str(out / "checkpoints" / "last.ckpt")))
+
+
+def test_an_unfinished_first_stage_is_resumed_then_the_command_rerun(tmp_path, seed_csv):
+    out = tmp_path / "run"
+    (out / "pretext" / "checkpoints").mkdir(parents=True)
+    config = TrainConfig(data=str(seed_csv), out=str(out), finetune_epochs=2)
+    (out / "two-stage.yaml").write_text(config.to_yaml())
+    with pytest.raises(DataError, match="first stage did not finish: resume it with --resume .*pretext"):
+        train(config)

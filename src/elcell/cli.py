@@ -65,9 +65,10 @@ TRAIN_HELP = {
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
                              "off is darkened and the 'inactive' label, if any, set)",
-    "finetune_epochs": "then fine-tune the backbone, with a fresh head, on the real labels alone (no drawn "
-                       "cracks) for this many epochs into the run folder; the first stage stays in "
-                       "RUN/pretext (0: one stage)",
+    "finetune_epochs": "two stages: train as configured into RUN/pretext, then fine-tune that backbone, "
+                       "with a fresh head, on the real labels alone (no drawn cracks) for this many epochs "
+                       "into RUN, with the same other options and a warm-up of at most 1 epoch; --epochs and "
+                       "--lr are the first stage's (0: one stage)",
     "finetune_lr": "peak learning rate of the fine-tuning stage (--finetune-epochs)",
     "loss_weighting": "'balanced' (BCE pos_weight = negatives/positives per label, the seed's) or 'none'",
     "tta": "score the final val/test evaluation with test-time augmentation (as predict --tta)",
@@ -204,13 +205,17 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    from elcell.config import DEFAULT_RECIPE, recipe_defaults
+    from dataclasses import asdict
+
+    from elcell.config import DEFAULT_RECIPE, TrainConfig, recipe_defaults
 
     values = {}
     if known.resume:
         run_config = Path(known.resume).resolve().parent.parent / "config.yaml"
         if run_config.is_file():
-            values = {k: v for k, v in _read_config(run_config, str(run_config)).items()
+            # An option the run's config lacks is newer than the run: its default is
+            # what the run did (not today's recipe), e.g. one stage, line cracks.
+            values = {k: v for k, v in {**asdict(TrainConfig()), **_read_config(run_config, str(run_config))}.items()
                       if k not in ("resume", "out")}
     if known.config:
         values.update(_read_config(known.config, f"--config {known.config}"))

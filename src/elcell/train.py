@@ -101,7 +101,7 @@ def crack_label(names: list[str], synthetic_cracks: float) -> int:
     if len(names) == 1 or synthetic_cracks == 0:
         return 0
     raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names} "
-                    "(--synthetic-cracks 0 trains without drawn cracks)")
+                    "(--synthetic-cracks 0 --finetune-epochs 0 trains in one stage without drawn cracks)")
 
 
 def prepare(config: TrainConfig):
@@ -127,6 +127,8 @@ def prepare(config: TrainConfig):
                       "initialisation and only the head learns", stacklevel=2)
     if not 0 <= config.ema_decay < 1:
         raise DataError(f"--ema-decay {config.ema_decay} must be in [0, 1) (0 = off)")
+    if config.finetune_epochs < 0:
+        raise DataError(f"--finetune-epochs {config.finetune_epochs} must be 0 (one stage) or more")
     if not 0 <= config.synthetic_cracks <= 1:
         raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
@@ -228,14 +230,22 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips()
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
-PRETEXT_STAGE = "pretext"  # the first stage's folder inside a two-stage run
+PRETEXT_STAGE = "pretext"  # the first stage's run folder inside a two-stage run
+TWO_STAGE_CONFIG = "two-stage.yaml"  # the options a two-stage run was started with
 
 
 def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict:
     """Train, export the best checkpoint to ONNX, and return the run summary
-    (empty on ranks other than 0). `callbacks` are added to the Trainer's."""
+    (empty on ranks other than 0). With --finetune-epochs, in two stages
+    (`two_stage_configs`). `callbacks` are added to the (final stage's) Trainer."""
     if config.finetune_epochs > 0:
         return _train_two_stages(config, callbacks)
+    return _train_stage(config, callbacks)
+
+
+def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
+                 may_hold: tuple[str, ...] = ()) -> dict:
+    """One run into its folder, which must be new or empty but for `may_hold`."""
     table, split, images = prepare(config)  # the split depends on config.seed alone
     L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
                       verbose=False)
@@ -267,7 +277,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
-    if rank_zero and not config.resume and run.exists() and any(p.name != PRETEXT_STAGE for p in run.iterdir()):
+    if rank_zero and not config.resume and run.exists() and any(p.name not in may_hold for p in run.iterdir()):
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     trainer = _trainer(config, run, gpu, callbacks or [])
@@ -311,29 +321,51 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     return {"run": str(run), **summary}
 
 
-def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
-    """Drawn cracks as a pretext task (docs/accuracy.md, E33/E34).
+def two_stage_configs(config: TrainConfig, run: Path) -> tuple[TrainConfig, TrainConfig]:
+    """Drawn cracks as a pretext task (docs/accuracy.md, E33 then E34).
 
     The first stage trains as configured, drawn cracks included, into
     RUN/pretext. The second starts from its backbone with a fresh head and
     fine-tunes on the real labels alone, for --finetune-epochs at peak rate
-    --finetune-lr with a one-epoch warm-up, into RUN: that model is exported
-    and scored. The drawn cracks teach thin dark lines; the second stage undoes
-    the share of defective cells they add. Both stages hold out the same cells.
+    --finetune-lr after a warm-up of at most one epoch, into RUN: that model is
+    exported and scored. All other options (split, augmentation, optimiser,
+    schedule, patience) are shared, so both stages hold out the same cells.
     """
+    pretext = run / PRETEXT_STAGE
+    first = replace(config, out=str(pretext), finetune_epochs=0)
+    second = replace(config, out=str(run), finetune_epochs=0, synthetic_cracks=0.0,
+                     pretrained=str(pretext / "checkpoints" / "last.ckpt"), epochs=config.finetune_epochs,
+                     lr=config.finetune_lr, warmup_epochs=min(config.warmup_epochs, 1),
+                     patience=min(config.patience, config.finetune_epochs))
+    return first, second
+
+
+def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
+    """Both stages of `two_stage_configs`. The same command again, after the
+    second stage failed, keeps the finished first stage and runs the second."""
     if config.resume:
         raise DataError("--resume continues one stage: resume RUN/pretext/checkpoints/last.ckpt or "
-                        "RUN/checkpoints/last.ckpt without --finetune-epochs")
+                        "RUN/checkpoints/last.ckpt with --finetune-epochs 0")
     if not config.finetune_lr > 0:
         raise DataError(f"--finetune-lr {config.finetune_lr} must be above 0")
     run = _run_folder(config)
-    if rank_zero_only.rank == 0 and run.exists() and any(run.iterdir()):
-        raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
+    first_config, second_config = two_stage_configs(config, run)
     pretext = run / PRETEXT_STAGE
-    first = train(replace(config, out=str(pretext), finetune_epochs=0), callbacks)
-    second = train(replace(config, out=str(run), finetune_epochs=0, synthetic_cracks=0.0,
-                           pretrained=str(pretext / "checkpoints" / "last.ckpt"), epochs=config.finetune_epochs,
-                           lr=config.finetune_lr, warmup_epochs=min(config.warmup_epochs, 1)), callbacks)
+    started = run / TWO_STAGE_CONFIG
+    reuse = (pretext / "summary.json").is_file() and started.is_file() and started.read_text() == config.to_yaml()
+    if rank_zero_only.rank == 0 and not reuse and run.exists() and any(run.iterdir()):
+        hint = (f"; its first stage did not finish: resume it with --resume {pretext}/checkpoints/last.ckpt, "
+                "then run this command again") if started.is_file() and pretext.is_dir() else ""
+        raise DataError(f"{run}: run folder exists and is not empty; choose another --out{hint}")
+    if reuse:
+        first = json.loads((pretext / "summary.json").read_text())
+    else:
+        prepare(config)  # bad input stops the run before its folder exists
+        if rank_zero_only.rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(started, config.to_yaml())
+        first = _train_stage(first_config, None)
+    second = _train_stage(second_config, callbacks, may_hold=(PRETEXT_STAGE, TWO_STAGE_CONFIG))
     if not second:  # ranks other than 0
         return {}
     second["pretext"] = {"run": PRETEXT_STAGE, "best_val_f1": first["best_val_f1"],
