@@ -7,8 +7,10 @@ from elcell.augment import (
     BatchAugment,
     SyntheticCracks,
     _brownian_bridge,
+    _busbars_horizontal,
     _coverage,
     _crack_coordinates,
+    _finger_interruptions,
     normalise,
 )
 
@@ -149,6 +151,20 @@ def test_brownian_bridge_starts_and_ends_at_zero_with_unit_largest_excursion():
     assert torch.allclose(bridge.abs().amax(-1), torch.ones(50, 3))
 
 
+def test_realistic_cracks_with_fingers_draw_finger_interruptions_in_a_third_never_marked_inactive():
+    torch.manual_seed(0)
+    images = _cells_with_busbars(600)[:, None]
+    out, marked = SyntheticCracks(p=1.0, label=0, shape="realistic+fingers", inactive_label=1)(
+        images, torch.zeros(600, 2))
+    assert torch.equal(marked[:, 0], torch.ones(600))
+    dark = out[:, 0] < images[:, 0] * 0.95
+    # finger streaks stay within short runs of columns; a crack or a cut-off area spans rows and columns
+    streaks_only = (dark.sum(1) <= 0.3 * 96 + 2).all(1) & (dark.any(1).sum(1) <= 24)
+    assert streaks_only.float().mean().item() == pytest.approx(1 / 3, abs=0.06)
+    assert not marked[streaks_only, 1].any()  # a broken finger is no inactive area
+    assert marked[~streaks_only, 1].mean().item() == pytest.approx(0.4, abs=0.08)
+
+
 def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():
     torch.manual_seed(0)
     _, marked = SyntheticCracks(p=1.0, label=0, shape="realistic")(torch.full((64, 1, 32, 32), 0.5),
@@ -156,3 +172,36 @@ def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():
     assert torch.equal(marked[:, 0], torch.ones(64)) and torch.equal(marked[:, 1], torch.zeros(64))
     with pytest.raises(ValueError, match="crack shape 'wavy'"):
         SyntheticCracks(p=1.0, label=0, shape="wavy")
+
+
+def _cells_with_busbars(n: int, size: int = 96) -> torch.Tensor:
+    cells = torch.full((n, size, size), 0.6)
+    cells[:, [size // 4, size // 2, 3 * size // 4]] = 0.2  # three horizontal busbars
+    return cells
+
+
+def test_busbars_are_found_horizontal_in_elpv_cells_and_vertical_once_turned(elpv):
+    from elcell.images import load_cell
+
+    cells = torch.stack([torch.from_numpy(load_cell(path, size=128)).float() / 255
+                         for path in elpv.paths[::300]])  # mono and poly cells
+    assert _busbars_horizontal(cells).all()
+    assert not _busbars_horizontal(cells.transpose(-2, -1)).any()
+
+
+@pytest.mark.parametrize("turned", [False, True])
+def test_finger_interruptions_are_short_thin_streaks_across_the_busbars(turned):
+    torch.manual_seed(0)
+    cells = _cells_with_busbars(200)
+    if turned:
+        cells = cells.transpose(-2, -1)
+    shade = _finger_interruptions(cells)
+    assert shade.shape == cells.shape and (shade <= 1).all() and (shade >= 0.5 ** 8).all()
+    dark = shade < 1 - 0.15 * 0.5  # at least half the weakest depth
+    if turned:
+        dark = dark.transpose(-2, -1)  # streaks now run along the rows: look at them as columns
+    assert dark.flatten(1).any(1).all()  # every cell got at least one streak
+    columns, rows = dark.any(1).sum(1), dark.sum(1)  # per cell: columns touched; dark pixels per column
+    assert (columns <= 8 * 3).all()  # at most eight streaks, each at most 3 pixels wide (anti-aliased)
+    streak_lengths = rows[rows > 0].float()  # two spread streaks can share a column: rarely longer
+    assert (streak_lengths > 0.3 * 96 + 2).float().mean() < 0.02 and streak_lengths.median() > 0.05 * 96

@@ -216,6 +216,11 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     assert crack_label(["inactive", "crack"], 0.2) == 1 and crack_label(["defective"], 0.2) == 0
     with pytest.raises(DataError, match="'crack' or a single label"):
         crack_label(["finger", "inactive"], 0.2)
+    # broken fingers are defects, not cracks
+    assert crack_label(["defective"], 0.2, "realistic+fingers") == 0
+    assert crack_label(["crack", "inactive"], 0.0, "realistic+fingers") == 0  # nothing drawn
+    with pytest.raises(DataError, match="not cracks"):
+        crack_label(["crack", "inactive"], 0.2, "realistic+fingers")
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])

@@ -29,7 +29,7 @@ class RandomRotate90(nn.Module):
         return out
 
 
-CRACK_SHAPES = ("line", "realistic")
+CRACK_SHAPES = ("line", "realistic", "realistic+fingers")
 
 
 class SyntheticCracks(nn.Module):
@@ -45,7 +45,10 @@ class SyntheticCracks(nn.Module):
     - shape "realistic": what cracked cells look like, see `_realistic_cracks`:
       one to three jagged, mostly diagonal cracks, some ending inside the cell;
       in 40 % of the cracked cells the smaller part that a crack cuts off is
-      darkened as an inactive area, and `inactive_label` set, if given.
+      darkened as an inactive area, and `inactive_label` set, if given;
+    - shape "realistic+fingers": as "realistic", but a third of the cells get
+      finger interruptions instead (`_finger_interruptions`), for a label that
+      counts any defect, not cracks alone.
 
     Other labels are left alone.
     """
@@ -68,6 +71,10 @@ class SyntheticCracks(nn.Module):
             shade, inactive = _bezier_crack(len(chosen), height, width, images.device), None
         else:
             shade, inactive = _realistic_cracks(len(chosen), height, width, images.device)
+        if self.shape == "realistic+fingers":
+            fingers = torch.rand(len(chosen), device=images.device) < 1 / 3
+            shade = torch.where(fingers[:, None, None], _finger_interruptions(images[chosen, 0]), shade)
+            inactive = inactive & ~fingers
         images[chosen] = images[chosen] * shade[:, None]
         targets[chosen, self.label] = 1.0
         if inactive is not None and self.inactive_label is not None:
@@ -131,6 +138,51 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
     smaller = torch.where(cut.float().mean(-1, keepdim=True) <= 0.5, cut, ~cut)
     darken = _uniform(0.3, 0.9, (n, 1), device) * (smaller & inactive[:, None])
     return (shade * (1 - darken)).view(n, height, width), inactive
+
+
+def _finger_interruptions(cells: torch.Tensor, max_streaks: int = 8) -> torch.Tensor:
+    """Broken fingers as seen in EL images, as a brightness factor [n, H, W] for
+    the square cells [n, H, W].
+
+    A finger cut off from its busbar goes dark from the break onward, so each
+    cell gets one to eight short dark streaks along its fingers, perpendicular
+    to the busbars (`_busbars_horizontal`): on neighbouring fingers 1.5-3 pixels
+    apart in half of the cells, spread across the cell in the others. Each is
+    5-30 % of the cell long, about a pixel wide and darkens it by 15-50 %.
+    """
+    n, size = cells.shape[0], cells.shape[-1]
+    device = cells.device
+    shape = (n, max_streaks)
+    neighbours = _uniform(0.1, 0.9, (n, 1), device) * (size - 1) \
+        + _uniform(1.5, 3.0, (n, 1), device) * torch.arange(max_streaks, device=device)
+    spread = _uniform(0.05, 0.95, shape, device) * (size - 1)
+    x = torch.where(torch.rand(n, 1, device=device) < 0.5, neighbours, spread)
+    start = _uniform(0, 0.9, shape, device) * (size - 1)
+    length = _uniform(0.05, 0.3, shape, device) * size
+    count = torch.randint(1, max_streaks + 1, (n, 1), device=device)
+    depth = _uniform(0.15, 0.5, shape, device) * (torch.arange(max_streaks, device=device) < count)
+
+    position = torch.arange(size, device=device, dtype=torch.float32)
+    across = _coverage(position - x[..., None], half_width=_uniform(0.4, 0.8, (*shape, 1), device))  # [n, S, W]
+    along = ((position - start[..., None] + 0.5).clamp(0, 1)
+             * (start[..., None] + length[..., None] - position + 0.5).clamp(0, 1))  # [n, S, H]
+    streaks = along[..., :, None] * across[..., None, :]  # [n, S, H, W]: vertical streaks
+    shade = (1 - depth[..., None, None] * streaks).prod(1)
+    # drawn for horizontal busbars; turned for cells whose busbars are vertical
+    return torch.where(_busbars_horizontal(cells)[:, None, None], shade, shade.transpose(-2, -1))
+
+
+def _busbars_horizontal(cells: torch.Tensor) -> torch.Tensor:
+    """Whether each cell's busbars run along its rows [n]: busbars are narrow dark
+    lines across the whole cell, so the row means dip deeper than the column means
+    (a 9-pixel high-pass ignores the dark cell edges and shading; the outer tenth
+    on each side, where the frame lies, is skipped)."""
+    def dip(profile: torch.Tensor) -> torch.Tensor:
+        smooth = torch.nn.functional.avg_pool1d(profile[:, None], 9, 1, 4, count_include_pad=False)[:, 0]
+        margin = profile.shape[-1] // 10
+        return (smooth - profile)[:, margin:-margin].amax(-1)
+
+    return dip(cells.mean(-1)) >= dip(cells.mean(-2))
 
 
 def _crack_coordinates(angle: torch.Tensor, centre: torch.Tensor, wiggle: torch.Tensor, height: int,

@@ -64,7 +64,9 @@ TRAIN_HELP = {
                         "stage of a two-stage run (--finetune-epochs), not in the final model",
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
-                             "off is darkened and the 'inactive' label, if any, set)",
+                             "off is darkened and the 'inactive' label, if any, set) or 'realistic+fingers' "
+                             "(as realistic, with a third of the cells getting short dark streaks along "
+                             "their fingers instead, for a single defect label, not 'crack')",
     "finetune_epochs": "two stages: train as configured into RUN/pretext, then fine-tune that backbone, "
                        "with a fresh head, on the real labels alone (no drawn cracks) for this many epochs "
                        "into RUN, with the same other options and a warm-up of at most 1 epoch; --epochs and "
