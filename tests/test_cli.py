@@ -53,6 +53,20 @@ def test_default_recipe_is_full_and_seed_keeps_the_original_settings(capsys):
     code, out, _ = run_cli(["train", "--recipe", "quick", "--print-config"], capsys)
     quick = yaml.safe_load(out)
     assert quick["epochs"] < config["epochs"] and quick["finetune_epochs"] == 0 < config["finetune_epochs"]
+    assert "# two stages" not in out  # one stage: no second-stage comment
+
+
+def test_print_config_shows_the_second_stage_as_comments_and_still_reads_back(capsys, tmp_path):
+    code, out, _ = run_cli(["train", "--out", "runs/x", "--finetune-epochs", "7", "--print-config"], capsys)
+    comment = [line for line in out.splitlines() if line.startswith("#")]
+    assert code == 0 and "into runs/x/pretext" in comment[0] and "into runs/x with" in comment[0]
+    changed = yaml.safe_load("\n".join(line[2:] for line in comment[1:]))
+    assert changed == {"pretrained": "runs/x/pretext/checkpoints/last.ckpt", "epochs": 7, "lr": 3e-4,
+                       "warmup_epochs": 1, "patience": 7, "synthetic_cracks": 0.0}
+    saved = tmp_path / "config.yaml"
+    saved.write_text(out)
+    code, again, _ = run_cli(["train", "--config", str(saved), "--print-config"], capsys)
+    assert code == 0 and again == out
 
 
 PROTOCOL = {"recipe", "data", "test_fraction", "val_fraction", "seed"}
@@ -67,7 +81,7 @@ def measured(name: str) -> dict:
 def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
     """The default must stay the configuration whose figures docs/accuracy.md
     shows: E33's settings, then E34's fine-tuning of E33's backbone."""
-    from elcell.train import two_stage_configs
+    from elcell.config import two_stage_configs
 
     first, second = two_stage_configs(TrainConfig.from_recipe("full"), tmp_path / "run")
     e33, e34 = measured("E33-realistic-cracks-50pc"), measured("E34-finetune-after-realistic-50pc")

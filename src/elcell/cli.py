@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 TRAIN_HELP = {
     "recipe": "named set of defaults (docs/accuracy.md): 'full' (from scratch in two stages, drawn cracks "
@@ -99,7 +100,8 @@ def _add_train_parser(commands) -> None:
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="read options from a YAML file (command-line options win)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the effective configuration as YAML and exit")
+                        help="print the effective configuration as YAML and exit (for a two-stage run, "
+                             "what the second stage changes follows as comments)")
     _add_config_options(parser, TrainConfig, TRAIN_HELP)
     parser.set_defaults(handler=_train)
 
@@ -169,10 +171,26 @@ def _train(args, parser) -> None:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if args.print_config:
         print(config.to_yaml(), end="")
+        if config.finetune_epochs > 0:  # as comments, so the output still works as --config
+            print(_second_stage_comment(config), end="")
         return
     from elcell.train import main  # imports torch: only when really training
 
     main(config)
+
+
+def _second_stage_comment(config) -> str:
+    """How the second stage of a two-stage run differs from the options printed."""
+    from dataclasses import asdict
+
+    from elcell.config import two_stage_configs
+
+    given = asdict(config)
+    second = asdict(two_stage_configs(config, Path(config.out or "RUN"))[1])
+    lines = [f"#   {name}: {value}" for name, value in second.items() if value != given[name] and name not in ("out", "finetune_epochs")]
+    where = config.out or "RUN"
+    return (f"# two stages: the first trains with the options above into {where}/pretext, "
+            f"the second fine-tunes into {where} with these changed:\n" + "\n".join(lines) + "\n")
 
 
 def _read_config(path: str, source: str) -> dict:
@@ -197,7 +215,6 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     """Defaults, weakest first: the recipe; with --resume the options of the run
     being continued (its config.yaml), so it goes on as it started; --config
     FILE.yaml. Options on the command line still win."""
-    from pathlib import Path
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
@@ -228,7 +245,6 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
 
 
 def _export(args, parser) -> None:
-    from pathlib import Path
 
     from elcell.errors import DataError
 
@@ -386,7 +402,6 @@ def _add_evaluate_parser(commands) -> None:
 
 
 def _evaluate(args, parser) -> None:
-    from pathlib import Path
 
     from elcell.evaluate import evaluate, format_report
     from elcell.infer import open_model

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import yaml
 
@@ -96,6 +97,28 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+PRETEXT_STAGE = "pretext"  # the first stage's run folder inside a two-stage run
+
+
+def two_stage_configs(config: TrainConfig, run: Path) -> tuple[TrainConfig, TrainConfig]:
+    """Drawn cracks as a pretext task (docs/accuracy.md, E33 then E34).
+
+    The first stage trains as configured, drawn cracks included, into
+    RUN/pretext. The second starts from its backbone with a fresh head and
+    fine-tunes on the real labels alone, for --finetune-epochs at peak rate
+    --finetune-lr after a warm-up of at most one epoch, into RUN: that model is
+    exported and scored. All other options (split, augmentation, optimiser,
+    schedule, patience) are shared, so both stages hold out the same cells.
+    """
+    pretext = run / PRETEXT_STAGE
+    first = replace(config, out=str(pretext), finetune_epochs=0)
+    second = replace(config, out=str(run), finetune_epochs=0, synthetic_cracks=0.0,
+                     pretrained=str(pretext / "checkpoints" / "last.ckpt"), epochs=config.finetune_epochs,
+                     lr=config.finetune_lr, warmup_epochs=min(config.warmup_epochs, 1),
+                     patience=min(config.patience, config.finetune_epochs))
+    return first, second
 
 
 @dataclass

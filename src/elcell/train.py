@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from elcell.augment import CRACK_SHAPES
-from elcell.config import TrainConfig
+from elcell.config import PRETEXT_STAGE, TrainConfig, two_stage_configs
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.errors import DataError
 from elcell.export import export_checkpoint
@@ -234,7 +234,6 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips()
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
-PRETEXT_STAGE = "pretext"  # the first stage's run folder inside a two-stage run
 TWO_STAGE_CONFIG = "two-stage.yaml"  # the options a two-stage run was started with
 
 
@@ -323,25 +322,6 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
                                           tta=config.tta, progress=config.progress)
     atomic_write_json(run / "summary.json", summary)
     return {"run": str(run), **summary}
-
-
-def two_stage_configs(config: TrainConfig, run: Path) -> tuple[TrainConfig, TrainConfig]:
-    """Drawn cracks as a pretext task (docs/accuracy.md, E33 then E34).
-
-    The first stage trains as configured, drawn cracks included, into
-    RUN/pretext. The second starts from its backbone with a fresh head and
-    fine-tunes on the real labels alone, for --finetune-epochs at peak rate
-    --finetune-lr after a warm-up of at most one epoch, into RUN: that model is
-    exported and scored. All other options (split, augmentation, optimiser,
-    schedule, patience) are shared, so both stages hold out the same cells.
-    """
-    pretext = run / PRETEXT_STAGE
-    first = replace(config, out=str(pretext), finetune_epochs=0)
-    second = replace(config, out=str(run), finetune_epochs=0, synthetic_cracks=0.0,
-                     pretrained=str(pretext / "checkpoints" / "last.ckpt"), epochs=config.finetune_epochs,
-                     lr=config.finetune_lr, warmup_epochs=min(config.warmup_epochs, 1),
-                     patience=min(config.patience, config.finetune_epochs))
-    return first, second
 
 
 def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
