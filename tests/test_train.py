@@ -213,14 +213,15 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
         train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
     assert not (tmp_path / "run").exists()
-    assert crack_label(["inactive", "crack"], 0.2) == 1 and crack_label(["defective"], 0.2) == 0
+    assert crack_label(["inactive", "crack"], 0.2, shape="realistic") == 1
+    assert crack_label(["defective"], 0.2, shape="realistic") == 0
     with pytest.raises(DataError, match="'crack' or a single label"):
-        crack_label(["finger", "inactive"], 0.2)
+        crack_label(["finger", "inactive"], 0.2, shape="realistic")
     # broken fingers are defects, not cracks
-    assert crack_label(["defective"], 0.2, "realistic+fingers") == 0
-    assert crack_label(["crack", "inactive"], 0.0, "realistic+fingers") == 0  # nothing drawn
+    assert crack_label(["defective"], 0.2, shape="realistic+fingers") == 0
+    assert crack_label(["crack", "inactive"], 0.0, shape="realistic+fingers") == 0  # nothing drawn
     with pytest.raises(DataError, match="not cracks"):
-        crack_label(["crack", "inactive"], 0.2, "realistic+fingers")
+        crack_label(["crack", "inactive"], 0.2, shape="realistic+fingers")
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])

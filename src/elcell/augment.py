@@ -30,6 +30,7 @@ class RandomRotate90(nn.Module):
 
 
 CRACK_SHAPES = ("line", "realistic", "realistic+fingers")
+NOT_ONLY_CRACKS = ("realistic+fingers",)  # shapes that also draw defects that are not cracks
 
 
 class SyntheticCracks(nn.Module):
@@ -71,7 +72,7 @@ class SyntheticCracks(nn.Module):
             shade, inactive = _bezier_crack(len(chosen), height, width, images.device), None
         else:
             shade, inactive = _realistic_cracks(len(chosen), height, width, images.device)
-        if self.shape == "realistic+fingers":
+        if self.shape in NOT_ONLY_CRACKS:
             fingers = torch.rand(len(chosen), device=images.device) < 1 / 3
             shade = torch.where(fingers[:, None, None], _finger_interruptions(images[chosen, 0]), shade)
             inactive = inactive & ~fingers
@@ -142,15 +143,20 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
 
 def _finger_interruptions(cells: torch.Tensor, max_streaks: int = 8) -> torch.Tensor:
     """Broken fingers as seen in EL images, as a brightness factor [n, H, W] for
-    the square cells [n, H, W].
+    the square cells [n, H, W] (training cells are square: the cache resizes them).
 
-    A finger cut off from its busbar goes dark from the break onward, so each
-    cell gets one to eight short dark streaks along its fingers, perpendicular
-    to the busbars (`_busbars_horizontal`): on neighbouring fingers 1.5-3 pixels
+    A finger cut off from its busbar goes dark beyond the break, so each cell
+    gets up to eight short dark streaks along its fingers, perpendicular to
+    the busbars (`_busbars_horizontal`): on neighbouring fingers 1.5-3 pixels
     apart in half of the cells, spread across the cell in the others. Each is
-    5-30 % of the cell long, about a pixel wide and darkens it by 15-50 %.
+    up to 5-30 % of the cell long (less where it runs off the cell), about a
+    pixel wide, and darkens it by 15-50 %. A streak may start anywhere, so some
+    cross a busbar, which a real broken finger does not. Widths and spacing are
+    in pixels, chosen for the 128-pixel cells of the recipes that use them.
     """
     n, size = cells.shape[0], cells.shape[-1]
+    if cells.shape[-2] != size:
+        raise ValueError(f"finger interruptions need square cells, got {tuple(cells.shape[-2:])}")
     device = cells.device
     shape = (n, max_streaks)
     neighbours = _uniform(0.1, 0.9, (n, 1), device) * (size - 1) \
@@ -174,13 +180,14 @@ def _finger_interruptions(cells: torch.Tensor, max_streaks: int = 8) -> torch.Te
 
 def _busbars_horizontal(cells: torch.Tensor) -> torch.Tensor:
     """Whether each cell's busbars run along its rows [n]: busbars are narrow dark
-    lines across the whole cell, so the row means dip deeper than the column means
-    (a 9-pixel high-pass ignores the dark cell edges and shading; the outer tenth
-    on each side, where the frame lies, is skipped)."""
+    lines across the whole cell, so the row means dip deeper than the column
+    means. A 9-pixel high-pass removes slow shading; the outer tenth on each
+    side, with the dark cell edges and frame, is skipped. A cell without busbars
+    gets whichever way its shading happens to favour."""
     def dip(profile: torch.Tensor) -> torch.Tensor:
         smooth = torch.nn.functional.avg_pool1d(profile[:, None], 9, 1, 4, count_include_pad=False)[:, 0]
         margin = profile.shape[-1] // 10
-        return (smooth - profile)[:, margin:-margin].amax(-1)
+        return (smooth - profile)[:, margin:profile.shape[-1] - margin].amax(-1)
 
     return dip(cells.mean(-1)) >= dip(cells.mean(-2))
 

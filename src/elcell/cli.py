@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 TRAIN_HELP = {
@@ -63,10 +63,10 @@ TRAIN_HELP = {
     "synthetic_cracks": "probability that a clean training cell gets drawn cracks and is labelled "
                         "defective (its 'crack' label, or its only label); on ELPV it helps as the first "
                         "stage of a two-stage run (--finetune-epochs), not in the final model",
-    "synthetic_crack_shape": "'line' (one thin curve from edge to edge) or 'realistic' (one to three jagged, "
+    "synthetic_crack_shape": "'line' (one thin curve from edge to edge), 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
-                             "off is darkened and the 'inactive' label, if any, set) or 'realistic+fingers' "
-                             "(as realistic, with a third of the cells getting short dark streaks along "
+                             "off is darkened and the 'inactive' label, if any, set), or 'realistic+fingers' "
+                             "(as realistic, with a third of the cells drawn on getting short dark streaks along "
                              "their fingers instead, for a single defect label, not 'crack')",
     "finetune_epochs": "two stages: train as configured into RUN/pretext, then fine-tune that backbone, "
                        "with a fresh head, on the real labels alone (no drawn cracks) for this many epochs "
@@ -180,17 +180,19 @@ def _train(args, parser) -> None:
 
 
 def _second_stage_comment(config) -> str:
-    """How the second stage of a two-stage run differs from the options printed."""
-    from dataclasses import asdict
+    """How the second stage of a two-stage run differs from the options printed,
+    as YAML behind comment marks."""
+    import yaml
 
     from elcell.config import two_stage_configs
 
-    given = asdict(config)
-    second = asdict(two_stage_configs(config, Path(config.out or "RUN"))[1])
-    lines = [f"#   {name}: {value}" for name, value in second.items() if value != given[name] and name not in ("out", "finetune_epochs")]
-    where = config.out or "RUN"
-    return (f"# two stages: the first trains with the options above into {where}/pretext, "
-            f"the second fine-tunes into {where} with these changed:\n" + "\n".join(lines) + "\n")
+    run = config.out or "RUN"  # without --out, runs/<timestamp> when it starts
+    given, second = asdict(config), asdict(two_stage_configs(config, Path(run))[1])
+    changed = {name: value for name, value in second.items()
+               if value != given[name] and name not in ("out", "finetune_epochs")}
+    lines = yaml.safe_dump(changed, sort_keys=False).splitlines()
+    return (f"# two stages: the first trains with the options above into {run}/pretext, "
+            f"the second fine-tunes into {run} with these changed:\n" + "".join(f"#   {line}\n" for line in lines))
 
 
 def _read_config(path: str, source: str) -> dict:
@@ -215,7 +217,6 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     """Defaults, weakest first: the recipe; with --resume the options of the run
     being continued (its config.yaml), so it goes on as it started; --config
     FILE.yaml. Options on the command line still win."""
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
@@ -245,7 +246,6 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
 
 
 def _export(args, parser) -> None:
-
     from elcell.errors import DataError
 
     if args.int8 and not args.calibration:
@@ -402,7 +402,6 @@ def _add_evaluate_parser(commands) -> None:
 
 
 def _evaluate(args, parser) -> None:
-
     from elcell.evaluate import evaluate, format_report
     from elcell.infer import open_model
 

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from elcell.augment import CRACK_SHAPES
+from elcell.augment import CRACK_SHAPES, NOT_ONLY_CRACKS
 from elcell.config import PRETEXT_STAGE, TrainConfig, two_stage_configs
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.errors import DataError
@@ -94,12 +94,13 @@ def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]
     return [float(w) for w in (len(targets) - positive) / positive]
 
 
-def crack_label(names: list[str], synthetic_cracks: float, shape: str = "line") -> int:
-    """The label a drawn crack sets: 'crack', else the only label (ELPV's 'defective')."""
+def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:
+    """The label a drawn crack sets: 'crack', else the only label (ELPV's 'defective').
+    Refuses label sets it cannot mark, and drawn broken fingers on a 'crack' label."""
     if "crack" in names:
-        if synthetic_cracks > 0 and shape == "realistic+fingers":
-            raise DataError("--synthetic-crack-shape realistic+fingers marks broken fingers as defects, and they "
-                            "are not cracks: use it with a single defect label, and 'realistic' with a 'crack' label")
+        if synthetic_cracks > 0 and shape in NOT_ONLY_CRACKS:
+            raise DataError(f"--synthetic-crack-shape {shape} marks broken fingers as defects, and they are not "
+                            "cracks: use it with a single defect label, and 'realistic' with a 'crack' label")
         return names.index("crack")
     if len(names) == 1 or synthetic_cracks == 0:
         return 0
@@ -136,7 +137,7 @@ def prepare(config: TrainConfig):
         raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
     table = load_table(config.data, group=config.group)
     # refuses a label set it cannot mark
-    crack_label(table.names, config.synthetic_cracks, config.synthetic_crack_shape)
+    crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape)
     if config.limit:
         table = limit_table(table, config.limit, config.seed)
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
@@ -265,7 +266,7 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         affine_degrees=config.affine_degrees, affine_translate=config.affine_translate,
         affine_scale=config.affine_scale, pooling=config.pooling, input_norm=config.input_norm,
         synthetic_cracks=config.synthetic_cracks, synthetic_crack_shape=config.synthetic_crack_shape,
-        crack_label=crack_label(table.names, config.synthetic_cracks, config.synthetic_crack_shape),
+        crack_label=crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape),
         inactive_label=table.names.index("inactive") if "inactive" in table.names else None,
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
