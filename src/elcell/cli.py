@@ -13,7 +13,7 @@ from pathlib import Path
 
 TRAIN_HELP = {
     "recipe": "named set of defaults (docs/accuracy.md): 'full' (from scratch in two stages, drawn cracks "
-              "then fine-tuning; a GPU, or about 12 minutes on 2 CPU cores), 'quick' (one stage cut down to "
+              "then fine-tuning; a GPU, or about 15 minutes on 2 CPU cores), 'quick' (one stage cut down to "
               "minutes on a laptop CPU) or 'seed' (the original spec: "
               "resnet50, ImageNet weights, 300 px, Adam 1e-4, ReduceLROnPlateau)",
     "data": "labels CSV (path;label1;label2..., header required) or 'elpv' for the embedded ELPV cells",

@@ -14,8 +14,8 @@ from elcell.errors import DataError
 # Named starting points. Precedence: TrainConfig defaults < recipe < --config file
 # < command line. `seed` is the original specification exactly (its values are
 # the dataclass defaults). `full` is the best from-scratch recipe measured in
-# docs/accuracy.md (E33 then E34): the one-stage recipe E03 (AdamW, cosine, 90-degree
-# rotations) with realistic drawn cracks on half the clean cells, then 20 epochs
+# docs/accuracy.md (E33 then E35): the one-stage recipe E03 (AdamW, cosine, 90-degree
+# rotations) with realistic drawn cracks on half the clean cells, then 40 epochs
 # of fine-tuning on the real labels alone. `quick` is E03 cut to 20 epochs, one
 # stage, for a laptop CPU. `full` is what `elcell train` uses unless told otherwise.
 _FROM_SCRATCH = {
@@ -26,7 +26,7 @@ _FROM_SCRATCH = {
 RECIPES: dict[str, dict] = {
     "seed": {},
     "full": {**_FROM_SCRATCH, "epochs": 40, "patience": 40, "synthetic_cracks": 0.5,
-             "synthetic_crack_shape": "realistic", "finetune_epochs": 20, "finetune_lr": 3e-4},
+             "synthetic_crack_shape": "realistic", "finetune_epochs": 40, "finetune_lr": 3e-4},
     "quick": {**_FROM_SCRATCH, "epochs": 20, "patience": 20},
 }
 DEFAULT_RECIPE = "full"
@@ -103,7 +103,7 @@ PRETEXT_STAGE = "pretext"  # the first stage's run folder inside a two-stage run
 
 
 def two_stage_configs(config: TrainConfig, run: Path) -> tuple[TrainConfig, TrainConfig]:
-    """Drawn cracks as a pretext task (docs/accuracy.md, E33 then E34).
+    """Drawn cracks as a pretext task (docs/accuracy.md, E33 then E35).
 
     The first stage trains as configured, drawn cracks included, into
     RUN/pretext. The second starts from its backbone with a fresh head and
