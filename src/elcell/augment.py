@@ -73,6 +73,8 @@ class SyntheticCracks(nn.Module):
         else:
             shade, inactive = _realistic_cracks(len(chosen), height, width, images.device)
         if self.shape in NOT_ONLY_CRACKS:
+            # streaks are drawn on every chosen cell and a third kept: cheap at 128 px, and
+            # the random draws stay those of the recorded runs (E36)
             fingers = torch.rand(len(chosen), device=images.device) < 1 / 3
             shade = torch.where(fingers[:, None, None], _finger_interruptions(images[chosen, 0]), shade)
             inactive = inactive & ~fingers
