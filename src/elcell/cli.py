@@ -225,8 +225,6 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    from dataclasses import asdict
-
     from elcell.config import DEFAULT_RECIPE, TrainConfig, recipe_defaults
 
     values = {}
