@@ -6,11 +6,13 @@ import torch
 from elcell.augment import (
     BatchAugment,
     SyntheticCracks,
+    _branch,
     _brownian_bridge,
     _busbars_horizontal,
     _coverage,
     _crack_coordinates,
     _finger_interruptions,
+    _offset,
     normalise,
 )
 
@@ -95,7 +97,7 @@ def test_synthetic_cracks_mark_clean_cells_only_with_a_thin_line_from_edge_to_ed
         assert sum(map(bool, sides.values())) >= 2  # from one side of the cell to another
 
 
-@pytest.mark.parametrize("shape", ["line", "realistic"])
+@pytest.mark.parametrize("shape", ["line", "realistic", "realistic+branches"])
 def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells(shape):
     torch.manual_seed(0)
     _, marked = SyntheticCracks(p=0.3, label=0, shape=shape)(torch.full((2000, 1, 16, 16), 0.5),
@@ -103,12 +105,13 @@ def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells(shape)
     assert marked.mean().item() == pytest.approx(0.3, abs=0.03)
 
 
-def test_realistic_cracks_are_thin_lines_and_some_cut_off_a_dark_area_marked_inactive():
+@pytest.mark.parametrize("shape", ["realistic", "realistic+branches"])
+def test_realistic_cracks_are_thin_lines_and_some_cut_off_a_dark_area_marked_inactive(shape):
     torch.manual_seed(0)
     images = torch.full((400, 1, 96, 96), 0.6)
     targets = torch.zeros(400, 2)  # crack, inactive
     targets[:100, 0] = 1.0  # already cracked: left alone
-    out, marked = SyntheticCracks(p=1.0, label=0, shape="realistic", inactive_label=1)(images, targets)
+    out, marked = SyntheticCracks(p=1.0, label=0, shape=shape, inactive_label=1)(images, targets)
     assert torch.equal(out[:100], images[:100]) and torch.equal(marked[:100], targets[:100])
     assert torch.equal(marked[100:, 0], torch.ones(300)) and (out <= images).all()
     inactive = marked[100:, 1] == 1
@@ -125,15 +128,48 @@ def test_realistic_cracks_are_thin_lines_and_some_cut_off_a_dark_area_marked_ina
 
 def test_crack_coordinates_are_along_and_across_the_jagged_line():
     angle, centre = torch.tensor([[0.0, torch.pi / 2]]), torch.tensor([[[10.0, 20.0], [5.0, 7.0]]])
-    along, side = _crack_coordinates(angle, centre, torch.zeros(1, 2), height=30, width=40)
+    along, side = _crack_coordinates(angle, centre, torch.zeros(1, 2, 64), height=30, width=40)
     ys, xs = torch.meshgrid(torch.arange(30.0), torch.arange(40.0), indexing="ij")
     assert torch.allclose(along[0, 0], xs.flatten() - 10) and torch.allclose(side[0, 0], ys.flatten() - 20)
     assert torch.allclose(along[0, 1], ys.flatten() - 7, atol=1e-5)  # cos(pi / 2) is not exactly 0
     assert torch.allclose(side[0, 1], 5 - xs.flatten(), atol=1e-5)
     torch.manual_seed(0)
-    _, jagged = _crack_coordinates(angle, centre, torch.full((1, 2), 3.0), height=30, width=40)
+    bridge = 3.0 * _brownian_bridge((1, 2), 64, "cpu")
+    _, jagged = _crack_coordinates(angle, centre, bridge, height=30, width=40)
     moved = (jagged - side).abs()
     assert moved.max() <= 3.0 + 1e-5 and moved.mean() > 0.2  # displaced across, by at most the wiggle
+
+
+def test_branches_start_on_the_crack_before_them_turned_by_a_diagonal_or_a_fork_angle():
+    torch.manual_seed(0)
+    n, height, width = 500, 96, 96
+    angle = torch.rand(n, 3) * torch.pi
+    centre = torch.rand(n, 3, 2) * 95
+    bridge = 3.0 * _brownian_bridge((n, 3), 64, "cpu")
+    network, new_angle, new_centre, new_bridge, length = _branch(angle, centre, bridge, 0.5, height, width)
+    assert network.float().mean().item() == pytest.approx(0.5, abs=0.07)
+    kept = ~network
+    assert torch.equal(new_angle[kept], angle[kept]) and torch.equal(new_centre[kept], centre[kept])
+    assert torch.equal(new_bridge[kept], bridge[kept]) and torch.equal(new_bridge[:, 0], bridge[:, 0])
+    zero = torch.zeros(n, 1, 1)
+    for k in (1, 2):
+        parent = k - 1
+        delta = new_centre[network, k] - new_centre[network, parent]  # from the parent's centre to the start
+        cos, sin = new_angle[network, parent].cos(), new_angle[network, parent].sin()
+        along, across = delta[:, 0] * cos + delta[:, 1] * sin, delta[:, 1] * cos - delta[:, 0] * sin
+        parent_offset = _offset(new_bridge[network, parent:k], along[:, None, None], height, width)[:, 0, 0]
+        assert torch.allclose(across, parent_offset, atol=1e-3)  # the start lies on the jagged parent
+        if parent == 0:  # within 30 % of the cell of the first crack's centre
+            assert (along.abs() <= 0.3 * 96 * 0.8 + 1e-3).all()
+        else:  # 10-90 % along the parent branch
+            share = along / length[network, parent]
+            assert (share >= 0.1 - 1e-4).all() and (share <= 0.9 + 1e-4).all()
+        own_start = _offset(new_bridge[network, k:k + 1], zero[network], height, width)
+        assert torch.allclose(own_start, torch.zeros_like(own_start), atol=1e-5)  # no jump at the start
+        turn = torch.rad2deg(new_angle[network, k] - new_angle[network, parent]).abs()
+        assert (((turn >= 20 - 1e-3) & (turn <= 70 + 1e-3)) | ((turn >= 80 - 1e-3) & (turn <= 100 + 1e-3))).all()
+        assert ((turn >= 80 - 1e-3).float().mean() - 0.5).abs() < 0.1
+    assert ((length >= 0.15 * 96 - 1e-3) & (length <= 0.6 * 96 + 1e-3)).all()
 
 
 @pytest.mark.parametrize("half_width", [0.5, 0.75, 1.0])

@@ -29,7 +29,7 @@ class RandomRotate90(nn.Module):
         return out
 
 
-CRACK_SHAPES = ("line", "realistic", "realistic+fingers")
+CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
 NOT_ONLY_CRACKS = ("realistic+fingers",)  # shapes that also draw defects that are not cracks
 
 
@@ -47,6 +47,8 @@ class SyntheticCracks(nn.Module):
       one to three jagged, mostly diagonal cracks, some ending inside the cell;
       in 40 % of the cracked cells the smaller part that a crack cuts off is
       darkened as an inactive area, and `inactive_label` set, if given;
+    - shape "realistic+branches": as "realistic", but half the cells get a
+      crack network instead: branches off a crack, in V, Y and tree shapes;
     - shape "realistic+fingers": as "realistic", but a third of the cells get
       finger interruptions instead (`_finger_interruptions`), for a label that
       counts any defect, not cracks alone.
@@ -71,7 +73,8 @@ class SyntheticCracks(nn.Module):
         if self.shape == "line":
             shade, inactive = _bezier_crack(len(chosen), height, width, images.device), None
         else:
-            shade, inactive = _realistic_cracks(len(chosen), height, width, images.device)
+            branching = 0.5 if self.shape == "realistic+branches" else 0.0
+            shade, inactive = _realistic_cracks(len(chosen), height, width, images.device, branching=branching)
         if self.shape in NOT_ONLY_CRACKS:
             # streaks are drawn on every chosen cell and a third kept: cheap at 128 px, and
             # the random draws stay those of the recorded runs (E36)
@@ -101,7 +104,7 @@ def _bezier_crack(n: int, height: int, width: int, device) -> torch.Tensor:
 
 
 def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int = 3,
-                      inactive_share: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+                      inactive_share: float = 0.4, branching: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cracks as seen in EL images, as a brightness factor [n, H, W] and which cells
     got a darkened (inactive) area [n].
 
@@ -115,6 +118,10 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
     In `inactive_share` of the cells the first crack runs from edge to edge and
     the smaller part it cuts off is darkened by 30-90 %, as a cell area that
     lost its contact.
+
+    With `branching` above 0, that share of the cells gets a crack network
+    instead (`_branch`): the first crack runs from edge to edge, and each
+    further one branches off the crack before it.
     """
     size = float(max(height, width))
     shape = (n, max_cracks)
@@ -125,15 +132,25 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
     centre = torch.stack([_uniform(0.15, 0.85, shape, device) * (width - 1),
                           _uniform(0.15, 0.85, shape, device) * (height - 1)], -1)
     wiggle = _uniform(0, 0.03 * size, shape, device)
-    along, side = _crack_coordinates(angle, centre, wiggle, height, width)  # [n, C, P] each
+    bridge = _brownian_bridge(shape, BRIDGE_STEPS, device) * wiggle[..., None]
+    if branching:
+        network, angle, centre, bridge, length = _branch(angle, centre, bridge, branching, height, width)
+    along, side = _crack_coordinates(angle, centre, bridge, height, width)  # [n, C, P] each
 
     line = _coverage(side, half_width=_uniform(0.5, 1.0, (*shape, 1), device))
     inactive = torch.rand(n, device=device) < inactive_share
     partial = torch.rand(shape, device=device) < 0.5
     partial[inactive, 0] = False  # the crack that cuts off an area runs from edge to edge
     start = torch.where(partial, _uniform(-0.3 * size, 0.1 * size, shape, device), -torch.inf)
+    if branching:  # in a network the first crack runs from edge to edge, and branches from their origin
+        rays = network[:, None] & (torch.arange(max_cracks, device=device) >= 1)
+        start = torch.where(rays, 0.0, start)
+        start[network, 0] = -torch.inf
+        line = line * ((along <= length[..., None]) | ~rays[..., None])
     line = line * (along >= start[..., None])
     count = torch.randint(1, max_cracks + 1, (n, 1), device=device)
+    if branching:
+        count = torch.where(network[:, None], count.clamp_min(2), count)  # a network has a branch
     depth = _uniform(0.15, 0.5, shape, device) * (torch.arange(max_cracks, device=device) < count)
     shade = (1 - depth[..., None] * line).prod(1)  # [n, P]
 
@@ -141,6 +158,43 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
     smaller = torch.where(cut.float().mean(-1, keepdim=True) <= 0.5, cut, ~cut)
     darken = _uniform(0.3, 0.9, (n, 1), device) * (smaller & inactive[:, None])
     return (shade * (1 - darken)).view(n, height, width), inactive
+
+
+def _branch(angle: torch.Tensor, centre: torch.Tensor, bridge: torch.Tensor, share: float, height: int,
+            width: int) -> tuple[torch.Tensor, ...]:
+    """Turn the cracks of `share` of the cells into networks, as cracked mono cells
+    show them (V, Y and tree shapes): crack k >= 1 starts at a point 10-90 %
+    along crack k - 1 (within 30 % of the cell size of its centre, for the first
+    crack, which runs from edge to edge) and runs on for 15-60 % of the cell
+    size, turned from it by 80-100 degrees (the other diagonal) in half the
+    branches and by 20-70 degrees in the others, either way. Its jagged offset
+    is shifted to be 0 at its start, so it starts on its parent.
+
+    Returns which cells are networks [n], and the cracks' angles, centres
+    (a branch's start), bridges and lengths along them (branches only)."""
+    n, cracks = angle.shape
+    device = angle.device
+    size = float(max(height, width))
+    shape = (n, cracks)
+    network = torch.rand(n, device=device) < share
+    length = _uniform(0.15, 0.6, shape, device) * size
+    turn = torch.where(torch.rand(shape, device=device) < 0.5, _uniform(80, 100, shape, device),
+                       _uniform(20, 70, shape, device))
+    turn = torch.deg2rad(turn) * (torch.randint(0, 2, shape, device=device) * 2 - 1)
+    where = _uniform(0.1, 0.9, shape, device)
+    angle, centre, bridge = angle.clone(), centre.clone(), bridge.clone()
+    for k in range(1, cracks):
+        parent = k - 1  # the first crack is a whole line through its centre, a branch starts at its own
+        along = (2 * where[:, parent] - 1) * 0.3 * size if parent == 0 else where[:, parent] * length[:, parent]
+        across = _offset(bridge[:, parent:parent + 1], along[:, None, None], height, width)[:, 0, 0]
+        cos, sin = angle[:, parent].cos(), angle[:, parent].sin()
+        origin = centre[:, parent] + torch.stack([along * cos - across * sin, along * sin + across * cos], -1)
+        pinned = bridge[:, k] - _offset(bridge[:, k:k + 1], torch.zeros(n, 1, 1, device=device), height,
+                                         width)[:, 0]
+        centre[:, k] = torch.where(network[:, None], origin, centre[:, k])
+        angle[:, k] = torch.where(network, angle[:, parent] + turn[:, k], angle[:, k])
+        bridge[:, k] = torch.where(network[:, None], pinned, bridge[:, k])
+    return network, angle, centre, bridge, length
 
 
 def _finger_interruptions(cells: torch.Tensor, max_streaks: int = 8) -> torch.Tensor:
@@ -194,26 +248,32 @@ def _busbars_horizontal(cells: torch.Tensor) -> torch.Tensor:
     return dip(cells.mean(-1)) >= dip(cells.mean(-2))
 
 
-def _crack_coordinates(angle: torch.Tensor, centre: torch.Tensor, wiggle: torch.Tensor, height: int,
-                       width: int, bridge_steps: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _crack_coordinates(angle: torch.Tensor, centre: torch.Tensor, bridge: torch.Tensor, height: int,
+                       width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pixel's position along each crack and its signed distance from it, [n, C, H*W] each.
 
     A crack is the line through `centre` [n, C, 2] (x, y) at `angle` [n, C]
-    (radians, from the x axis), displaced across by a Brownian bridge whose
-    largest excursion is `wiggle` [n, C] pixels."""
+    (radians, from the x axis), displaced across by `bridge` [n, C, steps]
+    (pixels; `_offset`)."""
     device = angle.device
     ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
                             torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
     xs, ys = xs.flatten() - centre[..., :1], ys.flatten() - centre[..., 1:]  # [n, C, P]
     cos, sin = angle.cos()[..., None], angle.sin()[..., None]
     along, across = xs * cos + ys * sin, ys * cos - xs * sin
-    bridge = _brownian_bridge(wiggle.shape, bridge_steps, device) * wiggle[..., None]
-    reach = (height ** 2 + width ** 2) ** 0.5  # no pixel is farther from a centre along a crack
-    position = (along + reach) / (2 * reach) * (bridge_steps - 1)  # as a fractional bridge index
-    low = position.floor().long().clamp(0, bridge_steps - 2)
+    return along, across - _offset(bridge, along, height, width)
+
+
+def _offset(bridge: torch.Tensor, along: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """How far each crack is displaced across at the positions `along` it [n, C, K]: its
+    `bridge` [n, C, steps] spread evenly over the longest distance a pixel can be
+    from the crack's centre either way, and interpolated between its steps."""
+    steps = bridge.shape[-1]
+    reach = (height ** 2 + width ** 2) ** 0.5
+    position = (along + reach) / (2 * reach) * (steps - 1)  # as a fractional bridge index
+    low = position.floor().long().clamp(0, steps - 2)
     frac = position - low
-    offset = bridge.gather(-1, low) * (1 - frac) + bridge.gather(-1, low + 1) * frac
-    return along, across - offset
+    return bridge.gather(-1, low) * (1 - frac) + bridge.gather(-1, low + 1) * frac
 
 
 def _coverage(side: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
@@ -221,6 +281,9 @@ def _coverage(side: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
     centre line, that the crack covers: every pixel step along a crack darkens
     by its full width, wherever the crack falls between pixel centres."""
     return (half_width + 0.5 - side.abs()).clamp(0, 1)
+
+
+BRIDGE_STEPS = 64  # points of a crack's jagged offset, spread over its whole length
 
 
 def _brownian_bridge(shape: tuple[int, ...], steps: int, device) -> torch.Tensor:

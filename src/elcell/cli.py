@@ -65,7 +65,9 @@ TRAIN_HELP = {
                         "stage of a two-stage run (--finetune-epochs), not in the final model",
     "synthetic_crack_shape": "'line' (one thin curve from edge to edge), 'realistic' (one to three jagged, "
                              "mostly diagonal cracks; in 40 %% of the cracked cells the smaller part one cuts "
-                             "off is darkened and the 'inactive' label, if any, set), or 'realistic+fingers' "
+                             "off is darkened and the 'inactive' label, if any, set), 'realistic+branches' "
+                             "(as realistic, with half the cells drawn on getting a crack network instead: "
+                             "branches off a crack in V, Y and tree shapes), or 'realistic+fingers' "
                              "(as realistic, with a third of the cells drawn on getting short dark streaks along "
                              "their fingers instead, for a single defect label, not 'crack')",
     "finetune_epochs": "two stages: train as configured into RUN/pretext, then fine-tune that backbone, "
