@@ -122,6 +122,27 @@ def test_resuming_a_run_older_than_an_option_keeps_what_the_run_did(tiny_run, tm
     assert (resumed["finetune_epochs"], resumed["synthetic_crack_shape"]) == (0, "line")
 
 
+def test_a_runs_config_yaml_repeats_that_run_even_after_the_recipe_changed(tiny_run, tmp_path, capsys):
+    """A run of the one-stage `full` recipe, from before two stages and crack shapes:
+    today's `full` must not add a second stage or realistic cracks to it."""
+    old = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    old = {k: v for k, v in old.items() if k not in ("finetune_epochs", "finetune_lr", "synthetic_crack_shape")}
+    old.update(recipe="full", synthetic_cracks=0.0)
+    record = tmp_path / "config.yaml"
+    record.write_text(yaml.safe_dump(old))
+    code, out, _ = run_cli(["train", "--config", str(record), "--out", str(tmp_path / "again"), "--print-config"],
+                           capsys)
+    repeated = yaml.safe_load(out)
+    assert code == 0 and repeated["finetune_epochs"] == 0 and repeated["synthetic_crack_shape"] == "line"
+    assert {k: v for k, v in repeated.items() if k in old and k != "out"} == {k: v for k, v in old.items()
+                                                                              if k != "out"}
+    # a hand-written file that names a few options still takes the rest from the recipe
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("recipe: full\nepochs: 3\n")
+    code, out, _ = run_cli(["train", "--config", str(partial), "--print-config"], capsys)
+    assert code == 0 and yaml.safe_load(out)["finetune_epochs"] == 40
+
+
 def test_config_file_sets_defaults_and_command_line_wins(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("backbone: resnet34\nbatch-size: 8\nlr: 0.01\n")

@@ -100,7 +100,9 @@ def _add_train_parser(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.yaml",
-                        help="read options from a YAML file (command-line options win)")
+                        help="read options from a YAML file (command-line options win); a run's "
+                             "RUN/config.yaml repeats that run (give a new --out), even if the recipe "
+                             "has changed since")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as YAML and exit (for a two-stage run, "
                              "what the second stage changes follows as comments)")
@@ -218,7 +220,8 @@ def _read_config(path: str, source: str) -> dict:
 def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Defaults, weakest first: the recipe; with --resume the options of the run
     being continued (its config.yaml), so it goes on as it started; --config
-    FILE.yaml. Options on the command line still win."""
+    FILE.yaml, where a run's config.yaml stands for the whole run, as with
+    --resume. Options on the command line still win."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
@@ -227,18 +230,16 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    from elcell.config import DEFAULT_RECIPE, TrainConfig, recipe_defaults
+    from elcell.config import DEFAULT_RECIPE, complete_run_record, recipe_defaults
 
     values = {}
     if known.resume:
         run_config = Path(known.resume).resolve().parent.parent / "config.yaml"
         if run_config.is_file():
-            # An option the run's config lacks is newer than the run: its default is
-            # what the run did (not today's recipe), e.g. one stage, line cracks.
-            values = {k: v for k, v in {**asdict(TrainConfig()), **_read_config(run_config, str(run_config))}.items()
+            values = {k: v for k, v in complete_run_record(_read_config(run_config, str(run_config))).items()
                       if k not in ("resume", "out")}
     if known.config:
-        values.update(_read_config(known.config, f"--config {known.config}"))
+        values.update(complete_run_record(_read_config(known.config, f"--config {known.config}")))
     recipe = known.recipe or values.get("recipe") or DEFAULT_RECIPE
     defaults = {**recipe_defaults(recipe), **values, "recipe": recipe}
     train_parser = parser._subparsers._group_actions[0].choices["train"]

@@ -163,6 +163,26 @@ def option_types(config_class: type = TrainConfig) -> dict[str, type]:
     return plain
 
 
+# The options of elcell's first release. Every run's config.yaml sets them all (it
+# sets every option of its time); a hand-written --config file hardly ever does.
+_FIRST_RELEASE_OPTIONS = frozenset((
+    "data", "group", "out", "backbone", "pretrained", "image_size", "batch_size", "epochs", "lr",
+    "weight_decay", "lr_patience", "patience", "val_fraction", "test_fraction", "seed", "limit", "flip_p",
+    "brightness", "contrast", "precision", "accelerator", "devices", "num_nodes", "workers", "cache_dir",
+    "resume", "progress"))
+
+
+def complete_run_record(values: dict) -> dict:
+    """Option `values` read from a file. If they are a run's config.yaml (they set
+    every option of elcell's first release), each option newer than the run takes
+    its plain default: what the run did without it (e.g. one stage, line cracks),
+    not what today's recipe would add. Other files are returned as they are: what
+    they lack comes from the recipe."""
+    if not _FIRST_RELEASE_OPTIONS <= values.keys():
+        return values
+    return {**asdict(TrainConfig()), **values}
+
+
 def recipe_defaults(name: str) -> dict:
     if name not in RECIPES:
         raise DataError(f"--recipe {name!r}: choose from {sorted(RECIPES)}")
