@@ -208,12 +208,14 @@ def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
 
 def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     from elcell.errors import DataError
-    from elcell.train import crack_label
+    from elcell.train import crack_label, label_index
 
     with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
         train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
     assert not (tmp_path / "run").exists()
     assert crack_label(["inactive", "crack"], 0.2, shape="realistic") == 1
+    assert crack_label(["Inactive", "Crack"], 0.2, shape="realistic") == 1  # a CSV's own spelling
+    assert label_index(["Crack", "INACTIVE"], "inactive") == 1 and label_index(["crack"], "inactive") is None
     assert crack_label(["defective"], 0.2, shape="realistic") == 0
     with pytest.raises(DataError, match="'crack' or a single label"):
         crack_label(["finger", "inactive"], 0.2, shape="realistic")

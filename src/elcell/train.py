@@ -95,17 +95,26 @@ def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]
 
 
 def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:
-    """The label a drawn crack sets: 'crack', else the only label (ELPV's 'defective').
-    Refuses label sets it cannot mark, and drawn broken fingers on a 'crack' label."""
-    if "crack" in names:
+    """The label a drawn crack sets: 'crack' (in any case), else the only label (ELPV's
+    'defective'). Refuses label sets it cannot mark, and drawn broken fingers on a
+    'crack' label."""
+    crack = label_index(names, "crack")
+    if crack is not None:
         if synthetic_cracks > 0 and shape in NOT_ONLY_CRACKS:
             raise DataError(f"--synthetic-crack-shape {shape} marks broken fingers as defects, and they are not "
                             "cracks: use it with a single defect label, and 'realistic' with a 'crack' label")
-        return names.index("crack")
+        return crack
     if len(names) == 1 or synthetic_cracks == 0:
         return 0
     raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names} "
                     "(--synthetic-cracks 0 --finetune-epochs 0 trains in one stage without drawn cracks)")
+
+
+def label_index(names: list[str], wanted: str) -> int | None:
+    """Where the label `wanted` is in `names`, whatever its case (a CSV may say
+    'Crack'), or None."""
+    lowered = [name.lower() for name in names]
+    return lowered.index(wanted) if wanted in lowered else None
 
 
 def prepare(config: TrainConfig):
@@ -267,7 +276,7 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         affine_scale=config.affine_scale, pooling=config.pooling, input_norm=config.input_norm,
         synthetic_cracks=config.synthetic_cracks, synthetic_crack_shape=config.synthetic_crack_shape,
         crack_label=crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape),
-        inactive_label=table.names.index("inactive") if "inactive" in table.names else None,
+        inactive_label=label_index(table.names, "inactive"),
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size,
