@@ -1,7 +1,9 @@
 """Augmentation statistics: flip rates, jitter ranges, normalisation."""
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from elcell.augment import (
     BatchAugment,
@@ -13,6 +15,7 @@ from elcell.augment import (
     _crack_coordinates,
     _finger_interruptions,
     _offset,
+    _realistic_cracks,
     normalise,
 )
 
@@ -97,12 +100,12 @@ def test_synthetic_cracks_mark_clean_cells_only_with_a_thin_line_from_edge_to_ed
         assert sum(map(bool, sides.values())) >= 2  # from one side of the cell to another
 
 
-@pytest.mark.parametrize("shape", ["line", "realistic", "realistic+branches"])
+@pytest.mark.parametrize("shape", ["line", "realistic"])
 def test_synthetic_cracks_with_p_0_3_mark_about_that_share_of_clean_cells(shape):
     torch.manual_seed(0)
     _, marked = SyntheticCracks(p=0.3, label=0, shape=shape)(torch.full((2000, 1, 16, 16), 0.5),
                                                               torch.zeros(2000, 1))
-    assert marked.mean().item() == pytest.approx(0.3, abs=0.03)
+    assert marked.mean().item() == pytest.approx(0.3, abs=0.035)  # 3.4 standard deviations
 
 
 @pytest.mark.parametrize("shape", ["realistic", "realistic+branches"])
@@ -138,6 +141,27 @@ def test_crack_coordinates_are_along_and_across_the_jagged_line():
     _, jagged = _crack_coordinates(angle, centre, bridge, height=30, width=40)
     moved = (jagged - side).abs()
     assert moved.max() <= 3.0 + 1e-5 and moved.mean() > 0.2  # displaced across, by at most the wiggle
+
+
+def test_a_crack_network_is_one_piece_whose_branch_ends_inside_the_cell():
+    def draw(max_cracks):
+        torch.manual_seed(0)
+        shade, _ = _realistic_cracks(1000, 96, 96, "cpu", max_cracks=max_cracks, inactive_share=0.0,
+                                     branching=1.0)
+        return (shade < 0.95).numpy()
+
+    network, first_crack = draw(max_cracks=2), draw(max_cracks=1)
+    pieces = np.array([ndimage.label(cell, structure=np.ones((3, 3)))[1] for cell in network])
+    assert (pieces == 1).mean() > 0.97  # the branch starts on the first crack
+    border = np.concatenate([network[:, 0, :], network[:, 1:, -1], network[:, -1, -2::-1],
+                             network[:, -2:0:-1, 0]], axis=1)  # the edge pixels, once round the cell
+    touches = (border & ~np.roll(border, 1, axis=1)).sum(1)  # separate runs of dark edge pixels
+    # the first crack meets the edge at both ends; the branch mostly ends inside, and
+    # runs off the cell (a third run) in the others
+    assert 0.5 < (touches == 2).mean() < 0.75
+    assert (touches >= 2).all()
+    # every network has a branch: 15-60 % of the cell size, next to a crack across it
+    assert 1.15 < network.sum() / first_crack.sum() < 1.4
 
 
 def test_branches_start_on_the_crack_before_them_turned_by_a_diagonal_or_a_fork_angle():

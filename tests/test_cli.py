@@ -127,15 +127,16 @@ def test_a_runs_config_yaml_repeats_that_run_even_after_the_recipe_changed(tiny_
     today's `full` must not add a second stage or realistic cracks to it."""
     old = yaml.safe_load((tiny_run / "config.yaml").read_text())
     old = {k: v for k, v in old.items() if k not in ("finetune_epochs", "finetune_lr", "synthetic_crack_shape")}
-    old.update(recipe="full", synthetic_cracks=0.0)
+    old.update(recipe="full", synthetic_cracks=0.0, resume=str(tiny_run / "checkpoints" / "last.ckpt"))
     record = tmp_path / "config.yaml"
     record.write_text(yaml.safe_dump(old))
     code, out, _ = run_cli(["train", "--config", str(record), "--out", str(tmp_path / "again"), "--print-config"],
                            capsys)
     repeated = yaml.safe_load(out)
     assert code == 0 and repeated["finetune_epochs"] == 0 and repeated["synthetic_crack_shape"] == "line"
-    assert {k: v for k, v in repeated.items() if k in old and k != "out"} == {k: v for k, v in old.items()
-                                                                              if k != "out"}
+    assert repeated["resume"] is None  # from the start, even if the run was resumed
+    assert {k: v for k, v in repeated.items() if k in old and k not in ("out", "resume")} == \
+        {k: v for k, v in old.items() if k not in ("out", "resume")}
     # a hand-written file that names a few options still takes the rest from the recipe
     partial = tmp_path / "partial.yaml"
     partial.write_text("recipe: full\nepochs: 3\n")

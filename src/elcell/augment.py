@@ -48,7 +48,8 @@ class SyntheticCracks(nn.Module):
       in 40 % of the cracked cells the smaller part that a crack cuts off is
       darkened as an inactive area, and `inactive_label` set, if given;
     - shape "realistic+branches": as "realistic", but half the cells get a
-      crack network instead: branches off a crack, in V, Y and tree shapes;
+      crack network instead: a crack with a branch, and in some a branch off
+      the branch (Y, T and lambda shapes);
     - shape "realistic+fingers": as "realistic", but a third of the cells get
       finger interruptions instead (`_finger_interruptions`), for a label that
       counts any defect, not cracks alone.
@@ -121,7 +122,8 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
 
     With `branching` above 0, that share of the cells gets a crack network
     instead (`_branch`): the first crack runs from edge to edge, and each
-    further one branches off the crack before it.
+    further one branches off the crack before it and ends inside the cell or
+    at its edge.
     """
     size = float(max(height, width))
     shape = (n, max_cracks)
@@ -150,7 +152,7 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
     line = line * (along >= start[..., None])
     count = torch.randint(1, max_cracks + 1, (n, 1), device=device)
     if branching:
-        count = torch.where(network[:, None], count.clamp_min(2), count)  # a network has a branch
+        count = torch.where(network[:, None], count.clamp_min(2), count)  # at least one branch is drawn
     depth = _uniform(0.15, 0.5, shape, device) * (torch.arange(max_cracks, device=device) < count)
     shade = (1 - depth[..., None] * line).prod(1)  # [n, P]
 
@@ -162,13 +164,15 @@ def _realistic_cracks(n: int, height: int, width: int, device, max_cracks: int =
 
 def _branch(angle: torch.Tensor, centre: torch.Tensor, bridge: torch.Tensor, share: float, height: int,
             width: int) -> tuple[torch.Tensor, ...]:
-    """Turn the cracks of `share` of the cells into networks, as cracked mono cells
-    show them (V, Y and tree shapes): crack k >= 1 starts at a point 10-90 %
-    along crack k - 1 (within 30 % of the cell size of its centre, for the first
-    crack, which runs from edge to edge) and runs on for 15-60 % of the cell
-    size, turned from it by 80-100 degrees (the other diagonal) in half the
-    branches and by 20-70 degrees in the others, either way. Its jagged offset
-    is shifted to be 0 at its start, so it starts on its parent.
+    """Turn the cracks of `share` of the cells into networks, as cracked cells show
+    them (most clearly mono cells): crack k >= 1 starts at a point 10-90 % along
+    crack k - 1 (within 24 % of the cell size of its centre, for the first crack,
+    which runs from edge to edge) and runs on for 15-60 % of the cell size,
+    turned from it by 80-100 degrees (onto the other diagonal, where the parent
+    is diagonal) in half the branches and by 20-70 degrees in the others, either
+    way. Its jagged offset is shifted to be 0 at its start, so it starts on its
+    parent and may stray up to twice as far as a crack's wiggle. A branch off a
+    branch that has run out of the cell may start outside it, and is not seen.
 
     Returns which cells are networks [n], and the cracks' angles, centres
     (a branch's start), bridges and lengths along them (branches only)."""
@@ -283,7 +287,7 @@ def _coverage(side: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
     return (half_width + 0.5 - side.abs()).clamp(0, 1)
 
 
-BRIDGE_STEPS = 64  # points of a crack's jagged offset, spread over its whole length
+BRIDGE_STEPS = 64  # points of a crack's jagged offset, spread over the cell diagonal either side of its centre
 
 
 def _brownian_bridge(shape: tuple[int, ...], steps: int, device) -> torch.Tensor:

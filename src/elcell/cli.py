@@ -101,8 +101,8 @@ def _add_train_parser(commands) -> None:
     )
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="read options from a YAML file (command-line options win); a run's "
-                             "RUN/config.yaml repeats that run (give a new --out), even if the recipe "
-                             "has changed since")
+                             "RUN/two-stage.yaml (two stages) or RUN/config.yaml repeats that run from the "
+                             "start (give a new --out), even if the recipe has changed since")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration as YAML and exit (for a two-stage run, "
                              "what the second stage changes follows as comments)")
@@ -230,7 +230,7 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    from elcell.config import DEFAULT_RECIPE, complete_run_record, recipe_defaults
+    from elcell.config import DEFAULT_RECIPE, complete_run_record, is_run_record, recipe_defaults
 
     values = {}
     if known.resume:
@@ -239,7 +239,10 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
             values = {k: v for k, v in complete_run_record(_read_config(run_config, str(run_config))).items()
                       if k not in ("resume", "out")}
     if known.config:
-        values.update(complete_run_record(_read_config(known.config, f"--config {known.config}")))
+        config = _read_config(known.config, f"--config {known.config}")
+        if is_run_record(config):  # repeat that run from the start, not from where it resumed
+            config = {k: v for k, v in complete_run_record(config).items() if k != "resume"}
+        values.update(config)
     recipe = known.recipe or values.get("recipe") or DEFAULT_RECIPE
     defaults = {**recipe_defaults(recipe), **values, "recipe": recipe}
     train_parser = parser._subparsers._group_actions[0].choices["train"]

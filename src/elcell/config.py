@@ -172,14 +172,16 @@ _FIRST_RELEASE_OPTIONS = frozenset((
     "resume", "progress"))
 
 
+def is_run_record(values: dict) -> bool:
+    """Whether option `values` read from a file are a run's config.yaml (or
+    two-stage.yaml): they set every option of elcell's first release."""
+    return _FIRST_RELEASE_OPTIONS <= values.keys()
+
+
 def complete_run_record(values: dict) -> dict:
-    """Option `values` read from a file. If they are a run's config.yaml (they set
-    every option of elcell's first release), each option newer than the run takes
-    its plain default: what the run did without it (e.g. one stage, line cracks),
-    not what today's recipe would add. Other files are returned as they are: what
-    they lack comes from the recipe."""
-    if not _FIRST_RELEASE_OPTIONS <= values.keys():
-        return values
+    """A run's recorded options, each option newer than the run at its plain
+    default: what the run did without it (e.g. one stage, line cracks), not what
+    today's recipe would add."""
     return {**asdict(TrainConfig()), **values}
 
 

@@ -102,7 +102,8 @@ def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int
     if crack is not None:
         if synthetic_cracks > 0 and shape in NOT_ONLY_CRACKS:
             raise DataError(f"--synthetic-crack-shape {shape} marks broken fingers as defects, and they are not "
-                            "cracks: use it with a single defect label, and 'realistic' with a 'crack' label")
+                            "cracks: use it with a single defect label, and 'realistic' or 'realistic+branches' with a "
+                            "'crack' label")
         return crack
     if len(names) == 1 or synthetic_cracks == 0:
         return 0
