@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent('''
 
     data, out, record = sys.argv[1:4]
     train(TrainConfig(data=data, out=out, backbone="resnet18", pretrained="none", image_size=32,
-                      batch_size=8, epochs=1, devices="2", progress=False, brightness=0, contrast=0,
+                      batch_size=8, epochs=1, devices="2", accelerator="cpu", progress=False, brightness=0, contrast=0,
                       val_fraction=0.25), callbacks=[RecordCells(record)])
 ''')
 
@@ -90,3 +90,21 @@ def test_validation_f1_counts_are_summed_across_ranks():
 
     expected = f1_score(targets.numpy(), (probs.numpy() >= 0.5), average="weighted", zero_division=0)
     assert float(whole.compute()["weighted_f1"]) == pytest.approx(expected)
+
+
+def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path, seed_csv, monkeypatch):
+    """On a one-GPU machine `--devices 2` names the count and the CPU alternative,
+    and leaves no run folder behind (found on a GPU machine: Lightning's own
+    answer was a traceback after the cells were loaded)."""
+    import torch
+
+    from elcell.config import TrainConfig
+    from elcell.errors import DataError
+    from elcell.train import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"--devices 2: this machine has 1 GPU\(s\).*--accelerator cpu"):
+        train(TrainConfig(data=str(seed_csv), out=str(out), devices="2", pretrained="none"))
+    assert not out.exists()

@@ -121,7 +121,7 @@ def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tiny_run):
 
     summary = json.loads((tiny_run / "summary.json").read_text())
     checkpoint = tiny_run / summary["best_checkpoint"]
-    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    trained = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model = ResNet("resnet18", 1)
     fresh_head = model.fc[4].weight.clone()
     loaded = load_pretrained(model, str(checkpoint))

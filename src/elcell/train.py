@@ -45,6 +45,15 @@ def gpu_available(config: TrainConfig) -> bool:
     return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def check_devices(config: TrainConfig) -> None:
+    """More GPUs than the machine has: one sentence before any work (Lightning's
+    answer is a traceback after the data is loaded)."""
+    wanted, have = str(config.devices), torch.cuda.device_count()
+    if gpu_available(config) and wanted.isdigit() and int(wanted) > have:
+        raise DataError(f"--devices {wanted}: this machine has {have} GPU(s); ask for at most "
+                        f"{have}, or add --accelerator cpu to run {wanted} CPU processes")
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matrix work in hardware (AMD Zen 4+, Intel Cooper Lake+)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -252,6 +261,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     """Train, export the best checkpoint to ONNX, and return the run summary
     (empty on ranks other than 0). With --finetune-epochs, in two stages
     (`two_stage_configs`). `callbacks` are added to the (final stage's) Trainer."""
+    check_devices(config)
     if config.finetune_epochs > 0:
         return _train_two_stages(config, callbacks)
     return _train_stage(config, callbacks)
