@@ -696,6 +696,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     if args.ceiling is None:
         args.ceiling = gpu
+    steps_given = args.steps is not None
     if args.steps is None:  # a GPU step takes milliseconds: time enough of them
         args.steps = 50 if gpu else 5
     if args.warmup is None:
@@ -711,7 +712,23 @@ def main() -> None:
     data = Data(args.image_size, args.cache_dir, args.limit)
     print(f"ELPV: {len(data.table)} cells, {len(data.train_index)} in the train split; "
           f"cache ready in {data.cache_seconds:.1f} s (decoded once, reused across runs)")
+    fit_steps_in_one_epoch(args, data, steps_given)
     (levers if args.levers else compare)(args, device, data)
+
+
+def fit_steps_in_one_epoch(args: argparse.Namespace, data: Data, steps_given: bool) -> None:
+    """Each round times steps within one pass over the train split: past its end
+    elcell's epoch would end (validation, the plateau scheduler) and the reference
+    would time fewer steps than it counts. A default --steps shrinks to fit."""
+    batches = len(data.train_index) // args.batch_size  # whole batches: the loaders drop the last
+    if args.warmup + args.steps <= batches:
+        return
+    if steps_given or batches <= args.warmup:
+        sys.exit(f"--warmup {args.warmup} + --steps {args.steps} steps do not fit in one pass over "
+                 f"the {len(data.train_index)} train cells ({batches} batches of {args.batch_size}): "
+                 "give fewer --steps, a smaller --batch-size or more cells")
+    args.steps = batches - args.warmup
+    print(f"timing {args.steps} steps per round: all that one pass holds at batch {args.batch_size}")
 
 
 if __name__ == "__main__":
