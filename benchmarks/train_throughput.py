@@ -663,7 +663,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per contender and round (default: 5 on CPU, 50 on a GPU)")
+                        help="timed steps per contender and round (default: 5 on CPU, 50 on a GPU, "
+                             "fewer where one pass over the train split holds fewer)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps at the start of each round (default: 1 on CPU, 5 on a GPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -723,9 +724,12 @@ def fit_steps_in_one_epoch(args: argparse.Namespace, data: Data, steps_given: bo
     batches = len(data.train_index) // args.batch_size  # whole batches: the loaders drop the last
     if args.warmup + args.steps <= batches:
         return
-    if steps_given or batches <= args.warmup:
-        sys.exit(f"--warmup {args.warmup} + --steps {args.steps} steps do not fit in one pass over "
-                 f"the {len(data.train_index)} train cells ({batches} batches of {args.batch_size}): "
+    cells = f"the {len(data.train_index)} train cells ({batches} batches of {args.batch_size})"
+    if batches <= args.warmup:
+        sys.exit(f"--warmup {args.warmup} steps leave no timed step in one pass over {cells}: "
+                 "give a smaller --warmup or --batch-size, or more cells")
+    if steps_given:
+        sys.exit(f"--warmup {args.warmup} + --steps {args.steps} do not fit in one pass over {cells}: "
                  "give fewer --steps, a smaller --batch-size or more cells")
     args.steps = batches - args.warmup
     print(f"timing {args.steps} steps per round: all that one pass holds at batch {args.batch_size}")

@@ -92,10 +92,12 @@ def test_validation_f1_counts_are_summed_across_ranks():
     assert float(whole.compute()["weighted_f1"]) == pytest.approx(expected)
 
 
-def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path, seed_csv, monkeypatch):
-    """On a one-GPU machine `--devices 2` names the count and the CPU alternative,
-    and leaves no run folder behind (found on a GPU machine: Lightning's own
-    answer was a traceback after the cells were loaded)."""
+@pytest.mark.parametrize("devices", ["2", 2, "0,1", [0, 1]])
+def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path, seed_csv, monkeypatch,
+                                                                        devices):
+    """On a one-GPU machine two GPUs, by count or by index, are refused with the
+    count and the CPU alternative, and no run folder is left behind (found on a
+    GPU machine: Lightning's own answer was a traceback after the cells were loaded)."""
     import torch
 
     from elcell.config import TrainConfig
@@ -105,6 +107,6 @@ def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = tmp_path / "run"
-    with pytest.raises(DataError, match=r"--devices 2: this machine has 1 GPU\(s\).*--accelerator cpu"):
-        train(TrainConfig(data=str(seed_csv), out=str(out), devices="2", pretrained="none"))
+    with pytest.raises(DataError, match=r"--devices .*: this machine has 1 GPU\(s\) visible.*--accelerator cpu"):
+        train(TrainConfig(data=str(seed_csv), out=str(out), devices=devices, pretrained="none"))
     assert not out.exists()

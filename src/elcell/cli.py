@@ -80,7 +80,8 @@ TRAIN_HELP = {
     "precision": "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native bf16, "
                  "else 32-true) or a Lightning precision such as 32-true, bf16-mixed, 16-mixed",
     "accelerator": "auto, cpu or gpu",
-    "devices": "'auto', a number of devices (with no GPU, N > 1 runs N CPU processes), or a list",
+    "devices": "'auto', a number of devices (N > 1 runs N CPU processes with no GPU or with "
+               "--accelerator cpu), or a list of GPU indices",
     "num_nodes": "number of machines (multi-node DDP under torchrun or SLURM)",
     "workers": "data loader processes (default: 4 with a GPU, 0 on CPU)",
     "cache_dir": "where decoded images are cached (default $ELCELL_CACHE or ~/.cache/elcell)",

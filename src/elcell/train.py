@@ -46,12 +46,20 @@ def gpu_available(config: TrainConfig) -> bool:
 
 
 def check_devices(config: TrainConfig) -> None:
-    """More GPUs than the machine has: one sentence before any work (Lightning's
+    """More GPUs than the machine shows: one sentence before any work (Lightning's
     answer is a traceback after the data is loaded)."""
-    wanted, have = str(config.devices), torch.cuda.device_count()
-    if gpu_available(config) and wanted.isdigit() and int(wanted) > have:
-        raise DataError(f"--devices {wanted}: this machine has {have} GPU(s); ask for at most "
-                        f"{have}, or add --accelerator cpu to run {wanted} CPU processes")
+    if not gpu_available(config):
+        return
+    have = torch.cuda.device_count()
+    wanted = str(config.devices).strip("[]() ")
+    if wanted.isdigit():  # a count
+        too_many = int(wanted) > have
+    else:  # GPU indices, '0,1' or a YAML list; 'auto' and '-1' take what is there
+        indices = [part.strip() for part in wanted.split(",") if part.strip()]
+        too_many = all(i.isdigit() for i in indices) and any(int(i) >= have for i in indices)
+    if too_many:
+        raise DataError(f"--devices {config.devices}: this machine has {have} GPU(s) visible; ask for "
+                        f"at most {have}, or add --accelerator cpu to train in CPU processes")
 
 
 def cpu_has_native_bf16() -> bool:
