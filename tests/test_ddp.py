@@ -33,8 +33,8 @@ SCRIPT = textwrap.dedent('''
 
     data, out, record = sys.argv[1:4]
     train(TrainConfig(data=data, out=out, backbone="resnet18", pretrained="none", image_size=32,
-                      batch_size=8, epochs=1, devices="2", accelerator="cpu", progress=False, brightness=0, contrast=0,
-                      val_fraction=0.25), callbacks=[RecordCells(record)])
+                      batch_size=8, epochs=1, devices="2", accelerator="cpu", progress=False,
+                      brightness=0, contrast=0, val_fraction=0.25), callbacks=[RecordCells(record)])
 ''')
 
 
