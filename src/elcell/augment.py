@@ -49,7 +49,7 @@ class SyntheticCracks(nn.Module):
       darkened as an inactive area, and `inactive_label` set, if given;
     - shape "realistic+branches": as "realistic", but half the cells get a
       crack network instead: a crack with a branch, and in some a branch off
-      the branch (Y, T and lambda shapes);
+      the branch (V, Y and tree shapes);
     - shape "realistic+fingers": as "realistic", but a third of the cells get
       finger interruptions instead (`_finger_interruptions`), for a label that
       counts any defect, not cracks alone.
