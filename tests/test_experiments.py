@@ -127,3 +127,20 @@ def test_elpv_csv_all_gives_the_protocol_split_with_hard_labels(tmp_path):
     assert set(np.unique(hard.targets)) == {0.0, 1.0}
     assert np.array_equal(hard.targets, soft.positives.astype(np.float32))
     assert np.array_equal(stratified_split(hard, 0.1, 0, 0.25), stratified_split(soft, 0.1, 0, 0.25))
+
+
+def test_min_downscale_keeps_a_thin_crack_dark_and_the_rest_unchanged(tmp_path):
+    script = load_script("min_downscale")
+    cell = np.full((300, 300), 200, dtype=np.uint8)
+    cell[:, 151] = 60  # a crack one pixel wide
+    path = tmp_path / "cell.png"
+    Image.fromarray(cell).save(path)
+    plain = script.plain_load_cell(path, 128)
+    kept = script.load_cell_min_downscale(path, 128)
+    assert script.min_filter_size(300, 128) == 3
+    assert plain.min() > 120  # bilinear shrinking averages the crack away to less than half its depth
+    assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
+    assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
+    small = tmp_path / "small.png"
+    Image.fromarray(cell[:100, :100]).save(small)
+    assert np.array_equal(script.load_cell_min_downscale(small, 128), script.plain_load_cell(small, 128))
