@@ -130,20 +130,25 @@ def test_elpv_csv_all_gives_the_protocol_split_with_hard_labels(tmp_path):
     assert np.array_equal(stratified_split(hard, 0.1, 0, 0.25), stratified_split(soft, 0.1, 0, 0.25))
 
 
+def cracked_cell_png(folder: Path, size: int = 300) -> Path:
+    """A flat cell (200) with a dark crack (60) one pixel wide, as a PNG."""
+    cell = np.full((size, size), 200, dtype=np.uint8)
+    cell[:, size // 2 + 1] = 60
+    path = folder / f"cell{size}.png"
+    Image.fromarray(cell).save(path)
+    return path
+
+
 def test_min_downscale_keeps_a_thin_crack_dark_and_the_rest_unchanged(tmp_path):
     script = load_script("min_downscale")
-    cell = np.full((300, 300), 200, dtype=np.uint8)
-    cell[:, 151] = 60  # a crack one pixel wide
-    path = tmp_path / "cell.png"
-    Image.fromarray(cell).save(path)
+    path = cracked_cell_png(tmp_path)
     plain = script.plain_load_cell(path, 128)
     kept = script.load_cell_min_downscale(path, 128)
     assert script.min_filter_size(300, 128) == 3
     assert plain.min() > 130  # bilinear shrinking averages the crack away to less than half its depth
     assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
     assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
-    small = tmp_path / "small.png"
-    Image.fromarray(cell[:100, :100]).save(small)
+    small = cracked_cell_png(tmp_path, size=100)
     assert np.array_equal(script.load_cell_min_downscale(small, 128), script.plain_load_cell(small, 128))
 
 
@@ -156,10 +161,7 @@ def test_min_downscale_patch_routes_the_cache_and_the_scoring_through_it(tmp_pat
     for module in (elcell.images, elcell.data, elcell.infer):  # restored after the test
         monkeypatch.setattr(module, "load_cell", module.load_cell)
     monkeypatch.setenv("ELCELL_CACHE", str(tmp_path / "shared-cache"))
-    cell = np.full((300, 300), 200, dtype=np.uint8)
-    cell[:, 151] = 60
-    path = tmp_path / "cell.png"
-    Image.fromarray(cell).save(path)
+    path = cracked_cell_png(tmp_path)
     script.patch()
     _, cached, errors = elcell.data._decode_chunk(([0], [str(path)], 128))  # the training cache
     scored, error = elcell.infer._read(path, 128)  # ONNX scoring at the end of a run

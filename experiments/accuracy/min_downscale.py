@@ -1,4 +1,4 @@
-"""`elcell` with cells shrunk through a minimum filter: does keeping thin cracks dark help? (E47)
+"""`elcell` with cells shrunk through a minimum filter: does keeping thin cracks dark help? (E47, E48)
 
 Shrinking a 300 px cell to 128 px with a bilinear filter averages a crack one
 pixel wide with its bright surroundings, so it keeps less than half its
