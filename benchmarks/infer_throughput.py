@@ -74,7 +74,8 @@ def build_model(args):
             held_out = LabelTable(paths=[Path(r[0]) for r in rows], names=info.labels,
                                   targets=np.array([[float(v) for v in r[2:]] for r in rows], np.float32),
                                   source=f"{split} (val+test)")
-        print(f"model: {args.checkpoint} ({info.backbone}, {info.image_size} px, labels {info.labels})")
+        print(f"model: {args.checkpoint} ({info.backbone}, {info.image_size} px, --shrink {info.shrink}, "
+              f"labels {info.labels})")
     else:
         torch.manual_seed(0)
         model = ResNet(args.backbone, 2)
@@ -84,10 +85,11 @@ def build_model(args):
                 m.weight.data.uniform_(0.5, 1.0)
                 m.running_var.data.uniform_(0.5, 2.0)
         info = info_from_hparams({"label_names": ["crack", "inactive"], "image_size": args.image_size,
-                                  "mean": 0.55, "std": 0.2, "backbone": args.backbone}, -1)
+                                  "mean": 0.55, "std": 0.2, "backbone": args.backbone,
+                                  "shrink": args.shrink}, -1)
         held_out = None
-        print(f"model: randomly initialised {args.backbone} at {args.image_size} px (speed and agreement "
-              "only; pass --checkpoint for F1)")
+        print(f"model: randomly initialised {args.backbone} at {args.image_size} px, --shrink {args.shrink} "
+              "(speed and agreement only; pass --checkpoint for F1)")
     model.eval()
     return InferenceGraph(model, info.mean, info.std).eval(), info, held_out
 
@@ -105,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--image-size", type=int, default=300)
+    parser.add_argument("--shrink", default="bilinear", choices=["bilinear", "min"],
+                        help="how cells are shrunk to --image-size (a --checkpoint brings its own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
@@ -143,9 +147,12 @@ def main() -> None:
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(cells_table))
     bench_paths = [cells_table.paths[i] for i in pick[:max(args.module_cells, 4 * args.batch_size)]]
-    from elcell.images import load_cell
+    from elcell.images import SHRINKS, load_cell
 
-    images = np.stack([load_cell(p, size) for p in bench_paths])
+    def decode(paths, shrink=info.shrink) -> np.ndarray:
+        return np.stack([load_cell(p, size, shrink) for p in paths])
+
+    images = decode(bench_paths)
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -154,7 +161,7 @@ def main() -> None:
     float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
     export_onnx(graph.model, info, float_path, check_images=images[:4])
     calibration = load_table(args.calibration)
-    cells, _ = calibration_cells(calibration, size, args.calibration_count, seed=7)
+    cells, _ = calibration_cells(calibration, size, args.calibration_count, seed=7, shrink=info.shrink)
     started = time.perf_counter()
     quantize(float_path, int8_path, cells, source=args.calibration)
     print(f"int8 quantisation (calibrated on {len(cells)} cells of {args.calibration}): "
@@ -203,6 +210,11 @@ def main() -> None:
     print(f"  peak RSS of this process while the three engines ran: {peak_rss_mib():.0f} MiB")
 
     module_paths = bench_paths[:args.module_cells]
+    for shrink in SHRINKS:  # one thread, as one decoding worker
+        started = time.perf_counter()
+        decode(module_paths, shrink)
+        print(f"decoding alone, --shrink {shrink}: {1000 * (time.perf_counter() - started) / len(module_paths):.2f} "
+              "ms per cell")
     for name, path in (("ort int8", int8_path), ("ort fp32", float_path)):
         model = open_model(path, providers=providers, threads=args.threads, spin=args.spin)
         started = time.perf_counter()
@@ -212,7 +224,7 @@ def main() -> None:
               f"{time.perf_counter() - started:.2f} s")
     started = time.perf_counter()
     for b in range(0, args.module_cells, args.batch_size):
-        run_torch(np.stack([load_cell(p, size) for p in module_paths[b:b + args.batch_size]]))
+        run_torch(decode(module_paths[b:b + args.batch_size]))
     print(f"one {args.module_cells}-cell module, torch fp32, decoding included: "
           f"{time.perf_counter() - started:.2f} s")
 
@@ -230,7 +242,7 @@ def main() -> None:
               f"(difference {result['mean_f1_int8'] - result['mean_f1_float']:+.4f})")
     else:
         rest = [cells_table.paths[i] for i in pick[-args.eval_count:]]
-        eval_images = np.stack([load_cell(p, size) for p in rest])
+        eval_images = decode(rest)
         a, b = float_model.run(eval_images), int8_model.run(eval_images)
         agree = (decide(a, info) == decide(b, info)).mean()
         print(f"\nagreement on {len(rest)} ELPV cells: max |prob diff| {np.abs(a - b).max():.4f}, "

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import elcell.data as data
-from elcell.data import CachedCells, build_cache, pixel_stats, stratified_split, write_split_csv
+from elcell.data import (
+    CachedCells,
+    build_cache,
+    cache_key,
+    pixel_stats,
+    stratified_split,
+    write_split_csv,
+)
 from elcell.errors import DataError
 from elcell.images import load_cell
 
@@ -84,6 +91,16 @@ def test_cache_is_invalidated_when_an_image_or_the_size_changes(tmp_path, cells)
     assert np.array_equal(after[5], after[0]) and not np.array_equal(after[5], before[5])
     build_cache(cells, 48, cache, progress=False)
     assert len(list(cache.glob("*.npy"))) == 3
+
+
+def test_min_shrink_has_its_own_cache_and_bilinear_keeps_the_old_key(tmp_path, cells):
+    cache = tmp_path / "cache"
+    plain = build_cache(cells, 32, cache, progress=False)
+    kept = build_cache(cells, 32, cache, workers=2, progress=False, shrink="min")
+    assert len(list(cache.glob("*.npy"))) == 2
+    assert np.array_equal(kept[7], load_cell(cells[7], 32, "min")) and not np.array_equal(kept[7], plain[7])
+    # caches built before --shrink existed are still found (the key of these 12 cells then)
+    assert cache_key(cells, 32) == "22128496ab6b5b32557d1a8336871761" != cache_key(cells, 32, "min")
 
 
 def test_bad_images_stop_the_build_naming_the_files(tmp_path, cells):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from elcell.errors import ImageError
-from elcell.images import find_images, load_cell
+from elcell.images import find_images, load_cell, min_filter_size
 
 
 def test_8bit_gray_is_read_as_is(tmp_path, elpv):
@@ -39,6 +39,37 @@ def test_odd_sizes_are_resized(tmp_path):
     Image.fromarray(np.full((301, 287), 77, dtype=np.uint8)).save(path)
     cell = load_cell(path, 64)
     assert cell.shape == (64, 64) and (cell == 77).all()
+
+
+def cracked_cell_png(folder, height: int = 300, width: int | None = None):
+    """A flat cell (200) with a dark vertical crack (60) one pixel wide, as a PNG."""
+    cell = np.full((height, width or height), 200, dtype=np.uint8)
+    cell[:, cell.shape[1] // 2 + 1] = 60
+    path = folder / f"cell{height}x{width or height}.png"
+    Image.fromarray(cell).save(path)
+    return path
+
+
+def test_min_shrink_keeps_a_thin_crack_dark_and_flat_areas_unchanged(tmp_path):
+    path = cracked_cell_png(tmp_path)
+    plain, kept = load_cell(path, 128), load_cell(path, 128, shrink="min")
+    assert min_filter_size(300, 128) == 3
+    assert plain.min() > 130  # bilinear shrinking averages the crack away to less than half its depth
+    assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
+    assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
+    # a cell cut a little off square is filtered by its shorter side's factor
+    assert load_cell(cracked_cell_png(tmp_path, 300, 280), 128, shrink="min").min() < 100
+
+
+@pytest.mark.parametrize("height", [100, 128, 200])
+def test_min_shrink_is_bilinear_where_a_cell_does_not_shrink_twofold(tmp_path, height):
+    path = cracked_cell_png(tmp_path, height)  # enlarged, as is, and shrunk by 1.56: no filter
+    assert np.array_equal(load_cell(path, 128, shrink="min"), load_cell(path, 128))
+
+
+def test_unknown_shrink_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="shrink 'nearest'"):
+        load_cell(cracked_cell_png(tmp_path), 128, shrink="nearest")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a png at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])

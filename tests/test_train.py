@@ -180,7 +180,8 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
 
 @pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "lion"),
                                            ("loss_weighting", "focal"), ("pooling", "sum"),
-                                           ("input_norm", "histogram"), ("synthetic_crack_shape", "wavy")])
+                                           ("input_norm", "histogram"), ("synthetic_crack_shape", "wavy"),
+                                           ("shrink", "nearest")])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
 
@@ -380,6 +381,29 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
         change[name] = np.abs(probs - darker_probs).max()
     # a one-epoch model barely reacts to its input, hence the small scales
     assert change["cell"] < 5e-5 and change["control"] > 2e-4
+
+
+def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike(tmp_path, elpv):
+    from elcell.explain import write_explanations
+    from elcell.infer import open_model, score
+    from elcell.modelinfo import ModelInfo
+
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                                image_size=64, batch_size=16, epochs=1, shrink="min", progress=False))
+    assert yaml.safe_load((out / "config.yaml").read_text())["shrink"] == "min"
+    model = open_model(out / summary["onnx"])
+    assert model.info.shrink == "min"
+    paths = elpv.paths[:4]
+    filtered, bilinear = (np.stack([load_cell(p, 64, shrink) for p in paths]) for shrink in ("min", "bilinear"))
+    scored = next(score(model, paths, batch_size=4, workers=0)).probs
+    assert np.array_equal(scored, model.run(filtered))
+    assert np.abs(scored - model.run(bilinear)).max() > 1e-5  # so the check of explain below can fail
+    explained = write_explanations(model, paths, tmp_path / "explain").records
+    assert np.allclose([[label["probability"] for label in r["labels"].values()] for r in explained],
+                       scored, atol=1e-6)
+    old = {k: v for k, v in model.info.to_props().items() if k != "shrink"}  # a model from before --shrink
+    assert ModelInfo.from_props(old).shrink == "bilinear"
 
 
 def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):

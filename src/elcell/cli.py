@@ -24,6 +24,9 @@ TRAIN_HELP = {
                   "torchvision .pth file, an elcell checkpoint (its backbone; e.g. a model trained "
                   "on ELPV), or 'none' to train from scratch",
     "image_size": "cells are resized to this square size in pixels",
+    "shrink": "how a cell larger than --image-size is shrunk: 'bilinear', or 'min' (a minimum filter as "
+              "wide as the shrink factor first, so that cracks one pixel wide stay dark); stored in the "
+              "model, so predict, evaluate and explain decode the same way",
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
     "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "
@@ -129,6 +132,8 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class: type, hel
 PRETRAIN_HELP = {
     **{name: TRAIN_HELP[name] for name in ("backbone", "image_size", "limit", "precision",
                                            "accelerator", "workers", "cache_dir", "progress")},
+    "shrink": "how a cell larger than --image-size is shrunk: 'bilinear' or 'min' (see train --shrink; "
+              "give the training that starts from this backbone the same value)",
     "data": "unlabelled cells: a folder of images (searched recursively), a CSV whose first column "
             "lists them, or 'elpv' (labels, if any, are not used)",
     "group": "with a labels CSV and --test-fraction: the group column that stratifies the split",

@@ -45,6 +45,7 @@ class TrainConfig:
     input_norm: str = "dataset"
     pretrained: str = "imagenet"
     image_size: int = 300
+    shrink: str = "bilinear"
     batch_size: int = 32
     epochs: int = 100
     optimizer: str = "adam"
@@ -130,6 +131,7 @@ class PretrainConfig:
     out: str | None = None
     backbone: str = "resnet18"
     image_size: int = 128
+    shrink: str = "bilinear"
     batch_size: int = 128
     epochs: int = 60
     lr: float = 1e-3

@@ -76,9 +76,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ELCELL_CACHE", Path.home() / ".cache" / "elcell"))
 
 
-def cache_key(paths: list[Path], size: int) -> str:
-    """Content hash of every image plus the size: any changed file gives a new cache."""
-    digest = hashlib.blake2b(f"elcell-cache-v1 size={size}".encode(), digest_size=16)
+def cache_key(paths: list[Path], size: int, shrink: str = "bilinear") -> str:
+    """Content hash of every image plus the size and shrink: any changed file gives a new cache."""
+    # bilinear caches keep the key they had before --shrink existed
+    decoding = f"size={size}" + ("" if shrink == "bilinear" else f" shrink={shrink}")
+    digest = hashlib.blake2b(f"elcell-cache-v1 {decoding}".encode(), digest_size=16)
     for path in paths:
         try:
             digest.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
@@ -100,13 +102,13 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _decode_chunk(job: tuple[list[int], list[str], int]) -> tuple[list[int], np.ndarray, list[str]]:
-    indices, paths, size = job
+def _decode_chunk(job: tuple[list[int], list[str], int, str]) -> tuple[list[int], np.ndarray, list[str]]:
+    indices, paths, size, shrink = job
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     errors = []
     for row, path in enumerate(paths):
         try:
-            out[row] = load_cell(path, size)
+            out[row] = load_cell(path, size, shrink)
         except ImageError as err:
             errors.append(str(err))
     return indices, out, errors
@@ -119,6 +121,7 @@ def build_cache(
     workers: int | None = None,
     chunk: int = 128,
     progress: bool = True,
+    shrink: str = "bilinear",
 ) -> np.ndarray:
     """Decode `paths` into a memory-mapped uint8 [N, size, size] array, or reuse it.
 
@@ -128,16 +131,16 @@ def build_cache(
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size)
+    key = cache_key(paths, size, shrink)
     final = cache_dir / f"{key}.npy"
     with _file_lock(cache_dir / f"{key}.lock"):
         if not final.exists():
-            _fill_cache(paths, size, cache_dir / key, workers, chunk, progress)
+            _fill_cache(paths, size, shrink, cache_dir / key, workers, chunk, progress)
     return np.load(final, mmap_mode="r")
 
 
 def _fill_cache(
-    paths: list[Path], size: int, stem: Path, workers: int | None, chunk: int, progress: bool
+    paths: list[Path], size: int, shrink: str, stem: Path, workers: int | None, chunk: int, progress: bool
 ) -> None:
     partial = stem.with_suffix(".partial.npy")
     done_file = stem.with_suffix(".done.npy")
@@ -150,7 +153,7 @@ def _fill_cache(
         done = np.zeros(len(paths), dtype=bool)
     todo = np.flatnonzero(~done)
     jobs = [
-        (todo[i : i + chunk].tolist(), [str(paths[j]) for j in todo[i : i + chunk]], size)
+        (todo[i : i + chunk].tolist(), [str(paths[j]) for j in todo[i : i + chunk]], size, shrink)
         for i in range(0, len(todo), chunk)
     ]
     workers = workers or min(os.cpu_count() or 1, 8)

@@ -10,11 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from elcell.errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# How a cell larger than the model's size is shrunk. A bilinear shrink of 300 px
+# to 128 px averages a crack one pixel wide with its bright surroundings and
+# keeps about a third of its depth; `min` first widens dark lines with a minimum
+# filter about as wide as the shrink factor, so they keep most of it
+# (docs/accuracy.md, E48). Bright areas do not change.
+SHRINKS = ("bilinear", "min")
 
 
 def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
@@ -38,13 +44,22 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
     raise ImageError(f"{path}: unsupported image mode {mode!r}")
 
 
-def load_cell(path: str | Path, size: int) -> np.ndarray:
+def min_filter_size(source: int, size: int) -> int:
+    """The odd minimum-filter width nearest the shrink factor source / size
+    (1, no filter, below a factor of 2: 3 x 3 for 300 -> 128 px)."""
+    return max(1, 2 * round((source / size - 1) / 2) + 1)
+
+
+def load_cell(path: str | Path, size: int, shrink: str = "bilinear") -> np.ndarray:
     """Read one cell image as a `size` x `size` uint8 gray array.
 
     8-bit or 16-bit gray and RGB are accepted; any other size is resized
-    (cells cut from module images are close to square, so no padding).
+    (cells cut from module images are close to square, so no padding), a
+    larger cell shrunk as `shrink` says (SHRINKS).
     Raises ImageError with the file name for anything unreadable.
     """
+    if shrink not in SHRINKS:
+        raise ValueError(f"shrink {shrink!r}: choose from {list(SHRINKS)}")
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -58,9 +73,13 @@ def load_cell(path: str | Path, size: int) -> np.ndarray:
         raise ImageError(f"{path}: image too large ({err})") from None
     if gray.ndim != 2 or min(gray.shape) < 8:
         raise ImageError(f"{path}: image is {gray.shape}, expected a 2-D cell of at least 8x8 pixels")
-    if gray.shape != (size, size):
-        gray = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))
-    return gray
+    if gray.shape == (size, size):
+        return gray
+    image = Image.fromarray(gray)
+    width = min_filter_size(min(gray.shape), size) if shrink == "min" else 1
+    if width > 1:
+        image = image.filter(ImageFilter.MinFilter(width))
+    return np.asarray(image.resize((size, size), Image.BILINEAR))
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:

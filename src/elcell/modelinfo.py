@@ -3,7 +3,8 @@
 Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = image_size);
 outputs `probs` float [batch, N] (sigmoid applied) and `heatmap` float
 [batch, N, h, w] (Grad-CAM of each label on the last ResNet stage).
-Normalisation happens inside the graph, so a caller only decodes and resizes.
+Normalisation happens inside the graph, so a caller only decodes and resizes
+(`elcell.images.load_cell` with the model's `shrink`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ModelInfo:
     thresholds: list[float]
     review_thresholds: list[float]
     backbone: str = ""
+    shrink: str = "bilinear"  # how load_cell shrinks larger cells; models older than it: bilinear
     bit_depth: int = 8
     epoch: int = -1
     extra: dict = field(default_factory=dict)

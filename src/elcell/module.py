@@ -74,6 +74,7 @@ class ELCellModule(LightningModule):
         contrast: float = 0.2,
         channels_last: bool = False,
         image_size: int = 300,
+        shrink: str = "bilinear",  # for the record: how the cells were decoded (export.info_from_hparams)
         optimizer: str = "adam",
         schedule: str = "plateau",
         warmup_epochs: int = 0,

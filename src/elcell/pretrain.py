@@ -30,6 +30,7 @@ from elcell.augment import BatchAugment, normalise
 from elcell.config import PretrainConfig
 from elcell.data import build_cache, cell_loader, pixel_stats, stratified_split
 from elcell.errors import DataError
+from elcell.images import SHRINKS
 from elcell.infer import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import load_table
@@ -131,6 +132,8 @@ def _check(config: PretrainConfig) -> None:
         raise DataError(f"--backbone {config.backbone!r}: choose from {sorted(ARCHITECTURES)}")
     if config.image_size < 32:
         raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
+    if config.shrink not in SHRINKS:
+        raise DataError(f"--shrink {config.shrink!r}: choose from {list(SHRINKS)}")
     if not 0 < config.crop_scale <= 1:
         raise DataError(f"--crop-scale {config.crop_scale} must be in (0, 1]")
     if config.temperature <= 0:
@@ -146,7 +149,7 @@ def pretrain(config: PretrainConfig) -> dict:
     run = Path(config.out) if config.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     if run.exists() and any(run.iterdir()):  # before decoding: a large folder takes minutes
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
-    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress)
+    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress, shrink=config.shrink)
     L.seed_everything(config.seed, workers=True, verbose=False)
     everything = np.arange(len(paths))
     mean, std = pixel_stats(images, everything)
