@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -128,47 +127,3 @@ def test_elpv_csv_all_gives_the_protocol_split_with_hard_labels(tmp_path):
     assert set(np.unique(hard.targets)) == {0.0, 1.0}
     assert np.array_equal(hard.targets, soft.positives.astype(np.float32))
     assert np.array_equal(stratified_split(hard, 0.1, 0, 0.25), stratified_split(soft, 0.1, 0, 0.25))
-
-
-def cracked_cell_png(folder: Path, size: int = 300) -> Path:
-    """A flat cell (200) with a dark crack (60) one pixel wide, as a PNG."""
-    cell = np.full((size, size), 200, dtype=np.uint8)
-    cell[:, size // 2 + 1] = 60
-    path = folder / f"cell{size}.png"
-    Image.fromarray(cell).save(path)
-    return path
-
-
-def test_min_downscale_keeps_a_thin_crack_dark_and_the_rest_unchanged(tmp_path):
-    script = load_script("min_downscale")
-    path = cracked_cell_png(tmp_path)
-    plain = script.plain_load_cell(path, 128)
-    kept = script.load_cell_min_downscale(path, 128)
-    assert script.min_filter_size(300, 128) == 3
-    assert plain.min() > 130  # bilinear shrinking averages the crack away to less than half its depth
-    assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
-    assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
-    small = cracked_cell_png(tmp_path, size=100)
-    assert np.array_equal(script.load_cell_min_downscale(small, 128), script.plain_load_cell(small, 128))
-
-
-def test_min_downscale_patch_routes_the_cache_and_the_scoring_through_it(tmp_path, monkeypatch):
-    import elcell.data
-    import elcell.images
-    import elcell.infer
-
-    script = load_script("min_downscale")
-    for module in (elcell.images, elcell.data, elcell.infer):  # restored after the test
-        monkeypatch.setattr(module, "load_cell", module.load_cell)
-    monkeypatch.setenv("ELCELL_CACHE", str(tmp_path / "shared-cache"))
-    path = cracked_cell_png(tmp_path)
-    script.patch()
-    _, cached, errors = elcell.data._decode_chunk(([0], [str(path)], 128))  # the training cache
-    scored, error = elcell.infer._read(path, 128)  # ONNX scoring at the end of a run
-    assert errors == [] and error is None
-    assert cached[0].min() < 100 and scored.min() < 100
-    assert Path(os.environ["ELCELL_CACHE"]).name == "elcell-min-downscale"  # never the shared cache
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    _, _, errors = elcell.data._decode_chunk(([0], [str(broken)], 128))
-    assert len(errors) == 1 and "broken.png" in errors[0]  # elcell's message, not a PIL traceback
