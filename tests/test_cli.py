@@ -80,16 +80,20 @@ def measured(name: str) -> dict:
 
 def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
     """The default must stay the configuration whose figures docs/accuracy.md
-    shows: E33's settings, then E35's fine-tuning of E33's backbone."""
+    shows: E48, which is E33's settings, then E35's fine-tuning of E33's
+    backbone, on cells shrunk through a minimum filter."""
     from elcell.config import two_stage_configs
 
-    first, second = two_stage_configs(TrainConfig.from_recipe("full"), tmp_path / "run")
+    full, e48 = TrainConfig.from_recipe("full"), measured("E48-full-min-downscale")
+    assert {k: getattr(full, k) for k in e48} == e48 and full.shrink == "min"
+    first, second = two_stage_configs(full, tmp_path / "run")
     e33, e35 = measured("E33-realistic-cracks-50pc"), measured("E35-finetune-40-epochs")
     assert {k: getattr(first, k) for k in e33} == e33
     assert e35.pop("pretrained") == "runs/accuracy/E33-realistic-cracks-50pc/checkpoints/last.ckpt"
     assert second.pretrained == str(tmp_path / "run" / "pretext" / "checkpoints" / "last.ckpt")
     assert {k: getattr(second, k) for k in e35} == e35
     assert second.synthetic_cracks == 0 and first.out == str(tmp_path / "run" / "pretext")
+    assert first.shrink == second.shrink == "min"
 
 
 def test_quick_recipe_is_the_measured_one_stage_recipe_cut_to_20_epochs():

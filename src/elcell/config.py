@@ -14,9 +14,10 @@ from elcell.errors import DataError
 # Named starting points. Precedence: TrainConfig defaults < recipe < --config file
 # < command line. `seed` is the original specification exactly (its values are
 # the dataclass defaults). `full` is the best from-scratch recipe measured in
-# docs/accuracy.md (E33 then E35): the one-stage recipe E03 (AdamW, cosine, 90-degree
-# rotations) with realistic drawn cracks on half the clean cells, then 40 epochs
-# of fine-tuning on the real labels alone. `quick` is E03 cut to 20 epochs, one
+# docs/accuracy.md (E48, after E33 and E35): the one-stage recipe E03 (AdamW, cosine,
+# 90-degree rotations) with realistic drawn cracks on half the clean cells, then 40
+# epochs of fine-tuning on the real labels alone, on cells shrunk through a minimum
+# filter. `quick` is E03 cut to 20 epochs, one
 # stage, for a laptop CPU. `full` is what `elcell train` uses unless told otherwise.
 _FROM_SCRATCH = {
     "backbone": "resnet18", "pretrained": "none", "image_size": 128, "batch_size": 32,
@@ -26,7 +27,7 @@ _FROM_SCRATCH = {
 RECIPES: dict[str, dict] = {
     "seed": {},
     "full": {**_FROM_SCRATCH, "epochs": 40, "patience": 40, "synthetic_cracks": 0.5,
-             "synthetic_crack_shape": "realistic", "finetune_epochs": 40, "finetune_lr": 3e-4},
+             "synthetic_crack_shape": "realistic", "finetune_epochs": 40, "finetune_lr": 3e-4, "shrink": "min"},
     "quick": {**_FROM_SCRATCH, "epochs": 20, "patience": 20},
 }
 DEFAULT_RECIPE = "full"
