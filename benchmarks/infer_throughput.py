@@ -104,10 +104,12 @@ def timed(run, images: np.ndarray, batch_size: int, batches: int) -> float:
 
 
 def main() -> None:
+    from elcell.images import SHRINKS, load_cell
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--image-size", type=int, default=300)
-    parser.add_argument("--shrink", default="bilinear", choices=["bilinear", "min"],
+    parser.add_argument("--shrink", default="bilinear", choices=SHRINKS,
                         help="how cells are shrunk to --image-size (a --checkpoint brings its own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
@@ -147,8 +149,6 @@ def main() -> None:
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(cells_table))
     bench_paths = [cells_table.paths[i] for i in pick[:max(args.module_cells, 4 * args.batch_size)]]
-    from elcell.images import SHRINKS, load_cell
-
     def decode(paths, shrink=info.shrink) -> np.ndarray:
         return np.stack([load_cell(p, size, shrink) for p in paths])
 

@@ -53,7 +53,7 @@ def cracked_cell_png(folder, height: int = 300, width: int | None = None):
 def test_min_shrink_keeps_a_thin_crack_dark_and_flat_areas_unchanged(tmp_path):
     path = cracked_cell_png(tmp_path)
     plain, kept = load_cell(path, 128), load_cell(path, 128, shrink="min")
-    assert min_filter_size(300, 128) == 3
+    assert [min_filter_size(side, 128) for side in (255, 256, 300, 511, 512)] == [1, 3, 3, 3, 5]
     assert plain.min() > 130  # bilinear shrinking averages the crack away to less than half its depth
     assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
     assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
@@ -61,9 +61,9 @@ def test_min_shrink_keeps_a_thin_crack_dark_and_flat_areas_unchanged(tmp_path):
     assert load_cell(cracked_cell_png(tmp_path, 300, 280), 128, shrink="min").min() < 100
 
 
-@pytest.mark.parametrize("height", [100, 128, 200])
+@pytest.mark.parametrize("height", [100, 128, 200, 255])
 def test_min_shrink_is_bilinear_where_a_cell_does_not_shrink_twofold(tmp_path, height):
-    path = cracked_cell_png(tmp_path, height)  # enlarged, as is, and shrunk by 1.56: no filter
+    path = cracked_cell_png(tmp_path, height)  # enlarged, as is, and shrunk less than twofold: no filter
     assert np.array_equal(load_cell(path, 128, shrink="min"), load_cell(path, 128))
 
 

@@ -102,3 +102,11 @@ def test_int8_keeps_the_per_cell_standardisation_in_float(seed_csv, elpv, tmp_pa
     for batch in (blank, cells[:8]):
         a, b = float_model.run(batch), int8_model.run(batch)
         assert np.isfinite(b).all() and np.abs(a - b).max() < 0.05
+
+
+def test_calibration_cells_are_decoded_as_the_model_shrinks_them(seed_csv):
+    table = load_table(str(seed_csv))
+    plain, _ = quantize_module.calibration_cells(table, 64, count=8, seed=3)
+    filtered, _ = quantize_module.calibration_cells(table, 64, count=8, seed=3, shrink="min")
+    assert plain.shape == filtered.shape == (8, 64, 64)
+    assert filtered.mean() < plain.mean() - 2  # the same cells, dark lines widened (about 5 grey levels)

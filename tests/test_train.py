@@ -389,11 +389,14 @@ def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike
     from elcell.modelinfo import ModelInfo
 
     out = tmp_path / "run"
-    summary = train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
-                                image_size=64, batch_size=16, epochs=1, shrink="min", progress=False))
-    assert yaml.safe_load((out / "config.yaml").read_text())["shrink"] == "min"
+    config = TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+                         image_size=64, batch_size=16, epochs=1, shrink="min", progress=False)
+    summary = train(config)
+    with open(out / "split.csv") as handle:  # the model's normalisation: the train cells as decoded
+        train_cells = [row["path"] for row in csv.DictReader(handle, delimiter=";") if row["split"] == "train"]
+    assert summary["mean"] == pytest.approx(np.mean([load_cell(p, 64, "min") for p in train_cells]) / 255)
     model = open_model(out / summary["onnx"])
-    assert model.info.shrink == "min"
+    assert model.info.shrink == "min" and model.info.to_props()["elcell_format"] == "2"
     paths = elpv.paths[:4]
     filtered, bilinear = (np.stack([load_cell(p, 64, shrink) for p in paths]) for shrink in ("min", "bilinear"))
     scored = next(score(model, paths, batch_size=4, workers=0)).probs
@@ -403,7 +406,13 @@ def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike
     assert np.allclose([[label["probability"] for label in r["labels"].values()] for r in explained],
                        scored, atol=1e-6)
     old = {k: v for k, v in model.info.to_props().items() if k != "shrink"}  # a model from before --shrink
-    assert ModelInfo.from_props(old).shrink == "bilinear"
+    assert ModelInfo.from_props({**old, "elcell_format": "1"}).shrink == "bilinear"
+    with pytest.raises(ValueError, match="format 3 is newer than this elcell's"):
+        ModelInfo.from_props({**old, "elcell_format": "3"})
+    with pytest.raises(ValueError, match="shrink 'lanczos' is not one of"):
+        ModelInfo.from_props({**old, "shrink": '"lanczos"'})
+    with pytest.raises(DataError, match="trained with --shrink min; resume it with that value"):
+        train(replace(config, resume=str(out / "checkpoints" / "last.ckpt"), shrink="bilinear", epochs=2))
 
 
 def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):

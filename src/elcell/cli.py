@@ -25,8 +25,9 @@ TRAIN_HELP = {
                   "on ELPV), or 'none' to train from scratch",
     "image_size": "cells are resized to this square size in pixels",
     "shrink": "how a cell larger than --image-size is shrunk: 'bilinear', or 'min' (a minimum filter as "
-              "wide as the shrink factor first, so that cracks one pixel wide stay dark); stored in the "
-              "model, so predict, evaluate and explain decode the same way",
+              "wide as the shrink factor first, so that cracks one pixel wide stay dark; cells less than "
+              "twice the size are not filtered); stored in the model, so predict, evaluate, explain and "
+              "quantize decode the same way",
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
     "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "

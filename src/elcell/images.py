@@ -7,6 +7,7 @@ inspection PC.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,9 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
 
 
 def min_filter_size(source: int, size: int) -> int:
-    """The odd minimum-filter width nearest the shrink factor source / size
-    (1, no filter, below a factor of 2: 3 x 3 for 300 -> 128 px)."""
-    return max(1, 2 * round((source / size - 1) / 2) + 1)
+    """The odd minimum-filter width nearest the shrink factor source / size:
+    1 (no filter) below a factor of 2, 3 from 2 to 4 (300 -> 128 px), 5 from 4 to 6..."""
+    return max(1, 2 * math.floor((source / size - 1) / 2 + 0.5) + 1)
 
 
 def load_cell(path: str | Path, size: int, shrink: str = "bilinear") -> np.ndarray:

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import onnx
 
+from elcell.images import SHRINKS
 from elcell.io import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probs", "heatmap")
-FORMAT_VERSION = "1"
+# "2": cells must be shrunk as `shrink` says; elcell versions without it refuse such a
+# model instead of decoding it bilinearly. Bilinear models stay "1", readable by all.
+FORMAT_VERSIONS = ("1", "2")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.shrink not in SHRINKS:
+            raise ValueError(f"shrink {self.shrink!r} is not one of {list(SHRINKS)}: written by a newer elcell?")
         n = len(self.labels)
         if len(self.thresholds) != n or len(self.review_thresholds) != n:
             raise ValueError(f"need one threshold and one review threshold per label ({n})")
@@ -51,14 +56,17 @@ class ModelInfo:
                 )
 
     def to_props(self) -> dict[str, str]:
-        props = {"elcell_format": FORMAT_VERSION}
+        props = {"elcell_format": FORMAT_VERSIONS[self.shrink != "bilinear"]}
         props.update({key: json.dumps(value) for key, value in asdict(self).items()})
         return props
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> ModelInfo:
-        if props.get("elcell_format") != FORMAT_VERSION:
+        version = props.get("elcell_format")
+        if version is None:
             raise ValueError(f"{source}: not an elcell model (no elcell metadata in the ONNX file)")
+        if version not in FORMAT_VERSIONS:
+            raise ValueError(f"{source}: elcell model format {version} is newer than this elcell's; upgrade elcell")
         names = cls.__dataclass_fields__
         return cls(**{key: json.loads(props[key]) for key in names if key in props})
 

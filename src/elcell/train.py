@@ -280,6 +280,10 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
                  may_hold: tuple[str, ...] = ()) -> dict:
     """One run into its folder, which must be new or empty but for `may_hold`."""
+    if config.resume and not Path(config.resume).is_file():
+        raise DataError(f"--resume {config.resume}: checkpoint not found")
+    if config.resume:  # before decoding: a wrong --shrink would decode the whole data set first
+        _check_resumable(config)
     table, split, images = prepare(config)  # the split depends on config.seed alone
     L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
                       verbose=False)
@@ -304,10 +308,6 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
     )
     if config.pretrained != "none" and not config.resume:
         load_pretrained(module.model, config.pretrained)
-    if config.resume and not Path(config.resume).is_file():
-        raise DataError(f"--resume {config.resume}: checkpoint not found")
-    if config.resume:
-        _check_resumable(config)
 
     run = _run_folder(config)
     rank_zero = rank_zero_only.rank == 0
