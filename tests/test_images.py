@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from elcell.errors import ImageError
 from elcell.images import find_images, load_cell, min_filter_size
@@ -59,6 +59,17 @@ def test_min_shrink_keeps_a_thin_crack_dark_and_flat_areas_unchanged(tmp_path):
     assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
     # a cell cut a little off square is filtered by its shorter side's factor
     assert load_cell(cracked_cell_png(tmp_path, 300, 280), 128, shrink="min").min() < 100
+
+
+def test_min_shrink_is_pils_min_filter_then_bilinear(tmp_path, elpv):
+    """The decoding E47/E48 were measured with (PIL's MinFilter), to the byte."""
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (301, 287), dtype=np.uint8)).save(odd)
+    for path, size in [(p, 128) for p in elpv.paths[:5]] + [(elpv.paths[5], 64), (odd, 128), (odd, 60)]:
+        with Image.open(path) as image:
+            width = min_filter_size(min(image.size), size)
+            expected = image.filter(ImageFilter.MinFilter(width)).resize((size, size), Image.BILINEAR)
+        assert width > 1 and np.array_equal(load_cell(path, size, shrink="min"), np.asarray(expected))
 
 
 @pytest.mark.parametrize("height", [100, 128, 200, 255])
