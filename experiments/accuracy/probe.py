@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from elcell.images import load_cell
+from elcell.images import SHRINKS, load_cell
 from elcell.model import ResNet, load_pretrained
 
 
@@ -60,9 +60,11 @@ def main() -> None:
     parser.add_argument("weights", nargs="+", help="'none', a backbone .pth or an elcell checkpoint")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--shrink", default="bilinear", choices=SHRINKS,
+                        help="decode as the weights were trained (elcell train --shrink)")
     args = parser.parse_args()
     paths, parts, labels = read_split(args.split)
-    images = np.stack([load_cell(path, args.image_size) for path in paths])
+    images = np.stack([load_cell(path, args.image_size, args.shrink) for path in paths])
     train, val = parts == "train", parts == "val"
     print("| backbone weights | probe val acc | probe val F1 | probe val AUC |")
     print("|---|---|---|---|")
