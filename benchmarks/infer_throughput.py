@@ -149,6 +149,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(cells_table))
     bench_paths = [cells_table.paths[i] for i in pick[:max(args.module_cells, 4 * args.batch_size)]]
+
     def decode(paths, shrink=info.shrink) -> np.ndarray:
         return np.stack([load_cell(p, size, shrink) for p in paths])
 

@@ -17,8 +17,8 @@ from elcell.errors import DataError
 # docs/accuracy.md (E48, after E33 and E35): the one-stage recipe E03 (AdamW, cosine,
 # 90-degree rotations) with realistic drawn cracks on half the clean cells, then 40
 # epochs of fine-tuning on the real labels alone, on cells shrunk through a minimum
-# filter. `quick` is E03 cut to 20 epochs, one
-# stage, for a laptop CPU. `full` is what `elcell train` uses unless told otherwise.
+# filter. `quick` is E03 cut to 20 epochs, one stage, for a laptop CPU. `full` is
+# what `elcell train` uses unless told otherwise.
 _FROM_SCRATCH = {
     "backbone": "resnet18", "pretrained": "none", "image_size": 128, "batch_size": 32,
     "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2,
