@@ -77,6 +77,8 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
         pretrain(PretrainConfig(data=str(folder), out=str(out), test_fraction=0.25, progress=False))
     with pytest.raises(DataError, match="crop-scale"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), crop_scale=0.0, progress=False))
+    with pytest.raises(DataError, match="--shrink 'nearest': choose from"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), shrink="nearest", progress=False))
     assert not out.exists()
 
 
