@@ -56,7 +56,7 @@ class ModelInfo:
                 )
 
     def to_props(self) -> dict[str, str]:
-        props = {"elcell_format": FORMAT_VERSIONS[self.shrink != "bilinear"]}
+        props = {"elcell_format": "1" if self.shrink == "bilinear" else "2"}
         props.update({key: json.dumps(value) for key, value in asdict(self).items()})
         return props
 

@@ -395,7 +395,7 @@ def _check_resumable(config: TrainConfig) -> None:
     checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True, mmap=True)
     trained = checkpoint["hyper_parameters"]
     # The optimiser state holds one or two parameter groups and their rates; the
-    # weights were trained on one input scaling and pooling. Older runs: defaults.
+    # weights were trained on one input scaling, pooling and decoding. Older runs: defaults.
     for option, default in (("backbone_lr_scale", 1.0), ("input_norm", "dataset"), ("pooling", "avg"),
                             ("shrink", "bilinear")):
         if trained.get(option, default) != getattr(config, option):
