@@ -58,6 +58,12 @@ def test_group_column_is_not_a_label(tmp_path):
         ("path;crack;inactive\na.png;1;0\nb.png;1\n", "line 3: 2 fields"),
         ("path;crack\n;1\n", "line 2: empty image path"),
         ("path;crack;crack\na.png;1;0\n", "duplicate column"),
+        # blank lines still count, so the line named is the one an editor shows
+        ("path;crack\n\na.png;1\n\nb.png;yes\n", "line 5: label 'crack' is 'yes'"),
+        ("path;crack;\na.png;1;\n", "header column 3 has no name"),
+        ("path;type;crack\na.png;mono;1\n", "pass --group type"),
+        # the same image twice could be trained on and tested on
+        ("path;crack\na.png;1\nb.png;0\n./a.png;0\n", "line 4: image './a.png' is listed again (first on line 2)"),
     ],
 )
 def test_bad_csv_gives_one_clear_message_naming_file_and_row(tmp_path, text, message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,17 +89,23 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         raise DataError(f"{csv_path}: labels file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{csv_path}: cannot read labels file ({err})") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+    first = next((line for line in text.splitlines() if line.strip()), None)
+    if first is None:
         raise DataError(f"{csv_path}: the labels file is empty")
 
-    sep = _detect_separator(lines[0], csv_path)
-    rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=sep))
-    header = [name.strip() for name in rows[0]]
-    if any(_is_number(name) for name in header[1:]) or not all(header):
+    sep = _detect_separator(first, csv_path)
+    # (line number in the file, fields): blank lines are skipped but still counted,
+    # so every message names the line a user sees in an editor
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    rows = [(reader.line_num, row) for row in reader if any(field.strip() for field in row)]
+    header = [name.strip() for name in rows[0][1]]
+    if any(_is_number(name) for name in header[1:]):
         raise DataError(
-            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {lines[0].strip()!r}"
+            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {first.strip()!r}"
         )
+    if not all(header):
+        raise DataError(f"{csv_path}: header column {header.index('') + 1} has no name in {first.strip()!r} "
+                        f"(a {sep!r} at the end of each line?)")
     if len(set(header)) != len(header):
         raise DataError(f"{csv_path}: duplicate column names in header {header}")
     if group is not None and group not in header[1:]:
@@ -111,7 +118,8 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
 
     base = csv_path.resolve().parent
     paths, targets, groups = [], [], []
-    for line_no, row in enumerate(rows[1:], start=2):
+    first_line: dict[str, int] = {}  # each image once: a repeat could land in train and test
+    for line_no, row in rows[1:]:
         where = f"{csv_path} line {line_no}"
         if len(row) != len(header):
             raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
@@ -122,10 +130,17 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         for i in label_columns:
             value = row[i].strip()
             if value not in ("0", "1", "0.0", "1.0"):
-                raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1")
+                hint = "" if _is_number(value) else \
+                    f" (if {header[i]!r} names groups such as the cell type, pass --group {header[i]})"
+                raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1{hint}")
             values.append(float(value))
-        path = Path(image)
-        paths.append(path if path.is_absolute() else base / path)
+        path = Path(image) if Path(image).is_absolute() else base / image
+        key = os.path.normpath(path)
+        if key in first_line:
+            raise DataError(f"{where}: image {image!r} is listed again (first on line {first_line[key]}); "
+                            "list each image once")
+        first_line[key] = line_no
+        paths.append(path)
         targets.append(values)
         if group is not None:
             groups.append(row[header.index(group)].strip())
