@@ -81,14 +81,22 @@ def cache_key(paths: list[Path], size: int, shrink: str = "bilinear") -> str:
     # bilinear caches keep the key they had before --shrink existed
     decoding = f"size={size}" + ("" if shrink == "bilinear" else f" shrink={shrink}")
     digest = hashlib.blake2b(f"elcell-cache-v1 {decoding}".encode(), digest_size=16)
+    errors = []  # every missing file at once, not one per run
     for path in paths:
         try:
             digest.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
         except FileNotFoundError:
-            raise DataError(f"{path}: image file not found") from None
+            errors.append(f"{path}: image file not found")
         except OSError as err:
-            raise DataError(f"{path}: cannot read image ({err})") from None
+            errors.append(f"{path}: cannot read image ({err})")
+    if errors:
+        raise DataError(_listed(errors))
     return digest.hexdigest()
+
+
+def _listed(errors: list[str], shown: int = 10) -> str:
+    more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
+    return f"{len(errors)} image(s) cannot be used:\n  " + "\n  ".join(errors[:shown]) + more
 
 
 @contextmanager
@@ -172,9 +180,7 @@ def _fill_cache(
             bar.update(len(indices))
     bar.close()
     if errors:
-        shown = "\n  ".join(errors[:10])
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise DataError(f"{len(errors)} image(s) cannot be used:\n  {shown}{more}")
+        raise DataError(_listed(errors))
     del images
     os.replace(partial, stem.with_suffix(".npy"))
     done_file.unlink()
