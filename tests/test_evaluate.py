@@ -42,9 +42,10 @@ def typed_csv(tmp_path_factory, elpv) -> Path:
 def test_metrics_plots_and_groups(tiny_onnx, typed_csv, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_onnx), "--data", str(typed_csv), "--group", "type",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out), "--no-progress"]) == 1  # the metrics are written, but leave a cell out
     printed = capsys.readouterr()
     assert "1 of 49 images could not be read" in printed.out and "broken.png" in printed.err
+    assert "1 of 49 images could not be read (listed above) and are not in the metrics" in printed.err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["crack", "inactive"] and metrics["cells"] == 48
     assert [f["path"] for f in metrics["failed"]] == [str(typed_csv.parent / "broken.png")]

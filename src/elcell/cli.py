@@ -27,7 +27,7 @@ TRAIN_HELP = {
     "shrink": "how a cell larger than --image-size is shrunk: 'bilinear', or 'min' (a minimum filter as "
               "wide as the shrink factor first, so that cracks one pixel wide stay dark; cells less than "
               "twice the size are not filtered); stored in the model, so predict, evaluate, explain and "
-              "quantize decode the same way",
+              "export --int8 (its calibration cells) decode the same way",
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
     "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "
@@ -383,7 +383,9 @@ def _add_evaluate_parser(commands) -> None:
                     "confusion matrices, PR/ROC curves (PNG), predictions.csv and metrics.json in "
                     "--out. With --tune-thresholds and/or --review-band the thresholds are tuned on "
                     "these cells and written into OUT/<model>.tuned.onnx, a copy of the model that "
-                    "`elcell predict` then uses as is. Tune on validation cells, not on the test set.",
+                    "`elcell predict` then uses as is. Tune on validation cells, not on the test set. "
+                    "Unreadable images are left out of the metrics and listed; the command then "
+                    "exits with status 1.",
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="elcell ONNX model")
     parser.add_argument("--data", required=True, metavar="LABELS.csv",
@@ -412,7 +414,7 @@ def _add_evaluate_parser(commands) -> None:
     parser.set_defaults(handler=_evaluate)
 
 
-def _evaluate(args, parser) -> None:
+def _evaluate(args, parser) -> int:
     from elcell.evaluate import evaluate, format_report
     from elcell.infer import open_model
 
@@ -426,6 +428,11 @@ def _evaluate(args, parser) -> None:
     print(format_report(metrics))
     print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}"
           + (f"; report: {out / 'report.html'}" if args.report else ""))
+    if metrics["failed"]:  # as predict and explain: a script must not take partial metrics for whole ones
+        print(f"elcell: {len(metrics['failed'])} of {metrics['images']} images could not be read "
+              "(listed above) and are not in the metrics", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_explain_parser(commands) -> None:
