@@ -134,6 +134,11 @@ def test_user_mistakes_are_one_line_errors(tiny_onnx, seed_csv, tmp_path, capsys
     assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--group", "type"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("elcell: error:") == 3
+    # a column spelt with other capitals would otherwise go unscored with only a note
+    misspelt = tmp_path / "misspelt.csv"
+    misspelt.write_text(seed_csv.read_text().replace("crack", "Crack", 1))
+    assert main(["evaluate", str(tiny_onnx), "--data", str(misspelt), "--out", str(tmp_path / "ev")]) == 2
+    assert "column 'Crack' differs from the model's label 'crack' only in case" in capsys.readouterr().err
 
 
 def test_threshold_search_is_exact():

@@ -51,6 +51,13 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
     from tqdm import tqdm
 
     labels = [label for label in model.info.labels if label in table.names]
+    for label in set(model.info.labels) - set(labels):
+        # a label of the model missing from the data is left out with a note, but a
+        # misspelt column would then silently go unscored
+        near = [name for name in table.names if name.casefold() == label.casefold()]
+        if near:
+            raise DataError(f"{table.source}: column {near[0]!r} differs from the model's label {label!r} "
+                            "only in case; rename the column")
     if not labels:
         raise DataError(f"{table.source}: none of the model's labels {model.info.labels} is a column "
                         f"of the data (its labels are {table.names})")
