@@ -25,6 +25,24 @@ def test_16bit_is_scaled_by_its_real_depth_not_255(tmp_path):
     assert cell[1, :2].tolist() == [200, 255]
 
 
+def test_16bit_file_holding_12bit_data_is_named_once(tmp_path, monkeypatch, capsys):
+    """A 12-bit camera's values read as 0..65535 keep 17 grey levels (0..16): the user is told, once."""
+    import elcell.images
+
+    monkeypatch.setattr(elcell.images, "_warned_low_range", False)
+    paths = []
+    for name, top in (("full.png", 65535), ("twelve_bit.png", 4095), ("another.png", 4000)):
+        paths.append(tmp_path / name)
+        Image.fromarray(np.linspace(0, top, 256, dtype=np.uint16).reshape(16, 16)).save(paths[-1])
+    load_cell(paths[0], 16)
+    assert capsys.readouterr().err == ""
+    for path in paths[1:]:
+        load_cell(path, 16)
+    err = capsys.readouterr().err
+    assert err.startswith(f"elcell: warning: {paths[1]}: 16-bit image whose largest value is 4095")
+    assert "17 grey levels" in err and err.count("\n") == 1
+
+
 def test_rgb_becomes_gray(tmp_path):
     rgb = np.zeros((32, 32, 3), dtype=np.uint8)
     rgb[..., :] = (90, 90, 90)

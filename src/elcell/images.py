@@ -8,6 +8,7 @@ inspection PC.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
         pixels = np.asarray(image, dtype=np.float64)
         if pixels.min() < 0 or pixels.max() > 65535:
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
+        if pixels.max() < 16384:
+            _warn_low_range(path, int(pixels.max()))
         return np.round(pixels * (255.0 / 65535.0)).astype(np.uint8)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
@@ -43,6 +46,21 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
             raise ImageError(f"{path}: float images must hold values in [0, 1]")
         return np.round(pixels * 255.0).astype(np.uint8)
     raise ImageError(f"{path}: unsupported image mode {mode!r}")
+
+
+_warned_low_range = False
+
+
+def _warn_low_range(path: Path, top: int) -> None:
+    """Once per process: 12- or 14-bit camera data in a 16-bit file, read as
+    0..65535, keeps only a few grey levels; the user should rescale it."""
+    global _warned_low_range
+    if not _warned_low_range:
+        _warned_low_range = True
+        levels = round(top * 255 / 65535) + 1
+        print(f"elcell: warning: {path}: 16-bit image whose largest value is {top} (12- or 14-bit camera "
+              f"data?): read as 0..65535 it keeps {levels} grey levels; scale such images to the full "
+              "16-bit range (README: Train on your own cells). Shown once.", file=sys.stderr)
 
 
 def min_filter_size(source: int, size: int) -> int:
