@@ -15,7 +15,7 @@ from PIL import Image
 
 from elcell.cli import main
 from elcell.errors import DataError
-from elcell.images import load_cell
+from elcell.images import find_images, load_cell
 from elcell.infer import (
     Model,
     collect_inputs,
@@ -218,12 +218,16 @@ def test_decoding_streams_with_bounded_look_ahead(elpv):
     np.testing.assert_array_equal(serial.images, first.images)  # same cells, same order
 
 
-def test_collect_inputs(cell_folder, seed_csv, tmp_path):
+def test_collect_inputs(cell_folder, seed_csv, tmp_path, monkeypatch):
     listed = tmp_path / "list.csv"
     listed.write_text("image\ncells/a.png\n")
     paths = collect_inputs([cell_folder, seed_csv, listed, cell_folder])
     assert len(paths) == 12 + 64 + 1  # each once
     assert paths[-1] == tmp_path.resolve() / "cells" / "a.png"
+    # the same file named relatively and absolutely is still one cell
+    monkeypatch.chdir(tmp_path)
+    first = sorted(cell_folder.glob("*.png"))[0]
+    assert collect_inputs([cell_folder, Path("cells") / first.name, str(first)]) == find_images([cell_folder])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):

@@ -170,7 +170,11 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise DataError(f"{item}: no such file or folder")
-    return list(dict.fromkeys(found))
+    # each file once, however it was named (a CSV's paths are absolute, a folder's as given)
+    unique: dict[str, Path] = {}
+    for path in found:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
 
 
 # --------------------------------------------------------------------------- decoding
