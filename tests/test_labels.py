@@ -60,8 +60,11 @@ def test_group_column_is_not_a_label(tmp_path):
         ("path;crack;crack\na.png;1;0\n", "duplicate column"),
         # blank lines still count, so the line named is the one an editor shows
         ("path;crack\n\na.png;1\n\nb.png;yes\n", "line 5: label 'crack' is 'yes'"),
-        ("path;crack;\na.png;1;\n", "header column 3 has no name"),
+        ("path;crack;\na.png;1;\n", "header column 3 has no name in 'path;crack;' (a ';' at the end"),
+        ("path;;crack\na.png;1;0\n", "header column 2 has no name in 'path;;crack'"),
+        (";;\n", "empty"),
         ("path;type;crack\na.png;mono;1\n", "pass --group type"),
+        ('path;crack\n"a\nb.png";1\nc.png;yes\n', "line 4: label 'crack' is 'yes'; labels must be 0 or 1"),
         # the same image twice could be trained on and tested on
         ("path;crack\na.png;1\nb.png;0\n./a.png;0\n", "line 4: image './a.png' is listed again (first on line 2)"),
     ],
@@ -96,3 +99,12 @@ def test_subset_keeps_rows_aligned(elpv):
     assert sub.paths == [elpv.paths[5], elpv.paths[1]]
     assert sub.groups == [elpv.groups[5], elpv.groups[1]]
     assert np.array_equal(sub.targets, elpv.targets[[5, 1]])
+
+
+@pytest.mark.parametrize("value", ["yes", "", "2"])
+def test_group_hint_only_for_names(tmp_path, value):
+    """'--group' helps for a column of names such as 'mono'; not for a yes, a blank or a 2."""
+    path = write(tmp_path, f"path;crack\na.png;{value}\n")
+    with pytest.raises(DataError) as err:
+        read_labels_csv(path)
+    assert "labels must be 0 or 1" in str(err.value) and "--group" not in str(err.value)

@@ -51,7 +51,7 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
     from tqdm import tqdm
 
     labels = [label for label in model.info.labels if label in table.names]
-    for label in set(model.info.labels) - set(labels):
+    for label in [label for label in model.info.labels if label not in labels]:
         # a label of the model missing from the data is left out with a note, but a
         # misspelt column would then silently go unscored
         near = [name for name in table.names if name.casefold() == label.casefold()]

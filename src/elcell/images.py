@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,18 +50,22 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
 
 
 _warned_low_range = False
+_warn_lock = threading.Lock()  # inference decodes in threads
 
 
 def _warn_low_range(path: Path, top: int) -> None:
-    """Once per process: 12- or 14-bit camera data in a 16-bit file, read as
-    0..65535, keeps only a few grey levels; the user should rescale it."""
+    """Once per process (so once per decoding worker): 12- or 14-bit camera data
+    in a 16-bit file, read as 0..65535, keeps only a few grey levels; the user
+    should rescale it."""
     global _warned_low_range
-    if not _warned_low_range:
+    with _warn_lock:
+        if _warned_low_range:
+            return
         _warned_low_range = True
-        levels = round(top * 255 / 65535) + 1
-        print(f"elcell: warning: {path}: 16-bit image whose largest value is {top} (12- or 14-bit camera "
-              f"data?): read as 0..65535 it keeps {levels} grey levels; scale such images to the full "
-              "16-bit range (README: Train on your own cells). Shown once.", file=sys.stderr)
+    levels = round(top * 255 / 65535) + 1
+    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top} (12- or 14-bit camera "
+          f"data?): read as 0..65535 it keeps {levels} grey levels; scale such images to the full "
+          "16-bit range (README: Train on your own cells).", file=sys.stderr)
 
 
 def min_filter_size(source: int, size: int) -> int:

@@ -173,7 +173,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     # each file once, however it was named (a CSV's paths are absolute, a folder's as given)
     unique: dict[str, Path] = {}
     for path in found:
-        unique.setdefault(os.path.abspath(path), path)
+        unique.setdefault(os.path.normcase(os.path.realpath(path)), path)
     return list(unique.values())
 
 

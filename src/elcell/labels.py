@@ -75,6 +75,21 @@ def _is_number(text: str) -> bool:
     return True
 
 
+_YES_NO = ("yes", "no", "y", "n", "true", "false")
+
+
+def _rows_with_line_numbers(text: str, sep: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows, each with the file line it starts on: messages name the
+    line a user sees in an editor, blank lines and quoted line breaks included."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    rows, start = [], 1
+    for row in reader:
+        if any(field.strip() for field in row):
+            rows.append((start, row))
+        start = reader.line_num + 1
+    return rows
+
+
 def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
     """Read a seed-format labels CSV.
 
@@ -94,18 +109,18 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         raise DataError(f"{csv_path}: the labels file is empty")
 
     sep = _detect_separator(first, csv_path)
-    # (line number in the file, fields): blank lines are skipped but still counted,
-    # so every message names the line a user sees in an editor
-    reader = csv.reader(io.StringIO(text), delimiter=sep)
-    rows = [(reader.line_num, row) for row in reader if any(field.strip() for field in row)]
+    rows = _rows_with_line_numbers(text, sep)
+    if not rows:  # only separators
+        raise DataError(f"{csv_path}: the labels file is empty")
     header = [name.strip() for name in rows[0][1]]
+    header_line = sep.join(rows[0][1]).strip()
     if any(_is_number(name) for name in header[1:]):
         raise DataError(
-            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {first.strip()!r}"
+            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {header_line!r}"
         )
     if not all(header):
-        raise DataError(f"{csv_path}: header column {header.index('') + 1} has no name in {first.strip()!r} "
-                        f"(a {sep!r} at the end of each line?)")
+        trailing = f" (a {sep!r} at the end of each line?)" if not header[-1] else ""
+        raise DataError(f"{csv_path}: header column {header.index('') + 1} has no name in {header_line!r}{trailing}")
     if len(set(header)) != len(header):
         raise DataError(f"{csv_path}: duplicate column names in header {header}")
     if group is not None and group not in header[1:]:
@@ -130,12 +145,13 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         for i in label_columns:
             value = row[i].strip()
             if value not in ("0", "1", "0.0", "1.0"):
-                hint = "" if _is_number(value) else \
-                    f" (if {header[i]!r} names groups such as the cell type, pass --group {header[i]})"
+                names_a_group = value and not _is_number(value) and value.lower() not in _YES_NO
+                hint = f" (if {header[i]!r} names groups such as the cell type, pass --group {header[i]})" \
+                    if names_a_group else ""
                 raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1{hint}")
             values.append(float(value))
         path = Path(image) if Path(image).is_absolute() else base / image
-        key = os.path.normpath(path)
+        key = os.path.normcase(os.path.realpath(path))
         if key in first_line:
             raise DataError(f"{where}: image {image!r} is listed again (first on line {first_line[key]}); "
                             "list each image once")
