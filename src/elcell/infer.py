@@ -26,7 +26,7 @@ import onnxruntime as ort
 from elcell.errors import DataError
 from elcell.images import IMAGE_SUFFIXES, find_images, load_cell
 from elcell.io import atomic_path
-from elcell.labels import guess_separator
+from elcell.labels import file_key, guess_separator
 from elcell.modelinfo import INPUT_NAME, ModelInfo, read_info
 
 DEFECT, REVIEW, OK = "defect", "review", "ok"
@@ -173,7 +173,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     # each file once, however it was named (a CSV's paths are absolute, a folder's as given)
     unique: dict[str, Path] = {}
     for path in found:
-        unique.setdefault(os.path.normcase(os.path.realpath(path)), path)
+        unique.setdefault(file_key(path), path)
     return list(unique.values())
 
 

@@ -78,6 +78,12 @@ def _is_number(text: str) -> bool:
 _YES_NO = ("yes", "no", "y", "n", "true", "false")
 
 
+def file_key(path: str | Path) -> str:
+    """One key per file however it is named: relative or absolute, through links,
+    in any case where the file system ignores case."""
+    return os.path.normcase(os.path.realpath(path))
+
+
 def _rows_with_line_numbers(text: str, sep: str) -> list[tuple[int, list[str]]]:
     """The non-blank rows, each with the file line it starts on: messages name the
     line a user sees in an editor, blank lines and quoted line breaks included."""
@@ -151,7 +157,7 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
                 raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1{hint}")
             values.append(float(value))
         path = Path(image) if Path(image).is_absolute() else base / image
-        key = os.path.normcase(os.path.realpath(path))
+        key = file_key(path)
         if key in first_line:
             raise DataError(f"{where}: image {image!r} is listed again (first on line {first_line[key]}); "
                             "list each image once")
