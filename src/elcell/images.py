@@ -36,10 +36,11 @@ def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
         # 16-bit cameras: scale by the container's real depth (65535), not by 255,
         # which would saturate almost every pixel.
         pixels = np.asarray(image, dtype=np.float64)
-        if pixels.min() < 0 or pixels.max() > 65535:
+        top = int(pixels.max())
+        if pixels.min() < 0 or top > 65535:
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        if pixels.max() < 16384:
-            _warn_low_range(path, int(pixels.max()))
+        if top < 16384:
+            _warn_low_range(path, top)
         return np.round(pixels * (255.0 / 65535.0)).astype(np.uint8)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)

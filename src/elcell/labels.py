@@ -156,7 +156,7 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
                     if names_a_group else ""
                 raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1{hint}")
             values.append(float(value))
-        path = Path(image) if Path(image).is_absolute() else base / image
+        path = base / image  # an absolute path stays itself
         key = file_key(path)
         if key in first_line:
             raise DataError(f"{where}: image {image!r} is listed again (first on line {first_line[key]}); "
