@@ -40,7 +40,28 @@ def test_16bit_file_holding_12bit_data_is_named_once(tmp_path, monkeypatch, caps
         load_cell(path, 16)
     err = capsys.readouterr().err
     assert err.startswith(f"elcell: warning: {paths[1]}: 16-bit image whose largest value is 4095")
-    assert "17 grey levels" in err and err.count("\n") == 1
+    assert "17 grey levels" in err and "train with --bit-depth 12" in err and err.count("\n") == 1
+
+
+def test_bit_depth_reads_a_12bit_camera_over_the_full_grey_range(tmp_path, elpv, monkeypatch, capsys):
+    """The 8-bit ELPV cell stored as 12-bit values (0..4095) in a 16-bit PNG is read
+    back exactly with bit_depth=12, without a warning; values above 4095 are refused."""
+    import elcell.images
+
+    monkeypatch.setattr(elcell.images, "_warned_low_range", False)
+    original = np.asarray(Image.open(elpv.paths[0]))
+    path = tmp_path / "twelve_bit.png"
+    Image.fromarray(np.round(original * (4095 / 255)).astype(np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    assert np.array_equal(load_cell(path, 300, bit_depth=12), original)
+    assert np.array_equal(load_cell(path, 128, "min", bit_depth=12), load_cell(elpv.paths[0], 128, "min"))
+    assert capsys.readouterr().err == ""
+    assert load_cell(path, 300).max() <= 16  # read as 0..65535: the few grey levels warned about
+    Image.fromarray(np.full((16, 16), 4096, dtype=np.uint16)).save(path)
+    with pytest.raises(ImageError, match=f"{path}: 16-bit image with values up to 4096, above 0..4095"):
+        load_cell(path, 16, bit_depth=12)
+    with pytest.raises(ValueError, match="bit depth 17"):
+        load_cell(path, 16, bit_depth=17)
 
 
 def test_rgb_becomes_gray(tmp_path):

@@ -79,6 +79,8 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
         pretrain(PretrainConfig(data=str(folder), out=str(out), crop_scale=0.0, progress=False))
     with pytest.raises(DataError, match="--shrink 'nearest': choose from"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), shrink="nearest", progress=False))
+    with pytest.raises(DataError, match="--bit-depth 7: choose from"):
+        pretrain(PretrainConfig(data=str(folder), out=str(out), bit_depth=7, progress=False))
     assert not out.exists()
 
 
@@ -87,11 +89,11 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
     copy_cells(folder / "line2", elpv, 16)  # found recursively
     run = tmp_path / "ssl"
     assert cli(["pretrain", "--data", str(folder), "--out", str(run), "--image-size", "64",
-                "--batch-size", "8", "--epochs", "2", "--no-progress"]) == 0
+                "--shrink", "min", "--batch-size", "8", "--epochs", "2", "--no-progress"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cells"] == 16 and summary["epochs_run"] == 2
     assert np.isfinite(summary["final_ssl_loss"])
-    assert json.loads(capsys.readouterr().out)["use"].endswith(f"--pretrained {run / 'backbone.pth'}")
+    assert json.loads(capsys.readouterr().out)["use"].endswith(f"--pretrained {run / 'backbone.pth'} --shrink min")
     metrics = (run / "metrics.csv").read_text()
     assert "ssl_loss" in metrics and "pair_accuracy" in metrics
 
@@ -104,7 +106,8 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
 
     fine_tuned = tmp_path / "fine-tuned"
     assert cli(["train", "--data", str(seed_csv), "--out", str(fine_tuned), "--pretrained",
-                str(run / "backbone.pth"), "--image-size", "64", "--batch-size", "16", "--epochs", "1",
+                str(run / "backbone.pth"), "--image-size", "64", "--shrink", "min", "--batch-size", "16",
+                "--epochs", "1",
                 "--finetune-epochs", "0", "--no-progress"]) == 0
     assert (fine_tuned / "summary.json").is_file()
 

@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -181,7 +182,7 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
 @pytest.mark.parametrize("option, value", [("schedule", "linear"), ("optimizer", "lion"),
                                            ("loss_weighting", "focal"), ("pooling", "sum"),
                                            ("input_norm", "histogram"), ("synthetic_crack_shape", "wavy"),
-                                           ("shrink", "nearest")])
+                                           ("shrink", "nearest"), ("bit_depth", 20)])
 def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option, value):
     from elcell.errors import DataError
 
@@ -407,12 +408,58 @@ def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike
                        scored, atol=1e-6)
     old = {k: v for k, v in model.info.to_props().items() if k != "shrink"}  # a model from before --shrink
     assert ModelInfo.from_props({**old, "elcell_format": "1"}).shrink == "bilinear"
-    with pytest.raises(ValueError, match="format 3 is newer than this elcell's"):
-        ModelInfo.from_props({**old, "elcell_format": "3"})
+    with pytest.raises(ValueError, match="format 4 is newer than this elcell's"):
+        ModelInfo.from_props({**old, "elcell_format": "4"})
     with pytest.raises(ValueError, match="shrink 'lanczos' is not one of"):
         ModelInfo.from_props({**old, "shrink": '"lanczos"'})
     with pytest.raises(DataError, match="trained with --shrink min; resume it with that value"):
         train(replace(config, resume=str(out / "checkpoints" / "last.ckpt"), shrink="bilinear", epochs=2))
+
+
+def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_everywhere(tmp_path, elpv):
+    """Cells from a 12-bit camera in 16-bit PNGs: trained and scored as the 8-bit
+    cells they were made from, not as the near-black cells 0..65535 would give."""
+    from conftest import write_seed_csv
+
+    from elcell.explain import write_explanations
+    from elcell.infer import open_model, score
+    from elcell.modelinfo import ModelInfo
+
+    labels = write_seed_csv(tmp_path / "twelve-bit", elpv, count=32)
+    originals = {}
+    for path in sorted((tmp_path / "twelve-bit" / "cells").iterdir()):
+        originals[path] = np.asarray(Image.open(path))
+        Image.fromarray(np.round(originals[path] * (4095 / 255)).astype(np.uint16)).save(path)
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(labels), out=str(out), backbone="resnet18", pretrained="none",
+                         image_size=64, batch_size=16, epochs=1, bit_depth=12, progress=False)
+    summary = train(config)
+    eight_bit = {path: np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BILINEAR))
+                 for path, pixels in originals.items()}
+    with open(out / "split.csv") as handle:  # the model's normalisation: the train cells as decoded
+        train_cells = [row["path"] for row in csv.DictReader(handle, delimiter=";") if row["split"] == "train"]
+    assert summary["mean"] == pytest.approx(np.mean([eight_bit[Path(p)] for p in train_cells]) / 255)
+
+    model = open_model(out / summary["onnx"])
+    assert model.info.bit_depth == 12 and model.info.to_props()["elcell_format"] == "3"
+    paths = sorted(originals)[:4]
+    full_range = tmp_path / "full-range.png"  # a 16-bit camera's cell: beyond what this model reads
+    Image.fromarray(originals[paths[0]].astype(np.uint16) * 257).save(full_range)
+    scored = next(score(model, [*paths, full_range], batch_size=8, workers=0))
+    assert np.array_equal(scored.probs[:4], model.run(np.stack([eight_bit[p] for p in paths])))
+    top = int(originals[paths[0]].max()) * 257
+    assert f"16-bit image with values up to {top}, above 0..4095" in scored.errors[4]
+    assert np.isnan(scored.probs[4]).all()
+    as_sixteen_bits = np.stack([load_cell(p, 64) for p in paths])
+    assert np.abs(scored.probs[:4] - model.run(as_sixteen_bits)).max() > 1e-5  # the check above can fail
+    explained = write_explanations(model, paths, tmp_path / "explain").records
+    assert np.allclose([[label["probability"] for label in r["labels"].values()] for r in explained],
+                       scored.probs[:4], atol=1e-6)
+
+    old = {**model.info.to_props(), "elcell_format": "2", "bit_depth": "8"}  # before --bit-depth: always 8
+    assert ModelInfo.from_props(old).bit_depth == 16
+    with pytest.raises(DataError, match="trained with --bit-depth 12; resume it with that value"):
+        train(replace(config, resume=str(out / "checkpoints" / "last.ckpt"), bit_depth=16, epochs=2))
 
 
 def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):

@@ -28,6 +28,9 @@ TRAIN_HELP = {
               "wide as the shrink factor first, so that cracks one pixel wide stay dark; cells less than "
               "twice the size are not filtered); stored in the model, so predict, evaluate, explain and "
               "export --int8 (its calibration cells) decode the same way",
+    "bit_depth": "how many bits of a 16-bit image hold the camera's values: 16 (0..65535), or e.g. 12 "
+                 "for a camera that stores 0..4095 in 16-bit files (read as 0..65535 they would keep 17 "
+                 "grey levels); 8-bit images are read as they are; stored in the model, like --shrink",
     "pooling": "how the last feature map becomes one vector: 'avg' (torchvision's) or 'max' "
                "(a small defect is not averaged away)",
     "input_norm": "'dataset' (the train split's pixel mean/std, the seed's) or 'cell' (each cell also "
@@ -135,6 +138,8 @@ PRETRAIN_HELP = {
                                            "accelerator", "workers", "cache_dir", "progress")},
     "shrink": "how a cell larger than --image-size is shrunk: 'bilinear' or 'min' (see train --shrink; "
               "give the training that starts from this backbone the same value)",
+    "bit_depth": "how many bits of a 16-bit image hold the camera's values (see train --bit-depth; give "
+                 "the training that starts from this backbone the same value)",
     "data": "unlabelled cells: a folder of images (searched recursively), a CSV whose first column "
             "lists them, or 'elpv' (labels, if any, are not used)",
     "group": "with a labels CSV and --test-fraction: the group column that stratifies the split",

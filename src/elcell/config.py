@@ -47,6 +47,7 @@ class TrainConfig:
     pretrained: str = "imagenet"
     image_size: int = 300
     shrink: str = "bilinear"
+    bit_depth: int = 16
     batch_size: int = 32
     epochs: int = 100
     optimizer: str = "adam"
@@ -133,6 +134,7 @@ class PretrainConfig:
     backbone: str = "resnet18"
     image_size: int = 128
     shrink: str = "bilinear"
+    bit_depth: int = 16
     batch_size: int = 128
     epochs: int = 60
     lr: float = 1e-3

@@ -76,10 +76,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ELCELL_CACHE", Path.home() / ".cache" / "elcell"))
 
 
-def cache_key(paths: list[Path], size: int, shrink: str = "bilinear") -> str:
-    """Content hash of every image plus the size and shrink: any changed file gives a new cache."""
-    # bilinear caches keep the key they had before --shrink existed
-    decoding = f"size={size}" + ("" if shrink == "bilinear" else f" shrink={shrink}")
+def cache_key(paths: list[Path], size: int, shrink: str = "bilinear", bit_depth: int = 16) -> str:
+    """Content hash of every image plus how they are decoded: any changed file gives a new cache."""
+    # the default decoding keeps the key it had before --shrink and --bit-depth existed
+    decoding = (f"size={size}" + ("" if shrink == "bilinear" else f" shrink={shrink}")
+                + ("" if bit_depth == 16 else f" bit_depth={bit_depth}"))
     digest = hashlib.blake2b(f"elcell-cache-v1 {decoding}".encode(), digest_size=16)
     errors = []  # every missing file at once, not one per run
     for path in paths:
@@ -110,13 +111,18 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _decode_chunk(job: tuple[list[int], list[str], int, str]) -> tuple[list[int], np.ndarray, list[str]]:
-    indices, paths, size, shrink = job
+# load_cell's arguments after the path: size, shrink, bit depth
+Decoding = tuple[int, str, int]
+
+
+def _decode_chunk(job: tuple[list[int], list[str], Decoding]) -> tuple[list[int], np.ndarray, list[str]]:
+    indices, paths, decoding = job
+    size = decoding[0]
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     errors = []
     for row, path in enumerate(paths):
         try:
-            out[row] = load_cell(path, size, shrink)
+            out[row] = load_cell(path, *decoding)
         except ImageError as err:
             errors.append(str(err))
     return indices, out, errors
@@ -130,6 +136,7 @@ def build_cache(
     chunk: int = 128,
     progress: bool = True,
     shrink: str = "bilinear",
+    bit_depth: int = 16,
 ) -> np.ndarray:
     """Decode `paths` into a memory-mapped uint8 [N, size, size] array, or reuse it.
 
@@ -139,17 +146,18 @@ def build_cache(
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size, shrink)
+    key = cache_key(paths, size, shrink, bit_depth)
     final = cache_dir / f"{key}.npy"
     with _file_lock(cache_dir / f"{key}.lock"):
         if not final.exists():
-            _fill_cache(paths, size, shrink, cache_dir / key, workers, chunk, progress)
+            _fill_cache(paths, (size, shrink, bit_depth), cache_dir / key, workers, chunk, progress)
     return np.load(final, mmap_mode="r")
 
 
 def _fill_cache(
-    paths: list[Path], size: int, shrink: str, stem: Path, workers: int | None, chunk: int, progress: bool
+    paths: list[Path], decoding: Decoding, stem: Path, workers: int | None, chunk: int, progress: bool
 ) -> None:
+    size = decoding[0]
     partial = stem.with_suffix(".partial.npy")
     done_file = stem.with_suffix(".done.npy")
     shape = (len(paths), size, size)
@@ -161,7 +169,7 @@ def _fill_cache(
         done = np.zeros(len(paths), dtype=bool)
     todo = np.flatnonzero(~done)
     jobs = [
-        (todo[i : i + chunk].tolist(), [str(paths[j]) for j in todo[i : i + chunk]], size, shrink)
+        (todo[i : i + chunk].tolist(), [str(paths[j]) for j in todo[i : i + chunk]], decoding)
         for i in range(0, len(todo), chunk)
     ]
     workers = workers or min(os.cpu_count() or 1, 8)

@@ -449,7 +449,7 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
     columns = [model.info.labels.index(label) for label in predictions.labels]
 
     def cell(i: int) -> np.ndarray:
-        return load_cell(predictions.paths[i], model.info.image_size, model.info.shrink)
+        return load_cell(predictions.paths[i], model.info.image_size, model.info.shrink, model.info.bit_depth)
 
     def heatmap(i: int) -> np.ndarray:
         return model.run(cell(i)[None], heatmaps=True)[1][0][columns]

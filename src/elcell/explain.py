@@ -292,7 +292,7 @@ def write_explanations(model, paths: Sequence[str | Path], out_dir: str | Path,
         cells, kept = [], []
         for i in range(start, min(start + batch_size, len(paths))):
             try:
-                pixels = load_cell(paths[i], info.image_size, info.shrink)
+                pixels = load_cell(paths[i], info.image_size, info.shrink, info.bit_depth)
                 with Image.open(paths[i]) as opened:  # header only: the original size
                     size = (opened.height, opened.width)
             except Exception as err:  # ImageError, or whatever else a broken file provokes

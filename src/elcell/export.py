@@ -102,7 +102,8 @@ def info_from_hparams(hparams, epoch: int) -> ModelInfo:
         labels=list(hparams["label_names"]), image_size=int(hparams["image_size"]),
         mean=float(hparams["mean"]), std=float(hparams["std"]),
         thresholds=[0.5] * n, review_thresholds=[0.5] * n,
-        backbone=hparams["backbone"], shrink=hparams.get("shrink", "bilinear"), epoch=int(epoch),
+        backbone=hparams["backbone"], shrink=hparams.get("shrink", "bilinear"),
+        bit_depth=int(hparams.get("bit_depth", 16)), epoch=int(epoch),
         # what inference may use for test-time augmentation (infer.Model.run_views)
         extra={"rotate90": bool(hparams.get("rotate90", False)),
                "input_norm": hparams.get("input_norm", "dataset")},  # for the record: it is in the graph

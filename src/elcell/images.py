@@ -24,24 +24,31 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # filter about as wide as the shrink factor, so they keep most of it
 # (docs/accuracy.md, E48). Bright areas do not change.
 SHRINKS = ("bilinear", "min")
+# How many bits of a 16-bit image hold the camera's values: 16 (0..65535), or
+# fewer for 10- to 14-bit cameras that store 0..4095 (12) or 0..16383 (14).
+# Read as 0..65535, 12-bit data would keep 17 grey levels.
+BIT_DEPTHS = range(8, 17)
 
 
-def _to_gray_uint8(image: Image.Image, path: Path) -> np.ndarray:
+def _to_gray_uint8(image: Image.Image, path: Path, bit_depth: int) -> np.ndarray:
     mode = image.mode
     if mode in ("L", "P", "1", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8)
     if mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
         return np.asarray(image.convert("RGB").convert("L"), dtype=np.uint8)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit cameras: scale by the container's real depth (65535), not by 255,
-        # which would saturate almost every pixel.
+        # 16-bit cameras: scale by the camera's depth (65535 for 16 bits), not by
+        # 255, which would saturate almost every pixel.
         pixels = np.asarray(image, dtype=np.float64)
-        top = int(pixels.max())
+        top, full = int(pixels.max()), 2**bit_depth - 1
         if pixels.min() < 0 or top > 65535:
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        if top < 16384:
-            _warn_low_range(path, top)
-        return np.round(pixels * (255.0 / 65535.0)).astype(np.uint8)
+        if top > full:
+            raise ImageError(f"{path}: 16-bit image with values up to {top}, above 0..{full}, the "
+                             f"{bit_depth}-bit range it is read in (train --bit-depth, stored in the model)")
+        if top < 2 ** (bit_depth - 2):
+            _warn_low_range(path, top, bit_depth)
+        return np.round(pixels * (255.0 / full)).astype(np.uint8)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
@@ -54,19 +61,21 @@ _warned_low_range = False
 _warn_lock = threading.Lock()  # inference decodes in threads
 
 
-def _warn_low_range(path: Path, top: int) -> None:
-    """Once per process (so once per decoding worker): 12- or 14-bit camera data
-    in a 16-bit file, read as 0..65535, keeps only a few grey levels; the user
-    should rescale it."""
+def _warn_low_range(path: Path, top: int, bit_depth: int) -> None:
+    """Once per process (so once per decoding worker): a 16-bit image that uses
+    less than a quarter of the range it is read in keeps only a few grey levels:
+    most likely a camera with fewer bits than --bit-depth says."""
     global _warned_low_range
     with _warn_lock:
         if _warned_low_range:
             return
         _warned_low_range = True
-    levels = round(top * 255 / 65535) + 1
-    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top} (12- or 14-bit camera "
-          f"data?): read as 0..65535 it keeps {levels} grey levels; scale such images to the full "
-          "16-bit range (README: Train on your own cells).", file=sys.stderr)
+    full = 2**bit_depth - 1
+    levels = round(top * 255 / full) + 1
+    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top}: read as 0..{full} "
+          f"(--bit-depth {bit_depth}) it keeps {levels} grey levels; for a camera with fewer bits, "
+          f"train with --bit-depth {max(8, top.bit_length())} (README: Train on your own cells).",
+          file=sys.stderr)
 
 
 def min_filter_size(source: int, size: int) -> int:
@@ -90,21 +99,24 @@ def min_filter(gray: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def load_cell(path: str | Path, size: int, shrink: str = "bilinear") -> np.ndarray:
+def load_cell(path: str | Path, size: int, shrink: str = "bilinear", bit_depth: int = 16) -> np.ndarray:
     """Read one cell image as a `size` x `size` uint8 gray array.
 
-    8-bit or 16-bit gray and RGB are accepted; any other size is resized
-    (cells cut from module images are close to square, so no padding), a
-    larger cell shrunk as `shrink` says (SHRINKS).
+    8-bit or 16-bit gray and RGB are accepted, a 16-bit image's values read as
+    `bit_depth`-bit ones (BIT_DEPTHS); any other size is resized (cells cut
+    from module images are close to square, so no padding), a larger cell
+    shrunk as `shrink` says (SHRINKS).
     Raises ImageError with the file name for anything unreadable.
     """
     if shrink not in SHRINKS:
         raise ValueError(f"shrink {shrink!r}: choose from {list(SHRINKS)}")
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit depth {bit_depth}: choose from {BIT_DEPTHS.start} to {BIT_DEPTHS.stop - 1}")
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            gray = _to_gray_uint8(image, path)
+            gray = _to_gray_uint8(image, path, bit_depth)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

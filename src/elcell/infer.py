@@ -178,11 +178,11 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- decoding
-def _read(path: Path, size: int, shrink: str) -> tuple[np.ndarray | None, str | None]:
+def _read(path: Path, size: int, shrink: str, bit_depth: int) -> tuple[np.ndarray | None, str | None]:
     """One cell, or the reason it cannot be used. Never raises: a batch job must
     outlive any one file."""
     try:
-        return load_cell(path, size, shrink), None
+        return load_cell(path, size, shrink, bit_depth), None
     except Exception as err:  # ImageError, and whatever else a broken file provokes
         message = str(err) if str(err) else type(err).__name__
         return None, message.removeprefix(f"{path}: ")
@@ -202,7 +202,7 @@ class Batch:
 
 
 def decode_batches(paths: Iterable[Path], size: int, batch_size: int = 16,
-                   workers: int = 2, shrink: str = "bilinear") -> Iterator[Batch]:
+                   workers: int = 2, shrink: str = "bilinear", bit_depth: int = 16) -> Iterator[Batch]:
     """Decode images (`load_cell`) in `workers` threads, `batch_size` at a time, in order.
 
     At most workers + 2 batches are decoded ahead of the consumer, so memory
@@ -221,13 +221,13 @@ def decode_batches(paths: Iterable[Path], size: int, batch_size: int = 16,
     chunks = _chunks(paths, batch_size)
     if workers <= 0:
         for chunk in chunks:
-            yield collect(chunk, [_read(p, size, shrink) for p in chunk])
+            yield collect(chunk, [_read(p, size, shrink, bit_depth) for p in chunk])
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="elcell-decode") as pool:
         pending: deque = deque()
         ahead = workers + 2
         for chunk in chunks:
-            pending.append((chunk, [pool.submit(_read, p, size, shrink) for p in chunk]))
+            pending.append((chunk, [pool.submit(_read, p, size, shrink, bit_depth) for p in chunk]))
             if len(pending) >= ahead:
                 done, futures = pending.popleft()
                 yield collect(done, [f.result() for f in futures])
@@ -268,7 +268,8 @@ def score(model: Model, paths: Iterable[Path], batch_size: int = 16, workers: in
 
     Heatmaps come from the same ONNX Runtime call as the probabilities."""
     n = len(model.info.labels)
-    for batch in decode_batches(paths, model.info.image_size, batch_size, workers, model.info.shrink):
+    info = model.info
+    for batch in decode_batches(paths, info.image_size, batch_size, workers, info.shrink, info.bit_depth):
         probs = np.full((len(batch.paths), n), np.nan, dtype=np.float32)
         plain = probs.copy()
         maps = None

@@ -4,7 +4,7 @@ Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = image_size);
 outputs `probs` float [batch, N] (sigmoid applied) and `heatmap` float
 [batch, N, h, w] (Grad-CAM of each label on the last ResNet stage).
 Normalisation happens inside the graph, so a caller only decodes and resizes
-(`elcell.images.load_cell` with the model's `shrink`).
+(`elcell.images.load_cell` with the model's `shrink` and `bit_depth`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import onnx
 
-from elcell.images import SHRINKS
+from elcell.images import BIT_DEPTHS, SHRINKS
 from elcell.io import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probs", "heatmap")
-# "2": cells must be shrunk as `shrink` says; elcell versions without it refuse such a
-# model instead of decoding it bilinearly. Bilinear models stay "1", readable by all.
-FORMAT_VERSIONS = ("1", "2")
+# "2": cells must be shrunk as `shrink` says; "3": 16-bit cells must be read as
+# `bit_depth`-bit ones. elcell versions without them refuse such a model instead
+# of decoding it the old way. Models that need neither stay "1", readable by all.
+FORMAT_VERSIONS = ("1", "2", "3")
 
 
 @dataclass
@@ -39,13 +40,16 @@ class ModelInfo:
     review_thresholds: list[float]
     backbone: str = ""
     shrink: str = "bilinear"  # how load_cell shrinks larger cells; models older than it: bilinear
-    bit_depth: int = 8
+    # how load_cell reads 16-bit cells; before format "3" this field was always 8 and meant nothing
+    bit_depth: int = 16
     epoch: int = -1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.shrink not in SHRINKS:
             raise ValueError(f"shrink {self.shrink!r} is not one of {list(SHRINKS)}: written by a newer elcell?")
+        if self.bit_depth not in BIT_DEPTHS:
+            raise ValueError(f"bit depth {self.bit_depth} is not one of {list(BIT_DEPTHS)}")
         n = len(self.labels)
         if len(self.thresholds) != n or len(self.review_thresholds) != n:
             raise ValueError(f"need one threshold and one review threshold per label ({n})")
@@ -56,7 +60,8 @@ class ModelInfo:
                 )
 
     def to_props(self) -> dict[str, str]:
-        props = {"elcell_format": "1" if self.shrink == "bilinear" else "2"}
+        version = "3" if self.bit_depth != 16 else "2" if self.shrink != "bilinear" else "1"
+        props = {"elcell_format": version}
         props.update({key: json.dumps(value) for key, value in asdict(self).items()})
         return props
 
@@ -67,7 +72,7 @@ class ModelInfo:
             raise ValueError(f"{source}: not an elcell model (no elcell metadata in the ONNX file)")
         if version not in FORMAT_VERSIONS:
             raise ValueError(f"{source}: elcell model format {version} is newer than this elcell's; upgrade elcell")
-        names = cls.__dataclass_fields__
+        names = set(cls.__dataclass_fields__) - ({"bit_depth"} if version in ("1", "2") else set())
         return cls(**{key: json.loads(props[key]) for key in names if key in props})
 
 

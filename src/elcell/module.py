@@ -75,6 +75,7 @@ class ELCellModule(LightningModule):
         channels_last: bool = False,
         image_size: int = 300,
         shrink: str = "bilinear",  # for the record: how the cells were decoded (export.info_from_hparams)
+        bit_depth: int = 16,
         optimizer: str = "adam",
         schedule: str = "plateau",
         warmup_epochs: int = 0,

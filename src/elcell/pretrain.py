@@ -30,7 +30,7 @@ from elcell.augment import BatchAugment, normalise
 from elcell.config import PretrainConfig
 from elcell.data import build_cache, cell_loader, pixel_stats, stratified_split
 from elcell.errors import DataError
-from elcell.images import SHRINKS
+from elcell.images import BIT_DEPTHS, SHRINKS
 from elcell.infer import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import load_table
@@ -134,6 +134,8 @@ def _check(config: PretrainConfig) -> None:
         raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
     if config.shrink not in SHRINKS:
         raise DataError(f"--shrink {config.shrink!r}: choose from {list(SHRINKS)}")
+    if config.bit_depth not in BIT_DEPTHS:
+        raise DataError(f"--bit-depth {config.bit_depth}: choose from {list(BIT_DEPTHS)}")
     if not 0 < config.crop_scale <= 1:
         raise DataError(f"--crop-scale {config.crop_scale} must be in (0, 1]")
     if config.temperature <= 0:
@@ -149,7 +151,8 @@ def pretrain(config: PretrainConfig) -> dict:
     run = Path(config.out) if config.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     if run.exists() and any(run.iterdir()):  # before decoding: a large folder takes minutes
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
-    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress, shrink=config.shrink)
+    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress, shrink=config.shrink,
+                         bit_depth=config.bit_depth)
     L.seed_everything(config.seed, workers=True, verbose=False)
     everything = np.arange(len(paths))
     mean, std = pixel_stats(images, everything)
@@ -182,9 +185,13 @@ def pretrain(config: PretrainConfig) -> dict:
     with atomic_path(run / "backbone.pth") as tmp:
         torch.save(module.encoder.state_dict(), tmp)
     metrics = trainer.callback_metrics
+    # the training that starts from this backbone should see cells decoded the same way
+    decoding = "".join(f" --{flag} {value}" for flag, value, default in
+                       (("shrink", config.shrink, "bilinear"), ("bit-depth", config.bit_depth, 16))
+                       if value != default)
     summary = {
         "backbone": "backbone.pth",
-        "use": f"elcell train --backbone {config.backbone} --pretrained {run / 'backbone.pth'}",
+        "use": f"elcell train --backbone {config.backbone} --pretrained {run / 'backbone.pth'}{decoding}",
         "cells": len(paths),
         "epochs_run": trainer.current_epoch,
         "final_ssl_loss": float(metrics["ssl_loss"]),

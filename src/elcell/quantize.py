@@ -62,7 +62,7 @@ class CellReader(CalibrationDataReader):
 
 
 def calibration_cells(table: LabelTable, size: int, count: int = 200, seed: int = 0,
-                      workers: int | None = None, shrink: str = "bilinear"
+                      workers: int | None = None, shrink: str = "bilinear", bit_depth: int = 16
                       ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """`count` cells drawn at random (seeded) from `table`, decoded as predict does;
     unreadable ones are skipped and returned with their reason."""
@@ -70,7 +70,7 @@ def calibration_cells(table: LabelTable, size: int, count: int = 200, seed: int 
     rows = np.sort(rng.permutation(len(table))[:count])
     images, failed = [], []
     workers = default_workers() if workers is None else workers
-    for batch in decode_batches([table.paths[i] for i in rows], size, 32, workers, shrink):
+    for batch in decode_batches([table.paths[i] for i in rows], size, 32, workers, shrink, bit_depth):
         images.append(batch.images)
         failed += [(str(p), e) for p, e in zip(batch.paths, batch.errors, strict=True) if e is not None]
     cells = np.concatenate(images)
@@ -161,8 +161,8 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
         raise DataError(f"--calibration-count {count}: need at least 1 cell")
     float_model = open_model(float_path, providers=["CPUExecutionProvider"])
     table = load_table(calibration, group=group)  # `group` names a column that is not a label
-    cells, failed = calibration_cells(table, float_model.info.image_size, count, seed, workers,
-                                      float_model.info.shrink)
+    info = float_model.info
+    cells, failed = calibration_cells(table, info.image_size, count, seed, workers, info.shrink, info.bit_depth)
     evaluation = table if eval_data is None else load_table(eval_data, group=group)
     with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
         candidate = quantize(float_path, Path(tmp) / out.name, cells, source=str(calibration))

@@ -35,7 +35,7 @@ from elcell.config import PRETEXT_STAGE, TrainConfig, two_stage_configs
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.errors import DataError
 from elcell.export import export_checkpoint
-from elcell.images import SHRINKS
+from elcell.images import BIT_DEPTHS, SHRINKS
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
 from elcell.model import ARCHITECTURES, INPUT_NORMS, POOLINGS, load_pretrained
@@ -148,7 +148,8 @@ def prepare(config: TrainConfig):
                                    ("pooling", config.pooling, POOLINGS),
                                    ("input-norm", config.input_norm, INPUT_NORMS),
                                    ("synthetic-crack-shape", config.synthetic_crack_shape, CRACK_SHAPES),
-                                   ("shrink", config.shrink, SHRINKS)):
+                                   ("shrink", config.shrink, SHRINKS),
+                                   ("bit-depth", config.bit_depth, BIT_DEPTHS)):
         if value not in choices:
             raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
     if config.warmup_epochs < 0:
@@ -172,7 +173,8 @@ def prepare(config: TrainConfig):
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
     _check_labels(table, split)
     images = build_cache(table.paths, config.image_size, config.cache_dir,
-                         progress=config.progress and rank_zero_only.rank == 0, shrink=config.shrink)
+                         progress=config.progress and rank_zero_only.rank == 0, shrink=config.shrink,
+                         bit_depth=config.bit_depth)
     return table, split, images
 
 
@@ -304,7 +306,7 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         inactive_label=label_index(table.names, "inactive"),
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
         channels_last=gpu or resolve_precision(config) == "bf16-mixed",
-        image_size=config.image_size, shrink=config.shrink,
+        image_size=config.image_size, shrink=config.shrink, bit_depth=config.bit_depth,
     )
     if config.pretrained != "none" and not config.resume:
         load_pretrained(module.model, config.pretrained)
@@ -397,7 +399,7 @@ def _check_resumable(config: TrainConfig) -> None:
     # The optimiser state holds one or two parameter groups and their rates; the
     # weights were trained on one input scaling, pooling and decoding. Older runs: defaults.
     for option, default in (("backbone_lr_scale", 1.0), ("input_norm", "dataset"), ("pooling", "avg"),
-                            ("shrink", "bilinear")):
+                            ("shrink", "bilinear"), ("bit_depth", 16)):
         if trained.get(option, default) != getattr(config, option):
             flag = "--" + option.replace("_", "-")
             raise DataError(f"--resume {config.resume}: the run trained with {flag} "
