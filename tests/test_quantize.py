@@ -104,6 +104,26 @@ def test_int8_keeps_the_per_cell_standardisation_in_float(seed_csv, elpv, tmp_pa
         assert np.isfinite(b).all() and np.abs(a - b).max() < 0.05
 
 
+def test_an_unreadable_calibration_cell_is_named_once(exported, seed_csv, tmp_path, capsys):
+    """Calibrated and compared on the same cells, a broken one is named once on
+    stderr; with other --eval-data cells, the comparison names it."""
+    import shutil
+
+    _, float_path, _ = exported
+    shutil.copytree(seed_csv.parent, tmp_path / "data")
+    broken = tmp_path / "data" / load_table(str(seed_csv)).paths[0].relative_to(seed_csv.parent)
+    broken.write_bytes(b"not a png")
+    args = ["export", str(float_path), "--int8", "--calibration", str(tmp_path / "data" / "data.csv"),
+            "--calibration-count", "64", "--int8-out", str(tmp_path / "model.int8.onnx"), "--no-progress"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("(skipped)") == 1 and str(broken) in captured.err and str(broken) not in captured.out
+    assert main([*args, "--eval-data", str(seed_csv)]) == 0
+    captured = capsys.readouterr()
+    assert str(broken) not in captured.err
+    assert f"1 calibration image(s) could not be read and were left out: {broken}" in captured.out
+
+
 def test_calibration_cells_are_decoded_as_the_model_shrinks_them(seed_csv):
     table = load_table(str(seed_csv))
     plain, _ = quantize_module.calibration_cells(table, 64, count=8, seed=3)

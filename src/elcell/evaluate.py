@@ -44,10 +44,11 @@ class Predictions:
 
 
 def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers: int | None = None,
-                  tta: bool = False, progress: bool = True) -> Predictions:
+                  tta: bool = False, progress: bool = True, print_failed: bool = True) -> Predictions:
     """Run the model over every cell of `table` whose labels the model has.
 
-    Bad images are left out and listed in `failed` (and printed on stderr)."""
+    Bad images are left out and listed in `failed` (and printed on stderr
+    unless not print_failed)."""
     from tqdm import tqdm
 
     labels = [label for label in model.info.labels if label in table.names]
@@ -80,7 +81,8 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
                     ok[row + i] = True
                 else:
                     failed.append((str(scored.paths[i]), error))
-                    bar.write(f"elcell: {scored.paths[i]}: {error} (skipped)", file=sys.stderr)
+                    if print_failed:
+                        bar.write(f"elcell: {scored.paths[i]}: {error} (skipped)", file=sys.stderr)
             row += n
             bar.update(n)
     if not ok.any():
@@ -435,6 +437,8 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     if html_report:
         write_html_report(model, predictions, metrics, plots, thresholds, out / "report.html",
                           subtitle=f"{model.path.name} on {data}")
+    else:  # one from an earlier evaluation into `out` would contradict metrics.json
+        (out / "report.html").unlink(missing_ok=True)
     return metrics
 
 

@@ -111,8 +111,9 @@ def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size
             workers: int | None = None, progress: bool = True) -> dict:
     """F1, precision and recall per label of both models at the float model's
     thresholds, how often their decisions agree, and how far the probabilities differ."""
-    runs = {name: predict_table(model, table, batch_size, workers, progress=progress)
-            for name, model in (("float", float_model), ("int8", int8_model))}
+    # both read the same cells, so unreadable ones are named once, by the first
+    runs = {name: predict_table(model, table, batch_size, workers, progress=progress, print_failed=first)
+            for name, model, first in (("float", float_model, True), ("int8", int8_model, False))}
     a, b = runs["float"], runs["int8"]
     if [str(p) for p in a.paths] != [str(p) for p in b.paths]:
         raise ExportError("float and int8 models read different cells")  # decoding is deterministic
@@ -197,4 +198,9 @@ def format_comparison(comparison: dict) -> str:
                      f"{m['decision_agreement']:>8.3f}{m['max_prob_diff']:>9.4f}")
     lines.append(f"  mean F1 {comparison['mean_f1_float']:.4f} (fp32) vs {comparison['mean_f1_int8']:.4f} "
                  f"(int8); decisions agree on {100 * comparison['decision_agreement']:.1f}% of cell labels")
+    # those also compared on were named on stderr already
+    unnamed = [p for p in comparison["calibration_failed"] if p not in comparison["failed"]]
+    if unnamed:
+        lines.append(f"  {len(unnamed)} calibration image(s) could not be read and were left out: "
+                     + ", ".join(unnamed[:5]) + (", ..." if len(unnamed) > 5 else ""))
     return "\n".join(lines)
