@@ -320,3 +320,7 @@ def test_evaluate_report_shows_metrics_curves_and_the_models_mistakes(tiny_onnx,
     for label in ("crack", "inactive"):
         for kind in ("true positives", "false positives", "false negatives"):
             assert f"{label}: {kind}" in text
+    # evaluated again into the same folder without --report: no page left contradicting metrics.json
+    (out / "metrics.json").unlink()
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
