@@ -267,8 +267,8 @@ def score(model: Model, paths: Iterable[Path], batch_size: int = 16, workers: in
     """Stream paths through the model batch by batch; failed images get NaN rows.
 
     Heatmaps come from the same ONNX Runtime call as the probabilities."""
-    n = len(model.info.labels)
     info = model.info
+    n = len(info.labels)
     for batch in decode_batches(paths, info.image_size, batch_size, workers, info.shrink, info.bit_depth):
         probs = np.full((len(batch.paths), n), np.nan, dtype=np.float32)
         plain = probs.copy()
