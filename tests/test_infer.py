@@ -7,6 +7,7 @@ import itertools
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,42 @@ def test_resume_after_crash_drops_half_line_and_retries_failures(tiny_onnx, cell
     header, resumed = read_rows(out)
     assert sorted(resumed, key=lambda r: r["path"]) == sorted(expected, key=lambda r: r["path"])
     assert out.read_text().count("path;") == 1
+
+
+def test_resume_refuses_another_model_or_other_thresholds(tiny_onnx, model, cell_folder, tmp_path, capsys):
+    """A resumed CSV holds one model's decisions: a tuned copy, a changed
+    threshold or a retrained model are refused, and the file is left as it was."""
+    import onnx
+
+    from elcell.modelinfo import write_info
+
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    first.mkdir(), rest.mkdir()
+    for i, path in enumerate(sorted(find_images([cell_folder]))):
+        shutil.copy(path, (first if i < 6 else rest) / path.name)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(first), "--out", str(out), "--no-progress"]) == 0
+    before = out.read_text()
+    _, rows = read_rows(out)
+    probs = sorted(float(row["prob_crack"]) for row in rows)
+    between = (probs[2] + probs[3]) / 2  # a threshold that changes the decision of three cells
+
+    tuned = tmp_path / "tuned.onnx"
+    write_info(tiny_onnx, tuned, replace(model.info, thresholds=[between, 0.5], review_thresholds=[between, 0.5]))
+    retrained = onnx.load(str(tiny_onnx))  # the same graph and metadata, other weights
+    bias = next(t for t in retrained.graph.initializer if t.name.endswith("bias") and t.dims == [2])
+    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 0.5, bias.name))
+    onnx.save(retrained, str(tmp_path / "retrained.onnx"))
+    for args, message in (([str(tiny_onnx), "--threshold", f"crack={between}"], "made with other thresholds"),
+                          ([str(tuned)], "made with other thresholds"),
+                          ([str(tmp_path / "retrained.onnx")], "written by another model")):
+        assert main(["predict", *args, str(rest), "--out", str(out), "--resume", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert out.read_text() == before
+    assert main(["predict", str(tiny_onnx), str(first), str(rest), "--out", str(out), "--resume",
+                 "--no-progress"]) == 0
+    assert "predicted 6 cells in" in (err := capsys.readouterr().err) and "(6 were already in" in err
+    assert len(read_rows(out)[1]) == 12
 
 
 def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_path, capsys):

@@ -348,6 +348,10 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{label} {n}" for label, n in counts.items())
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
 def _predict(args, parser) -> int:
     from elcell.infer import collect_inputs, open_model, parse_thresholds, predict
 
@@ -369,10 +373,11 @@ def _predict(args, parser) -> int:
     if result.dropped_partial_line:
         print(f"elcell: {args.out}: dropped a partially written last line", file=sys.stderr)
     rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
-    skipped = f", {result.skipped} already in {args.out}" if result.skipped else ""
-    print(f"elcell: predicted {result.predicted} cells in {result.seconds:.1f} s ({rate:.1f} cells/s)"
+    # after --resume the counts are of this run's cells, not of the whole file
+    skipped = f" ({result.skipped} were already in {args.out}); among the new ones" if result.skipped else ""
+    print(f"elcell: predicted {_cells(result.predicted)} in {result.seconds:.1f} s ({rate:.1f} cells/s)"
           f"{skipped}; defect: {_counts(result.defect)}; review: {_counts(result.review)}; "
-          f"{result.cells_in_review} cells need a person to review them", file=sys.stderr)
+          f"{_cells(result.cells_in_review)} for a person to review", file=sys.stderr)
     if result.failed:
         print(f"elcell: {len(result.failed)} of {len(paths) - result.skipped} images failed "
               "(see the error column)", file=sys.stderr)

@@ -505,6 +505,7 @@ def format_report(metrics: dict) -> str:
     if metrics["labels_not_in_data"]:
         lines.append(f"model labels not in the data (not evaluated): {metrics['labels_not_in_data']}")
     failed = metrics["failed"]
-    lines.append(f"{len(failed)} of {metrics['images']} images could not be read and were skipped"
-                 + (f" (first: {failed[0]['path']}: {failed[0]['error']})" if failed else ""))
+    if failed:
+        lines.append(f"{len(failed)} of {metrics['images']} images could not be read and were skipped "
+                     f"(first: {failed[0]['path']}: {failed[0]['error']})")
     return "\n".join(lines)

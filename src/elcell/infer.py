@@ -336,12 +336,13 @@ class _RowWriter:
             self.handle.close()
 
 
-def read_previous(out: Path, header: list[str]) -> tuple[set[str], bool]:
-    """Paths already predicted in `out` (resume), after repairing the file.
+def read_previous(out: Path, header: list[str]) -> tuple[list[list[str]], list[str] | None, bool]:
+    """Rows already predicted in `out` (resume), and the file's lines repaired.
 
     A crash can leave a partially written last line: it is cut off. Rows whose
-    image failed are removed too, so those images are tried again. Returns the
-    finished paths and whether a partial line was dropped.
+    image failed are left out too, so those images are tried again. Returns the
+    finished rows, the lines to keep (None: keep the file as it is) and whether
+    a partial line was dropped.
     """
     data = out.read_bytes()
     dropped = bool(data) and not data.endswith(b"\n")
@@ -357,9 +358,10 @@ def read_previous(out: Path, header: list[str]) -> tuple[set[str], bool]:
             f"--resume {out}: its columns {rows[0]} differ from this run's {header} "
             "(another model, or --tta changed); write to a new --out"
         )
-    done: set[str] = set()
+    finished: list[list[str]] = []
     keep = lines[:1]
     retry = 0
+    probability_columns = [i for i, name in enumerate(header) if name.startswith("prob_")]
     for line_no, (line, row) in enumerate(zip(lines[1:], rows[1:], strict=True), start=2):
         if len(row) != len(header):
             raise DataError(f"--resume {out} line {line_no}: {len(row)} fields, expected {len(header)}; "
@@ -367,12 +369,47 @@ def read_previous(out: Path, header: list[str]) -> tuple[set[str], bool]:
         if row[-1]:
             retry += 1
             continue
-        done.add(row[0])
+        try:
+            [float(row[i]) for i in probability_columns]
+        except ValueError:
+            raise DataError(f"--resume {out} line {line_no}: a probability is not a number; the file was "
+                            "edited or is not from elcell predict") from None
+        finished.append(row)
         keep.append(line)
-    if dropped or retry:
-        with atomic_path(out) as tmp:
-            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    return done, dropped
+    return finished, keep if dropped or retry else None, dropped
+
+
+def check_same_model(model: Model, rows: list[list[str]], out: Path, tta: bool,
+                     thresholds: list[float] | None, review_thresholds: list[float] | None,
+                     sample: int = 4) -> None:
+    """Refuse to append to rows that another model or other thresholds wrote:
+    one CSV must hold one model's decisions. The decisions are recomputed from
+    the written probabilities, and a few of the cells scored again."""
+    n = len(model.info.labels)
+    probs = np.array([[float(v) for v in row[1 : 1 + n]] for row in rows], dtype=np.float64).reshape(-1, n)
+    written = np.array([row[-1 - n : -1] for row in rows], dtype=str).reshape(-1, n)
+    # a probability printed with 6 decimals may have rounded across a threshold
+    below, above = (decide(probs + shift, model.info, thresholds, review_thresholds) for shift in (-1e-6, 1e-6))
+    changed = np.argwhere((written != below) & (written != above))
+    if len(changed):
+        i, j = changed[0]
+        raise DataError(f"--resume {out}: its decisions were made with other thresholds ({rows[i][0]}: "
+                        f"{model.info.labels[j]} {written[i, j]} at {probs[i, j]:.6f}, {below[i, j]} now): "
+                        "resume with the same model and --threshold/--review-threshold, or write to a new --out")
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(sample, len(rows))).round().astype(int))
+    again = next(score(model, [Path(rows[i][0]) for i in picks], batch_size=len(picks), workers=0, tta=tta),
+                 None)
+    if again is None:
+        return
+    # the same model gives the same probabilities up to float noise (another
+    # batch size or execution provider), another model far more than 1e-3
+    differs = np.abs(again.probs - probs[picks]).max(axis=1) > 1e-3  # NaN (unreadable now): no verdict
+    if differs.any():
+        k = int(np.argmax(differs))
+        raise DataError(f"--resume {out}: its rows were written by another model ({rows[picks[k]][0]}: "
+                        f"{' '.join(rows[picks[k]][1 : 1 + n])} there, "
+                        f"{' '.join(f'{p:.6f}' for p in again.probs[k])} now); resume with that model, or "
+                        "write to a new --out")
 
 
 def _write_overlays(folder: str | Path, scored: Scored, decisions: np.ndarray, ok: np.ndarray,
@@ -415,7 +452,13 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     fresh = True
     if out is not None and out.exists() and out.stat().st_size > 0:
         if resume:
-            done, result.dropped_partial_line = read_previous(out, header)
+            previous, repaired, result.dropped_partial_line = read_previous(out, header)
+            if previous:
+                check_same_model(model, previous, out, tta, thresholds, review_thresholds)
+            if repaired is not None:
+                with atomic_path(out) as tmp:
+                    tmp.write_text("".join(line + "\n" for line in repaired), encoding="utf-8")
+            done = {row[0] for row in previous}
             fresh = out.stat().st_size == 0
         elif not overwrite:
             raise DataError(f"{out} exists: pass --resume to continue it, or --overwrite to replace it")
