@@ -118,10 +118,27 @@ def test_an_unreadable_calibration_cell_is_named_once(exported, seed_csv, tmp_pa
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.err.count("(skipped)") == 1 and str(broken) in captured.err and str(broken) not in captured.out
-    assert main([*args, "--eval-data", str(seed_csv)]) == 0
+    assert main([*args, "--eval-data", str(seed_csv)]) == 2  # the int8 model is there already
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--eval-data", str(seed_csv), "--overwrite"]) == 0
     captured = capsys.readouterr()
     assert str(broken) not in captured.err
     assert f"1 calibration image(s) could not be read and were left out: {broken}" in captured.out
+    assert main(["export", str(tmp_path / "model.int8.onnx"), "--int8", "--calibration", str(seed_csv),
+                 "--int8-out", str(tmp_path / "twice.onnx")]) == 2
+    assert "is already an int8 model" in capsys.readouterr().err
+
+
+def test_quantising_needs_neither_torch_nor_sympy(exported, elpv, tmp_path, monkeypatch):
+    """As on an inspection PC: sympy arrives only with PyTorch."""
+    import sys
+
+    _, float_path, _ = exported
+    for module in ("torch", "sympy", "onnxruntime.tools.symbolic_shape_infer"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:16]])
+    int8_path = quantize_module.quantize(float_path, tmp_path / "model.int8.onnx", cells, source="test")
+    assert open_model(int8_path).run(cells[:2]).shape == (2, 2)
 
 
 def test_calibration_cells_are_decoded_as_the_model_shrinks_them(seed_csv):

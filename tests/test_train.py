@@ -79,6 +79,8 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
 
 def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "best_model_epoch0.onnx").write_bytes(b"the best model of an earlier session")
     summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18",
                                 pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
                                 val_fraction=0.25, progress=False,
@@ -89,6 +91,31 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert min(int(r["step"]) for r in after) >= max(int(r["step"]) for r in before)
     assert {int(r["epoch"]) for r in after if r.get("epoch")} == {2}
     assert summary["epochs_run"] == 3
+    # one model per run folder, so `predict RUN/best_model_epoch*.onnx` finds the right one
+    assert [p.name for p in out.glob("best_model_epoch*.onnx")] == [summary["onnx"]]
+    assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
+
+
+def test_export_names_bad_checkpoints_and_keeps_existing_files(tiny_run, tmp_path, capsys):
+    from elcell.cli import main
+
+    checkpoint = next((tiny_run / "checkpoints").glob("best-*.ckpt"))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    for bad in (truncated, weights):
+        assert main(["export", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
+        assert f"{bad}: not a checkpoint of `elcell train`" in capsys.readouterr().err
+    folder = tmp_path / "new" / "folder"
+    assert main(["export", str(checkpoint), "--out", f"{folder}/"]) == 0
+    exported = next(folder.glob("best_model_epoch*.onnx"))
+    assert main(["export", str(checkpoint), "--out", f"{folder}/"]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--out", str(folder), "--overwrite"]) == 0
+    assert [p.name for p in folder.iterdir()] == [exported.name]
+    assert main(["export", str(exported), "--int8", "--calibration", "elpv", "--out", "y.onnx"]) == 2
+    assert "name its int8 model with --int8-out" in capsys.readouterr().err
 
 
 def test_elpv_trains_on_soft_targets(tmp_path):

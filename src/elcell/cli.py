@@ -270,17 +270,22 @@ def _export(args, parser) -> None:
         if not args.int8:
             raise DataError(f"{args.checkpoint} is already ONNX; pass --int8 --calibration to quantise "
                             "it, or give a .ckpt checkpoint to re-export")
+        if args.out:
+            raise DataError(f"--out is where a checkpoint is exported to; {args.checkpoint} is already "
+                            "ONNX: name its int8 model with --int8-out")
         out = Path(args.checkpoint)
     else:
         from elcell.export import export_checkpoint  # imports torch
 
-        out, error = export_checkpoint(args.checkpoint, args.out)
+        out, error = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
         print(f"wrote {out} (batch of 4 checked against PyTorch: max |probs diff| {error:.2e})")
     if args.int8:
         from elcell.errors import ExportError
         from elcell.quantize import format_comparison, quantize_checked
 
         int8_out = Path(args.int8_out) if args.int8_out else out.with_name(f"{out.stem}.int8.onnx")
+        if int8_out.exists() and not args.overwrite:
+            raise DataError(f"{int8_out} exists: pass --overwrite to replace it, or choose another --int8-out")
         comparison = quantize_checked(
             out, int8_out, args.calibration, eval_data=args.eval_data, count=args.calibration_count,
             allow_recall_drop=args.allow_recall_drop, batch_size=args.batch_size,
@@ -511,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="Lightning checkpoint (.ckpt) from `elcell train` (or, with --int8, a "
                              "float elcell .onnx file to quantise)")
-    export.add_argument("--out", help="ONNX file or folder (default: best_model_epoch{N}.onnx "
-                                      "beside the checkpoint)")
+    export.add_argument("--out", help="ONNX file or folder (a path ending in / is a folder, created if "
+                                      "need be; default: best_model_epoch{N}.onnx beside the checkpoint)")
     export.add_argument("--int8", action="store_true",
                         help="also write a statically quantised int8 model (QDQ, per-channel weights, "
                              "ONNX Runtime), calibrated on real cells; its F1 and recall are printed "
@@ -528,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a column of those CSVs that is a group (e.g. cell type), not a label")
     export.add_argument("--int8-out", metavar="FILE.onnx",
                         help="int8 model path (default: <float model>.int8.onnx beside it)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files (otherwise refused)")
     export.add_argument("--allow-recall-drop", action="store_true",
                         help="write the int8 model even if a label's recall drops by more than 0.02")
     _add_runtime_options(export, workers=False, threads=False)

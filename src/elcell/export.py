@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -111,21 +112,30 @@ def info_from_hparams(hparams, epoch: int) -> ModelInfo:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
-                      check_images: np.ndarray | None = None) -> tuple[Path, float]:
+                      check_images: np.ndarray | None = None, overwrite: bool = True) -> tuple[Path, float]:
     """Re-export a Lightning checkpoint. `out` may be a file or a folder (default: the
-    checkpoint's folder); in a folder the file is named best_model_epoch{N}.onnx."""
+    checkpoint's folder; a path ending in a separator is a folder, created if
+    need be); in a folder the file is named best_model_epoch{N}.onnx."""
     from elcell.module import ELCellModule
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ExportError(f"{checkpoint}: checkpoint not found")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    module = ELCellModule(**state["hyper_parameters"])
-    module.load_state_dict(state["state_dict"])
-    epoch = int(state["epoch"])
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        module = ELCellModule(**state["hyper_parameters"])
+        module.load_state_dict(state["state_dict"])
+        epoch = int(state["epoch"])
+    except Exception as err:  # not a file torch can read, or a checkpoint of something else
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ExportError(f"{checkpoint}: not a checkpoint of `elcell train` ({reason})") from None
+    folder = out is None or str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     out = Path(out) if out else checkpoint.parent
-    if out.is_dir():
+    if folder:
+        out.mkdir(parents=True, exist_ok=True)
         out = out / f"best_model_epoch{epoch}.onnx"
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     info = info_from_hparams(module.hparams, epoch)
     error = export_onnx(module.model, info, out, check_images)
     return out, error

@@ -91,7 +91,9 @@ def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
         level = logger.level
         logger.setLevel(logging.ERROR)  # the quantiser logs every skipped tensor
         try:
-            quant_pre_process(str(float_path), str(prepared))
+            # symbolic shape inference needs sympy, which an inspection PC without
+            # PyTorch lacks; ONNX's own shape inference gives this CNN the same int8 model
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(quantized), CellReader(calibration),
                 quant_format=QuantFormat.QDQ, per_channel=True,
@@ -161,6 +163,8 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
     if count < 1:
         raise DataError(f"--calibration-count {count}: need at least 1 cell")
     float_model = open_model(float_path, providers=["CPUExecutionProvider"])
+    if "quantization" in float_model.info.extra:
+        raise DataError(f"{float_path} is already an int8 model; quantise the float model it came from")
     table = load_table(calibration, group=group)  # `group` names a column that is not a label
     info = float_model.info
     cells, failed = calibration_cells(table, info.image_size, count, seed, workers, info.shrink, info.bit_depth)

@@ -333,6 +333,9 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
     val_rows = np.flatnonzero(split == "val")[:4]
     onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
                                           check_images=images[val_rows])
+    for older in run.glob("best_model_epoch*.onnx"):  # a resumed run's earlier best: one model per run
+        if older != onnx_path:
+            older.unlink()
     summary = {
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run),
         "best_val_f1": float(checkpoint.best_model_score),
