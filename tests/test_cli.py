@@ -29,6 +29,7 @@ def test_help_explains_every_option(capsys):
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text, name
     assert "--config" in text and "--print-config" in text
+    assert "(default: resnet18)" in text and "(default: None)" not in text  # an unset option shows none
 
 
 def test_python_train_py_is_elcell_train():

@@ -188,6 +188,24 @@ def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_p
                  "--no-progress"]) == 0
     assert main(["predict", str(tiny_onnx), str(tmp_path / "nowhere")]) == 2
     assert main(["predict", str(tmp_path / "missing.onnx"), str(cell_folder)]) == 2
+    # nothing is left behind by options that cannot work
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path / "b.csv"),
+                 "--batch-size", "0"]) == 2
+    assert not (tmp_path / "b.csv").exists()
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "is a folder: give the CSV file to write" in capsys.readouterr().err
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, cell_folder):
+    """`elcell predict MODEL CELLS | head -c 1`: no traceback, the status a shell gives."""
+    code = "import sys; from elcell.cli import main; sys.exit(main())"
+    process = subprocess.Popen([sys.executable, "-c", code, "predict", str(tiny_onnx), str(cell_folder),
+                                "--no-progress", "--batch-size", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(1) == b"p"  # the header's first byte; then the reader goes away
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and "Traceback" not in stderr
 
 
 def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):
@@ -235,6 +253,12 @@ def test_predict_and_evaluate_import_no_torch(tiny_onnx, seed_csv, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    # where PyTorch is missing, a command that needs it says so in one line
+    blocked = f"import sys; sys.modules['torch'] = None; {code.splitlines()[1]}; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", blocked, "export", str(tmp_path / "x.ckpt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("elcell: error: this command trains or exports")
+    assert "Traceback" not in result.stderr
 
 
 def test_decoding_streams_with_bounded_look_ahead(elpv):

@@ -87,8 +87,12 @@ def test_wrong_weight_files_are_refused(tmp_path):
     with pytest.raises(PretrainedError, match="does not fit resnet18"):
         load_pretrained(ResNet("resnet18", 2), str(path))
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(PretrainedError, match="not a PyTorch weight file"):
+    with pytest.raises(PretrainedError, match="not a PyTorch weights file or elcell checkpoint"):
         load_pretrained(ResNet("resnet18", 2), str(tmp_path / "junk.pth"))
+    torch.save({"conv1.weight": torch.zeros(1), "note": ResNet}, tmp_path / "pickled.pth")  # a class: refused
+    with pytest.raises(PretrainedError) as refused:
+        load_pretrained(ResNet("resnet18", 2), str(tmp_path / "pickled.pth"))
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize("backbone, features", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])

@@ -93,7 +93,7 @@ def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, s
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cells"] == 16 and summary["epochs_run"] == 2
     assert np.isfinite(summary["final_ssl_loss"])
-    assert json.loads(capsys.readouterr().out)["use"].endswith(f"--pretrained {run / 'backbone.pth'} --shrink min")
+    assert json.loads(capsys.readouterr().out)["use"].endswith(f"--pretrained {run / 'backbone.pth'} --image-size 64 --shrink min")
     metrics = (run / "metrics.csv").read_text()
     assert "ssl_loss" in metrics and "pair_accuracy" in metrics
 

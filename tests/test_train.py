@@ -96,6 +96,17 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
 
 
+def test_resume_from_a_file_that_is_not_a_checkpoint_names_it(elpv, tmp_path, capsys):
+    from elcell.cli import main
+
+    for name, content in (("cell.png", elpv.paths[0].read_bytes()), ("empty.ckpt", b"")):
+        (tmp_path / name).write_bytes(content)
+        # the default recipe has two stages, which --resume refuses; the file is named first
+        assert main(["train", "--resume", str(tmp_path / name), "--out", str(tmp_path / "run")]) == 2
+        assert f"--resume {tmp_path / name}: not a checkpoint of `elcell train`" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_names_bad_checkpoints_and_keeps_existing_files(tiny_run, tmp_path, capsys):
     from elcell.cli import main
 

@@ -7,6 +7,7 @@ inspection PC never imports PyTorch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -98,6 +99,13 @@ TRAIN_HELP = {
 }
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, but not an unset one ('None')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _add_train_parser(commands) -> None:
     from elcell.config import TrainConfig
 
@@ -105,7 +113,7 @@ def _add_train_parser(commands) -> None:
         "train", help="train a model and export it to ONNX",
         description="Train a ResNet multi-label classifier on labelled EL cells; write checkpoints, "
                     "logs, losses.png and best_model_epoch{N}.onnx to the run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="read options from a YAML file (command-line options win); a run's "
@@ -168,7 +176,7 @@ def _add_pretrain_parser(commands) -> None:
         description="Learn a backbone from unlabelled cells by contrasting two random views of each "
                     "(SimCLR); write RUN/backbone.pth, the starting point of "
                     "`elcell train --pretrained RUN/backbone.pth`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     _add_config_options(parser, PretrainConfig, PRETRAIN_HELP)
     parser.set_defaults(handler=_pretrain)
@@ -560,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("elcell: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `elcell predict ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        print("elcell: error: this command trains or exports, which needs PyTorch (pip install -r "
+              "requirements.txt); predict, evaluate, explain and export --int8 of an .onnx file do not",
+              file=sys.stderr)
+        return 2
     return int(status or 0)  # a handler returns 1 when a batch job finished with failures
 
 

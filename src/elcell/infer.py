@@ -319,7 +319,7 @@ class _RowWriter:
     def __init__(self, out: Path | None, header: list[str], fresh: bool):
         self.handle = sys.stdout if out is None else open(out, "w" if fresh else "a", newline="",
                                                             encoding="utf-8")
-        self.fsync = out is not None
+        self.fsync = out is not None and out.is_file()  # not /dev/null or a pipe: they cannot sync
         if fresh:
             self.write([header])
 
@@ -447,6 +447,10 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     info = model.info
     header = csv_header(info.labels, tta)
     out = Path(out) if out is not None and str(out) != "-" else None
+    if batch_size < 1:  # before the output file is made
+        raise DataError(f"--batch-size {batch_size}: need at least 1")
+    if out is not None and out.is_dir():
+        raise DataError(f"--out {out} is a folder: give the CSV file to write, e.g. {out / 'predictions.csv'}")
     result = PredictResult(total=len(paths))
     done: set[str] = set()
     fresh = True

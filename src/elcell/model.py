@@ -228,7 +228,9 @@ def _read_state_dict(source: str, backbone: str) -> tuple[dict[str, torch.Tensor
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise PretrainedError(f"--pretrained {source}: not a PyTorch weight file ({err})") from None
+            # not the error's text: PyTorch's advice to load with weights_only=False does not apply
+            raise PretrainedError(f"--pretrained {source}: not a PyTorch weights file or elcell checkpoint "
+                                  f"({type(err).__name__})") from None
     hyper_parameters = {}
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         hyper_parameters = state.get("hyper_parameters") or {}

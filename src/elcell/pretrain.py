@@ -186,9 +186,8 @@ def pretrain(config: PretrainConfig) -> dict:
         torch.save(module.encoder.state_dict(), tmp)
     metrics = trainer.callback_metrics
     # the training that starts from this backbone should see cells decoded the same way
-    decoding = "".join(f" --{flag} {value}" for flag, value, default in
-                       (("shrink", config.shrink, "bilinear"), ("bit-depth", config.bit_depth, 16))
-                       if value != default)
+    decoding = f" --image-size {config.image_size} --shrink {config.shrink}" + (
+        f" --bit-depth {config.bit_depth}" if config.bit_depth != 16 else "")
     summary = {
         "backbone": "backbone.pth",
         "use": f"elcell train --backbone {config.backbone} --pretrained {run / 'backbone.pth'}{decoding}",

@@ -274,6 +274,8 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     (empty on ranks other than 0). With --finetune-epochs, in two stages
     (`two_stage_configs`). `callbacks` are added to the (final stage's) Trainer."""
     check_devices(config)
+    if config.resume:
+        _resume_checkpoint(config.resume)  # a wrong file is named before anything else
     if config.finetune_epochs > 0:
         return _train_two_stages(config, callbacks)
     return _train_stage(config, callbacks)
@@ -282,8 +284,6 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
 def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
                  may_hold: tuple[str, ...] = ()) -> dict:
     """One run into its folder, which must be new or empty but for `may_hold`."""
-    if config.resume and not Path(config.resume).is_file():
-        raise DataError(f"--resume {config.resume}: checkpoint not found")
     if config.resume:  # before decoding: a wrong --shrink would decode the whole data set first
         _check_resumable(config)
     table, split, images = prepare(config)  # the split depends on config.seed alone
@@ -394,10 +394,24 @@ def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -
     return second
 
 
+def _resume_checkpoint(path: str) -> dict:
+    """The checkpoint to resume from, or DataError naming the file."""
+    if not Path(path).is_file():
+        raise DataError(f"--resume {path}: checkpoint not found")
+    try:
+        # mmap: only the hyperparameters and keys are read here; Lightning loads the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a PNG, an ONNX file, a truncated download...
+        raise DataError(f"--resume {path}: not a checkpoint of `elcell train` ({type(err).__name__}); "
+                        "give RUN/checkpoints/last.ckpt") from None
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
+        raise DataError(f"--resume {path}: not a checkpoint of `elcell train`; give RUN/checkpoints/last.ckpt")
+    return checkpoint
+
+
 def _check_resumable(config: TrainConfig) -> None:
     """Refuse to resume with settings the checkpoint cannot carry on with."""
-    # mmap: only the hyperparameters and keys are read here; Lightning loads the weights
-    checkpoint = torch.load(config.resume, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = _resume_checkpoint(config.resume)
     trained = checkpoint["hyper_parameters"]
     # The optimiser state holds one or two parameter groups and their rates; the
     # weights were trained on one input scaling, pooling and decoding. Older runs: defaults.
