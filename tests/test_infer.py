@@ -194,6 +194,12 @@ def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_p
     assert not (tmp_path / "b.csv").exists()
     assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path), "--overwrite"]) == 2
     assert "is a folder: give the CSV file to write" in capsys.readouterr().err
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path / "band.csv"),
+                 "--threshold", "crack=0.3", "--review-threshold", "crack=0.6", "--no-progress"]) == 0
+    assert "crack: review threshold 0.6 is above the threshold 0.3" in capsys.readouterr().err
+    (tmp_path / "run.ckpt").write_bytes(b"a checkpoint")
+    assert main(["predict", str(tmp_path / "run.ckpt"), str(cell_folder)]) == 2
+    assert f"export it first: elcell export {tmp_path / 'run.ckpt'}" in capsys.readouterr().err
 
 
 def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, cell_folder):
@@ -293,6 +299,10 @@ def test_collect_inputs(cell_folder, seed_csv, tmp_path, monkeypatch):
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
         collect_inputs([empty])
+    # a pattern no shell expanded (Windows); one that matches nothing is named
+    assert collect_inputs([str(cell_folder / "*.png")]) == sorted(cell_folder.glob("*.png"))
+    with pytest.raises(DataError, match=r"\*\.tif: no such file or folder"):
+        collect_inputs([str(cell_folder / "*.tif")])
 
 
 def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx, cell_folder, tmp_path):

@@ -374,6 +374,10 @@ def _predict(args, parser) -> int:
     review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
                               option="--review-threshold")
     paths = collect_inputs(args.inputs)
+    for label, high, low in zip(info.labels, thresholds, review, strict=True):
+        if low > high:
+            print(f"elcell: note: {label}: review threshold {low:g} is above the threshold {high:g}, "
+                  "so there is no review band", file=sys.stderr)
     bands = ", ".join(f"{label} defect >= {t:.4g}, review >= {min(r, t):.4g}"
                       for label, t, r in zip(info.labels, thresholds, review, strict=True))
     print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; {bands}", file=sys.stderr)

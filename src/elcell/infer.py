@@ -10,6 +10,7 @@ survives a crash: rows are appended and fsync'ed batch by batch, and
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
 import sys
@@ -79,7 +80,8 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
     except ValueError as err:
         raise DataError(str(err)) from None
     except Exception as err:  # onnx raises protobuf DecodeError and others for a bad file
-        raise DataError(f"{path}: not an ONNX model ({type(err).__name__})") from None
+        hint = f"; export it first: elcell export {path}" if path.suffix == ".ckpt" else ""
+        raise DataError(f"{path}: not an ONNX model ({type(err).__name__}){hint}") from None
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -153,12 +155,19 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
     return paths
 
 
+def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:
+    for item in inputs:
+        matches = [] if Path(item).exists() or not glob.has_magic(str(item)) else sorted(glob.glob(str(item)))
+        yield from matches or [item]  # a pattern that matches nothing is named as it is
+
+
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Image files, folders (searched recursively) and CSVs (first column) -> image
     paths, in order, each once. A named input that does not exist is an error; an
-    image listed in a CSV that does not exist is reported per image later."""
+    image listed in a CSV that does not exist is reported per image later. A
+    pattern such as cells/*.png is expanded here where no shell did (Windows)."""
     found: list[Path] = []
-    for item in map(Path, inputs):
+    for item in map(Path, _expand_patterns(inputs)):
         if item.is_dir():
             images = find_images([item])
             if not images:
