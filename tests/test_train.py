@@ -96,6 +96,16 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
 
 
+def test_a_onecycle_run_cannot_be_extended(tmp_path):
+    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+                         pretrained="none", image_size=32, batch_size=16, epochs=1, schedule="onecycle",
+                         progress=False)
+    train(config)
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(DataError, match="a --schedule onecycle run cannot change its length"):
+        train(replace(config, resume=last, epochs=2))  # it would step past OneCycleLR's end
+
+
 def test_resume_from_a_file_that_is_not_a_checkpoint_names_it(elpv, tmp_path, capsys):
     from elcell.cli import main
 

@@ -421,6 +421,15 @@ def _check_resumable(config: TrainConfig) -> None:
             flag = "--" + option.replace("_", "-")
             raise DataError(f"--resume {config.resume}: the run trained with {flag} "
                             f"{trained.get(option, default)}; resume it with that value")
+    # OneCycleLR keeps its number of steps in its state: more epochs would step past its end
+    saved = Path(config.resume).resolve().parent.parent / "config.yaml"
+    if trained.get("schedule") == "onecycle" and saved.is_file():
+        import yaml
+
+        epochs = (yaml.safe_load(saved.read_text()) or {}).get("epochs")
+        if epochs is not None and epochs != config.epochs:
+            raise DataError(f"--resume {config.resume}: a --schedule onecycle run cannot change its length "
+                            f"(it was --epochs {epochs}); train a new run for another length")
     # With an average, the checkpoint's weights are the average and the trained
     # ones sit beside them: without it, training would go on from the average.
     averaged = "averaging_state" in checkpoint
