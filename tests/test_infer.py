@@ -202,11 +202,12 @@ def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_p
     assert f"export it first: elcell export {tmp_path / 'run.ckpt'}" in capsys.readouterr().err
 
 
-def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, cell_folder):
+def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, seed_csv):
     """`elcell predict MODEL CELLS | head -c 1`: no traceback, the status a shell gives."""
     code = "import sys; from elcell.cli import main; sys.exit(main())"
-    process = subprocess.Popen([sys.executable, "-c", code, "predict", str(tiny_onnx), str(cell_folder),
-                                "--no-progress", "--batch-size", "2"],
+    # 64 writes of one row: the reader is gone long before the last
+    process = subprocess.Popen([sys.executable, "-c", code, "predict", str(tiny_onnx), str(seed_csv),
+                                "--no-progress", "--batch-size", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.read(1) == b"p"  # the header's first byte; then the reader goes away
     process.stdout.close()
@@ -259,12 +260,14 @@ def test_predict_and_evaluate_import_no_torch(tiny_onnx, seed_csv, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    # where PyTorch is missing, a command that needs it says so in one line
-    blocked = f"import sys; sys.modules['torch'] = None; {code.splitlines()[1]}; sys.exit(main(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", blocked, "export", str(tmp_path / "x.ckpt")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("elcell: error: this command trains or exports")
-    assert "Traceback" not in result.stderr
+    # as after `pip install .`: a command that needs the training packages says so in one line
+    blocked = ("import sys\nfor name in ('torch', 'lightning', 'kornia', 'torchmetrics'): sys.modules[name] = None\n"
+               f"{code.splitlines()[1]}\nsys.exit(main(sys.argv[1:]))")
+    for command in (["export", str(tmp_path / "x.ckpt")], ["train", "--data", str(seed_csv)],
+                    ["pretrain", "--data", str(seed_csv)]):
+        result = subprocess.run([sys.executable, "-c", blocked, *command], capture_output=True, text=True)
+        assert result.returncode == 2, (command, result.stderr[-1000:])
+        assert result.stderr.startswith("elcell: error: this command trains or exports"), command
 
 
 def test_decoding_streams_with_bounded_look_ahead(elpv):

@@ -81,6 +81,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "best_model_epoch0.onnx").write_bytes(b"the best model of an earlier session")
+    (out / "best_model_epoch0.int8.onnx").write_bytes(b"its int8 copy, not elcell train's to remove")
     summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18",
                                 pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
                                 val_fraction=0.25, progress=False,
@@ -92,7 +93,8 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert {int(r["epoch"]) for r in after if r.get("epoch")} == {2}
     assert summary["epochs_run"] == 3
     # one model per run folder, so `predict RUN/best_model_epoch*.onnx` finds the right one
-    assert [p.name for p in out.glob("best_model_epoch*.onnx")] == [summary["onnx"]]
+    assert sorted(p.name for p in out.glob("best_model_epoch*.onnx")) == sorted(
+        [summary["onnx"], "best_model_epoch0.int8.onnx"])
     assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
 
 
@@ -102,7 +104,7 @@ def test_a_onecycle_run_cannot_be_extended(tmp_path):
                          progress=False)
     train(config)
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    with pytest.raises(DataError, match="a --schedule onecycle run cannot change its length"):
+    with pytest.raises(DataError, match="a --schedule onecycle run cannot change its number of steps"):
         train(replace(config, resume=last, epochs=2))  # it would step past OneCycleLR's end
 
 

@@ -7,6 +7,7 @@ inspection PC never imports PyTorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import asdict, fields
@@ -274,6 +275,8 @@ def _export(args, parser) -> None:
 
     if args.int8 and not args.calibration:
         raise DataError("--int8 needs --calibration LABELS.csv (real cells to calibrate on)")
+    if args.int8_out and Path(args.int8_out).exists() and not args.overwrite:  # before any work
+        raise DataError(f"{args.int8_out} exists: pass --overwrite to replace it, or choose another --int8-out")
     if args.checkpoint.lower().endswith(".onnx"):
         if not args.int8:
             raise DataError(f"{args.checkpoint} is already ONNX; pass --int8 --calibration to quantise "
@@ -381,19 +384,28 @@ def _predict(args, parser) -> int:
     bands = ", ".join(f"{label} defect >= {t:.4g}, review >= {min(r, t):.4g}"
                       for label, t, r in zip(info.labels, thresholds, review, strict=True))
     print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; {bands}", file=sys.stderr)
-    result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
-                     tta=args.tta, thresholds=thresholds, review_thresholds=review,
-                     resume=args.resume, overwrite=args.overwrite, progress=args.progress,
-                     heatmaps_dir=args.heatmaps)
+    try:
+        result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
+                         tta=args.tta, thresholds=thresholds, review_thresholds=review,
+                         resume=args.resume, overwrite=args.overwrite, progress=args.progress,
+                         heatmaps_dir=args.heatmaps)
+    except BrokenPipeError:
+        if args.out not in (None, "-"):
+            raise
+        # `elcell predict ... | head`: the reader has all it wants; stdout goes to
+        # /dev/null so that Python's flush at exit does not fail a second time
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     if args.heatmaps:
         print(f"elcell: {result.overlays} heatmap overlays in {args.heatmaps}", file=sys.stderr)
     if result.dropped_partial_line:
         print(f"elcell: {args.out}: dropped a partially written last line", file=sys.stderr)
     rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
     # after --resume the counts are of this run's cells, not of the whole file
-    skipped = f" ({result.skipped} were already in {args.out}); among the new ones" if result.skipped else ""
+    skipped = f" ({result.skipped} were already in {args.out}); among the new ones," if result.skipped else ";"
     print(f"elcell: predicted {_cells(result.predicted)} in {result.seconds:.1f} s ({rate:.1f} cells/s)"
-          f"{skipped}; defect: {_counts(result.defect)}; review: {_counts(result.review)}; "
+          f"{skipped} defect: {_counts(result.defect)}; review: {_counts(result.review)}; "
           f"{_cells(result.cells_in_review)} for a person to review", file=sys.stderr)
     if result.failed:
         print(f"elcell: {len(result.failed)} of {len(paths) - result.skipped} images failed "
@@ -557,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what `pip install .` leaves out and training and exporting need (the [train] extra)
+TRAINING_PACKAGES = {"torch", "lightning", "kornia", "torchmetrics", "tensorboard", "onnxscript"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from elcell.errors import ElcellError
@@ -572,11 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("elcell: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `elcell predict ... | head`: the reader has all it wants
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
     except ModuleNotFoundError as err:
-        if err.name != "torch":
+        if (err.name or "").split(".")[0] not in TRAINING_PACKAGES:
             raise
         print("elcell: error: this command trains or exports, which needs PyTorch (pip install -r "
               "requirements.txt); predict, evaluate, explain and export --int8 of an .onnx file do not",

@@ -46,8 +46,8 @@ def _to_gray_uint8(image: Image.Image, path: Path, bit_depth: int) -> np.ndarray
         if top > full:
             raise ImageError(f"{path}: 16-bit image with values up to {top}, above 0..{full}, the "
                              f"{bit_depth}-bit range it is read in (train --bit-depth, stored in the model)")
-        if top < 2 ** (bit_depth - 2):
-            _warn_low_range(path, top, bit_depth)
+        if bit_depth == 16 and top < 2**14:  # with a --bit-depth given, a dark cell is just dark
+            _warn_low_range(path, top)
         return np.round(pixels * (255.0 / full)).astype(np.uint8)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
@@ -61,21 +61,19 @@ _warned_low_range = False
 _warn_lock = threading.Lock()  # inference decodes in threads
 
 
-def _warn_low_range(path: Path, top: int, bit_depth: int) -> None:
-    """Once per process (so once per decoding worker): a 16-bit image that uses
-    less than a quarter of the range it is read in keeps only a few grey levels:
-    most likely a camera with fewer bits than --bit-depth says."""
+def _warn_low_range(path: Path, top: int) -> None:
+    """Once per process (so once per decoding worker): a 16-bit image read as
+    0..65535 that uses less than a quarter of it keeps only a few grey levels:
+    most likely a camera with fewer bits."""
     global _warned_low_range
     with _warn_lock:
         if _warned_low_range:
             return
         _warned_low_range = True
-    full = 2**bit_depth - 1
-    levels = round(top * 255 / full) + 1
-    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top}: read as 0..{full} "
-          f"(--bit-depth {bit_depth}) it keeps {levels} grey levels; for a camera with fewer bits, "
-          f"train with --bit-depth {max(8, top.bit_length())} (README: Train on your own cells).",
-          file=sys.stderr)
+    levels = round(top * 255 / 65535) + 1
+    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top}: read as 0..65535 it "
+          f"keeps {levels} grey levels; for a camera with fewer bits, train with --bit-depth (at least "
+          f"{max(8, top.bit_length())} for this image; README: Train on your own cells).", file=sys.stderr)
 
 
 def min_filter_size(source: int, size: int) -> int:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import replace
@@ -333,9 +334,10 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
     val_rows = np.flatnonzero(split == "val")[:4]
     onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
                                           check_images=images[val_rows])
-    for older in run.glob("best_model_epoch*.onnx"):  # a resumed run's earlier best: one model per run
-        if older != onnx_path:
-            older.unlink()
+    if config.resume:  # the earlier best of the run resumed: one model per run, not an int8 copy
+        for older in run.glob("best_model_epoch*.onnx"):
+            if re.fullmatch(r"best_model_epoch\d+\.onnx", older.name) and older != onnx_path:
+                older.unlink()
     summary = {
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run),
         "best_val_f1": float(checkpoint.best_model_score),
@@ -421,15 +423,18 @@ def _check_resumable(config: TrainConfig) -> None:
             flag = "--" + option.replace("_", "-")
             raise DataError(f"--resume {config.resume}: the run trained with {flag} "
                             f"{trained.get(option, default)}; resume it with that value")
-    # OneCycleLR keeps its number of steps in its state: more epochs would step past its end
+    # OneCycleLR keeps its number of steps in its state: more epochs or smaller
+    # batches would step past its end
     saved = Path(config.resume).resolve().parent.parent / "config.yaml"
     if trained.get("schedule") == "onecycle" and saved.is_file():
         import yaml
 
-        epochs = (yaml.safe_load(saved.read_text()) or {}).get("epochs")
-        if epochs is not None and epochs != config.epochs:
-            raise DataError(f"--resume {config.resume}: a --schedule onecycle run cannot change its length "
-                            f"(it was --epochs {epochs}); train a new run for another length")
+        run_options = yaml.safe_load(saved.read_text()) or {}
+        for option in ("epochs", "batch_size", "limit"):
+            if option in run_options and run_options[option] != getattr(config, option):
+                raise DataError(f"--resume {config.resume}: a --schedule onecycle run cannot change its "
+                                f"number of steps (it was --{option.replace('_', '-')} {run_options[option]}); "
+                                "train a new run instead")
     # With an average, the checkpoint's weights are the average and the trained
     # ones sit beside them: without it, training would go on from the average.
     averaged = "averaging_state" in checkpoint
