@@ -157,8 +157,10 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
 
 def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:
     for item in inputs:
-        matches = [] if Path(item).exists() or not glob.has_magic(str(item)) else sorted(glob.glob(str(item), recursive=True))
-        yield from matches or [item]  # a pattern that matches nothing is named as it is
+        if Path(item).exists() or not glob.has_magic(str(item)):
+            yield item
+        else:  # a pattern that matches nothing is named as it is
+            yield from sorted(glob.glob(str(item), recursive=True)) or [item]
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:

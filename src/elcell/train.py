@@ -275,18 +275,19 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     (empty on ranks other than 0). With --finetune-epochs, in two stages
     (`two_stage_configs`). `callbacks` are added to the (final stage's) Trainer."""
     check_devices(config)
-    if config.resume:
-        _resume_checkpoint(config.resume)  # a wrong file is named before anything else
+    # a wrong file is named before anything else, a wrong option before decoding
+    # (a wrong --shrink would decode the whole data set first)
+    checkpoint = _resume_checkpoint(config.resume) if config.resume else None
     if config.finetune_epochs > 0:
         return _train_two_stages(config, callbacks)
+    if checkpoint is not None:
+        _check_resumable(config, checkpoint)
     return _train_stage(config, callbacks)
 
 
 def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
                  may_hold: tuple[str, ...] = ()) -> dict:
     """One run into its folder, which must be new or empty but for `may_hold`."""
-    if config.resume:  # before decoding: a wrong --shrink would decode the whole data set first
-        _check_resumable(config)
     table, split, images = prepare(config)  # the split depends on config.seed alone
     L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
                       verbose=False)
@@ -411,9 +412,8 @@ def _resume_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def _check_resumable(config: TrainConfig) -> None:
+def _check_resumable(config: TrainConfig, checkpoint: dict) -> None:
     """Refuse to resume with settings the checkpoint cannot carry on with."""
-    checkpoint = _resume_checkpoint(config.resume)
     trained = checkpoint["hyper_parameters"]
     # The optimiser state holds one or two parameter groups and their rates; the
     # weights were trained on one input scaling, pooling and decoding. Older runs: defaults.
