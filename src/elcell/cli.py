@@ -251,11 +251,17 @@ def _apply_train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> N
     known, _ = pre.parse_known_args(argv)
     if known.command != "train":
         return
-    from elcell.config import DEFAULT_RECIPE, complete_run_record, is_run_record, recipe_defaults
+    from elcell.config import (
+        DEFAULT_RECIPE,
+        checkpoint_run,
+        complete_run_record,
+        is_run_record,
+        recipe_defaults,
+    )
 
     values = {}
     if known.resume:
-        run_config = Path(known.resume).resolve().parent.parent / "config.yaml"
+        run_config = checkpoint_run(known.resume) / "config.yaml"
         if run_config.is_file():
             values = {k: v for k, v in complete_run_record(_read_config(run_config, str(run_config))).items()
                       if k not in ("resume", "out")}

@@ -177,6 +177,11 @@ _FIRST_RELEASE_OPTIONS = frozenset((
     "resume", "progress"))
 
 
+def checkpoint_run(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint was written in: RUN/checkpoints/last.ckpt -> RUN."""
+    return Path(checkpoint).resolve().parent.parent
+
+
 def is_run_record(values: dict) -> bool:
     """Whether option `values` read from a file are a run's config.yaml (or
     two-stage.yaml): they set every option of elcell's first release."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     EMAWeightAveraging,
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from elcell.augment import CRACK_SHAPES, NOT_ONLY_CRACKS
-from elcell.config import PRETEXT_STAGE, TrainConfig, two_stage_configs
+from elcell.config import PRETEXT_STAGE, TrainConfig, checkpoint_run, two_stage_configs
 from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
 from elcell.errors import DataError
 from elcell.export import export_checkpoint
@@ -245,7 +246,7 @@ def _run_folder(config: TrainConfig) -> Path:
     if config.out:
         return Path(config.out)
     if config.resume:  # continue in the run the checkpoint came from
-        return Path(config.resume).resolve().parent.parent
+        return checkpoint_run(config.resume)
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
@@ -425,10 +426,8 @@ def _check_resumable(config: TrainConfig, checkpoint: dict) -> None:
                             f"{trained.get(option, default)}; resume it with that value")
     # OneCycleLR keeps its number of steps in its state: more epochs or smaller
     # batches would step past its end
-    saved = Path(config.resume).resolve().parent.parent / "config.yaml"
+    saved = checkpoint_run(config.resume) / "config.yaml"
     if trained.get("schedule") == "onecycle" and saved.is_file():
-        import yaml
-
         run_options = yaml.safe_load(saved.read_text()) or {}
         for option in ("epochs", "batch_size", "limit"):
             if option in run_options and run_options[option] != getattr(config, option):
