@@ -129,12 +129,13 @@ def epoch(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parent
 def build(paths: list[Path], size: int, folder: Path) -> tuple[Path, float]:
     from elcell.data import build_cache, cache_key
+    from elcell.images import Decoding
 
     started = time.perf_counter()
-    images = build_cache(paths, size, folder, progress=False)
+    images = build_cache(paths, Decoding(size), folder, progress=False)
     seconds = time.perf_counter() - started
     del images
-    return folder / f"{cache_key(paths, size)}.npy", seconds
+    return folder / f"{cache_key(paths, Decoding(size))}.npy", seconds
 
 
 def run_child(args: argparse.Namespace, cache: Path, mode: str) -> dict:

@@ -39,7 +39,7 @@ WORKER = textwrap.dedent('''
                                                        "threads": torch.get_num_threads()}))
 
     args = json.loads(sys.argv[1])
-    train(TrainConfig(data="elpv", limit=args["cells"], out=args["out"], backbone=args["backbone"],
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=args["cells"], out=args["out"], backbone=args["backbone"],
                       pretrained="none", image_size=args["image_size"], batch_size=args["batch_size"],
                       epochs=args["epochs"], devices=str(args["processes"]), val_fraction=0.1,
                       accelerator=args["accelerator"], progress=False),

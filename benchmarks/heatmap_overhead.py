@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from elcell.export import InferenceGraph, _quiet_exporter, export_onnx
+from elcell.images import Decoding
 from elcell.model import ResNet
 from elcell.modelinfo import INPUT_NAME, ModelInfo
 
@@ -45,7 +46,7 @@ def export_probs_only(model: ResNet, size: int, out: Path) -> None:
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()  # as elcell.infer.open_model
+    options = ort.SessionOptions()  # as elcell.runtime.open_model
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
@@ -68,7 +69,7 @@ def main() -> None:
     for module in model.modules():  # trained-like BN: no all-zero residual branches
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
-    info = ModelInfo(labels=[f"label{i}" for i in range(args.labels)], image_size=args.size,
+    info = ModelInfo(labels=[f"label{i}" for i in range(args.labels)], decoding=Decoding(args.size),
                      mean=0.5, std=0.25, thresholds=[0.5] * args.labels,
                      review_thresholds=[0.5] * args.labels, backbone=args.backbone)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, 1, args.size, args.size),

@@ -74,7 +74,7 @@ def build_model(args):
             held_out = LabelTable(paths=[Path(r[0]) for r in rows], names=info.labels,
                                   targets=np.array([[float(v) for v in r[2:]] for r in rows], np.float32),
                                   source=f"{split} (val+test)")
-        print(f"model: {args.checkpoint} ({info.backbone}, {info.image_size} px, --shrink {info.shrink}, "
+        print(f"model: {args.checkpoint} ({info.backbone}, {info.decoding.size} px, --shrink {info.decoding.shrink}, "
               f"labels {info.labels})")
     else:
         torch.manual_seed(0)
@@ -136,22 +136,21 @@ def main() -> None:
     import torch
 
     from elcell.export import export_onnx
-    from elcell.infer import decide, open_model, score
     from elcell.labels import load_table
     from elcell.quantize import calibration_cells, compare, quantize
+    from elcell.runtime import decide, open_model, score_files
 
     torch.set_num_threads(args.threads)
     print(f"threads: {args.threads}; spin-waiting: {'on' if args.spin else 'off'} "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})")
     graph, info, held_out = build_model(args)
-    size = info.image_size
     cells_table = load_table("elpv")
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(cells_table))
     bench_paths = [cells_table.paths[i] for i in pick[:max(args.module_cells, 4 * args.batch_size)]]
 
-    def decode(paths, shrink=info.shrink) -> np.ndarray:
-        return np.stack([load_cell(p, size, shrink) for p in paths])
+    def decode(paths) -> np.ndarray:
+        return np.stack([load_cell(p, info.decoding) for p in paths])
 
     images = decode(bench_paths)
 
@@ -162,7 +161,7 @@ def main() -> None:
     float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
     export_onnx(graph.model, info, float_path, check_images=images[:4])
     calibration = load_table(args.calibration)
-    cells, _ = calibration_cells(calibration, size, args.calibration_count, seed=7, shrink=info.shrink)
+    cells, _ = calibration_cells(calibration, info.decoding, args.calibration_count, seed=7)
     started = time.perf_counter()
     quantize(float_path, int8_path, cells, source=args.calibration)
     print(f"int8 quantisation (calibrated on {len(cells)} cells of {args.calibration}): "
@@ -219,7 +218,7 @@ def main() -> None:
     for name, path in (("ort int8", int8_path), ("ort fp32", float_path)):
         model = open_model(path, providers=providers, threads=args.threads, spin=args.spin)
         started = time.perf_counter()
-        for _ in score(model, module_paths, args.batch_size, workers=2):
+        for _ in score_files(model, module_paths, args.batch_size, workers=2):
             pass
         print(f"one {args.module_cells}-cell module, {name}, decoding included: "
               f"{time.perf_counter() - started:.2f} s")
@@ -245,7 +244,7 @@ def main() -> None:
         rest = [cells_table.paths[i] for i in pick[-args.eval_count:]]
         eval_images = decode(rest)
         a, b = float_model.run(eval_images), int8_model.run(eval_images)
-        agree = (decide(a, info) == decide(b, info)).mean()
+        agree = (decide(a, info.thresholds, info.review_thresholds) == decide(b, info.thresholds, info.review_thresholds)).mean()
         print(f"\nagreement on {len(rest)} ELPV cells: max |prob diff| {np.abs(a - b).max():.4f}, "
               f"mean {np.abs(a - b).mean():.5f}; decisions agree on {100 * agree:.1f}% of cell labels")
 

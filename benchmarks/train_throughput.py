@@ -152,6 +152,7 @@ class Data:
 
     def __init__(self, size: int, cache_dir: str | None, limit: int | None):
         from elcell.data import build_cache, pixel_stats, stratified_split
+        from elcell.images import Decoding
         from elcell.labels import elpv_table
 
         table = elpv_table()
@@ -160,7 +161,7 @@ class Data:
         self.table = table
         self.split = stratified_split(table, val_fraction=0.1, seed=0)
         started = time.perf_counter()
-        self.images = build_cache(table.paths, size, cache_dir, progress=False)
+        self.images = build_cache(table.paths, Decoding(size), cache_dir, progress=False)
         self.cache_seconds = time.perf_counter() - started
         self.train_index = np.flatnonzero(self.split == "train")
         self.mean, self.std = pixel_stats(self.images, self.train_index)
@@ -242,7 +243,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, bool, int]:
     from elcell.config import TrainConfig
 
     gpu = args.device == "cuda"
-    config = TrainConfig(accelerator="gpu" if gpu else "cpu", precision=args.precision)
+    config = TrainConfig.from_recipe("spec", accelerator="gpu" if gpu else "cpu", precision=args.precision)
     precision = train.resolve_precision(config)
     if args.channels_last == "auto":
         # The rule train.train() applies when it builds ELCellModule; a resolver

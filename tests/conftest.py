@@ -62,7 +62,7 @@ def tiny_run(tmp_path_factory, seed_csv) -> Path:
     from elcell.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
                       image_size=64, batch_size=16, epochs=2, lr=1e-3, val_fraction=0.25,
                       progress=False))
     return out

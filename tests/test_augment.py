@@ -143,6 +143,7 @@ def test_crack_coordinates_are_along_and_across_the_jagged_line():
     assert moved.max() <= 3.0 + 1e-5 and moved.mean() > 0.2  # displaced across, by at most the wiggle
 
 
+@pytest.mark.slow
 def test_a_crack_network_is_one_piece_whose_branch_ends_inside_the_cell():
     def draw(max_cracks):
         torch.manual_seed(0)
@@ -217,6 +218,7 @@ def _cells_with_busbars(n: int, size: int = 96) -> torch.Tensor:
     return cells
 
 
+@pytest.mark.slow
 def test_realistic_cracks_with_fingers_draw_finger_interruptions_in_a_third_never_marked_inactive():
     torch.manual_seed(0)
     images = _cells_with_busbars(600)[:, None]
@@ -241,9 +243,9 @@ def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():
 
 
 def test_busbars_are_found_horizontal_in_elpv_cells_and_vertical_once_turned(elpv):
-    from elcell.images import load_cell
+    from elcell.images import Decoding, load_cell
 
-    cells = torch.stack([torch.from_numpy(load_cell(path, size=128)).float() / 255
+    cells = torch.stack([torch.from_numpy(load_cell(path, Decoding(128))).float() / 255
                          for path in elpv.paths[::300]])  # mono and poly cells
     assert _busbars_horizontal(cells).all()
     assert not _busbars_horizontal(cells.transpose(-2, -1)).any()

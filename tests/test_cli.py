@@ -24,7 +24,7 @@ def run_cli(args, capsys):
 
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
-        main(["train", "--help"])
+        main(["train", "--recipe", "full", "--help"])
     text = capsys.readouterr().out
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text, name
@@ -35,30 +35,45 @@ def test_help_explains_every_option(capsys):
 def test_python_train_py_is_elcell_train():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--print-config", "--lr", "0.5"],
                             capture_output=True, text=True, check=True)
-    assert "lr: 0.5" in result.stdout and "recipe: full" in result.stdout
+    from elcell.config import default_recipe
+
+    assert "lr: 0.5" in result.stdout and f"recipe: {default_recipe()}" in result.stdout
 
 
-def test_default_recipe_is_full_and_seed_keeps_the_original_settings(capsys):
-    from elcell.config import RECIPES
+def test_train_without_options_is_train_config_and_spec_keeps_the_original_settings(capsys):
+    from elcell.config import RUN_RECORD_KEY, default_recipe, recipe_defaults
 
     code, out, _ = run_cli(["train", "--print-config"], capsys)
     config = yaml.safe_load(out)
-    assert code == 0 and config["recipe"] == "full"
-    assert {k: config[k] for k in RECIPES["full"]} == RECIPES["full"] and config["pretrained"] == "none"
-    code, out, _ = run_cli(["train", "--recipe", "seed", "--print-config"], capsys)
-    seed = yaml.safe_load(out)
-    assert seed == {**TrainConfig().__dict__, "recipe": "seed"}
-    assert (seed["backbone"], seed["pretrained"], seed["image_size"], seed["lr"], seed["optimizer"],
-            seed["schedule"], seed["flip_p"], seed["val_fraction"]) == \
-        ("resnet50", "imagenet", 300, 1e-4, "adam", "plateau", 0.4, 0.1)
+    assert code == 0 and config.pop(RUN_RECORD_KEY) == 2 and config["recipe"] == default_recipe()
+    assert config == TrainConfig().__dict__  # one source of defaults: the CLI and the dataclass agree
+    code, out, _ = run_cli(["train", "--recipe", "full", "--print-config"], capsys)
+    full = yaml.safe_load(out)
+    assert {k: full[k] for k in recipe_defaults("full")} == recipe_defaults("full") and full["pretrained"] == "none"
+    for name in ("spec", "seed"):  # `seed` is the old name of the original specification's recipe
+        code, out, _ = run_cli(["train", "--recipe", name, "--print-config"], capsys)
+        spec = yaml.safe_load(out)
+        assert spec["recipe"] == "spec"
+        assert (spec["backbone"], spec["pretrained"], spec["image_size"], spec["lr"], spec["optimizer"],
+                spec["schedule"], spec["flip_p"], spec["val_fraction"], spec["finetune_epochs"]) == \
+            ("resnet50", "imagenet", 300, 1e-4, "adam", "plateau", 0.4, 0.1, 0)
     code, out, _ = run_cli(["train", "--recipe", "quick", "--print-config"], capsys)
     quick = yaml.safe_load(out)
-    assert quick["epochs"] < config["epochs"] and quick["finetune_epochs"] == 0 < config["finetune_epochs"]
+    assert quick["epochs"] < full["epochs"] and quick["finetune_epochs"] == 0 < full["finetune_epochs"]
     assert "# two stages" not in out  # one stage: no second-stage comment
 
 
+def test_help_shows_the_chosen_recipes_defaults(capsys):
+    for recipe, epochs in (("full", 40), ("quick", 20)):
+        with pytest.raises(SystemExit):
+            main(["train", "--recipe", recipe, "--help"])
+        text = capsys.readouterr().out
+        assert f"maximum number of epochs (default: {epochs})" in " ".join(text.split())
+
+
 def test_print_config_shows_the_second_stage_as_comments_and_still_reads_back(capsys, tmp_path):
-    code, out, _ = run_cli(["train", "--out", "runs/x", "--finetune-epochs", "7", "--print-config"], capsys)
+    code, out, _ = run_cli(["train", "--recipe", "full", "--out", "runs/x", "--finetune-epochs", "7",
+                            "--print-config"], capsys)
     comment = [line for line in out.splitlines() if line.startswith("#")]
     assert code == 0 and "into runs/x/pretext" in comment[0] and "into runs/x with" in comment[0]
     changed = yaml.safe_load("\n".join(line[2:] for line in comment[1:]))
@@ -194,8 +209,8 @@ def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
         lines = [line.split(";")[0] for line in lines]
         expect = ["data.csv", "only one column"]
     elif case == "non-binary label":
-        lines[7] = "cells/6.png;0.5;0"
-        expect = ["data.csv line 8", "label 'crack' is '0.5'"]
+        lines[7] = "cells/6.png;1.5;0"
+        expect = ["data.csv line 8", "label 'crack' is '1.5'"]
     elif case == "empty csv":
         lines = []
         expect = ["data.csv", "empty"]
@@ -212,6 +227,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
     assert_clean_failure(code, err, out, *expect)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
     csv_path = tmp_path / "data.csv"
     csv_path.write_text("path;crack\na.png;2\n")
@@ -219,7 +235,7 @@ def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
                              "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"elcell: error: {csv_path} line 2: label 'crack' is '2'; labels must be 0 or 1"]
+        f"elcell: error: {csv_path} line 2: label 'crack' is '2'; labels must be 0 or 1, or a soft label in [0, 1]"]
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys, seed_csv):

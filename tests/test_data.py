@@ -16,7 +16,7 @@ from elcell.data import (
     write_split_csv,
 )
 from elcell.errors import DataError
-from elcell.images import load_cell
+from elcell.images import Decoding, load_cell
 
 
 def test_split_is_stratified_by_label_combination_and_group(elpv):
@@ -50,13 +50,17 @@ def test_tiny_sets_still_get_a_validation_cell(elpv):
         stratified_split(elpv, 1.5, seed=0)
 
 
-def test_split_csv_lists_every_cell(tmp_path, elpv):
+def test_split_csv_lists_every_cell_and_the_held_out_ones_in_the_training_format(tmp_path, elpv):
     table = elpv.subset(np.arange(10))
     split = stratified_split(table, 0.2, seed=0)
-    write_split_csv(tmp_path / "split.csv", table, split)
+    write_split_csv(tmp_path, table, split)
     lines = (tmp_path / "split.csv").read_text().splitlines()
     assert lines[0] == "path;split;defective"
     assert len(lines) == 11 and {line.split(";")[1] for line in lines[1:]} == {"train", "val"}
+    val = (tmp_path / "val.csv").read_text().splitlines()
+    assert val[0] == "path;defective" and not (tmp_path / "test.csv").exists()
+    held_out = [line.split(";") for line in lines[1:] if line.split(";")[1] == "val"]
+    assert [row.split(";") for row in val[1:]] == [[path, target] for path, _, target in held_out]
 
 
 @pytest.fixture
@@ -72,45 +76,45 @@ def cells(tmp_path, elpv):
 
 def test_cache_decodes_once_and_is_reused(tmp_path, cells):
     cache = tmp_path / "cache"
-    first = build_cache(cells, 32, cache, workers=2, progress=False)
+    first = build_cache(cells, Decoding(32), cache, workers=2, progress=False)
     assert isinstance(first, np.memmap) and first.shape == (12, 32, 32)
-    assert np.array_equal(first[3], load_cell(cells[3], 32))
+    assert np.array_equal(first[3], load_cell(cells[3], Decoding(32)))
     stored = sorted(cache.glob("*.npy"))
     assert len(stored) == 1
     mtime = stored[0].stat().st_mtime_ns
-    second = build_cache(cells, 32, cache, progress=False)
+    second = build_cache(cells, Decoding(32), cache, progress=False)
     assert np.array_equal(first, second)
     assert sorted(cache.glob("*.npy")) == stored and stored[0].stat().st_mtime_ns == mtime
 
 
 def test_cache_is_invalidated_when_an_image_or_the_size_changes(tmp_path, cells):
     cache = tmp_path / "cache"
-    before = np.array(build_cache(cells, 32, cache, progress=False))
+    before = np.array(build_cache(cells, Decoding(32), cache, progress=False))
     shutil.copy(cells[0], cells[5])  # image 5 now has other content
-    after = build_cache(cells, 32, cache, progress=False)
+    after = build_cache(cells, Decoding(32), cache, progress=False)
     assert np.array_equal(after[5], after[0]) and not np.array_equal(after[5], before[5])
-    build_cache(cells, 48, cache, progress=False)
+    build_cache(cells, Decoding(48), cache, progress=False)
     assert len(list(cache.glob("*.npy"))) == 3
 
 
 def test_min_shrink_has_its_own_cache_and_bilinear_keeps_the_old_key(tmp_path, cells):
     cache = tmp_path / "cache"
-    plain = build_cache(cells, 32, cache, progress=False)
-    kept = build_cache(cells, 32, cache, workers=2, progress=False, shrink="min")
+    plain = build_cache(cells, Decoding(32), cache, progress=False)
+    kept = build_cache(cells, Decoding(32, shrink="min"), cache, workers=2, progress=False)
     assert len(list(cache.glob("*.npy"))) == 2
-    assert np.array_equal(kept[7], load_cell(cells[7], 32, "min")) and not np.array_equal(kept[7], plain[7])
+    assert np.array_equal(kept[7], load_cell(cells[7], Decoding(32, "min"))) and not np.array_equal(kept[7], plain[7])
     # caches built before --shrink existed are still found (the key of these 12 cells then)
-    assert cache_key(cells, 32) == "22128496ab6b5b32557d1a8336871761" != cache_key(cells, 32, "min")
+    assert cache_key(cells, Decoding(32)) == "22128496ab6b5b32557d1a8336871761" != cache_key(cells, Decoding(32, "min"))
 
 
 def test_bad_images_stop_the_build_naming_the_files(tmp_path, cells):
     cells[4].write_bytes(b"corrupt")
     with pytest.raises(DataError, match=rf"1 image\(s\) cannot be used:\n  {cells[4]}"):
-        build_cache(cells, 32, tmp_path / "cache", progress=False)
+        build_cache(cells, Decoding(32), tmp_path / "cache", progress=False)
     # every missing file is named at once, so one run shows all that need fixing
     gone = [tmp_path / f"gone{i}.png" for i in range(12)]
     with pytest.raises(DataError) as err:
-        build_cache([*cells, *gone], 32, tmp_path / "cache", progress=False)
+        build_cache([*cells, *gone], Decoding(32), tmp_path / "cache", progress=False)
     assert str(err.value).startswith("12 image(s) cannot be used:")
     assert f"{gone[0]}: image file not found\n  {gone[1]}: image file not found" in str(err.value)
     assert str(err.value).endswith("... and 2 more")
@@ -144,14 +148,14 @@ def test_interrupted_build_resumes_where_it_stopped(tmp_path, cells, monkeypatch
     cache = tmp_path / "cache"
     _InlinePool.jobs, _InlinePool.interrupt_after = [], 2
     with pytest.raises(KeyboardInterrupt):
-        build_cache(cells, 32, cache, chunk=4, progress=False)
+        build_cache(cells, Decoding(32), cache, chunk=4, progress=False)
     assert _InlinePool.jobs == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert not list(cache.glob("????????????????????????????????.npy"))  # no final file yet
 
     _InlinePool.jobs, _InlinePool.interrupt_after = [], None
-    images = build_cache(cells, 32, cache, chunk=4, progress=False)
+    images = build_cache(cells, Decoding(32), cache, chunk=4, progress=False)
     assert _InlinePool.jobs == [[8, 9, 10, 11]]  # only the missing chunk was decoded
-    assert np.array_equal(images, np.stack([load_cell(p, 32) for p in cells]))
+    assert np.array_equal(images, np.stack([load_cell(p, Decoding(32)) for p in cells]))
     assert not list(cache.glob("*.partial.npy")) and not list(cache.glob("*.done.npy"))
 
 

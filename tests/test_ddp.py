@@ -32,10 +32,12 @@ SCRIPT = textwrap.dedent('''
             path.write_text(json.dumps({"world": trainer.world_size, "seen": self.seen}))
 
     data, out, record = sys.argv[1:4]
-    train(TrainConfig(data=data, out=out, backbone="resnet18", pretrained="none", image_size=32,
+    train(TrainConfig.from_recipe("spec", data=data, out=out, backbone="resnet18", pretrained="none", image_size=32,
                       batch_size=8, epochs=1, devices="2", accelerator="cpu", progress=False,
                       brightness=0, contrast=0, val_fraction=0.25), callbacks=[RecordCells(record)])
 ''')
+
+pytestmark = pytest.mark.slow  # trains models
 
 
 def test_two_cpu_processes_share_the_work(tmp_path, seed_csv, capsys):
@@ -108,5 +110,5 @@ def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = tmp_path / "run"
     with pytest.raises(DataError, match=r"--devices .*: this machine has 1 GPU\(s\) visible.*--accelerator cpu"):
-        train(TrainConfig(data=str(seed_csv), out=str(out), devices=devices, pretrained="none"))
+        train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), devices=devices, pretrained="none"))
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""`elcell evaluate`: metrics, plots, groups, TTA and threshold tuning on real ELPV cells."""
+"""`elcell evaluate`: metrics, plots, groups, tuning, the report, on real cells."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
+from test_report import parse_report
 
 from elcell.cli import main
-from elcell.evaluate import threshold_for_f1, threshold_for_recall
-from elcell.infer import decide
 from elcell.modelinfo import read_info
+from elcell.runtime import decide
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -105,7 +105,7 @@ def test_tuned_thresholds_round_trip_into_predict(tiny_onnx, seed_csv, tmp_path,
     high, low = np.array(info.thresholds), np.array(info.review_thresholds)
     clear = (np.abs(probs - high) > 1e-6) & (np.abs(probs - low) > 1e-6)
     assert clear.mean() > 0.8
-    assert (decisions == decide(probs, info))[clear].all()
+    assert (decisions == decide(probs, info.thresholds, info.review_thresholds))[clear].all()
     for j, label in enumerate(info.labels):
         cm = metrics["per_label"][label]["confusion_matrix"]
         assert (decisions[:, j] == "defect").sum() == cm["tp"] + cm["fp"]
@@ -141,16 +141,23 @@ def test_user_mistakes_are_one_line_errors(tiny_onnx, seed_csv, tmp_path, capsys
     assert "column 'Crack' differs from the model's label 'crack' only in case" in capsys.readouterr().err
 
 
-def test_threshold_search_is_exact():
-    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    positive = np.array([1, 0, 1, 1, 0])
-    # recall 1 needs the cell at 0.6: threshold halfway to the next lower cell
-    assert threshold_for_recall(positive, probs, 1.0) == pytest.approx(0.55)
-    assert threshold_for_recall(positive, probs, 0.6) == pytest.approx(0.65)  # 2 of 3
-    assert threshold_for_recall(positive, probs, 0.2) == pytest.approx(0.85)
-    # F1: top 4 cells -> 2*3 / (3 + 1 + 3) = 0.857, the best cut
-    assert threshold_for_f1(positive, probs) == pytest.approx(0.55)
-    # ties stay on one side of the threshold
-    tied = np.array([0.7, 0.7, 0.7, 0.2])
-    assert threshold_for_f1(np.array([1, 0, 1, 0]), tied) == pytest.approx(0.45)
-    assert threshold_for_recall(np.array([1, 0, 1, 0]), tied, 0.5) == pytest.approx(0.45)
+def test_evaluate_report_shows_metrics_curves_and_the_models_mistakes(tiny_onnx, seed_csv, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out),
+                 "--report", "--no-progress"]) == 0
+    report = parse_report(out / "report.html")
+    text = (out / "report.html").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['weighted_f1']:.4f}"[:5] in text  # the metrics are in the page
+    alts = [image["alt"] for image in report.images]
+    assert sum("curve" in alt for alt in alts) == 2  # PR and ROC
+    cells = {str(seed_csv.parent / line.split(";")[0]) for line in seed_csv.read_text().splitlines()[1:]}
+    shown = [alt for alt in alts if alt.endswith(".png") and "/" in alt]
+    assert shown and set(shown) <= cells  # every gallery image is a real evaluated cell
+    for label in ("crack", "inactive"):
+        for kind in ("true positives", "false positives", "false negatives"):
+            assert f"{label}: {kind}" in text
+    # evaluated again into the same folder without --report: no page left contradicting metrics.json
+    (out / "metrics.json").unlink()
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()

@@ -18,11 +18,13 @@ from elcell.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "experiments" / "accuracy"
 
+pytestmark = pytest.mark.slow  # trains models
+
 
 @pytest.fixture(scope="module")
 def protocol_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("experiments") / "E99-tiny"
-    train(TrainConfig(data="elpv", limit=96, out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=96, out=str(out), backbone="resnet18", pretrained="none",
                       image_size=32, batch_size=16, epochs=1, val_fraction=0.2, test_fraction=0.25,
                       progress=False))
     return out

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import nn
 
-from elcell.explain import heatmap_peak, upsample_heatmap
-from elcell.images import load_cell
+from elcell.heatmaps import heatmap_peak, upsample_heatmap
+from elcell.images import Decoding, load_cell
 from elcell.model import ResNet
 
 TOLERANCE = 1e-4
@@ -90,7 +90,7 @@ def trained_tiny_model(tiny_run):
 
 def real_cells(seed_csv, count: int, size: int) -> np.ndarray:
     rows = seed_csv.read_text().splitlines()[1:count + 1]
-    return np.stack([load_cell(seed_csv.parent / row.split(";")[0], size) for row in rows])
+    return np.stack([load_cell(seed_csv.parent / row.split(";")[0], Decoding(size)) for row in rows])
 
 
 def test_forward_with_cam_equals_captum_trained_model(tiny_run, seed_csv):
@@ -108,11 +108,11 @@ def test_forward_with_cam_equals_captum_trained_model(tiny_run, seed_csv):
 
 def test_onnx_heatmap_equals_torch(tiny_run, tiny_onnx, seed_csv):
     from elcell.export import InferenceGraph
-    from elcell.infer import open_model
+    from elcell.runtime import open_model
 
     model, hparams = trained_tiny_model(tiny_run)
     onnx_model = open_model(tiny_onnx, providers=["CPUExecutionProvider"])
-    size, labels = onnx_model.info.image_size, onnx_model.info.labels
+    size, labels = onnx_model.info.decoding.size, onnx_model.info.labels
     cells = real_cells(seed_csv, 8, size)
     probs, heatmap = onnx_model.run(cells, heatmaps=True)
     h = math.ceil(size / 32)
@@ -161,6 +161,7 @@ def synthetic_cells(rng: np.random.Generator, n: int):
     return x, torch.from_numpy(labels), distances
 
 
+@pytest.mark.slow
 def test_heatmap_peak_lies_on_the_line():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

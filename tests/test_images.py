@@ -5,11 +5,11 @@ import pytest
 from PIL import Image, ImageFilter
 
 from elcell.errors import ImageError
-from elcell.images import find_images, load_cell, min_filter_size
+from elcell.images import Decoding, find_images, load_cell, min_filter_size
 
 
 def test_8bit_gray_is_read_as_is(tmp_path, elpv):
-    cell = load_cell(elpv.paths[0], 300)
+    cell = load_cell(elpv.paths[0], Decoding(300))
     assert cell.dtype == np.uint8 and cell.shape == (300, 300)
     assert np.array_equal(cell, np.asarray(Image.open(elpv.paths[0])))
 
@@ -20,7 +20,7 @@ def test_16bit_is_scaled_by_its_real_depth_not_255(tmp_path):
     path = tmp_path / "cell16.png"
     Image.fromarray(values).save(path)
     assert Image.open(path).mode.startswith("I")
-    cell = load_cell(path, 16)
+    cell = load_cell(path, Decoding(16))
     assert cell[0, :2].tolist() == [0, 100]
     assert cell[1, :2].tolist() == [200, 255]
 
@@ -34,10 +34,10 @@ def test_16bit_file_holding_12bit_data_is_named_once(tmp_path, monkeypatch, caps
     for name, top in (("full.png", 65535), ("twelve_bit.png", 4095), ("another.png", 4000)):
         paths.append(tmp_path / name)
         Image.fromarray(np.linspace(0, top, 256, dtype=np.uint16).reshape(16, 16)).save(paths[-1])
-    load_cell(paths[0], 16)
+    load_cell(paths[0], Decoding(16))
     assert capsys.readouterr().err == ""
     for path in paths[1:]:
-        load_cell(path, 16)
+        load_cell(path, Decoding(16))
     err = capsys.readouterr().err
     assert err.startswith(f"elcell: warning: {paths[1]}: 16-bit image whose largest value is 4095")
     assert "17 grey levels" in err and "train with --bit-depth (at least 12 for this image" in err and err.count("\n") == 1
@@ -53,15 +53,15 @@ def test_bit_depth_reads_a_12bit_camera_over_the_full_grey_range(tmp_path, elpv,
     path = tmp_path / "twelve_bit.png"
     Image.fromarray(np.round(original * (4095 / 255)).astype(np.uint16)).save(path)
     assert Image.open(path).mode.startswith("I")
-    assert np.array_equal(load_cell(path, 300, bit_depth=12), original)
-    assert np.array_equal(load_cell(path, 128, "min", bit_depth=12), load_cell(elpv.paths[0], 128, "min"))
+    assert np.array_equal(load_cell(path, Decoding(300, bit_depth=12)), original)
+    assert np.array_equal(load_cell(path, Decoding(128, "min", bit_depth=12)), load_cell(elpv.paths[0], Decoding(128, "min")))
     assert capsys.readouterr().err == ""
-    assert load_cell(path, 300).max() <= 16  # read as 0..65535: the few grey levels warned about
+    assert load_cell(path, Decoding(300)).max() <= 16  # read as 0..65535: the few grey levels warned about
     Image.fromarray(np.full((16, 16), 4096, dtype=np.uint16)).save(path)
     with pytest.raises(ImageError, match=f"{path}: 16-bit image with values up to 4096, above 0..4095"):
-        load_cell(path, 16, bit_depth=12)
+        load_cell(path, Decoding(16, bit_depth=12))
     with pytest.raises(ValueError, match="bit depth 17"):
-        load_cell(path, 16, bit_depth=17)
+        load_cell(path, Decoding(16, bit_depth=17))
 
 
 def test_rgb_becomes_gray(tmp_path):
@@ -69,14 +69,14 @@ def test_rgb_becomes_gray(tmp_path):
     rgb[..., :] = (90, 90, 90)
     path = tmp_path / "rgb.png"
     Image.fromarray(rgb).save(path)
-    cell = load_cell(path, 32)
+    cell = load_cell(path, Decoding(32))
     assert cell.shape == (32, 32) and int(cell.mean()) == 90
 
 
 def test_odd_sizes_are_resized(tmp_path):
     path = tmp_path / "odd.png"
     Image.fromarray(np.full((301, 287), 77, dtype=np.uint8)).save(path)
-    cell = load_cell(path, 64)
+    cell = load_cell(path, Decoding(64))
     assert cell.shape == (64, 64) and (cell == 77).all()
 
 
@@ -91,13 +91,13 @@ def cracked_cell_png(folder, height: int = 300, width: int | None = None):
 
 def test_min_shrink_keeps_a_thin_crack_dark_and_flat_areas_unchanged(tmp_path):
     path = cracked_cell_png(tmp_path)
-    plain, kept = load_cell(path, 128), load_cell(path, 128, shrink="min")
+    plain, kept = load_cell(path, Decoding(128)), load_cell(path, Decoding(128, shrink="min"))
     assert [min_filter_size(side, 128) for side in (255, 256, 300, 511, 512)] == [1, 3, 3, 3, 5]
     assert plain.min() > 130  # bilinear shrinking averages the crack away to less than half its depth
     assert kept.min() < 100  # about 80: the widened crack keeps most of its depth
     assert (kept[:, :50] == 200).all() and (plain[:, :50] == 200).all()  # flat areas as before
     # a cell cut a little off square is filtered by its shorter side's factor
-    assert load_cell(cracked_cell_png(tmp_path, 300, 280), 128, shrink="min").min() < 100
+    assert load_cell(cracked_cell_png(tmp_path, 300, 280), Decoding(128, shrink="min")).min() < 100
 
 
 def test_min_shrink_is_pils_min_filter_then_bilinear(tmp_path, elpv):
@@ -108,18 +108,18 @@ def test_min_shrink_is_pils_min_filter_then_bilinear(tmp_path, elpv):
         with Image.open(path) as image:
             width = min_filter_size(min(image.size), size)
             expected = image.filter(ImageFilter.MinFilter(width)).resize((size, size), Image.BILINEAR)
-        assert width > 1 and np.array_equal(load_cell(path, size, shrink="min"), np.asarray(expected))
+        assert width > 1 and np.array_equal(load_cell(path, Decoding(size, shrink="min")), np.asarray(expected))
 
 
 @pytest.mark.parametrize("height", [100, 128, 200, 255])
 def test_min_shrink_is_bilinear_where_a_cell_does_not_shrink_twofold(tmp_path, height):
     path = cracked_cell_png(tmp_path, height)  # enlarged, as is, and shrunk less than twofold: no filter
-    assert np.array_equal(load_cell(path, 128, shrink="min"), load_cell(path, 128))
+    assert np.array_equal(load_cell(path, Decoding(128, shrink="min")), load_cell(path, Decoding(128)))
 
 
 def test_unknown_shrink_is_refused(tmp_path):
     with pytest.raises(ValueError, match="shrink 'nearest'"):
-        load_cell(cracked_cell_png(tmp_path), 128, shrink="nearest")
+        load_cell(cracked_cell_png(tmp_path), Decoding(128, shrink="nearest"))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a png at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
@@ -127,7 +127,7 @@ def test_corrupt_files_name_the_file(tmp_path, content):
     path = tmp_path / "broken.png"
     path.write_bytes(content)
     with pytest.raises(ImageError, match="broken.png: not a readable image"):
-        load_cell(path, 64)
+        load_cell(path, Decoding(64))
 
 
 def test_truncated_png_is_rejected(tmp_path, elpv):
@@ -135,15 +135,15 @@ def test_truncated_png_is_rejected(tmp_path, elpv):
     path = tmp_path / "truncated.png"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="truncated.png"):
-        load_cell(path, 64)
+        load_cell(path, Decoding(64))
 
 
 def test_missing_and_tiny_files(tmp_path):
     with pytest.raises(ImageError, match="missing.png: file not found"):
-        load_cell(tmp_path / "missing.png", 64)
+        load_cell(tmp_path / "missing.png", Decoding(64))
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "tiny.png")
     with pytest.raises(ImageError, match="at least 8x8"):
-        load_cell(tmp_path / "tiny.png", 64)
+        load_cell(tmp_path / "tiny.png", Decoding(64))
 
 
 def test_find_images_walks_folders(tmp_path):

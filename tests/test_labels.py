@@ -108,3 +108,14 @@ def test_group_hint_only_for_names(tmp_path, value):
     with pytest.raises(DataError) as err:
         read_labels_csv(path)
     assert "labels must be 0 or 1" in str(err.value) and "--group" not in str(err.value)
+
+
+def test_soft_labels_are_read_as_given_and_positive_from_one_half(tmp_path):
+    """ELPV's expert probabilities (and a run's own val.csv of them) are labels too."""
+    path = write(tmp_path, "path;defective\na.png;0.333333\nb.png;0.666667\nc.png;1\nd.png;0\n")
+    table = read_labels_csv(path)
+    np.testing.assert_allclose(table.targets[:, 0], [0.333333, 0.666667, 1, 0], rtol=1e-6)
+    assert table.positives[:, 0].tolist() == [0, 1, 1, 0]
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(DataError, match=f"label 'defective' is '{bad}'; labels must be 0 or 1, or a soft"):
+            read_labels_csv(write(tmp_path, f"path;defective\na.png;{bad}\n"))

@@ -18,6 +18,8 @@ from elcell.errors import DataError
 from elcell.model import ResNet, load_pretrained
 from elcell.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
 
+pytestmark = pytest.mark.slow  # trains models
+
 
 def copy_cells(folder, elpv, count: int):
     """`count` real ELPV cells copied into `folder`: unlabelled images as a line records them."""

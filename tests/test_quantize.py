@@ -8,10 +8,12 @@ import pytest
 
 import elcell.quantize as quantize_module
 from elcell.cli import main
-from elcell.images import load_cell
-from elcell.infer import decide, open_model
+from elcell.images import Decoding, load_cell
 from elcell.labels import load_table
 from elcell.modelinfo import read_info
+from elcell.runtime import decide, open_model
+
+pytestmark = pytest.mark.slow  # trains models
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def test_int8_export_writes_a_quantised_model(exported, capsys):
                    and len(weights[node.input[1]].dims) == 1 and weights[node.input[1]].dims[0] > 1]
     assert per_channel, "weights are quantised per output channel"
     info, float_info = read_info(int8_path), read_info(float_path)
-    assert (info.labels, info.thresholds, info.image_size) == (float_info.labels, float_info.thresholds,
-                                                               float_info.image_size)
+    assert (info.labels, info.thresholds, info.decoding.size) == (float_info.labels, float_info.thresholds,
+                                                               float_info.decoding.size)
     assert info.extra["quantization"]["calibration_cells"] == 32
     assert int8_path.stat().st_size < float_path.stat().st_size / 2
 
@@ -45,10 +47,10 @@ def test_int8_export_writes_a_quantised_model(exported, capsys):
 def test_int8_agrees_with_float_on_real_cells(exported, elpv):
     _, float_path, int8_path = exported
     float_model, int8_model = open_model(float_path), open_model(int8_path)
-    cells = np.stack([load_cell(p, float_model.info.image_size) for p in elpv.paths[-40:]])
+    cells = np.stack([load_cell(p, Decoding(float_model.info.decoding.size)) for p in elpv.paths[-40:]])
     a, b = float_model.run(cells), int8_model.run(cells)  # batch of 40, cells not calibrated on
     assert np.abs(a - b).max() < 0.05
-    assert (decide(a, float_model.info) == decide(b, float_model.info)).mean() >= 0.9
+    assert (decide(a, float_model.info.thresholds, float_model.info.review_thresholds) == decide(b, float_model.info.thresholds, float_model.info.review_thresholds)).mean() >= 0.9
     _, heat_a = float_model.run(cells[:4], heatmaps=True)
     _, heat_b = int8_model.run(cells[:4], heatmaps=True)
     assert heat_a.shape == heat_b.shape
@@ -88,11 +90,11 @@ def test_int8_keeps_the_per_cell_standardisation_in_float(seed_csv, elpv, tmp_pa
     from elcell.config import TrainConfig
     from elcell.train import train
 
-    summary = train(TrainConfig(data=str(seed_csv), out=str(tmp_path / "run"), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(tmp_path / "run"), backbone="resnet18",
                                 pretrained="none", image_size=64, batch_size=16, epochs=1, input_norm="cell",
                                 progress=False))
     float_path = tmp_path / "run" / summary["onnx"]
-    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:24]])
+    cells = np.stack([load_cell(p, Decoding(64)) for p in elpv.paths[:24]])
     int8_path = quantize_module.quantize(float_path, tmp_path / "model.int8.onnx", cells, source="test")
     nodes = [node.op_type for node in onnx.load(str(int8_path)).graph.node]
     before_quantising = set(nodes[:nodes.index("QuantizeLinear")])
@@ -136,14 +138,14 @@ def test_quantising_needs_neither_torch_nor_sympy(exported, elpv, tmp_path, monk
     _, float_path, _ = exported
     for module in ("torch", "sympy", "onnxruntime.tools.symbolic_shape_infer"):
         monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
-    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:16]])
+    cells = np.stack([load_cell(p, Decoding(64)) for p in elpv.paths[:16]])
     int8_path = quantize_module.quantize(float_path, tmp_path / "model.int8.onnx", cells, source="test")
     assert open_model(int8_path).run(cells[:2]).shape == (2, 2)
 
 
 def test_calibration_cells_are_decoded_as_the_model_shrinks_them(seed_csv):
     table = load_table(str(seed_csv))
-    plain, _ = quantize_module.calibration_cells(table, 64, count=8, seed=3)
-    filtered, _ = quantize_module.calibration_cells(table, 64, count=8, seed=3, shrink="min")
+    plain, _ = quantize_module.calibration_cells(table, Decoding(64), count=8, seed=3)
+    filtered, _ = quantize_module.calibration_cells(table, Decoding(64, "min"), count=8, seed=3)
     assert plain.shape == filtered.shape == (8, 64, 64)
     assert filtered.mean() < plain.mean() - 2  # the same cells, dark lines widened (about 5 grey levels)

@@ -14,13 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
+from elcell.cli import main
 from elcell.config import TrainConfig
+from elcell.data import pos_weights
 from elcell.errors import DataError
 from elcell.export import InferenceGraph
-from elcell.images import load_cell
+from elcell.images import Decoding, load_cell
+from elcell.labels import read_labels_csv
 from elcell.modelinfo import read_info
 from elcell.module import ELCellModule
-from elcell.train import pos_weights, train
+from elcell.train import train
 
 
 def test_run_folder_holds_every_output(tiny_run):
@@ -56,14 +59,14 @@ def test_onnx_file_is_uint8_in_probs_out_with_metadata(tiny_onnx, tiny_run):
     assert [o.name for o in session.get_outputs()] == ["probs", "heatmap"]
     info = read_info(tiny_onnx)
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert info.labels == ["crack", "inactive"] and info.image_size == 64
+    assert info.labels == ["crack", "inactive"] and info.decoding.size == 64
     assert info.mean == pytest.approx(summary["mean"]) and info.thresholds == [0.5, 0.5]
 
 
 def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, seed_csv):
     seen = {line.split(";")[0].split("/")[-1] for line in seed_csv.read_text().splitlines()[1:]}
     unseen = [p for p in elpv.paths if p.name not in seen][:7]
-    cells = np.stack([load_cell(p, 64) for p in unseen])[:, None]
+    cells = np.stack([load_cell(p, Decoding(64)) for p in unseen])[:, None]
     probs, heatmap = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": cells})
     assert probs.shape == (7, 2) and ((probs >= 0) & (probs <= 1)).all()
     summary = json.loads((tiny_run / "summary.json").read_text())
@@ -77,12 +80,13 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
     assert np.allclose(heatmap, torch_heatmap.numpy(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "best_model_epoch0.onnx").write_bytes(b"the best model of an earlier session")
     (out / "best_model_epoch0.int8.onnx").write_bytes(b"its int8 copy, not elcell train's to remove")
-    summary = train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18",
                                 pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
                                 val_fraction=0.25, progress=False,
                                 resume=str(tiny_run / "checkpoints" / "last.ckpt")))
@@ -98,8 +102,9 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
 
 
+@pytest.mark.slow
 def test_a_onecycle_run_cannot_be_extended(tmp_path):
-    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, schedule="onecycle",
                          progress=False)
     train(config)
@@ -119,6 +124,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_names_it(elpv, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_export_names_bad_checkpoints_and_keeps_existing_files(tiny_run, tmp_path, capsys):
     from elcell.cli import main
 
@@ -141,8 +147,9 @@ def test_export_names_bad_checkpoints_and_keeps_existing_files(tiny_run, tmp_pat
     assert "name its int8 model with --int8-out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_elpv_trains_on_soft_targets(tmp_path):
-    summary = train(TrainConfig(data="elpv", limit=64, out=str(tmp_path / "elpv"), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=64, out=str(tmp_path / "elpv"), backbone="resnet18",
                                 pretrained="none", image_size=32, batch_size=16, epochs=1,
                                 val_fraction=0.25, progress=False))
     assert summary["labels"] == ["defective"]
@@ -159,7 +166,7 @@ def test_pos_weight_balances_classes():
 
 
 def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
-    from elcell.train import merge_session_logs
+    from elcell.history import merge_session_logs
 
     for session, text in (("0", "epoch,step,val_f1\n0,2,0.5\n1,5,0.6\n"),
                           ("1", "epoch,step,val_f1,train_loss\n2,8,0.7,0.3\n"),
@@ -171,6 +178,7 @@ def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
     assert rows[2]["train_loss"] == "0.3" and rows[0]["train_loss"] == ""
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
     """An interrupted run must have something to --resume from, whatever its scores."""
     seen = []
@@ -180,7 +188,7 @@ def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
             last = tmp_path / "run" / "checkpoints" / "last.ckpt"
             seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
 
-    train(TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
                       pretrained="none", image_size=32, batch_size=16, epochs=3, progress=False),
           callbacks=[LookAtCheckpoints()])
     assert seen == [None, 0, 1]
@@ -200,9 +208,10 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero():
     assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tmp_path):
     out = tmp_path / "protocol"
-    summary = train(TrainConfig(data="elpv", limit=96, out=str(out), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=96, out=str(out), backbone="resnet18",
                                 pretrained="none", image_size=32, batch_size=16, epochs=3,
                                 val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
                                 weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
@@ -217,6 +226,19 @@ def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tm
     test_rows = list(csv.DictReader(open(out / "eval" / "test" / "predictions.csv"), delimiter=";"))
     assert len(test_rows) == summary["cells"]["test"] == summary["test"]["cells"] == 24
     assert {split[row["path"]] for row in test_rows} == {"test"}  # only held-out cells are scored
+    # the run's own held-out cells in the training format, ELPV's soft labels kept, ready for the tools
+    targets = {line.split(";")[0]: float(line.split(";")[2])
+               for line in (out / "split.csv").read_text().splitlines()[1:]}
+    for part in ("val", "test"):
+        written = read_labels_csv(out / f"{part}.csv")
+        assert sorted(map(str, written.paths)) == sorted(p for p, name in split.items() if name == part)
+        assert written.names == ["defective"]
+        assert written.targets[:, 0].tolist() == pytest.approx([targets[str(p)] for p in written.paths])
+    assert main(["evaluate", str(out), "--data", str(out / "test.csv"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["per_label"]["defective"]["accuracy"] == pytest.approx(
+        json.loads((out / "eval" / "test" / "metrics.json").read_text())["without_tta"]["per_label"]["defective"]["accuracy"])
     test = summary["test"]
     assert test["tta"] is True and set(test["groups"]) == {"mono", "poly"}
     assert sum(g["cells"] for g in test["groups"].values()) == 24
@@ -237,15 +259,16 @@ def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option
     from elcell.errors import DataError
 
     with pytest.raises(DataError, match=option.replace("_", "-")):
-        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), pretrained="none",
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "run"), pretrained="none",
                           **{option: value}))
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
     def run(name, **seeds):
         out = tmp_path / name
-        train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
                           image_size=32, batch_size=16, epochs=1, val_fraction=0.25, progress=False, **seeds))
         state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         return (out / "split.csv").read_text(), state["model.conv1.weight"]
@@ -263,7 +286,7 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     from elcell.train import crack_label, label_index
 
     with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
-        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
     assert not (tmp_path / "run").exists()
     assert crack_label(["inactive", "crack"], 0.2, shape="realistic") == 1
     assert crack_label(["Inactive", "Crack"], 0.2, shape="realistic") == 1  # a CSV's own spelling
@@ -278,6 +301,7 @@ def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
         crack_label(["crack", "inactive"], 0.2, shape="realistic+fingers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
 def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, schedule):
     start = {}
@@ -288,7 +312,7 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, sche
 
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="stays at its random initialisation"):
-        train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
                           image_size=32, batch_size=16, epochs=2, optimizer="adamw", weight_decay=0.05,
                           schedule=schedule, backbone_lr_scale=0.0, progress=False),
               callbacks=[KeepStartWeights()])
@@ -300,10 +324,11 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, sche
         "running_mean", "running_var", "num_batches_tracked"}
 
 
+@pytest.mark.slow
 def test_backbone_lr_scale_holds_through_the_schedule_and_on_resume(tmp_path):
     from elcell.errors import DataError
 
-    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
                          pretrained="none", image_size=32, batch_size=16, epochs=3, optimizer="adamw",
                          schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.25, progress=False)
     train(config)
@@ -330,9 +355,10 @@ def test_backbone_lr_scale_gives_the_backbone_its_own_learning_rate():
     (one,) = ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0])._param_groups()
     assert "lr" not in one and len(one["params"]) == len(ids)  # the optimiser's lr for all
     with pytest.raises(DataError, match="--backbone-lr-scale nan"):
-        train(TrainConfig(data="elpv", limit=32, backbone_lr_scale=float("nan")))
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=32, backbone_lr_scale=float("nan")))
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
     decay, average = 0.8, {}
 
@@ -344,7 +370,7 @@ def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
             average["fc"] = weight if "fc" not in average else decay * average["fc"] + (1 - decay) * weight
 
     out = tmp_path / "run"
-    train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
                       image_size=32, batch_size=16, epochs=2, lr=1e-2, ema_decay=decay, progress=False),
           callbacks=[FollowTheAverage()])
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -356,10 +382,11 @@ def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
     assert "current_model_state" in torch.load(out / summary["best_checkpoint"], weights_only=True)
 
 
+@pytest.mark.slow
 def test_ema_resume_goes_on_from_the_trained_weights_and_needs_the_average(tmp_path):
     from elcell.errors import DataError
 
-    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, ema_decay=0.9,
                          progress=False)
     train(config)
@@ -379,13 +406,14 @@ def test_ema_resume_goes_on_from_the_trained_weights_and_needs_the_average(tmp_p
     assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_ema_decay_is_checked_and_must_match_on_resume(tmp_path):
     from elcell.errors import DataError
 
     with pytest.raises(DataError, match="--ema-decay 1.0 must be in"):
-        train(TrainConfig(data="elpv", limit=32, out=str(tmp_path / "bad"), ema_decay=1.0))
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "bad"), ema_decay=1.0))
     assert not (tmp_path / "bad").exists()
-    config = TrainConfig(data="elpv", limit=48, out=str(tmp_path / "plain"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "plain"), backbone="resnet18",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, progress=False)
     train(config)
     with pytest.raises(DataError, match="trained without --ema-decay; resume it without it"):
@@ -402,6 +430,7 @@ def test_sgd_uses_nesterov_momentum_and_l2_weight_decay():
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.05, 0.9, True, 5e-4)
 
 
+@pytest.mark.slow
 def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     """The standardisation runs in the graph, not in elcell's Python preprocessing:
     a darker exposure of a cell scores the same, where the same weights without
@@ -411,7 +440,7 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     from elcell.export import export_onnx, info_from_hparams
 
     out = tmp_path / "run"
-    summary = train(TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
                                 image_size=64, batch_size=16, epochs=1, input_norm="cell", progress=False))
     nodes = [node.op_type for node in onnx.load(str(out / summary["onnx"])).graph.node]
     assert {"ReduceMean", "Sqrt", "Clip"} <= set(nodes[:nodes.index("Conv")])
@@ -423,7 +452,7 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     module.model.input_norm = "dataset"  # the control: the same weights, no standardisation
     export_onnx(module.model, info_from_hparams(module.hparams, 0), tmp_path / "control.onnx")
 
-    cells = np.stack([load_cell(p, 64) for p in elpv.paths[:6]])[:, None]
+    cells = np.stack([load_cell(p, Decoding(64)) for p in elpv.paths[:6]])[:, None]
     darker = np.round(cells * 0.6).astype(np.uint8)  # no clipping, only rounding
     change = {}
     for name, path in (("cell", out / summary["onnx"]), ("control", tmp_path / "control.onnx")):
@@ -434,30 +463,31 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     assert change["cell"] < 5e-5 and change["control"] > 2e-4
 
 
+@pytest.mark.slow
 def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike(tmp_path, elpv):
     from elcell.explain import write_explanations
-    from elcell.infer import open_model, score
     from elcell.modelinfo import ModelInfo
+    from elcell.runtime import open_model, score_files
 
     out = tmp_path / "run"
-    config = TrainConfig(data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
                          image_size=64, batch_size=16, epochs=1, shrink="min", progress=False)
     summary = train(config)
     with open(out / "split.csv") as handle:  # the model's normalisation: the train cells as decoded
         train_cells = [row["path"] for row in csv.DictReader(handle, delimiter=";") if row["split"] == "train"]
-    assert summary["mean"] == pytest.approx(np.mean([load_cell(p, 64, "min") for p in train_cells]) / 255)
+    assert summary["mean"] == pytest.approx(np.mean([load_cell(p, Decoding(64, "min")) for p in train_cells]) / 255)
     model = open_model(out / summary["onnx"])
-    assert model.info.shrink == "min" and model.info.to_props()["elcell_format"] == "2"
+    assert model.info.decoding.shrink == "min" and model.info.to_props()["elcell_format"] == "2"
     paths = elpv.paths[:4]
-    filtered, bilinear = (np.stack([load_cell(p, 64, shrink) for p in paths]) for shrink in ("min", "bilinear"))
-    scored = next(score(model, paths, batch_size=4, workers=0)).probs
+    filtered, bilinear = (np.stack([load_cell(p, Decoding(64, shrink)) for p in paths]) for shrink in ("min", "bilinear"))
+    scored = next(score_files(model, paths, batch_size=4, workers=0)).probs
     assert np.array_equal(scored, model.run(filtered))
     assert np.abs(scored - model.run(bilinear)).max() > 1e-5  # so the check of explain below can fail
     explained = write_explanations(model, paths, tmp_path / "explain").records
     assert np.allclose([[label["probability"] for label in r["labels"].values()] for r in explained],
                        scored, atol=1e-6)
     old = {k: v for k, v in model.info.to_props().items() if k != "shrink"}  # a model from before --shrink
-    assert ModelInfo.from_props({**old, "elcell_format": "1"}).shrink == "bilinear"
+    assert ModelInfo.from_props({**old, "elcell_format": "1"}).decoding.shrink == "bilinear"
     with pytest.raises(ValueError, match="format 4 is newer than this elcell's"):
         ModelInfo.from_props({**old, "elcell_format": "4"})
     with pytest.raises(ValueError, match="shrink 'lanczos' is not one of"):
@@ -466,14 +496,15 @@ def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike
         train(replace(config, resume=str(out / "checkpoints" / "last.ckpt"), shrink="bilinear", epochs=2))
 
 
+@pytest.mark.slow
 def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_everywhere(tmp_path, elpv):
     """Cells from a 12-bit camera in 16-bit PNGs: trained and scored as the 8-bit
     cells they were made from, not as the near-black cells 0..65535 would give."""
     from conftest import write_seed_csv
 
     from elcell.explain import write_explanations
-    from elcell.infer import open_model, score
     from elcell.modelinfo import ModelInfo
+    from elcell.runtime import open_model, score_files
 
     labels = write_seed_csv(tmp_path / "twelve-bit", elpv, count=32)
     originals = {}
@@ -481,7 +512,7 @@ def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_ever
         originals[path] = np.asarray(Image.open(path))
         Image.fromarray(np.round(originals[path] * (4095 / 255)).astype(np.uint16)).save(path)
     out = tmp_path / "run"
-    config = TrainConfig(data=str(labels), out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data=str(labels), out=str(out), backbone="resnet18", pretrained="none",
                          image_size=64, batch_size=16, epochs=1, bit_depth=12, progress=False)
     summary = train(config)
     eight_bit = {path: np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BILINEAR))
@@ -491,30 +522,31 @@ def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_ever
     assert summary["mean"] == pytest.approx(np.mean([eight_bit[Path(p)] for p in train_cells]) / 255)
 
     model = open_model(out / summary["onnx"])
-    assert model.info.bit_depth == 12 and model.info.to_props()["elcell_format"] == "3"
+    assert model.info.decoding.bit_depth == 12 and model.info.to_props()["elcell_format"] == "3"
     paths = sorted(originals)[:4]
     full_range = tmp_path / "full-range.png"  # a 16-bit camera's cell: beyond what this model reads
     Image.fromarray(originals[paths[0]].astype(np.uint16) * 257).save(full_range)
-    scored = next(score(model, [*paths, full_range], batch_size=8, workers=0))
+    scored = next(score_files(model, [*paths, full_range], batch_size=8, workers=0))
     assert np.array_equal(scored.probs[:4], model.run(np.stack([eight_bit[p] for p in paths])))
     top = int(originals[paths[0]].max()) * 257
     assert f"16-bit image with values up to {top}, above 0..4095" in scored.errors[4]
     assert np.isnan(scored.probs[4]).all()
-    as_sixteen_bits = np.stack([load_cell(p, 64) for p in paths])
+    as_sixteen_bits = np.stack([load_cell(p, Decoding(64)) for p in paths])
     assert np.abs(scored.probs[:4] - model.run(as_sixteen_bits)).max() > 1e-5  # the check above can fail
     explained = write_explanations(model, paths, tmp_path / "explain").records
     assert np.allclose([[label["probability"] for label in r["labels"].values()] for r in explained],
                        scored.probs[:4], atol=1e-6)
 
     old = {**model.info.to_props(), "elcell_format": "2", "bit_depth": "8"}  # before --bit-depth: always 8
-    assert ModelInfo.from_props(old).bit_depth == 16
+    assert ModelInfo.from_props(old).decoding.bit_depth == 16
     with pytest.raises(DataError, match="trained with --bit-depth 12; resume it with that value"):
         train(replace(config, resume=str(out / "checkpoints" / "last.ckpt"), bit_depth=16, epochs=2))
 
 
+@pytest.mark.slow
 def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):
     out = tmp_path / "run"
-    train(TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
                       image_size=32, batch_size=16, epochs=1, val_fraction=0.25, synthetic_cracks=0.5,
                       synthetic_crack_shape="realistic", progress=False))
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -536,9 +568,10 @@ class FirstWeights(L.Callback):
         self.conv1 = module.model.conv1.weight.detach().clone()
 
 
+@pytest.mark.slow
 def test_two_stages_fine_tune_the_pretext_backbone_on_the_real_labels_alone(tmp_path, seed_csv):
     out = tmp_path / "run"
-    config = TrainConfig(data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
                          image_size=32, batch_size=16, epochs=1, val_fraction=0.25, warmup_epochs=2,
                          synthetic_cracks=0.5, synthetic_crack_shape="realistic", finetune_epochs=2,
                          finetune_lr=5e-4, progress=False)
@@ -574,7 +607,7 @@ def test_two_stages_fine_tune_the_pretext_backbone_on_the_real_labels_alone(tmp_
 def test_an_unfinished_first_stage_is_resumed_then_the_command_rerun(tmp_path, seed_csv):
     out = tmp_path / "run"
     (out / "pretext" / "checkpoints").mkdir(parents=True)
-    config = TrainConfig(data=str(seed_csv), out=str(out), finetune_epochs=2)
+    config = TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), finetune_epochs=2)
     (out / "two-stage.yaml").write_text(config.to_yaml())
     with pytest.raises(DataError, match="first stage did not finish: resume it with --resume .*pretext"):
         train(config)

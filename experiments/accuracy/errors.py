@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from elcell.images import load_cell
-from elcell.infer import open_model, score
+from elcell.images import Decoding, load_cell
 from elcell.io import atomic_path
+from elcell.runtime import open_model, score_files
 
 EXPERT_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)
 
@@ -103,14 +103,14 @@ def best_threshold_accuracy(probs: np.ndarray, positive: np.ndarray) -> tuple[fl
 def run_probabilities(run: Path, paths: list[Path]) -> np.ndarray:
     """The defect probability of each cell from the run's exported ONNX model."""
     model = open_model(run / json.loads((run / "summary.json").read_text())["onnx"])
-    return np.concatenate([s.probs[:, 0] for s in score(model, paths, batch_size=64)])
+    return np.concatenate([s.probs[:, 0] for s in score_files(model, paths, batch_size=64)])
 
 
 def write_contact_sheet(out: Path, paths: list[Path], size: int = 150, columns: int = 6) -> None:
     rows = max(1, -(-len(paths) // columns))
     sheet = Image.new("L", (columns * size, rows * size))
     for i, path in enumerate(paths):
-        sheet.paste(Image.fromarray(load_cell(path, size)), ((i % columns) * size, (i // columns) * size))
+        sheet.paste(Image.fromarray(load_cell(path, Decoding(size))), ((i % columns) * size, (i // columns) * size))
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
 

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from elcell.images import SHRINKS, load_cell
+from elcell.images import SHRINKS, Decoding, load_cell
 from elcell.model import ResNet, load_pretrained
 
 
@@ -64,7 +64,7 @@ def main() -> None:
                         help="decode as the weights were trained (elcell train --shrink)")
     args = parser.parse_args()
     paths, parts, labels = read_split(args.split)
-    images = np.stack([load_cell(path, args.image_size, args.shrink) for path in paths])
+    images = np.stack([load_cell(path, Decoding(args.image_size, args.shrink)) for path in paths])
     train, val = parts == "train", parts == "val"
     print("| backbone weights | probe val acc | probe val F1 | probe val AUC |")
     print("|---|---|---|---|")

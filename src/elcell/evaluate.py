@@ -1,33 +1,42 @@
-"""How good is a model on labelled cells, and which thresholds should it use.
+"""`elcell evaluate`: how good a model is on labelled cells, and which
+thresholds it should use. Torch-free.
 
-Torch-free: ONNX Runtime (via elcell.infer), scikit-learn metrics and
-matplotlib plots. Writes metrics.json, predictions.csv, PR/ROC curves and
-confusion matrices to one folder, and with threshold tuning a copy of the
-model carrying the tuned thresholds, which `elcell predict` then uses.
-
-A cell is positive for a label when its target is >= 0.5 (ELPV targets are
-expert probabilities). A cell is predicted positive (`defect`) when its
-probability is >= the label's threshold; between the review threshold and the
-threshold it is `review`, which counts as negative for precision/recall/F1,
-but a person looks at it, so `recall_with_review` counts it as caught.
+Writes metrics.json (elcell.metrics), predictions.csv, PR/ROC curves and
+confusion matrices to one folder, optionally the HTML report
+(elcell.report), and with threshold tuning a copy of the model carrying the
+tuned thresholds, which `elcell predict` then uses.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+from tqdm import tqdm
 
 from elcell.errors import DataError
-from elcell.infer import CSV_SEPARATOR, DEFECT, REVIEW, Model, decide, default_workers, score
+from elcell.images import load_cell
+from elcell.inputs import Unreadable, report_unreadable
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
+from elcell.metrics import _ratio, label_metrics, parse_review_band, parse_tuning, summary, tune
+from elcell.modelinfo import write_info
+from elcell.options import show_progress
+from elcell.predict import CSV_SEPARATOR
+from elcell.report import build_galleries, write_report
+from elcell.runtime import Model, decide, default_workers, open_model, score_files
 
 
 @dataclass
@@ -40,21 +49,17 @@ class Predictions:
     probs: np.ndarray  # float [N, L]; the TTA mean with tta
     plain: np.ndarray | None  # float [N, L] without TTA; None without tta
     groups: list[str] | None
-    failed: list[tuple[str, str]]
+    failed: list[Unreadable]
 
 
-def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers: int | None = None,
-                  tta: bool = False, progress: bool = True, print_failed: bool = True) -> Predictions:
-    """Run the model over every cell of `table` whose labels the model has.
+def shared_labels(model: Model, table: LabelTable) -> list[str]:
+    """The model's labels that are columns of the data, in the model's order.
 
-    Bad images are left out and listed in `failed` (and printed on stderr
-    unless not print_failed)."""
-    from tqdm import tqdm
-
+    A label of the model missing from the data is left out (evaluate notes it),
+    but one that differs only in case is refused: a misspelt column would
+    otherwise silently go unscored."""
     labels = [label for label in model.info.labels if label in table.names]
     for label in [label for label in model.info.labels if label not in labels]:
-        # a label of the model missing from the data is left out with a note, but a
-        # misspelt column would then silently go unscored
         near = [name for name in table.names if name.casefold() == label.casefold()]
         if near:
             raise DataError(f"{table.source}: column {near[0]!r} differs from the model's label {label!r} "
@@ -62,206 +67,45 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
     if not labels:
         raise DataError(f"{table.source}: none of the model's labels {model.info.labels} is a column "
                         f"of the data (its labels are {table.names})")
+    return labels
+
+
+def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers: int | None = None,
+                  tta: bool = False, progress: bool = True, print_failed: bool = True) -> Predictions:
+    """Run the model over every cell of `table` whose labels the model has.
+
+    Bad images are left out and listed in `failed` (and reported on stderr
+    unless not print_failed)."""
+    labels = shared_labels(model, table)
     model_columns = [model.info.labels.index(label) for label in labels]
-    table_columns = [table.names.index(label) for label in labels]
     probs = np.empty((len(table), len(labels)), dtype=np.float32)
     plain = np.empty_like(probs)
-    ok = np.zeros(len(table), dtype=bool)
-    failed: list[tuple[str, str]] = []
+    failed: list[Unreadable] = []
     row = 0
     workers = default_workers() if workers is None else workers
     with tqdm(total=len(table), unit="cell", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        for scored in score(model, table.paths, batch_size, workers, tta):
+        for scored in score_files(model, table.paths, batch_size, workers, tta):
             n = len(scored.paths)
             probs[row:row + n] = scored.probs[:, model_columns]
             plain[row:row + n] = scored.plain[:, model_columns]
-            for i, error in enumerate(scored.errors):
-                if error is None:
-                    ok[row + i] = True
-                else:
-                    failed.append((str(scored.paths[i]), error))
-                    if print_failed:
-                        bar.write(f"elcell: {scored.paths[i]}: {error} (skipped)", file=sys.stderr)
+            for item in [Unreadable(str(p), e) for p, e in zip(scored.paths, scored.errors) if e is not None]:
+                failed.append(item)
+                if print_failed:
+                    bar.clear()
+                    report_unreadable(item, "skipped")
             row += n
             bar.update(n)
-    if not ok.any():
+    keep = np.flatnonzero(~np.isnan(probs).any(axis=1))
+    if not len(keep):
         raise DataError(f"{table.source}: none of its {len(table)} images could be read")
-    keep = np.flatnonzero(ok)
+    table_columns = [table.names.index(label) for label in labels]
     return Predictions(
         paths=[table.paths[i] for i in keep], labels=labels,
         positives=table.positives[keep][:, table_columns], probs=probs[keep],
         plain=plain[keep] if tta else None,
         groups=None if table.groups is None else [table.groups[i] for i in keep], failed=failed,
     )
-
-
-# --------------------------------------------------------------------------- metrics
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den else 0.0
-
-
-def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
-                  review_threshold: float) -> dict:
-    """Metrics of one label at one operating point. ROC-AUC and average precision
-    need both classes (positives for AP) and are None otherwise."""
-    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
-
-    positive = positive.astype(bool)
-    predicted = prob >= threshold
-    in_review = (prob >= min(review_threshold, threshold)) & ~predicted
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(positive, predicted, labels=[False, True]).ravel())
-    both = 0 < positive.sum() < len(positive)
-    return {
-        "threshold": float(threshold),
-        "review_threshold": float(min(review_threshold, threshold)),
-        "cells": int(len(positive)),
-        "positives": int(positive.sum()),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, tp + fn),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "accuracy": _ratio(tp + tn, len(positive)),
-        "roc_auc": float(roc_auc_score(positive, prob)) if both else None,
-        "average_precision": float(average_precision_score(positive, prob)) if positive.any() else None,
-        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-        "review": int(in_review.sum()),
-        "review_positives": int((in_review & positive).sum()),
-        "recall_with_review": _ratio(int(((predicted | in_review) & positive).sum()), int(positive.sum())),
-    }
-
-
-def report(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float],
-           review_thresholds: list[float]) -> dict:
-    """Per-label metrics plus the seed's weighted F1 (weighted by positives), the
-    mean F1 over labels and how many cells land in review."""
-    per_label = {label: label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j])
-                 for j, label in enumerate(labels)}
-    support = np.array([m["positives"] for m in per_label.values()], dtype=np.float64)
-    f1 = np.array([m["f1"] for m in per_label.values()])
-    decisions = decide(probs, None, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
-    review_only = (decisions == REVIEW).any(axis=1) & ~(decisions == DEFECT).any(axis=1)
-    return {
-        "cells": int(len(probs)),
-        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
-        "mean_f1": float(f1.mean()),
-        "cells_in_review": int(review_only.sum()),
-        "per_label": per_label,
-    }
-
-
-HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
-
-
-def headline(metrics: dict) -> dict:
-    """The figures of an evaluation worth a line in summary.json: weighted/mean F1
-    and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
-    def compact(block: dict) -> dict:
-        return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
-                **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
-
-    result = {"tta": metrics["tta"], **compact(metrics)}
-    if "groups" in metrics:
-        result["groups"] = {name: compact(block) for name, block in metrics["groups"].items()}
-    return result
-
-
-# --------------------------------------------------------------------------- tuning
-def _midpoint(ranked: np.ndarray, k: int) -> float:
-    """A threshold that includes the k highest probabilities of `ranked` (sorted
-    descending) and nothing below: halfway to the next lower probability, so a
-    slightly different runtime (int8, GPU) does not flip the boundary cell."""
-    above = float(ranked[k - 1])
-    below = float(ranked[k]) if k < len(ranked) else 0.0
-    return above if above == below else (above + below) / 2
-
-
-def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float) -> float:
-    """The highest threshold whose recall on these cells is >= `recall`."""
-    positive = positive.astype(bool)
-    caught = np.sort(prob[positive])[::-1]
-    need = max(1, math.ceil(recall * len(caught) - 1e-9))
-    boundary = caught[need - 1]
-    below = prob[prob < boundary]
-    return float(boundary + below.max()) / 2 if len(below) else float(boundary)
-
-
-def threshold_for_f1(positive: np.ndarray, prob: np.ndarray) -> float:
-    """The threshold of maximum F1 on these cells; among equal F1 the lowest
-    threshold (more recall: a missed crack costs more than a false alarm)."""
-    order = np.argsort(-prob, kind="stable")
-    ranked, hits = prob[order], positive[order].astype(bool)
-    tp = np.cumsum(hits)
-    fp = np.cumsum(~hits)
-    f1 = 2 * tp / (tp + fp + hits.sum())
-    # only cut where the probability changes (ties fall on the same side)
-    last_of_tie = np.append(ranked[1:] != ranked[:-1], True)
-    f1 = np.where(last_of_tie, f1, -1)
-    best = np.flatnonzero(f1 == f1.max())[-1]
-    return _midpoint(ranked, best + 1)
-
-
-def parse_tuning(text: str) -> tuple[str, float | None]:
-    """`f1` or `recall=0.95`."""
-    if text == "f1":
-        return "f1", None
-    match = re.fullmatch(r"recall=([0-9.]+)", text)
-    if match:
-        value = float(match.group(1))
-        if 0 < value <= 1:
-            return "recall", value
-    raise DataError(f"--tune-thresholds {text}: use 'f1' or 'recall=R' with 0 < R <= 1 (e.g. recall=0.95)")
-
-
-def parse_review_band(text: str) -> tuple[str, float]:
-    """`recall=0.99` (review down to the threshold that keeps that recall) or a
-    probability such as `0.2` (review from 0.2 up to the threshold)."""
-    match = re.fullmatch(r"recall=([0-9.]+)", text)
-    try:
-        value = float(match.group(1) if match else text)
-    except ValueError:
-        value = -1.0
-    if (match and 0 < value <= 1) or (not match and 0 <= value <= 1):
-        return ("recall" if match else "probability"), value
-    raise DataError(f"--review-band {text}: use a probability such as 0.2 (review from it up to the "
-                    "threshold) or recall=R, e.g. recall=0.99 (review down to where recall reaches R)")
-
-
-def tune(predictions: Predictions, thresholds: list[float], review_thresholds: list[float],
-         method: str | None, review_band: str | None) -> tuple[list[float], list[float], dict]:
-    """New thresholds (and review thresholds) for the predicted labels, with what
-    each label got. Labels without positives keep their thresholds."""
-    thresholds, review_thresholds = list(thresholds), list(review_thresholds)
-    kind, target = parse_tuning(method) if method else (None, None)
-    band = parse_review_band(review_band) if review_band else None
-    details: dict = {}
-    for j, label in enumerate(predictions.labels):
-        positive, prob = predictions.positives[:, j], predictions.probs[:, j]
-        old, old_review = thresholds[j], review_thresholds[j]
-        note = None
-        if kind and not positive.any():
-            note = "no positive cells: threshold kept"
-        elif kind == "f1":
-            thresholds[j] = threshold_for_f1(positive, prob)
-        elif kind == "recall":
-            thresholds[j] = threshold_for_recall(positive, prob, target)
-        if band is None:  # keep the model's band width
-            review_thresholds[j] = max(0.0, thresholds[j] - (old - old_review))
-        elif band[0] == "probability":
-            review_thresholds[j] = min(band[1], thresholds[j])
-        elif positive.any():
-            review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1]), thresholds[j])
-        else:
-            review_thresholds[j] = thresholds[j]
-            note = "no positive cells: no review band"
-        at = label_metrics(positive, prob, thresholds[j], review_thresholds[j])
-        details[label] = {
-            "threshold": thresholds[j], "previous_threshold": old,
-            "review_threshold": review_thresholds[j], "previous_review_threshold": old_review,
-            **{key: at[key] for key in ("precision", "recall", "f1", "review", "recall_with_review")},
-        }
-        if note:
-            details[label]["note"] = note
-    return thresholds, review_thresholds, details
 
 
 # --------------------------------------------------------------------------- plots
@@ -274,14 +118,6 @@ def plot_curves(predictions: Predictions, positives: np.ndarray, probs: np.ndarr
                 thresholds: list[float], review_thresholds: list[float], out: Path,
                 suffix: str = "", title: str = "") -> list[Path]:
     """pr_curve.png, roc_curve.png and confusion_matrix.png (one line / panel per label)."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import (
-        average_precision_score,
-        precision_recall_curve,
-        roc_auc_score,
-        roc_curve,
-    )
-
     labels = predictions.labels
     written = []
     pr, roc = Figure(figsize=(5.5, 4.5)), Figure(figsize=(5.5, 4.5))
@@ -341,7 +177,7 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
                       review_thresholds: list[float]) -> None:
     """One row per evaluated cell, so the misses can be looked at."""
     labels = predictions.labels
-    decisions = decide(predictions.probs, None, thresholds, review_thresholds)
+    decisions = decide(predictions.probs, thresholds, review_thresholds)
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=CSV_SEPARATOR, lineterminator="\n")
     group = ["group"] if predictions.groups is not None else []
@@ -362,8 +198,6 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     to `out`; with tuning also `out/<model>.tuned.onnx`; with html_report also
     `out/report.html`. Returns the metrics. `data` is a labels CSV, 'elpv', or an
     already loaded table (its groups, if any, are reported)."""
-    from elcell.modelinfo import write_info
-
     if tune_thresholds:
         parse_tuning(tune_thresholds)
     if review_band:
@@ -385,13 +219,14 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
         "model": str(model.path), "data": str(data), "provider": model.provider, "tta": tta,
         "labels": predictions.labels,
         "labels_not_in_data": [label for label in info.labels if label not in predictions.labels],
-        "images": len(table), "failed": [{"path": p, "error": e} for p, e in predictions.failed],
+        "images": len(table), "failed": [{"path": u.path, "error": u.reason} for u in predictions.failed],
     }
     tuned_model = None
     if tune_thresholds or review_band:
-        before = report(predictions.positives, predictions.probs, predictions.labels, thresholds,
+        before = summary(predictions.positives, predictions.probs, predictions.labels, thresholds,
                         review_thresholds)
-        thresholds, review_thresholds, details = tune(predictions, thresholds, review_thresholds,
+        thresholds, review_thresholds, details = tune(predictions.labels, predictions.positives,
+                                                      predictions.probs, thresholds, review_thresholds,
                                                       tune_thresholds, review_band)
         all_thresholds, all_review = list(info.thresholds), list(info.review_thresholds)
         for c, high, low in zip(columns, thresholds, review_thresholds, strict=True):
@@ -409,10 +244,10 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
 
     metrics["thresholds"] = dict(zip(predictions.labels, thresholds, strict=True))
     metrics["review_thresholds"] = dict(zip(predictions.labels, review_thresholds, strict=True))
-    metrics.update(report(predictions.positives, predictions.probs, predictions.labels, thresholds,
+    metrics.update(summary(predictions.positives, predictions.probs, predictions.labels, thresholds,
                           review_thresholds))
     if tta:
-        metrics["without_tta"] = report(predictions.positives, predictions.plain, predictions.labels,
+        metrics["without_tta"] = summary(predictions.positives, predictions.plain, predictions.labels,
                                         thresholds, review_thresholds)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(predictions, predictions.positives, predictions.probs, thresholds,
@@ -422,10 +257,10 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
         names = np.array(predictions.groups)
         for name in sorted(set(predictions.groups)):
             rows = np.flatnonzero(names == name)
-            metrics["groups"][name] = report(predictions.positives[rows], predictions.probs[rows],
+            metrics["groups"][name] = summary(predictions.positives[rows], predictions.probs[rows],
                                              predictions.labels, thresholds, review_thresholds)
             if tta:
-                metrics["groups"][name]["without_tta"] = report(
+                metrics["groups"][name]["without_tta"] = summary(
                     predictions.positives[rows], predictions.plain[rows], predictions.labels,
                     thresholds, review_thresholds)
             plots += plot_curves(predictions, predictions.positives[rows], predictions.probs[rows],
@@ -447,13 +282,10 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
     """The self-contained HTML report: metrics, curves, and per label galleries of the
     most confident true positives, false positives and false negatives with overlays.
     Only the cells shown are decoded again and run for their heatmaps."""
-    from elcell.explain import build_galleries, write_report
-    from elcell.images import load_cell
-
     columns = [model.info.labels.index(label) for label in predictions.labels]
 
     def cell(i: int) -> np.ndarray:
-        return load_cell(predictions.paths[i], model.info.image_size, model.info.shrink, model.info.bit_depth)
+        return load_cell(predictions.paths[i], model.decoding)
 
     def heatmap(i: int) -> np.ndarray:
         return model.run(cell(i)[None], heatmaps=True)[1][0][columns]
@@ -509,3 +341,22 @@ def format_report(metrics: dict) -> str:
         lines.append(f"{len(failed)} of {metrics['images']} images could not be read and were skipped "
                      f"(first: {failed[0]['path']}: {failed[0]['error']})")
     return "\n".join(lines)
+
+
+def main(args) -> int:
+    """`elcell evaluate` (options: elcell.cli)."""
+    model = open_model(args.model, threads=args.threads)
+    out = Path(args.out) if args.out else model.path.parent / f"{model.path.stem}-eval"
+    print(f"elcell: {model.path.name} on {model.provider}; data {args.data}", file=sys.stderr)
+    metrics = evaluate(model, args.data, out, group=args.group, tta=args.tta,
+                       tune_thresholds=args.tune_thresholds, review_band=args.review_band,
+                       batch_size=args.batch_size, workers=args.workers, progress=show_progress(args.progress),
+                       html_report=args.report)
+    print(format_report(metrics))
+    print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}"
+          + (f"; report: {out / 'report.html'}" if args.report else ""))
+    if metrics["failed"]:  # as predict and explain: a script must not take partial metrics for whole ones
+        print(f"elcell: {len(metrics['failed'])} of {metrics['images']} images could not be read "
+              "(listed above) and are not in the metrics", file=sys.stderr)
+        return 1
+    return 0

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from elcell.errors import ExportError
-from elcell.io import atomic_path
+from elcell.images import Decoding
+from elcell.io import atomic_path, output_mode
 from elcell.model import ResNet
 from elcell.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
+from elcell.module import ELCellModule
 
 PARITY_TOLERANCE = 1e-4
 
@@ -46,7 +48,7 @@ def export_onnx(model: ResNet, info: ModelInfo, out: str | Path,
     """
     out = Path(out)
     graph = InferenceGraph(model, info.mean, info.std).eval().to("cpu", memory_format=torch.contiguous_format)
-    size = info.image_size
+    size = info.decoding.size
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with atomic_path(out) as raw, _quiet_exporter():
@@ -99,12 +101,13 @@ def _quiet_exporter():
 
 def info_from_hparams(hparams, epoch: int) -> ModelInfo:
     n = len(hparams["label_names"])
+    decoding = Decoding(int(hparams["image_size"]), hparams.get("shrink", "bilinear"),
+                        int(hparams.get("bit_depth", 16)))
     return ModelInfo(
-        labels=list(hparams["label_names"]), image_size=int(hparams["image_size"]),
+        labels=list(hparams["label_names"]), decoding=decoding,
         mean=float(hparams["mean"]), std=float(hparams["std"]),
         thresholds=[0.5] * n, review_thresholds=[0.5] * n,
-        backbone=hparams["backbone"], shrink=hparams.get("shrink", "bilinear"),
-        bit_depth=int(hparams.get("bit_depth", 16)), epoch=int(epoch),
+        backbone=hparams["backbone"], epoch=int(epoch),
         # what inference may use for test-time augmentation (infer.Model.run_views)
         extra={"rotate90": bool(hparams.get("rotate90", False)),
                "input_norm": hparams.get("input_norm", "dataset")},  # for the record: it is in the graph
@@ -116,8 +119,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     """Re-export a Lightning checkpoint. `out` may be a file or a folder (default: the
     checkpoint's folder; a path ending in a separator is a folder, created if
     need be); in a folder the file is named best_model_epoch{N}.onnx."""
-    from elcell.module import ELCellModule
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ExportError(f"{checkpoint}: checkpoint not found")
@@ -134,8 +135,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     if folder:
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"best_model_epoch{epoch}.onnx"
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    output_mode(out, overwrite=overwrite)
     info = info_from_hparams(module.hparams, epoch)
     error = export_onnx(module.model, info, out, check_images)
     return out, error

@@ -1,8 +1,9 @@
 """Decoding EL cell images into the one form the model sees: uint8 gray, square.
 
 Torch-free on purpose: the training cache and ONNX inference both call
-`load_cell`, so a cell is decoded identically on the GPU box and on the
-inspection PC.
+`load_cell` (a file) or `to_uint8` + `to_cell` (an array cut from a module
+photo or uploaded), with the model's `Decoding`, so a cell is decoded
+identically on the GPU box, on the inspection PC and in the service.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,38 +33,51 @@ SHRINKS = ("bilinear", "min")
 BIT_DEPTHS = range(8, 17)
 
 
-def _to_gray_uint8(image: Image.Image, path: Path, bit_depth: int) -> np.ndarray:
+def _pixels(image: Image.Image, path: Path) -> np.ndarray:
+    """The image's gray values as stored: uint8 (8-bit gray, RGB converted to
+    gray), uint16 (16-bit), or float64 in [0, 1] (float images)."""
     mode = image.mode
     if mode in ("L", "P", "1", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8)
     if mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
         return np.asarray(image.convert("RGB").convert("L"), dtype=np.uint8)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit cameras: scale by the camera's depth (65535 for 16 bits), not by
-        # 255, which would saturate almost every pixel.
-        pixels = np.asarray(image, dtype=np.float64)
-        top, full = int(pixels.max()), 2**bit_depth - 1
-        if pixels.min() < 0 or top > 65535:
+        pixels = np.asarray(image)
+        if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        if top > full:
-            raise ImageError(f"{path}: 16-bit image with values up to {top}, above 0..{full}, the "
-                             f"{bit_depth}-bit range it is read in (train --bit-depth, stored in the model)")
-        if bit_depth == 16 and top < 2**14:  # with a --bit-depth given, a dark cell is just dark
-            _warn_low_range(path, top)
-        return np.round(pixels * (255.0 / full)).astype(np.uint8)
+        return pixels.astype(np.uint16)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
             raise ImageError(f"{path}: float images must hold values in [0, 1]")
-        return np.round(pixels * 255.0).astype(np.uint8)
+        return pixels
     raise ImageError(f"{path}: unsupported image mode {mode!r}")
+
+
+def to_uint8(pixels: np.ndarray, bit_depth: int = 16, where: str | Path = "image") -> np.ndarray:
+    """Gray values as stored (uint8, uint16 or floats in [0, 1]) -> uint8.
+
+    16-bit cameras are scaled by the camera's depth (65535 for 16 bits, 4095 for
+    `bit_depth` 12), not by 255, which would saturate almost every pixel. Cells
+    cut from a 16-bit module photo go through here too, so they decode as files do."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype.kind == "f":
+        return np.round(pixels * 255.0).astype(np.uint8)
+    top, full = int(pixels.max()), 2**bit_depth - 1
+    if top > full:
+        raise ImageError(f"{where}: 16-bit image with values up to {top}, above 0..{full}, the "
+                         f"{bit_depth}-bit range it is read in (train --bit-depth, stored in the model)")
+    if bit_depth == 16 and top < 2**14:  # with a --bit-depth given, a dark cell is just dark
+        _warn_low_range(where, top)
+    return np.round(pixels.astype(np.float64) * (255.0 / full)).astype(np.uint8)
 
 
 _warned_low_range = False
 _warn_lock = threading.Lock()  # inference decodes in threads
 
 
-def _warn_low_range(path: Path, top: int) -> None:
+def _warn_low_range(path: str | Path, top: int) -> None:
     """Once per process (so once per decoding worker): a 16-bit image read as
     0..65535 that uses less than a quarter of it keeps only a few grey levels:
     most likely a camera with fewer bits."""
@@ -97,38 +113,80 @@ def min_filter(gray: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def load_cell(path: str | Path, size: int, shrink: str = "bilinear", bit_depth: int = 16) -> np.ndarray:
-    """Read one cell image as a `size` x `size` uint8 gray array.
+@dataclass(frozen=True)
+class Decoding:
+    """How a cell becomes the array a model sees: `size` x `size` uint8 gray.
 
-    8-bit or 16-bit gray and RGB are accepted, a 16-bit image's values read as
-    `bit_depth`-bit ones (BIT_DEPTHS); any other size is resized (cells cut
-    from module images are close to square, so no padding), a larger cell
-    shrunk as `shrink` says (SHRINKS).
-    Raises ImageError with the file name for anything unreadable.
-    """
-    if shrink not in SHRINKS:
-        raise ValueError(f"shrink {shrink!r}: choose from {list(SHRINKS)}")
-    if bit_depth not in BIT_DEPTHS:
-        raise ValueError(f"bit depth {bit_depth}: choose from {BIT_DEPTHS.start} to {BIT_DEPTHS.stop - 1}")
-    path = Path(path)
+    Training stores it in the model (size, shrink, bit depth), so every consumer
+    (predict, evaluate, explain, int8 calibration, module inspection, the
+    service) decodes a cell exactly as training did."""
+
+    size: int
+    shrink: str = "bilinear"  # SHRINKS: how a larger cell is shrunk
+    bit_depth: int = 16  # BIT_DEPTHS: how many bits of a 16-bit image hold the camera's values
+
+    def __post_init__(self) -> None:
+        if self.shrink not in SHRINKS:
+            raise ValueError(f"shrink {self.shrink!r}: choose from {list(SHRINKS)}")
+        if self.bit_depth not in BIT_DEPTHS:
+            raise ValueError(f"bit depth {self.bit_depth}: choose from {BIT_DEPTHS.start} to {BIT_DEPTHS.stop - 1}")
+
+
+def _source_name(source: str | Path | BinaryIO) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    return str(getattr(source, "name", None) or "image")  # an open file, or bytes in memory
+
+
+def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8) -> np.ndarray:
+    """Read an image file (a path or an open binary file) as its gray values as
+    stored (`_pixels`: uint8, uint16 or floats in [0, 1]), at its own size.
+
+    8-bit or 16-bit gray and RGB are accepted. Raises ImageError naming the file
+    (`name`, else the path) for anything unreadable."""
+    where = Path(name if name is not None else _source_name(source))
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
-            gray = _to_gray_uint8(image, path, bit_depth)
+            gray = _pixels(image, where)
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ImageError(f"{path}: not a readable image ({err})") from None
+        raise ImageError(f"{where}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ImageError):
+            raise
+        raise ImageError(f"{where}: not a readable image ({err})") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: image too large ({err})") from None
-    if gray.ndim != 2 or min(gray.shape) < 8:
-        raise ImageError(f"{path}: image is {gray.shape}, expected a 2-D cell of at least 8x8 pixels")
+        raise ImageError(f"{where}: image too large ({err})") from None
+    if gray.ndim != 2 or min(gray.shape) < min_size:
+        raise ImageError(f"{where}: image is {gray.shape}, expected a 2-D image of at least "
+                         f"{min_size}x{min_size} pixels")
+    return gray
+
+
+def read_gray(source: str | Path | BinaryIO, bit_depth: int = 16, name: str | None = None) -> np.ndarray:
+    """`read_pixels`, then `to_uint8`: the file's cell as uint8 gray at its own size,
+    a 16-bit image's values read as `bit_depth`-bit ones (BIT_DEPTHS)."""
+    where = name if name is not None else _source_name(source)
+    return to_uint8(read_pixels(source, name), bit_depth, where)
+
+
+def to_cell(gray: np.ndarray, decoding: Decoding) -> np.ndarray:
+    """A uint8 gray cell of any size as the model's `size` x `size` input.
+
+    A cell of another size is resized (cells cut from module images are close
+    to square, so no padding), a larger one shrunk as `decoding.shrink` says."""
+    size = decoding.size
     if gray.shape == (size, size):
         return gray
-    width = min_filter_size(min(gray.shape), size) if shrink == "min" else 1
+    width = min_filter_size(min(gray.shape), size) if decoding.shrink == "min" else 1
     if width > 1:
         gray = min_filter(gray, width)
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))
+
+
+def load_cell(path: str | Path | BinaryIO, decoding: Decoding, name: str | None = None) -> np.ndarray:
+    """Read one cell image file as the model's input (`read_gray`, then `to_cell`)."""
+    return to_cell(read_gray(path, decoding.bit_depth, name), decoding)
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:

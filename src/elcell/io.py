@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Writing outputs: atomically (a reader or a crash never sees half a file), to
+paths that the user agreed to replace, under names that do not clash."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from elcell.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -37,3 +43,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def output_mode(path: str | Path, option: str = "--out", *, overwrite: bool = False,
+                resume: bool | None = None) -> str:
+    """One policy for every output a command writes: `new` when nothing is there
+    (or an empty file or folder), else `resume` or `overwrite` when the user said
+    so, else DataError naming the path and the way on. `resume=None`: the command
+    cannot resume, so only --overwrite is offered."""
+    path = Path(path)
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0) or \
+            (path.is_dir() and not any(path.iterdir())):
+        return "new"
+    if resume:
+        return "resume"
+    if overwrite:
+        return "overwrite"
+    way = ("pass --resume to continue it, or --overwrite to replace it" if resume is not None
+           else f"pass --overwrite to replace it, or choose another {option}")
+    raise DataError(f"{path} exists: {way}")
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a label or image stem."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+def unique_names(paths: Sequence[str | Path]) -> list[str]:
+    """One output name per image: its stem, made unique with a short hash of the
+    path when two images (in different folders) share a stem."""
+    stems = [safe_name(Path(p).stem) for p in paths]
+    counts = Counter(stems)
+    return [stem if counts[stem] == 1 else
+            f"{stem}_{hashlib.sha1(str(Path(p).resolve()).encode()).hexdigest()[:8]}"
+            for stem, p in zip(stems, paths, strict=True)]

@@ -96,34 +96,23 @@ def _rows_with_line_numbers(text: str, sep: str) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
-    """Read a seed-format labels CSV.
-
-    First column: image path (relative to the CSV's folder unless absolute).
-    Every other column is a 0/1 label, except `group` (e.g. cell type), which is
-    kept as a group name for stratified splits and per-group reports.
-    """
-    csv_path = Path(csv_path)
+def _read_text(csv_path: Path) -> str:
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{csv_path}: labels file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{csv_path}: cannot read labels file ({err})") from None
-    first = next((line for line in text.splitlines() if line.strip()), None)
-    if first is None:
+    if not text.strip():
         raise DataError(f"{csv_path}: the labels file is empty")
+    return text
 
-    sep = _detect_separator(first, csv_path)
-    rows = _rows_with_line_numbers(text, sep)
-    if not rows:  # only separators
-        raise DataError(f"{csv_path}: the labels file is empty")
-    header = [name.strip() for name in rows[0][1]]
-    header_line = sep.join(rows[0][1]).strip()
+
+def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path, group: str | None) -> list[int]:
+    """The label columns of a header, or DataError saying what is wrong with it."""
     if any(_is_number(name) for name in header[1:]):
-        raise DataError(
-            f"{csv_path}: the first line must be a header naming the columns (e.g. 'path;crack;inactive'), got {header_line!r}"
-        )
+        raise DataError(f"{csv_path}: the first line must be a header naming the columns (e.g. "
+                        f"'path;crack;inactive'), got {header_line!r}")
     if not all(header):
         trailing = f" (a {sep!r} at the end of each line?)" if not header[-1] else ""
         raise DataError(f"{csv_path}: header column {header.index('') + 1} has no name in {header_line!r}{trailing}")
@@ -134,9 +123,38 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
     label_columns = [i for i, name in enumerate(header) if i > 0 and name != group]
     if not label_columns:
         raise DataError(f"{csv_path}: no label columns; expected e.g. 'path;crack;inactive'")
+    return label_columns
+
+
+def _label_value(value: str, name: str, where: str) -> float:
+    """0 or 1, or a soft label in [0, 1] (an expert's probability, as ELPV's)."""
+    if _is_number(value) and 0 <= float(value) <= 1:
+        return float(value)
+    names_a_group = value and not _is_number(value) and value.lower() not in _YES_NO
+    hint = f" (if {name!r} names groups such as the cell type, pass --group {name})" if names_a_group else ""
+    raise DataError(f"{where}: label {name!r} is {value!r}; labels must be 0 or 1, or a soft label in "
+                    f"[0, 1]{hint}")
+
+
+def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
+    """Read a labels CSV in the spec's format.
+
+    First column: image path (relative to the CSV's folder unless absolute).
+    Every other column is a label, 0/1 or soft in [0, 1] (positive from 0.5),
+    except `group` (e.g. cell type), which is kept as a group name for stratified
+    splits and per-group reports.
+    """
+    csv_path = Path(csv_path)
+    text = _read_text(csv_path)
+    first = next(line for line in text.splitlines() if line.strip())
+    sep = _detect_separator(first, csv_path)
+    rows = _rows_with_line_numbers(text, sep)
+    if not rows:  # only separators
+        raise DataError(f"{csv_path}: the labels file is empty")
+    header = [name.strip() for name in rows[0][1]]
+    label_columns = _check_header(header, sep.join(rows[0][1]).strip(), sep, csv_path, group)
     if len(rows) < 2:
         raise DataError(f"{csv_path}: the labels file has a header but no rows")
-
     base = csv_path.resolve().parent
     paths, targets, groups = [], [], []
     first_line: dict[str, int] = {}  # each image once: a repeat could land in train and test
@@ -147,33 +165,18 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         image = row[0].strip()
         if not image:
             raise DataError(f"{where}: empty image path")
-        values = []
-        for i in label_columns:
-            value = row[i].strip()
-            if value not in ("0", "1", "0.0", "1.0"):
-                names_a_group = value and not _is_number(value) and value.lower() not in _YES_NO
-                hint = f" (if {header[i]!r} names groups such as the cell type, pass --group {header[i]})" \
-                    if names_a_group else ""
-                raise DataError(f"{where}: label {header[i]!r} is {value!r}; labels must be 0 or 1{hint}")
-            values.append(float(value))
+        targets.append([_label_value(row[i].strip(), header[i], where) for i in label_columns])
         path = base / image  # an absolute path stays itself
-        key = file_key(path)
-        if key in first_line:
-            raise DataError(f"{where}: image {image!r} is listed again (first on line {first_line[key]}); "
-                            "list each image once")
-        first_line[key] = line_no
+        if file_key(path) in first_line:
+            raise DataError(f"{where}: image {image!r} is listed again (first on line "
+                            f"{first_line[file_key(path)]}); list each image once")
+        first_line[file_key(path)] = line_no
         paths.append(path)
-        targets.append(values)
         if group is not None:
             groups.append(row[header.index(group)].strip())
-
-    return LabelTable(
-        paths=paths,
-        names=[header[i] for i in label_columns],
-        targets=np.asarray(targets, dtype=np.float32),
-        groups=groups if group is not None else None,
-        source=str(csv_path),
-    )
+    return LabelTable(paths=paths, names=[header[i] for i in label_columns],
+                      targets=np.asarray(targets, dtype=np.float32),
+                      groups=groups if group is not None else None, source=str(csv_path))
 
 
 def elpv_table() -> LabelTable:

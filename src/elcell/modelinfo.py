@@ -1,21 +1,22 @@
 """What an elcell ONNX file promises, and the metadata stored in it. Torch-free.
 
-Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = image_size);
+Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = decoding.size);
 outputs `probs` float [batch, N] (sigmoid applied) and `heatmap` float
-[batch, N, h, w] (Grad-CAM of each label on the last ResNet stage).
-Normalisation happens inside the graph, so a caller only decodes and resizes
-(`elcell.images.load_cell` with the model's `shrink` and `bit_depth`).
+[batch, N, h, w] (Grad-CAM of each label; see elcell.model). Normalisation
+happens inside the graph, so a caller only decodes (`elcell.images.load_cell`
+with the model's `decoding`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
 
-from elcell.images import BIT_DEPTHS, SHRINKS
+from elcell.images import SHRINKS, Decoding
 from elcell.io import atomic_path
 
 INPUT_NAME = "images"
@@ -24,6 +25,8 @@ OUTPUT_NAMES = ("probs", "heatmap")
 # `bit_depth`-bit ones. elcell versions without them refuse such a model instead
 # of decoding it the old way. Models that need neither stay "1", readable by all.
 FORMAT_VERSIONS = ("1", "2", "3")
+# The decoding travels as three flat keys, as elcell has always stored it.
+_DECODING_KEYS = {"image_size": "size", "shrink": "shrink", "bit_depth": "bit_depth"}
 
 
 @dataclass
@@ -33,23 +36,19 @@ class ModelInfo:
     threshold), else `ok`. review_threshold == threshold means no review band."""
 
     labels: list[str]
-    image_size: int
+    decoding: Decoding
     mean: float
     std: float
     thresholds: list[float]
     review_thresholds: list[float]
     backbone: str = ""
-    shrink: str = "bilinear"  # how load_cell shrinks larger cells; models older than it: bilinear
-    # how load_cell reads 16-bit cells; before format "3" this field was always 8 and meant nothing
-    bit_depth: int = 16
     epoch: int = -1
     extra: dict = field(default_factory=dict)
+    # sha256 of the graph (weights included, metadata not): the same for a copy
+    # with tuned thresholds, different for retrained or int8 weights. Read, not stored.
+    identity: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.shrink not in SHRINKS:
-            raise ValueError(f"shrink {self.shrink!r} is not one of {list(SHRINKS)}: written by a newer elcell?")
-        if self.bit_depth not in BIT_DEPTHS:
-            raise ValueError(f"bit depth {self.bit_depth} is not one of {list(BIT_DEPTHS)}")
         n = len(self.labels)
         if len(self.thresholds) != n or len(self.review_thresholds) != n:
             raise ValueError(f"need one threshold and one review threshold per label ({n})")
@@ -59,11 +58,16 @@ class ModelInfo:
                     f"label {label!r}: need 0 <= review threshold ({low}) <= threshold ({high}) <= 1"
                 )
 
+    @property
+    def short_id(self) -> str:
+        return self.identity[:16]
+
     def to_props(self) -> dict[str, str]:
-        version = "3" if self.bit_depth != 16 else "2" if self.shrink != "bilinear" else "1"
-        props = {"elcell_format": version}
-        props.update({key: json.dumps(value) for key, value in asdict(self).items()})
-        return props
+        d = self.decoding
+        version = "3" if d.bit_depth != 16 else "2" if d.shrink != "bilinear" else "1"
+        values = {k: v for k, v in asdict(self).items() if k not in ("decoding", "identity")}
+        values.update({key: getattr(d, attr) for key, attr in _DECODING_KEYS.items()})
+        return {"elcell_format": version, **{key: json.dumps(value) for key, value in values.items()}}
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> ModelInfo:
@@ -72,13 +76,25 @@ class ModelInfo:
             raise ValueError(f"{source}: not an elcell model (no elcell metadata in the ONNX file)")
         if version not in FORMAT_VERSIONS:
             raise ValueError(f"{source}: elcell model format {version} is newer than this elcell's; upgrade elcell")
-        names = set(cls.__dataclass_fields__) - ({"bit_depth"} if version in ("1", "2") else set())
-        return cls(**{key: json.loads(props[key]) for key in names if key in props})
+        values = {key: json.loads(props[key]) for key in cls.__dataclass_fields__ if key in props}
+        # before format "3" the stored bit_depth was always 8 and meant nothing
+        flat = {key: json.loads(props[key]) for key in _DECODING_KEYS if key in props
+                and not (key == "bit_depth" and version in ("1", "2"))}
+        if flat.get("shrink", "bilinear") not in SHRINKS:
+            raise ValueError(f"shrink {flat['shrink']!r} is not one of {list(SHRINKS)}: written by a newer elcell?")
+        values["decoding"] = Decoding(**{_DECODING_KEYS[k]: v for k, v in flat.items()})
+        values.pop("identity", None)
+        return cls(**values)
+
+
+def graph_identity(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
 
 
 def read_info(path: str | Path) -> ModelInfo:
     model = onnx.load(str(path), load_external_data=False)
-    return ModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+    return replace(info, identity=graph_identity(model))
 
 
 def write_info(source: str | Path, target: str | Path, info: ModelInfo) -> None:

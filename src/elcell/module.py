@@ -186,11 +186,9 @@ class ELCellModule(LightningModule):
         return nn.ModuleList(m for name, m in self.model.named_children() if name != "fc"), self.model.fc
 
 
-SCHEDULES = ("plateau", "cosine", "onecycle")
-# each --optimizer's class and its settings beyond lr and weight decay
+# each --optimizer's class and its settings beyond lr and weight decay (config.OPTIMIZERS)
 _OPTIMIZERS = {"adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {}),
                "sgd": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True})}
-OPTIMIZERS = tuple(_OPTIMIZERS)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: int):

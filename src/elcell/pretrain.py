@@ -28,15 +28,16 @@ from torch import nn
 
 from elcell.augment import BatchAugment, normalise
 from elcell.config import PretrainConfig
-from elcell.data import build_cache, cell_loader, pixel_stats, stratified_split
+from elcell.data import build_cache, cell_loader, limit_table, pixel_stats, stratified_split
 from elcell.errors import DataError
-from elcell.images import BIT_DEPTHS, SHRINKS
-from elcell.infer import collect_inputs
+from elcell.hardware import gpu_available, machine, resolve_precision
+from elcell.history import merge_session_logs
+from elcell.inputs import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import load_table
-from elcell.model import ARCHITECTURES, ResNet
+from elcell.model import ResNet
 from elcell.module import cosine_schedule
-from elcell.train import gpu_available, limit_table, machine, merge_session_logs, resolve_precision
+from elcell.options import show_progress, validate
 
 MIN_CELLS = 8
 
@@ -127,32 +128,15 @@ def pretrain_cells(config: PretrainConfig) -> list[Path]:
     return paths
 
 
-def _check(config: PretrainConfig) -> None:
-    if config.backbone not in ARCHITECTURES:
-        raise DataError(f"--backbone {config.backbone!r}: choose from {sorted(ARCHITECTURES)}")
-    if config.image_size < 32:
-        raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
-    if config.shrink not in SHRINKS:
-        raise DataError(f"--shrink {config.shrink!r}: choose from {list(SHRINKS)}")
-    if config.bit_depth not in BIT_DEPTHS:
-        raise DataError(f"--bit-depth {config.bit_depth}: choose from {list(BIT_DEPTHS)}")
-    if not 0 < config.crop_scale <= 1:
-        raise DataError(f"--crop-scale {config.crop_scale} must be in (0, 1]")
-    if config.temperature <= 0:
-        raise DataError(f"--temperature {config.temperature} must be positive")
-    if config.batch_size < 2:
-        raise DataError(f"--batch-size {config.batch_size}: contrastive learning needs at least 2 cells a batch")
-
-
 def pretrain(config: PretrainConfig) -> dict:
     """Pretrain, write RUN/backbone.pth and RUN/summary.json, return the summary."""
-    _check(config)
+    validate(config)
     paths = pretrain_cells(config)
     run = Path(config.out) if config.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     if run.exists() and any(run.iterdir()):  # before decoding: a large folder takes minutes
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
-    images = build_cache(paths, config.image_size, config.cache_dir, progress=config.progress, shrink=config.shrink,
-                         bit_depth=config.bit_depth)
+    progress = show_progress(config.progress)
+    images = build_cache(paths, config.decoding, config.cache_dir, progress=progress)
     L.seed_everything(config.seed, workers=True, verbose=False)
     everything = np.arange(len(paths))
     mean, std = pixel_stats(images, everything)
@@ -176,7 +160,7 @@ def pretrain(config: PretrainConfig) -> dict:
         callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None,
                                    enable_version_counter=False),
                    LearningRateMonitor(logging_interval="epoch")],
-        logger=CSVLogger(run, name="logs", version="0"), enable_progress_bar=config.progress,
+        logger=CSVLogger(run, name="logs", version="0"), enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1,
     )
     started = time.time()
@@ -202,7 +186,8 @@ def pretrain(config: PretrainConfig) -> dict:
     return {"run": str(run), **summary}
 
 
-def main(config: PretrainConfig) -> None:
+def main(config: PretrainConfig) -> int:
     summary = pretrain(config)
     print(json.dumps({k: summary[k] for k in ("run", "cells", "epochs_run", "final_ssl_loss",
                                               "final_pair_accuracy", "use")}, indent=2))
+    return 0

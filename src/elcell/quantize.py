@@ -26,11 +26,15 @@ from onnxruntime.quantization import (
 )
 
 from elcell.errors import DataError, ExportError
-from elcell.evaluate import predict_table, report
-from elcell.infer import Model, decide, decode_batches, default_workers, open_model
-from elcell.io import atomic_path
+from elcell.evaluate import predict_table
+from elcell.images import Decoding
+from elcell.inputs import Unreadable, decode_batches
+from elcell.io import atomic_path, output_mode
 from elcell.labels import LabelTable, load_table
+from elcell.metrics import summary
 from elcell.modelinfo import INPUT_NAME, read_info, write_info
+from elcell.options import show_progress
+from elcell.runtime import Model, decide, default_workers, open_model
 
 # The backbone is where the time goes. The head's weights are shared by its
 # Gemm layers and by the in-graph Grad-CAM MatMuls, which ONNX Runtime's
@@ -61,18 +65,17 @@ class CellReader(CalibrationDataReader):
         self.position = 0
 
 
-def calibration_cells(table: LabelTable, size: int, count: int = 200, seed: int = 0,
-                      workers: int | None = None, shrink: str = "bilinear", bit_depth: int = 16
-                      ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+def calibration_cells(table: LabelTable, decoding: Decoding, count: int = 200, seed: int = 0,
+                      workers: int | None = None) -> tuple[np.ndarray, list[Unreadable]]:
     """`count` cells drawn at random (seeded) from `table`, decoded as predict does;
     unreadable ones are skipped and returned with their reason."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.permutation(len(table))[:count])
     images, failed = [], []
     workers = default_workers() if workers is None else workers
-    for batch in decode_batches([table.paths[i] for i in rows], size, 32, workers, shrink, bit_depth):
+    for batch in decode_batches([table.paths[i] for i in rows], decoding, 32, workers):
         images.append(batch.images)
-        failed += [(str(p), e) for p, e in zip(batch.paths, batch.errors, strict=True) if e is not None]
+        failed += batch.unreadable()
     cells = np.concatenate(images)
     if len(cells) == 0:
         raise DataError(f"{table.source}: none of the calibration images could be read")
@@ -123,8 +126,8 @@ def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size
     columns = [info.labels.index(label) for label in a.labels]
     high = [info.thresholds[c] for c in columns]
     low = [info.review_thresholds[c] for c in columns]
-    scores = {name: report(run.positives, run.probs, run.labels, high, low) for name, run in runs.items()}
-    agree = decide(a.probs, None, high, low) == decide(b.probs, None, high, low)
+    scores = {name: summary(run.positives, run.probs, run.labels, high, low) for name, run in runs.items()}
+    agree = decide(a.probs, high, low) == decide(b.probs, high, low)
     per_label = {}
     for j, label in enumerate(a.labels):
         f, q = scores["float"]["per_label"][label], scores["int8"]["per_label"][label]
@@ -137,7 +140,7 @@ def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size
             "max_prob_diff": float(np.abs(a.probs[:, j] - b.probs[:, j]).max()),
         }
     return {
-        "cells": len(a.paths), "data": table.source, "failed": [p for p, _ in a.failed],
+        "cells": len(a.paths), "data": table.source, "failed": [u.path for u in a.failed],
         "mean_f1_float": scores["float"]["mean_f1"], "mean_f1_int8": scores["int8"]["mean_f1"],
         "weighted_f1_float": scores["float"]["weighted_f1"],
         "weighted_f1_int8": scores["int8"]["weighted_f1"],
@@ -167,14 +170,14 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
         raise DataError(f"{float_path} is already an int8 model; quantise the float model it came from")
     table = load_table(calibration, group=group)  # `group` names a column that is not a label
     info = float_model.info
-    cells, failed = calibration_cells(table, info.image_size, count, seed, workers, info.shrink, info.bit_depth)
+    cells, failed = calibration_cells(table, info.decoding, count, seed, workers)
     evaluation = table if eval_data is None else load_table(eval_data, group=group)
     with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
         candidate = quantize(float_path, Path(tmp) / out.name, cells, source=str(calibration))
         int8_model = open_model(candidate, providers=["CPUExecutionProvider"])
         comparison = compare(float_model, int8_model, evaluation, batch_size, workers, progress)
         comparison.update(calibration=str(calibration), calibration_cells=len(cells),
-                          calibration_failed=[p for p, _ in failed], out=str(out))
+                          calibration_failed=[u.path for u in failed], out=str(out))
         drops = recall_drops(comparison)
         comparison["refused"] = bool(drops) and not allow_recall_drop
         if drops and not allow_recall_drop:
@@ -208,3 +211,18 @@ def format_comparison(comparison: dict) -> str:
         lines.append(f"  {len(unnamed)} calibration image(s) could not be read and were left out: "
                      + ", ".join(unnamed[:5]) + (", ..." if len(unnamed) > 5 else ""))
     return "\n".join(lines)
+
+
+def main(args, float_path: Path) -> int:
+    """`elcell export --int8` once the float model exists (options: elcell.cli)."""
+    int8_out = Path(args.int8_out) if args.int8_out else float_path.with_name(f"{float_path.stem}.int8.onnx")
+    output_mode(int8_out, "--int8-out", overwrite=args.overwrite)
+    comparison = quantize_checked(
+        float_path, int8_out, args.calibration, eval_data=args.eval_data, count=args.calibration_count,
+        allow_recall_drop=args.allow_recall_drop, batch_size=args.batch_size,
+        progress=show_progress(args.progress), group=args.group)
+    print(format_comparison(comparison))
+    if comparison["refused"]:
+        raise ExportError(comparison["refusal"])
+    print(f"wrote {int8_out}")
+    return 0

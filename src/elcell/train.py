@@ -8,11 +8,9 @@ it did not succeed.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import logging
 import os
+import sys
 import re
 import time
 import warnings
@@ -32,86 +30,30 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from elcell.augment import CRACK_SHAPES, NOT_ONLY_CRACKS
-from elcell.config import PRETEXT_STAGE, TrainConfig, checkpoint_run, two_stage_configs
-from elcell.data import CellDataModule, build_cache, pixel_stats, stratified_split, write_split_csv
+from elcell.augment import NOT_ONLY_CRACKS
+from elcell.config import PRETEXT_STAGE, TrainConfig, checkpoint_run, recipe_name, two_stage_configs
+from elcell.data import (
+    CellDataModule,
+    build_cache,
+    check_labels,
+    limit_table,
+    pixel_stats,
+    pos_weights,
+    stratified_split,
+    write_split_csv,
+)
 from elcell.errors import DataError
+from elcell.evaluate import evaluate
 from elcell.export import export_checkpoint
-from elcell.images import BIT_DEPTHS, SHRINKS
-from elcell.io import atomic_path, atomic_write_json, atomic_write_text
+from elcell.hardware import check_devices, gpu_available, machine, resolve_precision
+from elcell.history import EpochLines, merge_session_logs, next_session, plot_losses
+from elcell.io import atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
-from elcell.model import ARCHITECTURES, INPUT_NORMS, POOLINGS, load_pretrained
-from elcell.module import OPTIMIZERS, SCHEDULES, ELCellModule
-
-
-def gpu_available(config: TrainConfig) -> bool:
-    return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-
-
-def check_devices(config: TrainConfig) -> None:
-    """More GPUs than the machine shows: one sentence before any work (Lightning's
-    answer is a traceback after the data is loaded)."""
-    if not gpu_available(config):
-        return
-    have = torch.cuda.device_count()
-    wanted = str(config.devices).strip("[]() ")
-    if wanted.isdigit():  # a count
-        too_many = int(wanted) > have
-    else:  # GPU indices, '0,1' or a YAML list; 'auto' and '-1' take what is there
-        indices = [part.strip() for part in wanted.split(",") if part.strip()]
-        too_many = all(i.isdigit() for i in indices) and any(int(i) >= have for i in indices)
-    if too_many:
-        raise DataError(f"--devices {config.devices}: this machine has {have} GPU(s) visible; ask for "
-                        f"at most {have}, or add --accelerator cpu to train in CPU processes")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix work in hardware (AMD Zen 4+, Intel Cooper Lake+)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def resolve_precision(config: TrainConfig) -> str:
-    """`auto`: bf16 autocast on GPUs that have it and on CPUs with native bf16
-    (x3.4 per ResNet-50 step with channels-last, docs/performance.md); else float32."""
-    if config.precision != "auto":
-        return config.precision
-    if gpu_available(config):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
-def limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
-    """A stratified random subset of `limit` cells (quick runs, tests)."""
-    if limit >= len(table):
-        return table
-    split = stratified_split(table, val_fraction=limit / len(table), seed=seed)
-    return table.subset(np.flatnonzero(split == "val"))
-
-
-def _check_labels(table: LabelTable, split: np.ndarray) -> None:
-    train = split == "train"
-    for i, name in enumerate(table.names):
-        positives = int(table.positives[train, i].sum())
-        if positives == 0:
-            raise DataError(
-                f"{table.source}: label {name!r} has no positive example in the train split "
-                f"({int(train.sum())} cells); add positive cells or drop the column"
-            )
-        if positives == int(train.sum()):
-            raise DataError(f"{table.source}: label {name!r} is positive on every train cell")
-
-
-LOSS_WEIGHTINGS = ("balanced", "none")
-
-
-def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
-    """BCE pos_weight per label: negatives / positives counted with soft targets
-    (ELPV probabilities), or 1 (no weighting)."""
-    if weighting == "none":
-        return [1.0] * targets.shape[1]
-    positive = targets.sum(axis=0)
-    return [float(w) for w in (len(targets) - positive) / positive]
+from elcell.metrics import headline
+from elcell.model import load_pretrained
+from elcell.module import ELCellModule
+from elcell.options import show_progress, validate
+from elcell.runtime import open_model
 
 
 def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:
@@ -138,99 +80,29 @@ def label_index(names: list[str], wanted: str) -> int | None:
     return lowered.index(wanted) if wanted in lowered else None
 
 
-def prepare(config: TrainConfig):
-    """Read, split and decode the data; all input errors surface here."""
-    if config.backbone not in ARCHITECTURES:
-        raise DataError(f"--backbone {config.backbone!r}: choose from {sorted(ARCHITECTURES)}")
-    if config.image_size < 32:
-        raise DataError(f"--image-size {config.image_size} is too small (32 or more)")
-    for option, value, choices in (("optimizer", config.optimizer, OPTIMIZERS),
-                                   ("schedule", config.schedule, SCHEDULES),
-                                   ("loss-weighting", config.loss_weighting, LOSS_WEIGHTINGS),
-                                   ("pooling", config.pooling, POOLINGS),
-                                   ("input-norm", config.input_norm, INPUT_NORMS),
-                                   ("synthetic-crack-shape", config.synthetic_crack_shape, CRACK_SHAPES),
-                                   ("shrink", config.shrink, SHRINKS),
-                                   ("bit-depth", config.bit_depth, BIT_DEPTHS)):
-        if value not in choices:
-            raise DataError(f"--{option} {value!r}: choose from {list(choices)}")
-    if config.warmup_epochs < 0:
-        raise DataError(f"--warmup-epochs {config.warmup_epochs} must be 0 or more")
-    if not config.backbone_lr_scale >= 0:  # NaN too
-        raise DataError(f"--backbone-lr-scale {config.backbone_lr_scale} must be 0 or more")
+def check_options(config: TrainConfig) -> None:
+    """Every option within its declared bounds (elcell.options), and the
+    combinations no single declaration can see."""
+    recipe_name(config.recipe)
+    validate(config)
     if config.backbone_lr_scale == 0 and config.pretrained == "none":
         warnings.warn("--backbone-lr-scale 0 with --pretrained none: the backbone stays at its random "
-                      "initialisation and only the head learns", stacklevel=2)
-    if not 0 <= config.ema_decay < 1:
-        raise DataError(f"--ema-decay {config.ema_decay} must be in [0, 1) (0 = off)")
-    if config.finetune_epochs < 0:
-        raise DataError(f"--finetune-epochs {config.finetune_epochs} must be 0 (one stage) or more")
-    if not 0 <= config.synthetic_cracks <= 1:
-        raise DataError(f"--synthetic-cracks {config.synthetic_cracks} must be a probability in [0, 1]")
+                      "initialisation and only the head learns", stacklevel=3)
+
+
+def prepare(config: TrainConfig):
+    """Read, split and decode the data; all input errors surface here."""
+    check_options(config)
     table = load_table(config.data, group=config.group)
     # refuses a label set it cannot mark
     crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape)
     if config.limit:
         table = limit_table(table, config.limit, config.seed)
     split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
-    _check_labels(table, split)
-    images = build_cache(table.paths, config.image_size, config.cache_dir,
-                         progress=config.progress and rank_zero_only.rank == 0, shrink=config.shrink,
-                         bit_depth=config.bit_depth)
+    check_labels(table, split)
+    images = build_cache(table.paths, config.decoding, config.cache_dir,
+                         progress=show_progress(config.progress) and rank_zero_only.rank == 0)
     return table, split, images
-
-
-def merge_session_logs(run: Path) -> Path:
-    """One metrics.csv for the run from each session's log (logs/<n>/metrics.csv).
-
-    Every start or --resume logs to a new session folder, because Lightning's
-    CSV logger would otherwise replace the earlier epochs' rows.
-    """
-    rows, columns = [], {}
-    for session in sorted((run / "logs").glob("*/metrics.csv"), key=lambda p: int(p.parent.name)):
-        with open(session) as handle:
-            reader = csv.DictReader(handle)
-            columns.update(dict.fromkeys(reader.fieldnames or []))
-            rows.extend(reader)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(run / "metrics.csv", buffer.getvalue())
-    return run / "metrics.csv"
-
-
-def plot_losses(metrics_csv: Path, out: Path) -> None:
-    """losses.png: train/val loss and val F1 per epoch, from Lightning's metrics.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_epoch: dict[int, dict[str, float]] = {}
-    with open(metrics_csv) as handle:
-        for row in csv.DictReader(handle):
-            if row.get("epoch"):
-                entry = per_epoch.setdefault(int(row["epoch"]), {})
-                entry.update({k: float(v) for k, v in row.items() if v and k != "epoch"})
-    epochs = sorted(per_epoch)
-    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
-        points = [(e, per_epoch[e][key]) for e in epochs if key in per_epoch[e]]
-        if points:
-            ax_loss.plot(*zip(*points), marker="o", label=label)
-    points = [(e, per_epoch[e]["val_f1"]) for e in epochs if "val_f1" in per_epoch[e]]
-    if points:
-        ax_f1.plot(*zip(*points), marker="o", color="tab:green", label="val weighted F1")
-    ax_loss.set(xlabel="epoch", ylabel="weighted BCE loss", title="Loss")
-    ax_f1.set(xlabel="epoch", ylabel="F1", ylim=(0, 1), title="Validation F1")
-    for ax in (ax_loss, ax_f1):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 RUN_DIR_ENV = "ELCELL_RUN_DIR"
@@ -256,18 +128,6 @@ def _run_folder(config: TrainConfig) -> Path:
     return run
 
 
-class _DropTips(logging.Filter):
-    """Lightning advertises a cloud logger on every run; not useful on an inspection PC."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
-# Expected: our augmentation lives in the module's on_after_batch_transfer on purpose.
-warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
-
-
 TWO_STAGE_CONFIG = "two-stage.yaml"  # the options a two-stage run was started with
 
 
@@ -276,6 +136,7 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     (empty on ranks other than 0). With --finetune-epochs, in two stages
     (`two_stage_configs`). `callbacks` are added to the (final stage's) Trainer."""
     check_devices(config)
+    config = with_absolute_paths(config)
     # a wrong file is named before anything else, a wrong option before decoding
     # (a wrong --shrink would decode the whole data set first)
     checkpoint = _resume_checkpoint(config.resume) if config.resume else None
@@ -286,15 +147,37 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     return _train_stage(config, callbacks)
 
 
-def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
-                 may_hold: tuple[str, ...] = ()) -> dict:
-    """One run into its folder, which must be new or empty but for `may_hold`."""
-    table, split, images = prepare(config)  # the split depends on config.seed alone
-    L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
-                      verbose=False)
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The data, weights and cache paths made absolute, so the run's record
+    (config.yaml) repeats or resumes it from any folder."""
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    return replace(config, data=config.data if config.data == "elpv" else absolute(config.data),
+                   pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir))
+
+
+_noted_busy = False
+
+
+def note_busy_machine() -> None:
+    """A training shares its cores badly: two heavy processes on 2 cores take 3-10x
+    as long. Say so once, at the start, rather than leave the user wondering."""
+    global _noted_busy
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if rank_zero_only.rank == 0 and load > max(1.0, 0.5 * cores) and not _noted_busy:
+        _noted_busy = True
+        print(f"elcell: note: this machine is busy (load {load:.1f} on {cores} cores): training will take "
+              "longer than the times given for an idle machine", file=sys.stderr)
+
+
+def build_module(config: TrainConfig, table: LabelTable, split: np.ndarray, images: np.ndarray) -> ELCellModule:
+    """The LightningModule for `config`, normalised by the train cells' pixel
+    statistics, its loss weighted by their label counts, and starting from
+    --pretrained weights unless the run resumes."""
     train_index = np.flatnonzero(split == "train")
     mean, std = pixel_stats(images, train_index)
-    gpu = gpu_available(config)
     module = ELCellModule(
         backbone=config.backbone, label_names=table.names, mean=mean, std=std,
         pos_weight=pos_weights(table.targets[train_index], config.loss_weighting), lr=config.lr,
@@ -308,34 +191,61 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         crack_label=crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape),
         inactive_label=label_index(table.names, "inactive"),
         # channels-last pays on GPUs and with bf16 on CPUs (oneDNN's preferred layout)
-        channels_last=gpu or resolve_precision(config) == "bf16-mixed",
+        channels_last=gpu_available(config) or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size, shrink=config.shrink, bit_depth=config.bit_depth,
     )
     if config.pretrained != "none" and not config.resume:
         load_pretrained(module.model, config.pretrained)
+    return module
 
+
+def _claim_run_folder(config: TrainConfig, may_hold: tuple[str, ...]) -> Path:
     run = _run_folder(config)
-    rank_zero = rank_zero_only.rank == 0
-    if rank_zero and not config.resume and run.exists() and any(p.name not in may_hold for p in run.iterdir()):
+    if rank_zero_only.rank == 0 and not config.resume and run.exists() and \
+            any(p.name not in may_hold for p in run.iterdir()):
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
     run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
+                 may_hold: tuple[str, ...] = ()) -> dict:
+    """One run into its folder, which must be new or empty but for `may_hold`."""
+    table, split, images = prepare(config)  # the split depends on config.seed alone
+    note_busy_machine()
+    L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
+                      verbose=False)
+    module = build_module(config, table, split, images)
+    run = _claim_run_folder(config, may_hold)
+    gpu = gpu_available(config)
     trainer = _trainer(config, run, gpu, callbacks or [])
     if trainer.is_global_zero:
         atomic_write_text(run / "config.yaml", config.to_yaml())
-        write_split_csv(run / "split.csv", table, split)
+        write_split_csv(run, table, split)
     workers = config.workers if config.workers is not None else (4 if gpu else 0)
     datamodule = CellDataModule(images, table, split, config.batch_size, workers, pin_memory=gpu)
-
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume)
-    checkpoint = trainer.checkpoint_callback
     if not trainer.is_global_zero:
         return {}
+    summary = _export_and_score(config, run, trainer, table, split, images)
+    summary.update(train_seconds=round(time.time() - started, 1), machine=machine(config),
+                   mean=module.hparams.mean, std=module.hparams.std)
+    atomic_write_json(run / "summary.json", summary)
+    return {"run": str(run), **summary}
 
-    plot_losses(merge_session_logs(run), run / "losses.png")
-    val_rows = np.flatnonzero(split == "val")[:4]
+
+def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table: LabelTable,
+                      split: np.ndarray, images: np.ndarray) -> dict:
+    """Plot the run, export its best checkpoint, and score that ONNX model, as an
+    inspection PC runs it, on the held-out cells: full reports in eval/val and
+    eval/test, headline figures in the summary returned."""
+    checkpoint = trainer.checkpoint_callback
+    best_epoch = int(torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True,
+                                mmap=True)["epoch"])
+    plot_losses(merge_session_logs(run), run / "losses.png", best_epoch)
     onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
-                                          check_images=images[val_rows])
+                                          check_images=images[np.flatnonzero(split == "val")[:4]])
     if config.resume:  # the earlier best of the run resumed: one model per run, not an int8 copy
         for older in run.glob("best_model_epoch*.onnx"):
             if re.fullmatch(r"best_model_epoch\d+\.onnx", older.name) and older != onnx_path:
@@ -346,22 +256,15 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         "onnx": onnx_path.name,
         "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
-        "train_seconds": round(time.time() - started, 1),
-        "machine": machine(config),
         "labels": table.names,
-        "mean": mean,
-        "std": std,
         "cells": {part: int((split == part).sum()) for part in ("train", "val", "test")},
     }
-    # The exported model, as an inspection PC runs it, scored on the held-out
-    # splits: full reports in eval/val and eval/test, headline figures here.
     for part in ("val", "test"):
         if (split == part).any():
             held_out = replace(table.subset(np.flatnonzero(split == part)), source=f"{table.source} ({part} split)")
             summary[part] = evaluate_onnx(run / onnx_path.name, held_out, run / "eval" / part,
-                                          tta=config.tta, progress=config.progress)
-    atomic_write_json(run / "summary.json", summary)
-    return {"run": str(run), **summary}
+                                          tta=config.tta, progress=show_progress(config.progress))
+    return summary
 
 
 def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
@@ -443,32 +346,10 @@ def _check_resumable(config: TrainConfig, checkpoint: dict) -> None:
                         f"{'with --ema-decay' if averaged else 'without it'}")
 
 
-def machine(config: TrainConfig) -> dict:
-    """What trained the model, for comparing wall times between runs."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if gpu_available(config) else None
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": gpu, "precision": resolve_precision(config),
-            "torch": torch.__version__}
-
-
 def evaluate_onnx(onnx_path: Path, table: LabelTable, out: Path, tta: bool, progress: bool) -> dict:
     """Score the exported model on held-out cells: the full report goes to `out`,
     the headline figures are returned."""
-    from elcell.evaluate import evaluate, headline
-    from elcell.infer import open_model
-
     return headline(evaluate(open_model(onnx_path), table, out, tta=tta, progress=progress))
-
-
-def _next_session(run: Path) -> int:
-    sessions = [int(p.name) for p in (run / "logs").glob("*") if p.name.isdigit()]
-    return max(sessions, default=-1) + 1
 
 
 def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
@@ -507,17 +388,17 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
         strategy=strategy,
         precision=resolve_precision(config),
         callbacks=[best, last, early_stop, LearningRateMonitor(logging_interval="epoch"),
-                   *extra_callbacks],
-        logger=[CSVLogger(run, name="logs", version=str(_next_session(run))),
+                   *([] if show_progress(config.progress) else [EpochLines()]), *extra_callbacks],
+        logger=[CSVLogger(run, name="logs", version=str(next_session(run))),
                 TensorBoardLogger(run, name="", version="tensorboard")],
-        enable_progress_bar=config.progress,
+        enable_progress_bar=show_progress(config.progress),
         enable_model_summary=False,
         log_every_n_steps=1,
         deterministic=False,
     )
 
 
-def main(config: TrainConfig) -> None:
+def main(config: TrainConfig) -> int:
     summary = train(config)
     if summary:
         shown = {k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")}
@@ -526,3 +407,4 @@ def main(config: TrainConfig) -> None:
                 shown[part] = {label: {k: round(summary[part][label][k], 4) for k in ("accuracy", "f1")}
                                for label in summary["labels"]}
         print(json.dumps(shown, indent=2))
+    return 0

@@ -1,4 +1,4 @@
-"""`elcell predict` and the ONNX Runtime core, on real ELPV cells with the tiny trained model."""
+"""`elcell predict`: the streaming, resumable CSV writer, on real ELPV cells with the tiny trained model."""
 
 from __future__ import annotations
 
@@ -16,17 +16,9 @@ from PIL import Image
 
 from elcell.cli import main
 from elcell.errors import DataError
-from elcell.images import find_images, load_cell
-from elcell.infer import (
-    Model,
-    collect_inputs,
-    csv_header,
-    decide,
-    decode_batches,
-    open_model,
-    parse_thresholds,
-)
+from elcell.images import Decoding, find_images, load_cell
 from elcell.labels import load_table
+from elcell.runtime import Model, decide, open_model, parse_thresholds
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -55,13 +47,17 @@ def test_predict_labels_csv_schema_and_probabilities(tiny_onnx, model, seed_csv,
     assert main(["predict", str(tiny_onnx), str(seed_csv), "--out", str(out), "--no-progress",
                  "--batch-size", "5"]) == 0
     header, rows = read_rows(out)
-    assert header == ["path", "prob_crack", "prob_inactive", "decision_crack", "decision_inactive", "error"]
+    assert header == ["path", "prob_crack", "prob_inactive", "decision_crack", "decision_inactive", "error",
+                      "model", "thresholds"]
+    # every row names the model that judged it (file and weights hash) and its thresholds
+    assert {(row["model"], row["thresholds"]) for row in rows} == \
+        {(f"{tiny_onnx.name}@{model.info.identity[:16]}", "crack=0.5/0.5 inactive=0.5/0.5")}
     table = load_table(seed_csv)
     assert [row["path"] for row in rows] == [str(p) for p in table.paths]  # relative to the CSV, in order
     probs = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
-    expected = model.run(np.stack([load_cell(p, model.info.image_size) for p in table.paths]))
+    expected = model.run(np.stack([load_cell(p, Decoding(model.info.decoding.size)) for p in table.paths]))
     np.testing.assert_allclose(probs, expected, atol=2e-6)  # batching does not change a cell's result
-    decisions = decide(probs, model.info)
+    decisions = decide(probs, model.info.thresholds, model.info.review_thresholds)
     assert [[row["decision_crack"], row["decision_inactive"]] for row in rows] == decisions.tolist()
     assert all(row["error"] == "" for row in rows)
     assert "CPUExecutionProvider" in capsys.readouterr().err  # says which provider runs
@@ -132,7 +128,9 @@ def test_resume_after_crash_drops_half_line_and_retries_failures(tiny_onnx, cell
     # a crash mid-write leaves half a line; an image that failed before is retried
     text = out.read_text()
     lines = text.splitlines(keepends=True)
-    failed = lines[2].split(";")[0] + ";;;;;not a readable image (was broken)\n"
+    model_and_thresholds = lines[1].rstrip("\n").split(";")[-2:]
+    failed = ";".join([lines[2].split(";")[0], "", "", "", "", "not a readable image (was broken)",
+                       *model_and_thresholds]) + "\n"
     out.write_text(lines[0] + lines[1] + failed + "".join(lines[3:]) + expected[6]["path"][:10])
     assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
                  "--resume"]) == 0
@@ -189,8 +187,9 @@ def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_p
     assert main(["predict", str(tiny_onnx), str(tmp_path / "nowhere")]) == 2
     assert main(["predict", str(tmp_path / "missing.onnx"), str(cell_folder)]) == 2
     # nothing is left behind by options that cannot work
-    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path / "b.csv"),
-                 "--batch-size", "0"]) == 2
+    with pytest.raises(SystemExit) as stopped:  # argparse's own one line, as for any malformed option
+        main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path / "b.csv"), "--batch-size", "0"])
+    assert stopped.value.code == 2 and "argument --batch-size: 0: need at least 1" in capsys.readouterr().err
     assert not (tmp_path / "b.csv").exists()
     assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(tmp_path), "--overwrite"]) == 2
     assert "is a folder: give the CSV file to write" in capsys.readouterr().err
@@ -215,38 +214,7 @@ def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, seed_csv):
     assert process.wait(timeout=120) == 141 and "Traceback" not in stderr
 
 
-def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):
-    out = tmp_path / "preds.csv"
-    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
-    header, rows = read_rows(out)
-    assert header == csv_header(["crack", "inactive"], tta=True)
-    assert "prob_crack_no_tta" in header
-    images = np.stack([load_cell(row["path"], model.info.image_size) for row in rows])
-    flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-    expected = np.mean([model.run(f) for f in flips], axis=0)
-    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
-    plain = np.array([[float(row["prob_crack_no_tta"]), float(row["prob_inactive_no_tta"])] for row in rows])
-    np.testing.assert_allclose(got, expected, atol=2e-6)
-    np.testing.assert_allclose(plain, model.run(images), atol=2e-6)
-
-
-def test_sixteen_bit_cells_scaled_by_their_depth(tiny_onnx, elpv, tmp_path):
-    """A 16-bit cell holding the 8-bit values x 257 is the same picture: same probabilities."""
-    folder = tmp_path / "depth"
-    folder.mkdir()
-    for source in elpv.paths[:4]:
-        pixels = np.asarray(Image.open(source).convert("L"), dtype=np.uint16)
-        shutil.copy(source, folder / f"{source.stem}_8bit.png")
-        Image.fromarray(pixels * 257).save(folder / f"{source.stem}_16bit.png")
-        assert Image.open(folder / f"{source.stem}_16bit.png").mode.startswith("I;16")
-    out = tmp_path / "preds.csv"
-    assert main(["predict", str(tiny_onnx), str(folder), "--out", str(out), "--no-progress"]) == 0
-    _, rows = read_rows(out)
-    probs = {Path(row["path"]).stem: (row["prob_crack"], row["prob_inactive"]) for row in rows}
-    for source in elpv.paths[:4]:
-        assert probs[f"{source.stem}_16bit"] == probs[f"{source.stem}_8bit"]
-
-
+@pytest.mark.slow
 def test_predict_and_evaluate_import_no_torch(tiny_onnx, seed_csv, tmp_path):
     code = (
         "import sys\n"
@@ -270,58 +238,18 @@ def test_predict_and_evaluate_import_no_torch(tiny_onnx, seed_csv, tmp_path):
         assert result.stderr.startswith("elcell: error: this command trains or exports"), command
 
 
-def test_decoding_streams_with_bounded_look_ahead(elpv):
-    pulled = 0
-
-    def paths():
-        nonlocal pulled
-        for path in itertools.islice(itertools.cycle(elpv.paths[:20]), 400):
-            pulled += 1
-            yield path
-
-    batches = decode_batches(paths(), 32, batch_size=8, workers=2)
-    first = next(batches)
-    assert first.images.shape == (8, 32, 32) and first.images.dtype == np.uint8
-    assert pulled <= (2 + 2) * 8 + 8  # a few batches ahead, not the whole list
-    assert sum(len(b.paths) for b in batches) == 400 - 8
-    serial = next(decode_batches(elpv.paths[:20], 32, batch_size=8, workers=0))
-    np.testing.assert_array_equal(serial.images, first.images)  # same cells, same order
-
-
-def test_collect_inputs(cell_folder, seed_csv, tmp_path, monkeypatch):
-    listed = tmp_path / "list.csv"
-    listed.write_text("image\ncells/a.png\n")
-    paths = collect_inputs([cell_folder, seed_csv, listed, cell_folder])
-    assert len(paths) == 12 + 64 + 1  # each once
-    assert paths[-1] == tmp_path.resolve() / "cells" / "a.png"
-    # the same file named relatively and absolutely is still one cell
-    monkeypatch.chdir(tmp_path)
-    first = sorted(cell_folder.glob("*.png"))[0]
-    assert collect_inputs([cell_folder, Path("cells") / first.name, str(first)]) == find_images([cell_folder])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(DataError, match="no images"):
-        collect_inputs([empty])
-    # a pattern no shell expanded (Windows); one that matches nothing is named
-    assert collect_inputs([str(cell_folder / "*.png")]) == sorted(cell_folder.glob("*.png"))
-    with pytest.raises(DataError, match=r"\*\.tif: no such file or folder"):
-        collect_inputs([str(cell_folder / "*.tif")])
-
-
-def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx, cell_folder, tmp_path):
-    from dataclasses import replace
-
-    from elcell.modelinfo import read_info, write_info
-
-    assert read_info(tiny_onnx).extra["rotate90"] is False  # trained without rotations
-    rotated = tmp_path / "rotate90.onnx"
-    write_info(tiny_onnx, rotated, replace(read_info(tiny_onnx), extra={"rotate90": True}))
-    model = open_model(rotated)
+def test_predict_heatmaps_writes_overlays_only_for_cells_not_ok(tiny_onnx, seed_csv, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
     out = tmp_path / "preds.csv"
-    assert main(["predict", str(rotated), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
-    _, rows = read_rows(out)
-    images = np.stack([load_cell(row["path"], model.info.image_size) for row in rows])
-    views = [np.rot90(flipped, k, axes=(1, 2)) for flipped in (images, images[:, :, ::-1]) for k in range(4)]
-    expected = np.mean([model.run(v) for v in views], axis=0)
-    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
-    np.testing.assert_allclose(got, expected, atol=2e-6)
+    code = main(["predict", str(tiny_onnx), str(seed_csv), str(broken), "--out", str(out),
+                 "--heatmaps", str(tmp_path / "maps"), "--no-progress",
+                 "--threshold", "crack=0", "--threshold", "inactive=1", "--review-threshold", "inactive=1"])
+    assert code == 1  # the broken image is reported, the rest goes on
+    cells = [line.split(";")[0] for line in seed_csv.read_text().splitlines()[1:]]
+    overlays = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    # every readable cell is `defect` for crack (threshold 0) and `ok` for inactive (threshold 1)
+    assert overlays == sorted(f"{Path(c).stem}_crack.png" for c in cells)
+    with Image.open(tmp_path / "maps" / overlays[0]) as overlay:
+        assert overlay.mode == "RGB" and overlay.size[0] >= 256
+    assert f"{len(cells)} heatmap overlays" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""One set of metrics, used by `evaluate` and by `export --int8`'s comparison,
+and threshold tuning. Torch-free (scikit-learn for ROC-AUC and AP).
+
+A cell is positive for a label when its target is >= 0.5 (ELPV targets are
+expert probabilities). A cell is predicted positive (`defect`) when its
+probability is >= the label's threshold; between the review threshold and the
+threshold it is `review`, which counts as negative for precision/recall/F1,
+but a person looks at it, so `recall_with_review` counts it as caught.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+from elcell.errors import DataError
+from elcell.runtime import DEFECT, REVIEW, decide
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else 0.0
+
+
+def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
+                  review_threshold: float) -> dict:
+    """Metrics of one label at one operating point. ROC-AUC and average precision
+    need both classes (positives for AP) and are None otherwise."""
+    positive = positive.astype(bool)
+    predicted = prob >= threshold
+    in_review = (prob >= min(review_threshold, threshold)) & ~predicted
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(positive, predicted, labels=[False, True]).ravel())
+    both = 0 < positive.sum() < len(positive)
+    return {
+        "threshold": float(threshold),
+        "review_threshold": float(min(review_threshold, threshold)),
+        "cells": int(len(positive)),
+        "positives": int(positive.sum()),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, len(positive)),
+        "roc_auc": float(roc_auc_score(positive, prob)) if both else None,
+        "average_precision": float(average_precision_score(positive, prob)) if positive.any() else None,
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "review": int(in_review.sum()),
+        "review_positives": int((in_review & positive).sum()),
+        "recall_with_review": _ratio(int(((predicted | in_review) & positive).sum()), int(positive.sum())),
+    }
+
+
+def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float],
+            review_thresholds: list[float]) -> dict:
+    """Per-label metrics plus the seed's weighted F1 (weighted by positives), the
+    mean F1 over labels and how many cells land in review."""
+    per_label = {label: label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j])
+                 for j, label in enumerate(labels)}
+    support = np.array([m["positives"] for m in per_label.values()], dtype=np.float64)
+    f1 = np.array([m["f1"] for m in per_label.values()])
+    decisions = decide(probs, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
+    review_only = (decisions == REVIEW).any(axis=1) & ~(decisions == DEFECT).any(axis=1)
+    return {
+        "cells": int(len(probs)),
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
+        "mean_f1": float(f1.mean()),
+        "cells_in_review": int(review_only.sum()),
+        "per_label": per_label,
+    }
+
+
+HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
+
+
+def headline(metrics: dict) -> dict:
+    """The figures of an evaluation worth a line in summary.json: weighted/mean F1
+    and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
+    def compact(block: dict) -> dict:
+        return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
+                **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
+
+    result = {"tta": metrics["tta"], **compact(metrics)}
+    if "groups" in metrics:
+        result["groups"] = {name: compact(block) for name, block in metrics["groups"].items()}
+    return result
+
+
+# --------------------------------------------------------------------------- tuning
+def _midpoint(ranked: np.ndarray, k: int) -> float:
+    """A threshold that includes the k highest probabilities of `ranked` (sorted
+    descending) and nothing below: halfway to the next lower probability, so a
+    slightly different runtime (int8, GPU) does not flip the boundary cell."""
+    above = float(ranked[k - 1])
+    below = float(ranked[k]) if k < len(ranked) else 0.0
+    return above if above == below else (above + below) / 2
+
+
+def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float) -> float:
+    """The highest threshold whose recall on these cells is >= `recall`."""
+    positive = positive.astype(bool)
+    caught = np.sort(prob[positive])[::-1]
+    need = max(1, math.ceil(recall * len(caught) - 1e-9))
+    boundary = caught[need - 1]
+    below = prob[prob < boundary]
+    return float(boundary + below.max()) / 2 if len(below) else float(boundary)
+
+
+def threshold_for_f1(positive: np.ndarray, prob: np.ndarray) -> float:
+    """The threshold of maximum F1 on these cells; among equal F1 the lowest
+    threshold (more recall: a missed crack costs more than a false alarm)."""
+    order = np.argsort(-prob, kind="stable")
+    ranked, hits = prob[order], positive[order].astype(bool)
+    tp = np.cumsum(hits)
+    fp = np.cumsum(~hits)
+    f1 = 2 * tp / (tp + fp + hits.sum())
+    # only cut where the probability changes (ties fall on the same side)
+    last_of_tie = np.append(ranked[1:] != ranked[:-1], True)
+    f1 = np.where(last_of_tie, f1, -1)
+    best = np.flatnonzero(f1 == f1.max())[-1]
+    return _midpoint(ranked, best + 1)
+
+
+def parse_tuning(text: str) -> tuple[str, float | None]:
+    """`f1` or `recall=0.95`."""
+    if text == "f1":
+        return "f1", None
+    match = re.fullmatch(r"recall=([0-9.]+)", text)
+    if match:
+        value = float(match.group(1))
+        if 0 < value <= 1:
+            return "recall", value
+    raise DataError(f"--tune-thresholds {text}: use 'f1' or 'recall=R' with 0 < R <= 1 (e.g. recall=0.95)")
+
+
+def parse_review_band(text: str) -> tuple[str, float]:
+    """`recall=0.99` (review down to the threshold that keeps that recall) or a
+    probability such as `0.2` (review from 0.2 up to the threshold)."""
+    match = re.fullmatch(r"recall=([0-9.]+)", text)
+    try:
+        value = float(match.group(1) if match else text)
+    except ValueError:
+        value = -1.0
+    if (match and 0 < value <= 1) or (not match and 0 <= value <= 1):
+        return ("recall" if match else "probability"), value
+    raise DataError(f"--review-band {text}: use a probability such as 0.2 (review from it up to the "
+                    "threshold) or recall=R, e.g. recall=0.99 (review down to where recall reaches R)")
+
+
+def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds: list[float],
+         review_thresholds: list[float], method: str | None,
+         review_band: str | None) -> tuple[list[float], list[float], dict]:
+    """New thresholds (and review thresholds) for `labels` (columns of positives
+    and probs), with what each label got. Labels without positives keep their
+    thresholds."""
+    thresholds, review_thresholds = list(thresholds), list(review_thresholds)
+    kind, target = parse_tuning(method) if method else (None, None)
+    band = parse_review_band(review_band) if review_band else None
+    details: dict = {}
+    for j, label in enumerate(labels):
+        positive, prob = positives[:, j], probs[:, j]
+        old, old_review = thresholds[j], review_thresholds[j]
+        note = None
+        if kind and not positive.any():
+            note = "no positive cells: threshold kept"
+        elif kind == "f1":
+            thresholds[j] = threshold_for_f1(positive, prob)
+        elif kind == "recall":
+            thresholds[j] = threshold_for_recall(positive, prob, target)
+        if band is None:  # keep the model's band width
+            review_thresholds[j] = max(0.0, thresholds[j] - (old - old_review))
+        elif band[0] == "probability":
+            review_thresholds[j] = min(band[1], thresholds[j])
+        elif positive.any():
+            review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1]), thresholds[j])
+        else:
+            review_thresholds[j] = thresholds[j]
+            note = "no positive cells: no review band"
+        at = label_metrics(positive, prob, thresholds[j], review_thresholds[j])
+        details[label] = {
+            "threshold": thresholds[j], "previous_threshold": old,
+            "review_threshold": review_thresholds[j], "previous_review_threshold": old_review,
+            **{key: at[key] for key in ("precision", "recall", "f1", "review", "recall_with_review")},
+        }
+        if note:
+            details[label]["note"] = note
+    return thresholds, review_thresholds, details

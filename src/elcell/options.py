@@ -1,0 +1,167 @@
+"""Options declared once: each option of a config dataclass carries its base
+value, help, group, choices and check in its field metadata; the command line,
+--help, --print-config and validation are all built from that. Torch-free.
+
+Also the argparse types the other commands use for their own options, so that
+"a positive number" is checked and worded alike everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, field, fields
+from typing import Any
+
+from elcell.errors import DataError
+
+Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
+
+
+def option(base: Any, help: str, group: str, *, choices: Sequence | None = None,
+           check: Check | None = None, metavar: str | None = None) -> Any:
+    """A config field: `base` is the option's value in the original specification
+    (the `spec` recipe), or, for an option newer than it, what a run without the
+    option did; recipes override it."""
+    return field(default=base, metadata={"help": help, "group": group, "choices": choices,
+                                         "check": check, "metavar": metavar, "base": base})
+
+
+def defaults_from(factory: Callable[[str, Any], Any]):
+    """Class decorator, applied before @dataclass: every option's default becomes
+    `factory(name, base)`, evaluated when an instance is made (e.g. the default
+    recipe's value), so that `Config()` equals the command with no options."""
+    def decorate(cls: type) -> type:
+        for name, value in list(vars(cls).items()):
+            if isinstance(value, Field):
+                base = value.default
+                value.default = MISSING
+                value.default_factory = lambda name=name, base=base: factory(name, base)
+        return cls
+    return decorate
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars when asked, or by default when stderr is a terminal: in a
+    log file they would write a line per update."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def base_values(cls: type) -> dict[str, Any]:
+    return {f.name: f.metadata["base"] for f in fields(cls)}
+
+
+# --------------------------------------------------------------------------- checks
+def at_least(low: float, words: str | None = None) -> Check:
+    return lambda v: None if v >= low else f"must be {words or f'{low:g} or more'}"
+
+
+def above(low: float, words: str | None = None) -> Check:
+    return lambda v: None if v > low else f"must be {words or f'above {low:g}'}"
+
+
+def within(low: float, high: float, words: str, high_open: bool = False) -> Check:
+    return lambda v: None if low <= v and (v < high if high_open else v <= high) else f"must be {words}"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def problems(config: Any) -> list[str]:
+    """Every option of `config` that breaks its declared choices or check."""
+    found = []
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None or not meta:
+            continue
+        if meta["choices"] is not None and value not in meta["choices"]:
+            found.append(f"{flag(f.name)} {value!r}: choose from {list(meta['choices'])}")
+        elif meta["check"] is not None and (isinstance(value, float) and math.isnan(value) or meta["check"](value)):
+            found.append(f"{flag(f.name)} {value} {meta['check'](value) or 'must be a number'}")
+    return found
+
+
+def validate(config: Any) -> None:
+    """DataError naming the first option of `config` that is out of bounds."""
+    found = problems(config)
+    if found:
+        raise DataError(found[0])
+
+
+def option_types(config_class: type) -> dict[str, type]:
+    """Each option's plain type (int for `int | None`), for building the CLI parser."""
+    hints = typing.get_type_hints(config_class)
+    plain = {}
+    for f in fields(config_class):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        plain[f.name] = args[0] if args else hints[f.name]
+    return plain
+
+
+# --------------------------------------------------------------------------- command line
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, but not an unset one ('None')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type, groups: Sequence[str],
+                defaults: dict[str, Any]) -> None:
+    """One --option per field of a config dataclass, in argument groups by the
+    field's `group` (in the order of `groups`), with its help and its value in
+    `defaults` (e.g. the recipe's) as the default."""
+    sections = {name: parser.add_argument_group(name) for name in groups}
+    for name, kind in option_types(config_class).items():
+        meta = config_class.__dataclass_fields__[name].metadata
+        text = meta["help"]
+        if meta["choices"] is not None and kind is not int:
+            text += f" (one of: {', '.join(map(str, meta['choices']))})"
+        text = text.replace("%", "%%")  # argparse formats help with %
+        target = sections[meta["group"]]
+        if kind is bool:
+            target.add_argument(flag(name), action=argparse.BooleanOptionalAction,
+                                default=defaults[name], help=text)
+        else:
+            target.add_argument(flag(name), type=kind, default=defaults[name], help=text,
+                                metavar=meta["metavar"] or _METAVARS.get(kind, "VALUE"))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: need at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: need 0 or more")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g}: need a fraction in (0, 1]")
+    return value

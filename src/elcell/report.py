@@ -1,0 +1,212 @@
+"""Self-contained HTML pages: metrics tables, figures and galleries of cells with
+their heatmap overlays, every image embedded as a data: URI, no scripts or
+links, so a page can be mailed or archived as it is. Torch-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from elcell.errors import DataError
+from elcell.heatmaps import overlay_png, png_bytes
+from elcell.io import atomic_write_text
+
+
+@dataclass
+class GalleryItem:
+    """One picture in a report gallery: `name` (the image, shown and searchable),
+    `image` (PNG bytes, a PNG file or a PIL image) and a short caption."""
+
+    name: str
+    image: bytes | Path | Image.Image
+    caption: str = ""
+
+
+@dataclass
+class Gallery:
+    title: str
+    items: list[GalleryItem]
+    note: str = ""
+
+
+def build_galleries(labels: Sequence[str], names: Sequence[str], probs: np.ndarray,
+                    positives: np.ndarray, thresholds: Sequence[float],
+                    cell: Callable[[int], np.ndarray], heatmap: Callable[[int], np.ndarray],
+                    per_gallery: int = 8) -> list[Gallery]:
+    """Per label: the most confident true positives, false positives and false
+    negatives, each with its overlay for that label.
+
+    probs, positives: [cells, labels] (positives 0/1, the truth); names: one per
+    cell (e.g. its path). `cell(i)` returns cell i as uint8 [H, W] and
+    `heatmap(i)` its heatmaps [labels, h, w]: only the cells shown are asked
+    for, so the caller can decode lazily (or index arrays it already has).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(positives).astype(bool)
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def item(i: int, j: int, kind: str) -> GalleryItem:
+        if i not in cache:
+            cache[i] = (np.asarray(cell(i)), np.asarray(heatmap(i)))
+        pixels, heat = cache[i]
+        return GalleryItem(name=str(names[i]),
+                           image=overlay_png(pixels, heat[j], probs[i, j], labels[j]),
+                           caption=f"{kind}: p={probs[i, j]:.3f}, truth={int(truth[i, j])}")
+
+    galleries = []
+    for j, label in enumerate(labels):
+        predicted = probs[:, j] >= thresholds[j]
+        kinds = [
+            ("true positives", "most confident first", truth[:, j] & predicted, -probs[:, j]),
+            ("false positives", "most confident first: defects the model saw where the label says "
+             "none", ~truth[:, j] & predicted, -probs[:, j]),
+            ("false negatives", "lowest probability first: defects the model missed",
+             truth[:, j] & ~predicted, probs[:, j]),
+        ]
+        for kind, note, chosen, key in kinds:
+            rows = np.flatnonzero(chosen)
+            rows = rows[np.argsort(key[rows], kind="stable")][:per_gallery]
+            galleries.append(Gallery(
+                title=f"{label}: {kind} ({int(chosen.sum())} cells, threshold {thresholds[j]:.2f})",
+                items=[item(int(i), j, kind.rstrip("s")) for i in rows], note=note))
+    return galleries
+
+
+def _data_uri(image: bytes | str | Path | Image.Image | Any) -> str:
+    if isinstance(image, Image.Image):
+        data = png_bytes(image)
+    elif isinstance(image, str | Path):
+        path = Path(image)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"{path}: cannot read image for the report ({err.strerror})") from None
+    elif hasattr(image, "savefig"):  # a matplotlib Figure
+        buffer = io.BytesIO()
+        image.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        data = buffer.getvalue()
+    else:
+        data = bytes(image)
+    if data.startswith(b"\x89PNG"):
+        mime = "image/png"
+    elif data.startswith(b"\xff\xd8"):
+        mime = "image/jpeg"
+    elif data.lstrip()[:5] in (b"<?xml", b"<svg ") or b"<svg" in data[:256]:
+        mime = "image/svg+xml"
+    else:
+        raise ValueError("report images must be PNG, JPEG or SVG")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return html.escape(str(value))
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    if isinstance(value, float | np.floating):
+        return "nan" if not math.isfinite(value) else f"{float(value):.4g}"
+    if isinstance(value, list | tuple):
+        return html.escape(", ".join(str(v) for v in value))
+    return html.escape(str(value))
+
+
+def _metrics_html(metrics: Mapping[str, Any]) -> str:
+    """Scalars in one summary table; a mapping of mappings (e.g. per label) as a
+    table with a row per key; a mapping of scalars as a two-column table."""
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+    parts = []
+    if scalars:
+        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
+                       for k, v in scalars.items())
+        parts.append(f"<table>{rows}</table>")
+    for key, value in metrics.items():
+        if not isinstance(value, Mapping):
+            continue
+        parts.append(f"<h3>{html.escape(str(key))}</h3>")
+        if value and all(isinstance(v, Mapping) for v in value.values()):
+            columns = list(dict.fromkeys(c for v in value.values() for c in v
+                                         if not isinstance(v[c], Mapping)))
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+            body = "".join(
+                f"<tr><th>{html.escape(str(row))}</th>"
+                + "".join(f"<td>{_fmt(v.get(c, ''))}</td>" for c in columns) + "</tr>"
+                for row, v in value.items())
+            parts.append(f"<table><tr><th></th>{head}</tr>{body}</table>")
+        else:
+            rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
+                           for k, v in value.items())
+            parts.append(f"<table>{rows}</table>")
+    return "\n".join(parts)
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+h1{margin-bottom:.2em} .meta{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:.5em 0 1em} th,td{border:1px solid #ccc;padding:.25em .6em}
+td{text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4;text-align:left}
+.figures,.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.figures img{max-width:640px;width:100%} .gallery img{width:256px;height:auto;display:block}
+figure{margin:0} figcaption{font-size:.8em;max-width:256px;word-break:break-all;color:#444}
+.note{color:#666;font-size:.9em;margin:.2em 0 .6em} .empty{color:#999}
+"""
+
+
+def write_report(out_html: str | Path, metrics: Mapping[str, Any],
+                 figures: Sequence[tuple[str, bytes | Path | Image.Image | Any]] = (),
+                 galleries: Sequence[Gallery] = (), title: str = "elcell evaluation",
+                 subtitle: str = "") -> Path:
+    """One self-contained HTML file: metrics tables, figures (curves) and
+    galleries, every image embedded as a data: URI, no scripts or links, so it
+    can be mailed or archived as it is. Written atomically; returns the path.
+
+    metrics: scalars and (nested) mappings, rendered as tables; figures:
+    (title, PNG bytes / PNG file / PIL image / matplotlib Figure) pairs.
+    """
+    out_html = Path(out_html)
+    esc = html.escape
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">{esc(subtitle + " · " if subtitle else "")}written {stamp} by elcell</p>',
+        "<h2>Metrics</h2>", _metrics_html(metrics),
+    ]
+    if figures:
+        parts.append('<h2>Curves</h2><div class="figures">')
+        for caption, image in figures:
+            parts.append(f'<figure><img src="{_data_uri(image)}" alt="{esc(caption, quote=True)}">'
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
+        parts.append("</div>")
+    if galleries:
+        parts.append("<h2>What the model gets right and wrong</h2>"
+                     '<p class="note">Overlays: the label\'s Grad-CAM heatmap on the cell; colours '
+                     "are relative to each cell's own peak (red = where the model looked most).</p>")
+    for gallery in galleries:
+        parts.append(f"<h3>{esc(gallery.title)}</h3>")
+        if gallery.note:
+            parts.append(f'<p class="note">{esc(gallery.note)}</p>')
+        if not gallery.items:
+            parts.append('<p class="empty">none</p>')
+            continue
+        parts.append('<div class="gallery">')
+        for entry in gallery.items:
+            parts.append(
+                f'<figure><img src="{_data_uri(entry.image)}" alt="{esc(entry.name, quote=True)}" '
+                f'title="{esc(entry.name, quote=True)}"><figcaption>{esc(entry.name)}<br>'
+                f"{esc(entry.caption)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    atomic_write_text(out_html, "\n".join(parts))
+    return out_html

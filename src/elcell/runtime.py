@@ -1,0 +1,225 @@
+"""The model at inference: open an elcell ONNX file, score cells, decide. Never
+imports torch.
+
+`score_cells` is the one in-memory API: decoded cells (arrays) in;
+probabilities, `defect` / `review` / `ok` decisions and heatmaps out. Files
+(`score_files`), module photos (elcell.inspect) and HTTP uploads
+(elcell.serve) are only different ways of getting arrays to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from elcell.errors import DataError
+from elcell.images import Decoding, to_cell, to_uint8
+from elcell.inputs import decode_batches
+from elcell.modelinfo import INPUT_NAME, ModelInfo, read_info
+
+DEFECT, REVIEW, OK = "defect", "review", "ok"
+
+
+@dataclass
+class Model:
+    """An open ONNX Runtime session with the model's metadata."""
+
+    session: ort.InferenceSession
+    info: ModelInfo
+    path: Path
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def decoding(self) -> Decoding:
+        return self.info.decoding
+
+    def run(self, images: np.ndarray, heatmaps: bool = False):
+        """Probabilities [B, N] for uint8 cells [B, H, W] (H = W = decoding.size);
+        with heatmaps=True also the heatmaps [B, N, h, w]."""
+        batch = np.ascontiguousarray(images, dtype=np.uint8)[:, None]
+        outputs = ["probs", "heatmap"] if heatmaps else ["probs"]
+        result = self.session.run(outputs, {INPUT_NAME: batch})
+        return (result[0], result[1]) if heatmaps else result[0]
+
+    def run_views(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities of the other views of the cells that training showed the
+        model, [V, B, N]: flipped left-right, up-down and both; with a model trained
+        with 90-degree rotations also the four transposed views (all eight
+        symmetries of a square). With the plain run they make the TTA mean."""
+        views = [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+        if self.info.extra.get("rotate90"):
+            turned = images.transpose(0, 2, 1)
+            views += [turned, turned[:, :, ::-1], turned[:, ::-1, :], turned[:, ::-1, ::-1]]
+        return np.stack([self.run(view) for view in views])
+
+    def decide(self, probs: np.ndarray, thresholds: Sequence[float] | None = None,
+               review_thresholds: Sequence[float] | None = None) -> np.ndarray:
+        """`decide` with the model's thresholds unless others are given."""
+        return decide(probs, self.info.thresholds if thresholds is None else thresholds,
+                      self.info.review_thresholds if review_thresholds is None else review_thresholds)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model file, or a run folder standing for its best model (summary.json's
+    `onnx`, else its one best_model_epoch{N}.onnx)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    summary = path / "summary.json"
+    if summary.is_file():
+        name = json.loads(summary.read_text()).get("onnx")
+        if name and (path / name).is_file():
+            return path / name
+    found = sorted(p for p in path.glob("best_model_epoch*.onnx") if p.stem.removeprefix("best_model_epoch").isdigit())
+    if len(found) == 1:
+        return found[0]
+    raise DataError(f"{path}: a folder, and not a finished run folder with one best_model_epoch{{N}}.onnx; "
+                    "give the model file")
+
+
+def open_model(path: str | Path, providers: list[str] | None = None, threads: int = 0,
+               spin: bool = True) -> Model:
+    """Open an elcell ONNX file (or a run folder's best model); the fastest
+    available provider (CUDA, then CPU) by default.
+
+    spin=False stops idle worker threads from spin-waiting: slightly slower on a
+    machine of one's own, much faster when other processes share the cores."""
+    path = resolve_model_path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: model file not found")
+    try:
+        info = read_info(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    except Exception as err:  # onnx raises protobuf DecodeError and others for a bad file
+        hint = f"; export it first: elcell export {path}" if path.suffix == ".ckpt" else ""
+        raise DataError(f"{path}: not an ONNX model ({type(err).__name__}){hint}") from None
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    return Model(session=session, info=info, path=path)
+
+
+def decide(probs: np.ndarray, thresholds: Sequence[float], review_thresholds: Sequence[float]) -> np.ndarray:
+    """`defect` / `review` / `ok` per cell and label: [B, N] array of strings."""
+    high = np.asarray(thresholds, dtype=np.float64)
+    low = np.minimum(np.asarray(review_thresholds, dtype=np.float64), high)
+    return np.where(probs >= high, DEFECT, np.where(probs >= low, REVIEW, OK))
+
+
+def parse_thresholds(values: list[str] | None, labels: list[str], current: list[float],
+                     option: str = "--threshold") -> list[float]:
+    """Thresholds from `0.3` (every label) and/or `crack=0.3` (one label); labels not
+    named keep `current`."""
+    result = list(current)
+    for value in values or []:
+        name, sep, number = value.rpartition("=")
+        try:
+            threshold = float(number)
+        except ValueError:
+            threshold = float("nan")
+        if not 0 <= threshold <= 1:
+            raise DataError(f"{option} {value}: need a probability in [0, 1], as 0.3 or LABEL=0.3")
+        if not sep:
+            result = [threshold] * len(labels)
+        elif name in labels:
+            result[labels.index(name)] = threshold
+        else:
+            raise DataError(f"{option} {value}: the model has no label {name!r}; its labels are {labels}")
+    return result
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- scoring
+@dataclass
+class CellScores:
+    """Cells scored by `score_cells`, one row per cell."""
+
+    probs: np.ndarray  # float32 [B, N], the TTA mean when tta
+    plain: np.ndarray  # float32 [B, N] without TTA (the same array when not tta)
+    decisions: np.ndarray  # str [B, N]: defect / review / ok
+    heatmaps: np.ndarray | None = None  # float32 [B, N, h, w] of the unflipped cells
+    cells: np.ndarray | None = None  # uint8 [B, S, S]: the cells as the model saw them
+
+
+def as_model_input(cells: np.ndarray | Sequence[np.ndarray], decoding: Decoding) -> np.ndarray:
+    """uint8 [B, S, S] as the model takes it, from a stacked batch already in that
+    form or from gray arrays of any size and depth (uint8, uint16 read as
+    `decoding.bit_depth`-bit, or floats in [0, 1]), converted as files are."""
+    size = decoding.size
+    if isinstance(cells, np.ndarray) and cells.dtype == np.uint8 and cells.shape[1:] == (size, size):
+        return cells
+    converted = [to_cell(to_uint8(np.asarray(cell), decoding.bit_depth, f"cell {i}"), decoding)
+                 for i, cell in enumerate(cells)]
+    return np.stack(converted) if converted else np.zeros((0, size, size), dtype=np.uint8)
+
+
+def score_cells(model: Model, cells: np.ndarray | Sequence[np.ndarray], *, tta: bool = False,
+                heatmaps: bool = False, thresholds: Sequence[float] | None = None,
+                review_thresholds: Sequence[float] | None = None) -> CellScores:
+    """Score decoded cells (see `as_model_input`): probabilities, decisions and,
+    with heatmaps=True, the heatmaps, from one ONNX Runtime call (plus the other
+    views with tta). Decisions use the model's thresholds unless others are given."""
+    batch = as_model_input(cells, model.decoding)
+    if len(batch) == 0:
+        n = len(model.info.labels)
+        empty = np.zeros((0, n), dtype=np.float32)
+        return CellScores(empty, empty, model.decide(empty, thresholds, review_thresholds), None, batch)
+    maps = None
+    if heatmaps:
+        plain, maps = model.run(batch, heatmaps=True)
+    else:
+        plain = model.run(batch)
+    probs = np.concatenate([plain[None], model.run_views(batch)]).mean(0) if tta else plain
+    return CellScores(probs, plain, model.decide(probs, thresholds, review_thresholds), maps, batch)
+
+
+@dataclass
+class ScoredBatch:
+    """One batch of files scored: probabilities per path (NaN rows where the image
+    could not be used, with the reason in `errors`). `scores` covers the readable
+    cells only, in order (row k belongs to the k-th path whose error is None)."""
+
+    paths: list[Path]
+    probs: np.ndarray  # float32 [B, N], the TTA mean when tta; NaN rows for errors
+    plain: np.ndarray  # float32 [B, N] without TTA
+    errors: list[str | None]
+    scores: CellScores
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def score_files(model: Model, paths: Iterable[Path], batch_size: int = 16, workers: int = 2,
+                tta: bool = False, heatmaps: bool = False, thresholds: Sequence[float] | None = None,
+                review_thresholds: Sequence[float] | None = None) -> Iterator[ScoredBatch]:
+    """Stream image files through `score_cells` batch by batch, decoded in threads
+    as the model's decoding says; images that cannot be used get NaN rows."""
+    n = len(model.info.labels)
+    for batch in decode_batches(paths, model.decoding, batch_size, workers):
+        scores = score_cells(model, batch.images, tta=tta, heatmaps=heatmaps, thresholds=thresholds,
+                             review_thresholds=review_thresholds)
+        probs = np.full((len(batch.paths), n), np.nan, dtype=np.float32)
+        plain = probs.copy()
+        probs[batch.ok], plain[batch.ok] = scores.probs, scores.plain
+        yield ScoredBatch(batch.paths, probs, plain, batch.errors, scores)

@@ -1,0 +1,72 @@
+"""Heatmaps as pictures: upsampling, the peak, boxes and overlays."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elcell.heatmaps import heatmap_box, heatmap_peak, overlay_image, overlay_png, upsample_heatmap
+
+
+def test_upsampling_is_torchs_bilinear():
+    import torch
+    import torch.nn.functional as F
+
+    heat = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    ours = upsample_heatmap(heat, (17, 40))
+    theirs = F.interpolate(torch.from_numpy(heat)[None, None], size=(17, 40), mode="bilinear",
+                           align_corners=False)[0, 0].numpy()
+    assert ours.shape == (17, 40)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_box_surrounds_the_hot_cell_in_image_pixels():
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[1, 2] = 2.0  # feature cell covering rows 50..100, columns 50..75 of a 200x100 image
+    box = heatmap_box(heat, (200, 100))
+    assert box["peak"] == pytest.approx(2.0)
+    assert box["peak_x"] == 62 and box["peak_y"] in (74, 75)  # the cell's centre
+    assert 40 <= box["x"] < 62 < box["x"] + box["width"] <= 90
+    assert 50 <= box["y"] < 75 < box["y"] + box["height"] <= 110
+    assert heatmap_box(np.zeros((4, 4)), 64) is None
+
+
+def test_box_takes_the_region_with_the_most_heat():
+    heat = np.zeros((8, 8), dtype=np.float32)
+    heat[0, 0] = 1.0  # the single hottest cell
+    heat[5:8, 4:8] = 0.8  # a larger region holding more heat in all
+    box = heatmap_box(heat, 64, threshold=0.5)
+    assert box["x"] >= 28 and box["y"] >= 36  # the large region, not the corner
+    assert box["peak_x"] <= 2 and box["peak_y"] <= 2  # the corner's hot plateau, at its centre
+    assert heatmap_box(heat, 64, threshold=0.9)["x"] == 0  # only the corner is that hot
+
+
+def test_peak_of_a_border_plateau_is_its_centre():
+    heat = upsample_heatmap(np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), 96)
+    # The right-hand cell is a plateau from x=80 to the edge: its centre, not its first pixel.
+    assert heatmap_peak(heat) == (48, 88)
+
+
+def test_overlay_tints_hot_areas_and_leaves_cold_ones_gray():
+    cell = np.full((64, 64), 100, dtype=np.uint8)
+    heat = np.zeros((2, 2), dtype=np.float32)
+    heat[1, 1] = 3.0
+    image = overlay_image(cell, heat, prob=0.87, label="crack")
+    assert image.mode == "RGB" and image.size == (256, 256)  # enlarged for readable text
+    pixels = np.asarray(image).astype(int)
+    assert tuple(pixels[128 + 64, 128 + 64]) != (100, 100, 100)  # the hot corner is coloured
+    assert pixels[192, 192, 0] > 100  # jet's hot end is red
+    assert tuple(pixels[100, 40]) == (100, 100, 100)  # a cold area shows the cell as it is
+    png = overlay_png(cell, heat, 0.87, "crack")
+    assert Image.open(io.BytesIO(png)).size == (256, 256)
+
+
+def test_overlay_of_an_all_zero_heatmap_is_the_gray_cell():
+    cell = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
+    image = np.asarray(overlay_image(cell, np.zeros((10, 10)), prob=0.01, label="inactive"))
+    assert image.shape == (300, 300, 3)  # large cells keep their size
+    middle = image[100:200, 100:200]
+    assert (middle[..., 0] == cell[100:200, 100:200]).all() and (middle[..., 1] == middle[..., 2]).all()

@@ -1,0 +1,88 @@
+"""The runtime: an ONNX model scoring decoded cells, test-time augmentation, decisions."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elcell.cli import main
+from elcell.images import Decoding, load_cell
+from elcell.predict import csv_header
+from elcell.runtime import Model, open_model
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter=";"))
+    return rows[0], [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_onnx) -> Model:
+    return open_model(tiny_onnx)
+
+
+@pytest.fixture()
+def cell_folder(tmp_path, elpv) -> Path:
+    """12 real cells, some in a subfolder."""
+    folder = tmp_path / "cells"
+    (folder / "row2").mkdir(parents=True)
+    for i, source in enumerate(elpv.paths[:12]):
+        shutil.copy(source, folder / ("row2" if i % 2 else ".") / source.name)
+    return folder
+
+
+def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
+    header, rows = read_rows(out)
+    assert header == csv_header(["crack", "inactive"], tta=True)
+    assert "prob_crack_no_tta" in header
+    images = np.stack([load_cell(row["path"], Decoding(model.info.decoding.size)) for row in rows])
+    flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    expected = np.mean([model.run(f) for f in flips], axis=0)
+    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
+    plain = np.array([[float(row["prob_crack_no_tta"]), float(row["prob_inactive_no_tta"])] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(plain, model.run(images), atol=2e-6)
+
+
+def test_sixteen_bit_cells_scaled_by_their_depth(tiny_onnx, elpv, tmp_path):
+    """A 16-bit cell holding the 8-bit values x 257 is the same picture: same probabilities."""
+    folder = tmp_path / "depth"
+    folder.mkdir()
+    for source in elpv.paths[:4]:
+        pixels = np.asarray(Image.open(source).convert("L"), dtype=np.uint16)
+        shutil.copy(source, folder / f"{source.stem}_8bit.png")
+        Image.fromarray(pixels * 257).save(folder / f"{source.stem}_16bit.png")
+        assert Image.open(folder / f"{source.stem}_16bit.png").mode.startswith("I;16")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(folder), "--out", str(out), "--no-progress"]) == 0
+    _, rows = read_rows(out)
+    probs = {Path(row["path"]).stem: (row["prob_crack"], row["prob_inactive"]) for row in rows}
+    for source in elpv.paths[:4]:
+        assert probs[f"{source.stem}_16bit"] == probs[f"{source.stem}_8bit"]
+
+
+def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx, cell_folder, tmp_path):
+
+    from elcell.modelinfo import read_info, write_info
+
+    assert read_info(tiny_onnx).extra["rotate90"] is False  # trained without rotations
+    rotated = tmp_path / "rotate90.onnx"
+    write_info(tiny_onnx, rotated, replace(read_info(tiny_onnx), extra={"rotate90": True}))
+    model = open_model(rotated)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(rotated), str(cell_folder), "--out", str(out), "--no-progress", "--tta"]) == 0
+    _, rows = read_rows(out)
+    images = np.stack([load_cell(row["path"], Decoding(model.info.decoding.size)) for row in rows])
+    views = [np.rot90(flipped, k, axes=(1, 2)) for flipped in (images, images[:, :, ::-1]) for k in range(4)]
+    expected = np.mean([model.run(v) for v in views], axis=0)
+    got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
