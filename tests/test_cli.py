@@ -244,3 +244,42 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys, seed_csv):
     (out / "keep.txt").write_text("x")
     code, _, err = run_cli(["train", "--data", str(seed_csv), "--out", str(out), *QUICK], capsys)
     assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "x"
+
+
+def test_version_and_every_default_shown(capsys):
+    from elcell import __version__
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"elcell {__version__}"
+    for command, shown in ((["explain"], "(default: 0.5)"), (["export"], "(default: 200)"),
+                           (["predict"], "(default: 16)")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert shown in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_train_help_is_grouped(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    sections = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    from elcell.config import GROUPS
+
+    assert [s for s in sections if s in GROUPS] == list(GROUPS)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import elcell.train
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(elcell.train, "main", interrupted)
+    assert main(["train", "--recipe", "quick", "--out", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"elcell: interrupted; continue with: elcell train --resume {run / 'checkpoints' / 'last.ckpt'}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 from test_report import parse_report
 
@@ -157,7 +159,41 @@ def test_evaluate_report_shows_metrics_curves_and_the_models_mistakes(tiny_onnx,
     for label in ("crack", "inactive"):
         for kind in ("true positives", "false positives", "false negatives"):
             assert f"{label}: {kind}" in text
+    # written for people: readable headings, no raw keys of metrics.json, file names as captions
+    for heading in ("Summary", "Per label", "cells for a person to review", "recall counting review"):
+        assert heading in text
+    for key in ("labels_not_in_data", "per_label", "cells_in_review", "recall_with_review", "colours relative"):
+        assert key not in text
+    captions = re.findall(r"<figcaption>([^<]*)<br>", text)
+    assert captions and all("/" not in caption for caption in captions)  # the full path is the tooltip
+    assert "overflow-x:auto" in text and "max-width:1100px" in text  # wide tables scroll, not the page
     # evaluated again into the same folder without --report: no page left contradicting metrics.json
     (out / "metrics.json").unlink()
     assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress"]) == 0
     assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+
+
+def test_review_is_its_own_decision_and_a_model_leaving_no_cell_ok_is_warned_about(tiny_onnx, seed_csv,
+                                                                                  tmp_path, capsys):
+    out = tmp_path / "eval"
+    # a review band from probability 0 up: every cell is defect or review for every label
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out),
+                 "--review-band", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: no cell is ok: all 64 are defect or review" in captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cells_ok"] == 0
+    for label, m in metrics["per_label"].items():
+        decided = m["decisions"]
+        assert decided["ok"]["ok"] == decided["defect"]["ok"] == 0, label  # nothing is counted as ok
+        assert decided["ok"]["review"] + decided["defect"]["review"] == m["review"]
+        assert sum(decided["defect"].values()) == m["positives"]
+        assert decided["defect"]["defect"] == m["confusion_matrix"]["tp"]
+    predictions = read_csv(out / "predictions.csv")
+    assert all(row[f"decision_{label}"] != "ok" for row in predictions for label in metrics["labels"])
+    with Image.open(out / "confusion_matrix.png") as plot:
+        assert plot.width > plot.height  # ok / review / defect side by side for each label
+    # the same model at its own thresholds leaves cells ok, and says nothing
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "no cell is ok" not in capsys.readouterr().err

@@ -253,3 +253,36 @@ def test_predict_heatmaps_writes_overlays_only_for_cells_not_ok(tiny_onnx, seed_
     with Image.open(tmp_path / "maps" / overlays[0]) as overlay:
         assert overlay.mode == "RGB" and overlay.size[0] >= 256
     assert f"{len(cells)} heatmap overlays" in capsys.readouterr().err
+
+
+def test_a_run_folder_stands_for_its_model_and_a_second_model_is_not_read_as_an_image(
+        tiny_run, tiny_onnx, cell_folder, tmp_path, capsys):
+    by_file, by_run = tmp_path / "file.csv", tmp_path / "run.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(by_file), "--no-progress"]) == 0
+    assert main(["predict", str(tiny_run), str(cell_folder), "--out", str(by_run), "--no-progress"]) == 0
+    assert read_rows(by_file) == read_rows(by_run)
+    # `predict runs/x/best_model_epoch*.onnx cells/` after export --int8 matched two models
+    int8 = tiny_run / f"{tiny_onnx.stem}.int8.onnx"
+    shutil.copy(tiny_onnx, int8)
+    try:
+        assert main(["predict", str(tiny_onnx), str(int8), str(cell_folder), "--no-progress"]) == 2
+    finally:
+        int8.unlink()
+    err = capsys.readouterr().err
+    assert f"{int8}: a model, not an image; give one model, then the images" in err
+
+
+def test_a_threshold_that_leaves_no_cell_ok_is_warned_about(tiny_onnx, cell_folder, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--no-progress",
+                 "--review-threshold", "0"]) == 0
+    assert "no cell is ok" not in capsys.readouterr().err  # 12 cells: too few to call it a pattern
+    many = tmp_path / "many"
+    for i in range(2):
+        shutil.copytree(cell_folder, many / str(i))
+    assert main(["predict", str(tiny_onnx), str(many), "--out", str(out), "--overwrite", "--no-progress",
+                 "--review-threshold", "0"]) == 0
+    assert "warning: no cell is ok: all 24 are defect or review" in capsys.readouterr().err
+    assert main(["predict", str(tiny_onnx), str(many), "--out", str(out), "--overwrite",
+                 "--no-progress"]) == 0
+    assert "no cell is ok" not in capsys.readouterr().err

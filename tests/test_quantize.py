@@ -149,3 +149,21 @@ def test_calibration_cells_are_decoded_as_the_model_shrinks_them(seed_csv):
     filtered, _ = quantize_module.calibration_cells(table, Decoding(64, "min"), count=8, seed=3)
     assert plain.shape == filtered.shape == (8, 64, 64)
     assert filtered.mean() < plain.mean() - 2  # the same cells, dark lines widened (about 5 grey levels)
+
+
+def test_a_csv_begun_with_the_float_model_is_not_continued_with_its_int8_model(exported, seed_csv, tmp_path,
+                                                                                 capsys):
+    """The int8 model decides almost alike, so re-scored probabilities cannot tell the two apart;
+    the hash of the weights in every row can."""
+    _, float_path, int8_path = exported
+    cells = [line.split(";")[0] for line in seed_csv.read_text().splitlines()[1:]]
+    first = tmp_path / "first.csv"
+    first.write_text("path\n" + "\n".join(str(seed_csv.parent / c) for c in cells[:20]) + "\n")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(float_path), str(first), "--out", str(out), "--no-progress"]) == 0
+    before = out.read_text()
+    assert main(["predict", str(int8_path), str(seed_csv), "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "written by another model" in err and int8_path.name in err
+    assert out.read_text() == before
+    assert main(["predict", str(float_path), str(seed_csv), "--out", str(out), "--resume", "--no-progress"]) == 0

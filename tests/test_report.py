@@ -12,7 +12,7 @@ from PIL import Image
 
 from elcell.heatmaps import overlay_png
 from elcell.images import Decoding, load_cell
-from elcell.report import Gallery, GalleryItem, build_galleries, write_report
+from elcell.report import Gallery, GalleryItem, Table, build_galleries, write_report
 
 
 def seed_rows(seed_csv: Path) -> list[tuple[Path, list[int]]]:
@@ -79,11 +79,10 @@ def test_report_embeds_every_image_it_names(tmp_path):
         Gallery("inactive: <true> positives & more", [
             GalleryItem("odd <name> & 'quotes'.png", Image.fromarray(cell), "")]),
     ]
-    metrics = {"cells": 64, "mean F1": 0.71234567, "weighted F1": float("nan"),
-               "per label": {"crack": {"precision": 0.5, "recall": 1.0, "support": 12},
-                             "inactive": {"precision": 0.25, "recall": 0.5, "support": 4}},
-               "thresholds": {"crack": 0.5, "inactive": 0.4}}
-    out = write_report(tmp_path / "report" / "report.html", metrics,
+    tables = [Table("Summary", [], [("cells", [64]), ("mean F1", [0.71234567]), ("weighted F1", [float("nan")])]),
+              Table("Per label", ["precision", "recall", "support"],
+                    [("crack", [0.5, 1.0, 12]), ("inactive", [0.25, 0.5, 4])])]
+    out = write_report(tmp_path / "report" / "report.html", tables,
                        figures=[("PR curve, crack", curve), ("matplotlib", figure)],
                        galleries=galleries, title="Test <report>")
     parser = parse_report(out)
@@ -127,7 +126,8 @@ def test_report_on_real_cells_from_the_onnx_model(tiny_onnx, seed_csv, tmp_path)
     galleries = build_galleries(model.info.labels, names, probs, truth, thresholds,
                                 cells.__getitem__, heatmaps.__getitem__, per_gallery=4)
     assert len(galleries) == 6 and sum(len(g.items) for g in galleries) > 6
-    out = write_report(tmp_path / "report.html", {"cells": len(rows)}, galleries=galleries)
+    out = write_report(tmp_path / "report.html", [Table("Summary", [], [("cells", [len(rows)])])],
+                       galleries=galleries)
     parser = parse_report(out)
     shown = [item.name for gallery in galleries for item in gallery.items]
     assert [image["alt"] for image in parser.images] == shown

@@ -611,3 +611,59 @@ def test_an_unfinished_first_stage_is_resumed_then_the_command_rerun(tmp_path, s
     (out / "two-stage.yaml").write_text(config.to_yaml())
     with pytest.raises(DataError, match="first stage did not finish: resume it with --resume .*pretext"):
         train(config)
+
+
+def test_losses_plot_marks_the_kept_epoch_on_whole_epochs(tiny_run, tmp_path):
+    from elcell.history import plot_losses
+
+    figure = plot_losses(tiny_run / "metrics.csv", tmp_path / "losses.png", best_epoch=1)
+    loss, f1 = figure.axes
+    assert any(text.startswith("kept: epoch 2, F1 ") for text in f1.get_legend_handles_labels()[1])
+    figure.canvas.draw()
+    for ax in (loss, f1):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # no epoch 1.5
+    assert (tmp_path / "losses.png").is_file()
+
+
+@pytest.mark.slow
+def test_without_a_terminal_training_prints_a_line_per_epoch_not_progress_bars(tmp_path, seed_csv, capsys):
+    from elcell.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "quick", "--data", str(seed_csv), "--out", str(out), "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "16"]) == 0
+    err = capsys.readouterr().err
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val_f1" in line for line in epochs)
+    assert "\r" not in err and "it/s" not in err  # no progress bar redrawn into a log
+    assert "Checkpoint directory" not in err and "LeafSpec" not in err
+
+
+def test_a_busy_machine_is_named_once_at_the_start(monkeypatch, capsys):
+    import elcell.train
+
+    monkeypatch.setattr(elcell.train, "_noted_busy", False)
+    monkeypatch.setattr(elcell.train.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    elcell.train.note_busy_machine()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(elcell.train.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
+    monkeypatch.setattr(elcell.train.os, "cpu_count", lambda: 2)
+    elcell.train.note_busy_machine()
+    elcell.train.note_busy_machine()
+    assert capsys.readouterr().err == ("elcell: note: this machine is busy (load 4.0 on 2 cores): training will "
+                                       "take longer than the times given for an idle machine\n")
+
+
+def test_a_run_record_stores_paths_absolute_so_it_works_from_any_folder(tmp_path, seed_csv, monkeypatch):
+    from elcell.train import with_absolute_paths
+
+    monkeypatch.chdir(seed_csv.parent)
+    config = TrainConfig.from_recipe("quick", data=seed_csv.name, cache_dir=".", pretrained="none")
+    absolute = with_absolute_paths(config)
+    assert absolute.data == str(seed_csv.resolve()) and absolute.cache_dir == str(seed_csv.parent.resolve())
+    assert absolute.pretrained == "none"  # a name, not a path, stays as it is
+    assert with_absolute_paths(TrainConfig.from_recipe("quick", data="elpv")).data == "elpv"
+    monkeypatch.chdir(tmp_path)  # from elsewhere, the record still names the file
+    assert TrainConfig.from_dict(yaml.safe_load(absolute.to_yaml())).data == str(seed_csv.resolve())

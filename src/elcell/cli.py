@@ -338,7 +338,7 @@ def _resume_hint(argv: list[str]) -> str:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in ("predict", "inspect") and "--out" in argv:
         return "; continue with the same command and --resume"
-    run = os.environ.get("ELCELL_RUN_DIR") or (argv[argv.index("--out") + 1] if "--out" in argv[:-1] else "")
+    run = argv[argv.index("--out") + 1] if "--out" in argv[:-1] else os.environ.get("ELCELL_RUN_DIR", "")
     if command != "train" or not run:
         return ""
     for stage, after in (("", ""), ("pretext/", "; then run the first command again for the second stage")):

@@ -17,25 +17,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
 from tqdm import tqdm
 
 from elcell.errors import DataError
 from elcell.images import load_cell
 from elcell.inputs import Unreadable, report_unreadable
-from elcell.io import atomic_path, atomic_write_json, atomic_write_text
+from elcell.io import atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
-from elcell.metrics import _ratio, label_metrics, parse_review_band, parse_tuning, summary, tune
+from elcell.metrics import parse_review_band, parse_tuning, summary, tune
 from elcell.modelinfo import write_info
 from elcell.options import show_progress
+from elcell.plots import plot_curves
 from elcell.predict import CSV_SEPARATOR
-from elcell.report import build_galleries, write_report
+from elcell.report import Table, build_galleries, write_report
 from elcell.runtime import Model, decide, default_workers, open_model, score_files
 
 
@@ -106,66 +100,6 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
         plain=plain[keep] if tta else None,
         groups=None if table.groups is None else [table.groups[i] for i in keep], failed=failed,
     )
-
-
-# --------------------------------------------------------------------------- plots
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-
-
-def plot_curves(predictions: Predictions, positives: np.ndarray, probs: np.ndarray,
-                thresholds: list[float], review_thresholds: list[float], out: Path,
-                suffix: str = "", title: str = "") -> list[Path]:
-    """pr_curve.png, roc_curve.png and confusion_matrix.png (one line / panel per label)."""
-    labels = predictions.labels
-    written = []
-    pr, roc = Figure(figsize=(5.5, 4.5)), Figure(figsize=(5.5, 4.5))
-    ax_pr, ax_roc = pr.add_subplot(), roc.add_subplot()
-    for j, label in enumerate(labels):
-        y, p = positives[:, j], probs[:, j]
-        if not y.any():
-            continue
-        precision, recall, _ = precision_recall_curve(y, p)
-        line, = ax_pr.plot(recall, precision, label=f"{label} (AP {average_precision_score(y, p):.3f})")
-        for cut, marker in ((thresholds[j], "o"), (review_thresholds[j], "v")):
-            predicted = p >= cut
-            ax_pr.plot(_ratio((predicted & (y == 1)).sum(), y.sum()),
-                       _ratio((predicted & (y == 1)).sum(), predicted.sum()), marker,
-                       color=line.get_color())
-        if not y.all():
-            fpr, tpr, _ = roc_curve(y, p)
-            ax_roc.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")
-    ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-              title=f"Precision-recall {title}(o threshold, v review)".strip())
-    ax_roc.plot([0, 1], [0, 1], ":", color="gray")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
-               title=f"ROC {title}".strip())
-    for ax in (ax_pr, ax_roc):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower left" if ax is ax_pr else "lower right")
-    for figure, name in ((pr, "pr_curve"), (roc, "roc_curve")):
-        path = out / f"{name}{suffix}.png"
-        _save(figure, path)
-        written.append(path)
-
-    matrix = Figure(figsize=(3.4 * len(labels), 3.4), layout="constrained")
-    for j, label in enumerate(labels):
-        ax = matrix.add_subplot(1, len(labels), j + 1)
-        m = label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j])
-        cm = m["confusion_matrix"]
-        counts = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
-        ax.imshow(counts, cmap="Blues")
-        for (r, c), value in np.ndenumerate(counts):
-            ax.text(c, r, str(value), ha="center", va="center",
-                    color="white" if value > counts.max() / 2 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["ok", "defect"], yticklabels=["ok", "defect"],
-               xlabel="predicted", ylabel="true",
-               title=f"{label} @ {thresholds[j]:.3g}\n{m['review']} in review")
-    path = out / f"confusion_matrix{suffix}.png"
-    _save(matrix, path)
-    written.append(path)
-    return written
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -250,7 +184,7 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
         metrics["without_tta"] = summary(predictions.positives, predictions.plain, predictions.labels,
                                         thresholds, review_thresholds)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_curves(predictions, predictions.positives, predictions.probs, thresholds,
+    plots = plot_curves(predictions.labels, predictions.positives, predictions.probs, thresholds,
                         review_thresholds, out)
     if predictions.groups is not None:
         metrics["groups"] = {}
@@ -263,7 +197,7 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
                 metrics["groups"][name]["without_tta"] = summary(
                     predictions.positives[rows], predictions.plain[rows], predictions.labels,
                     thresholds, review_thresholds)
-            plots += plot_curves(predictions, predictions.positives[rows], predictions.probs[rows],
+            plots += plot_curves(predictions.labels, predictions.positives[rows], predictions.probs[rows],
                                  thresholds, review_thresholds, out, suffix=f"_{_slug(name)}",
                                  title=f"({name}) ")
     write_predictions(out / "predictions.csv", predictions, thresholds, review_thresholds)
@@ -275,6 +209,45 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     else:  # one from an earlier evaluation into `out` would contradict metrics.json
         (out / "report.html").unlink(missing_ok=True)
     return metrics
+
+
+PER_LABEL = (("positives", "positives"), ("threshold", "threshold"), ("review_threshold", "review from"),
+             ("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("accuracy", "accuracy"),
+             ("roc_auc", "ROC-AUC"), ("average_precision", "average precision"), ("review", "cells in review"),
+             ("recall_with_review", "recall counting review"))
+
+
+def _label_table(title: str, block: dict) -> Table:
+    return Table(title, [heading for _, heading in PER_LABEL],
+                 [(label, [m[key] for key, _ in PER_LABEL]) for label, m in block["per_label"].items()])
+
+
+def report_tables(metrics: dict) -> list[Table]:
+    """The metrics as tables a person reads: a summary, per label, per group,
+    and what tuning changed."""
+    summary = [("model", Path(metrics["model"]).name), ("data", metrics["data"]),
+               ("images", metrics["images"]), ("images that could not be read", len(metrics["failed"])),
+               ("cells scored", metrics["cells"]), ("weighted F1 (by positives)", metrics["weighted_f1"]),
+               ("mean F1 over labels", metrics["mean_f1"]), ("cells ok for every label", metrics["cells_ok"]),
+               ("cells for a person to review", metrics["cells_in_review"]),
+               ("test-time augmentation", "yes" if metrics["tta"] else "no")]
+    missing = metrics["labels_not_in_data"]
+    tables = [Table("Summary", [], [(name, [value]) for name, value in summary],
+                    note=f"Labels of the model not in the data, not scored: {', '.join(missing)}" if missing else ""),
+              _label_table("Per label", metrics)]
+    if "without_tta" in metrics:
+        tables.append(_label_table("Per label, without test-time augmentation", metrics["without_tta"]))
+    tables += [_label_table(f"Per label, {name} cells", block) for name, block in metrics.get("groups", {}).items()]
+    if "tuning" in metrics:
+        tuning = metrics["tuning"]
+        tables.append(Table(
+            "Threshold tuning", ["threshold before", "threshold after", "review from", "precision", "recall",
+                                 "F1", "cells in review"],
+            [(label, [d["previous_threshold"], d["threshold"], d["review_threshold"], d["precision"],
+                      d["recall"], d["f1"], d["review"]]) for label, d in tuning["per_label"].items()],
+            note=f"tuned for {tuning['method'] or 'the review band only'} on these {tuning['cells']} cells: "
+                 "figures tuned on the same cells are optimistic; tune on validation cells, evaluate on others"))
+    return tables
 
 
 def write_html_report(model: Model, predictions: Predictions, metrics: dict, plots: list[Path],
@@ -293,9 +266,12 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
     galleries = build_galleries(predictions.labels, [str(p) for p in predictions.paths],
                                 predictions.probs, predictions.positives, thresholds, cell, heatmap)
     figures = [(path.stem.replace("_", " "), path) for path in plots]
-    shown = {k: v for k, v in metrics.items() if k not in ("plots", "failed")}
-    shown["failed"] = len(metrics["failed"])
-    return write_report(out_html, shown, figures, galleries, subtitle=subtitle)
+    return write_report(out_html, report_tables(metrics), figures, galleries, subtitle=subtitle,
+                        gallery_note=GALLERY_NOTE)
+
+
+GALLERY_NOTE = ("Each overlay shows the label's heatmap on the cell: where the model found evidence for "
+                "the label. Transparent where there is none; the colour bar gives the scale.")
 
 
 def format_report(metrics: dict) -> str:
@@ -313,7 +289,8 @@ def format_report(metrics: dict) -> str:
                          f"{m['precision']:>7.3f}{m['recall']:>7.3f}{m['f1']:>7.3f}{auc:>7}{ap:>7}"
                          f"{m['review']:>7}{m['recall_with_review']:>8.3f}")
         lines.append(f"  weighted F1 {block['weighted_f1']:.4f}, mean F1 {block['mean_f1']:.4f}, "
-                     f"{block['cells_in_review']} of {block['cells']} cells in review")
+                     f"{block['cells_in_review']} of {block['cells']} cells in review, "
+                     f"{block['cells_ok']} ok for every label")
 
     table(metrics, "all cells" + (" (TTA: mean over flips/rotations)" if metrics["tta"] else ""))
     if "without_tta" in metrics:
@@ -355,6 +332,9 @@ def main(args) -> int:
     print(format_report(metrics))
     print(f"wrote {out / 'metrics.json'}, predictions.csv and {len(metrics['plots'])} plots to {out}"
           + (f"; report: {out / 'report.html'}" if args.report else ""))
+    if metrics["cells"] >= 20 and metrics["cells_ok"] == 0:
+        print(f"elcell: warning: no cell is ok: all {metrics['cells']} are defect or review for some label "
+              "at these thresholds; is that the operating point you meant?", file=sys.stderr)
     if metrics["failed"]:  # as predict and explain: a script must not take partial metrics for whole ones
         print(f"elcell: {len(metrics['failed'])} of {metrics['images']} images could not be read "
               "(listed above) and are not in the metrics", file=sys.stderr)

@@ -65,7 +65,7 @@ def _per_epoch(metrics_csv: Path) -> dict[int, dict[str, float]]:
     return per_epoch
 
 
-def plot_losses(metrics_csv: Path, out: Path, best_epoch: int | None = None) -> None:
+def plot_losses(metrics_csv: Path, out: Path, best_epoch: int | None = None) -> Figure:
     """losses.png: train/val loss and val F1 per epoch (1-based, as the console
     counts), from Lightning's metrics.csv, with the epoch that was kept marked."""
     per_epoch = _per_epoch(metrics_csv)
@@ -94,26 +94,35 @@ def plot_losses(metrics_csv: Path, out: Path, best_epoch: int | None = None) -> 
             ax.legend()
     with atomic_path(out) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
+    return figure
 
 
 class EpochLines(L.Callback):
     """Where no progress bar is drawn (a log file, CI), one line per epoch on
-    stderr instead: a bar redrawn per step would write thousands of lines."""
+    stderr instead: a bar redrawn per step would write thousands of lines.
+
+    An epoch's line is written when the next epoch starts (or training ends):
+    only then has Lightning reduced the epoch's train loss and validation F1."""
 
     def __init__(self):
-        self.started = time.perf_counter()
+        self.started: float | None = None
 
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.started = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def _line(self, trainer: L.Trainer, epoch: int) -> None:
+        if self.started is None or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         shown = ", ".join(f"{name} {float(metrics[name]):.4f}" for name in ("train_loss", "val_loss", "val_f1")
                           if name in metrics)
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown} "
-              f"({time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
+        print(f"epoch {epoch + 1}/{trainer.max_epochs}: {shown} ({time.perf_counter() - self.started:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._line(trainer, trainer.current_epoch - 1)
+        self.started = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._line(trainer, trainer.current_epoch - 1)
+        self.started = None
 
 
 def next_session(run: Path) -> int:

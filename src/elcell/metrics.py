@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 from elcell.errors import DataError
-from elcell.runtime import DEFECT, REVIEW, decide
+from elcell.runtime import DEFECT, OK, REVIEW, decide
 
 
 def _ratio(num: float, den: float) -> float:
@@ -47,6 +47,10 @@ def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
         "review": int(in_review.sum()),
         "review_positives": int((in_review & positive).sum()),
+        # the decisions a person sees, against the truth: review is a third answer, not "ok"
+        "decisions": {truth: {"ok": int((~predicted & ~in_review & mask).sum()), "review": int((in_review & mask).sum()),
+                              "defect": int((predicted & mask).sum())}
+                      for truth, mask in (("ok", ~positive), ("defect", positive))},
         "recall_with_review": _ratio(int(((predicted | in_review) & positive).sum()), int(positive.sum())),
     }
 
@@ -66,6 +70,7 @@ def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresho
         "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
         "mean_f1": float(f1.mean()),
         "cells_in_review": int(review_only.sum()),
+        "cells_ok": int((decisions == OK).all(axis=1).sum()) if len(probs) else 0,
         "per_label": per_label,
     }
 

@@ -10,7 +10,7 @@ import html
 import io
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,57 +121,50 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _metrics_html(metrics: Mapping[str, Any]) -> str:
-    """Scalars in one summary table; a mapping of mappings (e.g. per label) as a
-    table with a row per key; a mapping of scalars as a two-column table."""
-    scalars = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
-    parts = []
-    if scalars:
-        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
-                       for k, v in scalars.items())
-        parts.append(f"<table>{rows}</table>")
-    for key, value in metrics.items():
-        if not isinstance(value, Mapping):
-            continue
-        parts.append(f"<h3>{html.escape(str(key))}</h3>")
-        if value and all(isinstance(v, Mapping) for v in value.values()):
-            columns = list(dict.fromkeys(c for v in value.values() for c in v
-                                         if not isinstance(v[c], Mapping)))
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-            body = "".join(
-                f"<tr><th>{html.escape(str(row))}</th>"
-                + "".join(f"<td>{_fmt(v.get(c, ''))}</td>" for c in columns) + "</tr>"
-                for row, v in value.items())
-            parts.append(f"<table><tr><th></th>{head}</tr>{body}</table>")
-        else:
-            rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
-                           for k, v in value.items())
-            parts.append(f"<table>{rows}</table>")
-    return "\n".join(parts)
+@dataclass
+class Table:
+    """A table for people: a title, column headings, rows of (row heading, values)."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[tuple[str, Sequence[Any]]]
+    note: str = ""
+
+
+def _table_html(table: Table) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in table.columns)
+    body = "".join(f"<tr><th>{esc(str(name))}</th>" + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"
+                   for name, values in table.rows)
+    title = f"<h3>{esc(table.title)}</h3>" if table.title else ""
+    note = f'<p class="note">{esc(table.note)}</p>' if table.note else ""
+    head_row = f"<tr><th></th>{head}</tr>" if table.columns else ""
+    return f'{title}{note}<div class="scroll"><table>{head_row}{body}</table></div>'
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:1.5em auto;padding:0 1em;color:#222;max-width:1100px}
+.scroll{overflow-x:auto;max-width:100%}
 h1{margin-bottom:.2em} .meta{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:.5em 0 1em} th,td{border:1px solid #ccc;padding:.25em .6em}
 td{text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4;text-align:left}
 .figures,.gallery{display:flex;flex-wrap:wrap;gap:12px}
 .figures img{max-width:640px;width:100%} .gallery img{width:256px;height:auto;display:block}
-figure{margin:0} figcaption{font-size:.8em;max-width:256px;word-break:break-all;color:#444}
+figure{margin:0} figcaption{font-size:.8em;max-width:256px;overflow-wrap:anywhere;color:#444}
 .note{color:#666;font-size:.9em;margin:.2em 0 .6em} .empty{color:#999}
 """
 
 
-def write_report(out_html: str | Path, metrics: Mapping[str, Any],
+def write_report(out_html: str | Path, tables: Sequence[Table],
                  figures: Sequence[tuple[str, bytes | Path | Image.Image | Any]] = (),
                  galleries: Sequence[Gallery] = (), title: str = "elcell evaluation",
-                 subtitle: str = "") -> Path:
-    """One self-contained HTML file: metrics tables, figures (curves) and
-    galleries, every image embedded as a data: URI, no scripts or links, so it
-    can be mailed or archived as it is. Written atomically; returns the path.
+                 subtitle: str = "", gallery_note: str = "") -> Path:
+    """One self-contained HTML file: tables, figures (curves) and galleries,
+    every image embedded as a data: URI, no scripts or links, so it can be
+    mailed or archived as it is. Written atomically; returns the path.
 
-    metrics: scalars and (nested) mappings, rendered as tables; figures:
-    (title, PNG bytes / PNG file / PIL image / matplotlib Figure) pairs.
+    figures: (title, PNG bytes / PNG file / PIL image / matplotlib Figure) pairs.
+    Gallery captions show each image's file name; the full path is its tooltip.
     """
     out_html = Path(out_html)
     esc = html.escape
@@ -181,7 +174,7 @@ def write_report(out_html: str | Path, metrics: Mapping[str, Any],
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         f'<p class="meta">{esc(subtitle + " · " if subtitle else "")}written {stamp} by elcell</p>',
-        "<h2>Metrics</h2>", _metrics_html(metrics),
+        "<h2>Metrics</h2>", *(_table_html(table) for table in tables),
     ]
     if figures:
         parts.append('<h2>Curves</h2><div class="figures">')
@@ -190,9 +183,9 @@ def write_report(out_html: str | Path, metrics: Mapping[str, Any],
                          f"<figcaption>{esc(caption)}</figcaption></figure>")
         parts.append("</div>")
     if galleries:
-        parts.append("<h2>What the model gets right and wrong</h2>"
-                     '<p class="note">Overlays: the label\'s Grad-CAM heatmap on the cell; colours '
-                     "are relative to each cell's own peak (red = where the model looked most).</p>")
+        parts.append("<h2>What the model gets right and wrong</h2>")
+        if gallery_note:
+            parts.append(f'<p class="note">{esc(gallery_note)}</p>')
     for gallery in galleries:
         parts.append(f"<h3>{esc(gallery.title)}</h3>")
         if gallery.note:
@@ -203,8 +196,8 @@ def write_report(out_html: str | Path, metrics: Mapping[str, Any],
         parts.append('<div class="gallery">')
         for entry in gallery.items:
             parts.append(
-                f'<figure><img src="{_data_uri(entry.image)}" alt="{esc(entry.name, quote=True)}" '
-                f'title="{esc(entry.name, quote=True)}"><figcaption>{esc(entry.name)}<br>'
+                f'<figure title="{esc(entry.name, quote=True)}"><img src="{_data_uri(entry.image)}" '
+                f'alt="{esc(entry.name, quote=True)}"><figcaption>{esc(Path(entry.name).name)}<br>'
                 f"{esc(entry.caption)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>\n")
