@@ -21,10 +21,9 @@ import yaml
 from elcell.errors import DataError
 from elcell.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.options import above, at_least, base_values, defaults_from, option, within
+from elcell.weights import BACKBONES, RESNETS
 
 # Choices of the training stack, declared here so the CLI and validation need no torch.
-BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
-             "efficientnet_lite2")
 POOLINGS = ("avg", "max")
 INPUT_NORMS = ("dataset", "cell")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -291,7 +290,7 @@ class PretrainConfig:
                          choices=SHRINKS)
     bit_depth: int = option(16, "how many bits of a 16-bit image hold the camera's values (see train "
                             "--bit-depth)", "decoding", choices=BIT_DEPTHS, metavar="BITS")
-    backbone: str = option("resnet18", "the network", "model", choices=BACKBONES[:3])
+    backbone: str = option("resnet18", "the network", "model", choices=RESNETS)
     batch_size: int = option(128, "cells per batch (each gives two views; every other view in the batch "
                              "is a negative)", "optimisation", check=at_least(2, "2 or more: contrastive "
                                                                                "learning needs pairs"))

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from elcell.cellnet import CellNet
 from elcell.errors import ExportError
 from elcell.images import Decoding
 from elcell.io import atomic_path, output_mode
-from elcell.model import ResNet
 from elcell.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
 from elcell.module import ELCellModule
 
@@ -27,7 +27,7 @@ PARITY_TOLERANCE = 1e-4
 class InferenceGraph(nn.Module):
     """uint8 gray cells in; probabilities and Grad-CAM heatmaps out."""
 
-    def __init__(self, model: ResNet, mean: float, std: float):
+    def __init__(self, model: CellNet, mean: float, std: float):
         super().__init__()
         self.model = model
         self.mean, self.std = float(mean), float(std)
@@ -38,7 +38,7 @@ class InferenceGraph(nn.Module):
         return torch.sigmoid(logits), heatmap
 
 
-def export_onnx(model: ResNet, info: ModelInfo, out: str | Path,
+def export_onnx(model: CellNet, info: ModelInfo, out: str | Path,
                 check_images: np.ndarray | None = None) -> float:
     """Write `model` as an elcell ONNX file and return the parity error.
 

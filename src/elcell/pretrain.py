@@ -35,9 +35,9 @@ from elcell.history import merge_session_logs
 from elcell.inputs import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.labels import load_table
-from elcell.model import ResNet
 from elcell.module import cosine_schedule
 from elcell.options import show_progress, validate
+from elcell.resnet import ResNet
 
 MIN_CELLS = 8
 

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -39,8 +40,9 @@ from elcell.runtime import Model, decide, default_workers, open_model
 # The backbone is where the time goes. The head's weights are shared by its
 # Gemm layers and by the in-graph Grad-CAM MatMuls, which ONNX Runtime's
 # per-channel quantiser cannot give two channel axes; the head is well under 1%
-# of the work, so it (and the Grad-CAM) stays float.
-QUANTIZED_OPS = ["Conv", "Add", "MaxPool", "Relu"]
+# of the work, so it (and the Grad-CAM) stays float. Clip is EfficientNet-Lite's
+# ReLU6; quantised, it folds into the Conv's output range as Relu does.
+QUANTIZED_OPS = ["Conv", "Add", "MaxPool", "Relu", "Clip"]
 MAX_RECALL_DROP = 0.02
 
 
@@ -82,6 +84,15 @@ def calibration_cells(table: LabelTable, decoding: Decoding, count: int = 200, s
     return cells, failed
 
 
+def float_clips(model_path: str | Path) -> list[str]:
+    """Clip nodes that do not follow a Conv: --input-norm cell's floor on the
+    standard deviation (clamp_min), which int8 would round to 0. Every ReLU6
+    follows a Conv once quant_pre_process has folded the BatchNorms."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    return [node.name for node in graph.node if node.op_type == "Clip" and producer.get(node.input[0]) != "Conv"]
+
+
 def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
              source: str = "") -> Path:
     """Write a statically quantised (QDQ, per-channel int8) copy of `float_path`,
@@ -101,7 +112,7 @@ def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
                 str(prepared), str(quantized), CellReader(calibration),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=QUANTIZED_OPS,
+                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_clips(prepared),
             )  # MinMax calibration keeps only per-batch minima and maxima: memory stays small
         finally:
             logger.setLevel(level)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import re
+import sys
 import time
 import warnings
 from dataclasses import replace
