@@ -50,23 +50,43 @@ def test_peak_of_a_border_plateau_is_its_centre():
     assert heatmap_peak(heat) == (48, 88)
 
 
+def cell_area(image: Image.Image, width: int) -> np.ndarray:
+    """The cell part of an overlay: between the title band above and the legend below."""
+    pixels = np.asarray(image).astype(int)
+    band = (pixels.shape[0] - width) // 2
+    return pixels[band:band + width]
+
+
 def test_overlay_tints_hot_areas_and_leaves_cold_ones_gray():
     cell = np.full((64, 64), 100, dtype=np.uint8)
     heat = np.zeros((2, 2), dtype=np.float32)
     heat[1, 1] = 3.0
     image = overlay_image(cell, heat, prob=0.87, label="crack")
-    assert image.mode == "RGB" and image.size == (256, 256)  # enlarged for readable text
-    pixels = np.asarray(image).astype(int)
+    # a small cell is enlarged by a whole factor, each pixel a sharp square, with bands for text
+    assert image.mode == "RGB" and image.size[0] == 256 and image.size[1] > 256
+    pixels = cell_area(image, 256)
     assert tuple(pixels[128 + 64, 128 + 64]) != (100, 100, 100)  # the hot corner is coloured
     assert pixels[192, 192, 0] > 100  # jet's hot end is red
     assert tuple(pixels[100, 40]) == (100, 100, 100)  # a cold area shows the cell as it is
     png = overlay_png(cell, heat, 0.87, "crack")
-    assert Image.open(io.BytesIO(png)).size == (256, 256)
+    assert Image.open(io.BytesIO(png)).size == image.size
+
+
+def test_overlay_is_drawn_on_the_cell_at_its_own_resolution_with_the_box():
+    cell = np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)
+    heat = np.zeros((19, 19), dtype=np.float32)
+    heat[3, 12] = 1.0  # one hot feature cell, far from the centre
+    box = heatmap_box(heat, cell.shape)
+    pixels = cell_area(overlay_image(cell, heat, 0.9, "crack", "defect", box), 300)
+    cold = pixels[200:, :100]
+    assert (cold[..., 0] == cell[200:, :100]).all()  # not resampled: the cell's own pixels, sharp
+    assert (pixels[box["y"] + box["height"] // 2, box["x"] - 3:box["x"] + 3] == 255).all(axis=-1).any()  # box edge
+    assert pixels[box["peak_y"], box["peak_x"], 0] != cell[box["peak_y"], box["peak_x"]]  # tinted at the peak
 
 
 def test_overlay_of_an_all_zero_heatmap_is_the_gray_cell():
     cell = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
-    image = np.asarray(overlay_image(cell, np.zeros((10, 10)), prob=0.01, label="inactive"))
-    assert image.shape == (300, 300, 3)  # large cells keep their size
-    middle = image[100:200, 100:200]
+    image = overlay_image(cell, np.zeros((10, 10)), prob=0.01, label="inactive")
+    assert image.size[0] == 300  # large cells keep their size
+    middle = cell_area(image, 300)[100:200, 100:200]
     assert (middle[..., 0] == cell[100:200, 100:200]).all() and (middle[..., 1] == middle[..., 2]).all()

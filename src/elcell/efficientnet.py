@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elcell import vjp
 from elcell.cellnet import CellNet, seed_head
 
 # The seven stages at width and depth 1.0 (the reference's block strings
@@ -116,6 +117,23 @@ class MBConvBlock(nn.Module):
             out = x + drop_connect(out, self.drop_rate, self.training)
         return out
 
+    def forward_tape(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """forward (in eval mode), keeping what the heatmap's backward pass needs:
+        sizes and the ReLU6s' inputs."""
+        e = self._bn0(self._expand_conv(x)) if self.expand else None
+        d = self._bn1(self._depthwise_conv(F.relu6(e) if self.expand else x))
+        out = self._bn2(self._project_conv(F.relu6(d)))
+        return (x + out if self.residual else out), (vjp.size(x), e, d)
+
+    def vjp(self, tape: tuple, g: torch.Tensor) -> torch.Tensor:
+        x_size, e, d = tape
+        inner = vjp.conv(self._project_conv, vjp.batchnorm(self._bn2, g), vjp.size(d))
+        inner = vjp.relu6(d, inner)
+        inner = vjp.conv(self._depthwise_conv, vjp.batchnorm(self._bn1, inner), x_size)
+        if self.expand:
+            inner = vjp.conv(self._expand_conv, vjp.batchnorm(self._bn0, vjp.relu6(e, inner)), x_size)
+        return inner + g if self.residual else inner
+
 
 def block_specs(backbone: str) -> list[tuple[int, int, int, int, int]]:
     """(cin, cout, kernel, stride, expand) of every block of `backbone`."""
@@ -176,8 +194,40 @@ class EfficientNetLite(CellNet):
     def cam_layer(self) -> nn.Module:
         return self.head_act
 
+    def units(self) -> list[tuple]:
+        """The stem (stride 2), every block with the stride of its output, the head
+        convolution (stride 32)."""
+        units, stride = [(self._stem, 2)], 2
+        for block in self._blocks:
+            stride *= block._depthwise_conv.stride[0]
+            units.append((block, stride))
+        return [*units, (_Head(self), stride)]
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))  # [B, 32, H/2, W/2]
         for block in self._blocks:
             x = block(x)  # ... [B, 320 (352 for Lite2), H/32, W/32]
         return self.head_act(self._bn1(self._conv_head(x)))  # [B, 1280, H/32, W/32]
+
+
+class _Head:
+    """The 1x1 head convolution, its BN and ReLU6 as one unit of the trunk, with
+    the heatmap's backward pass (not a module: the parameters stay where the
+    weight files name them)."""
+
+    def __init__(self, net: EfficientNetLite):
+        self.net = net
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.head_act(self.net._bn1(self.net._conv_head(x)))
+
+    def forward_tape(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        h = self.net._bn1(self.net._conv_head(x))
+        return F.relu6(h), (vjp.size(x), h)
+
+    def vjp(self, tape: tuple, g: torch.Tensor) -> torch.Tensor:
+        x_size, h = tape
+        return vjp.conv(self.net._conv_head, vjp.batchnorm(self.net._bn1, vjp.relu6(h, g)), x_size)

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from elcell.errors import DataError
-from elcell.images import load_cell
+from elcell.images import load_cell, read_gray
 from elcell.inputs import Unreadable, report_unreadable
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
@@ -257,11 +257,11 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
     Only the cells shown are decoded again and run for their heatmaps."""
     columns = [model.info.labels.index(label) for label in predictions.labels]
 
-    def cell(i: int) -> np.ndarray:
-        return load_cell(predictions.paths[i], model.decoding)
+    def cell(i: int) -> np.ndarray:  # at its own resolution, for the overlay
+        return read_gray(predictions.paths[i], model.decoding.bit_depth)
 
     def heatmap(i: int) -> np.ndarray:
-        return model.run(cell(i)[None], heatmaps=True)[1][0][columns]
+        return model.run(load_cell(predictions.paths[i], model.decoding)[None], heatmaps=True)[1][0][columns]
 
     galleries = build_galleries(predictions.labels, [str(p) for p in predictions.paths],
                                 predictions.probs, predictions.positives, thresholds, cell, heatmap)
@@ -270,8 +270,9 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
                         gallery_note=GALLERY_NOTE)
 
 
-GALLERY_NOTE = ("Each overlay shows the label's heatmap on the cell: where the model found evidence for "
-                "the label. Transparent where there is none; the colour bar gives the scale.")
+GALLERY_NOTE = ("Each overlay shows the label's heatmap on the cell at its own resolution: where the model "
+                "found evidence for the label, coloured up to the cell's strongest evidence (the colour bar) "
+                "and left untinted where there is little; the box surrounds the hottest region.")
 
 
 def format_report(metrics: dict) -> str:

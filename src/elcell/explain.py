@@ -15,30 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from elcell.errors import DataError
-from elcell.heatmaps import BOX_THRESHOLD, HEATMAP_NOTE, heatmap_box, overlay_png
-from elcell.inputs import Unreadable, collect_inputs, read_cell, report_unreadable, unreadable
+from elcell.heatmaps import BOX_THRESHOLD, heatmap_box, heatmap_note, overlay_png
+from elcell.images import read_gray, to_cell
+from elcell.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
 from elcell.io import atomic_path, atomic_write_json, safe_name, unique_names
 from elcell.runtime import Model, open_model, score_cells
 
 
 def explain_cell(out_dir: str | Path, name: str, cell: np.ndarray, heatmaps: np.ndarray,
                  probs: np.ndarray, labels: Sequence[str], which: Iterable[int] | None = None,
-                 decisions: Sequence[str] | None = None, image_size: tuple[int, int] | None = None,
-                 raw: bool = True, threshold: float = BOX_THRESHOLD) -> dict:
+                 decisions: Sequence[str] | None = None, raw: bool = True,
+                 threshold: float = BOX_THRESHOLD) -> dict:
     """Write `{name}_{label}.png` overlays (and `{name}_{label}.npy` raw heatmaps
     when `raw`) for one cell and return a JSON-ready record of them.
 
-    cell: uint8 [H, W] as the model saw it; heatmaps: [N, h, w] and probs: [N]
-    from the model, for all its `labels`; `which`: label indices to explain
-    (default all); decisions: the cell's `defect`/`review`/`ok` per label, if
-    known; image_size: (height, width) of the original image, so boxes are in
-    its pixels (default the cell's).
+    cell: uint8 [H, W] at its own resolution (boxes are in its pixels);
+    heatmaps: [N, h, w] and probs: [N] from the model, for all its `labels`;
+    `which`: label indices to explain (default all); decisions: the cell's
+    `defect`/`review`/`ok` per label, if known.
     """
     out_dir = Path(out_dir)
-    image_size = image_size or cell.shape
     record: dict[str, Any] = {}
     for index in range(len(labels)) if which is None else which:
         label = labels[index]
@@ -46,9 +44,10 @@ def explain_cell(out_dir: str | Path, name: str, cell: np.ndarray, heatmaps: np.
         entry: dict[str, Any] = {"probability": round(float(probs[index]), 6)}
         if decisions is not None:
             entry["decision"] = str(decisions[index])
-        entry["box"] = heatmap_box(heatmaps[index], image_size, threshold)
+        entry["box"] = heatmap_box(heatmaps[index], cell.shape, threshold)
+        decision = "" if decisions is None else str(decisions[index])
         with atomic_path(out_dir / f"{stem}.png") as tmp:
-            tmp.write_bytes(overlay_png(cell, heatmaps[index], probs[index], label))
+            tmp.write_bytes(overlay_png(cell, heatmaps[index], probs[index], label, decision, entry["box"]))
         entry["overlay"] = f"{stem}.png"
         if raw:
             with atomic_path(out_dir / f"{stem}.npy") as tmp, open(tmp, "wb") as handle:
@@ -78,15 +77,12 @@ def label_indices(model_labels: Sequence[str], wanted: Sequence[str] | None) -> 
     return [model_labels.index(w) for w in dict.fromkeys(wanted)]
 
 
-def _read_with_size(path: Path, model: Model) -> tuple[np.ndarray, tuple[int, int]] | Unreadable:
-    """The cell as the model sees it and the original image's (height, width)."""
-    cell = read_cell(path, model.decoding)
-    if isinstance(cell, Unreadable):
-        return cell
+def _read_both(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray] | Unreadable:
+    """The cell as the model sees it, and at its own resolution (for the overlay)."""
     try:
-        with Image.open(path) as opened:  # header only: the original size
-            return cell, (opened.height, opened.width)
-    except Exception as err:  # gone since it was decoded
+        original = read_gray(path, model.decoding.bit_depth)
+        return to_cell(original, model.decoding), original
+    except Exception as err:  # ImageError, and whatever else a broken file provokes
         return unreadable(path, err)
 
 
@@ -108,7 +104,7 @@ def write_explanations(model: Model, paths: Sequence[str | Path], out_dir: str |
     for start in range(0, len(paths), batch_size):
         kept = []
         for i in range(start, min(start + batch_size, len(paths))):
-            read = _read_with_size(Path(paths[i]), model)
+            read = _read_both(Path(paths[i]), model)
             if isinstance(read, Unreadable):
                 result.skipped.append(read)
                 if on_skip:
@@ -117,24 +113,24 @@ def write_explanations(model: Model, paths: Sequence[str | Path], out_dir: str |
                 kept.append((i, *read))
         if kept:
             scores = score_cells(model, np.stack([cell for _, cell, _ in kept]), heatmaps=True)
-            for k, (i, cell, size) in enumerate(kept):
-                result.records.append(_explain_one(model, paths[i], names[i], out_dir, cell, size, scores,
+            for k, (i, _, original) in enumerate(kept):
+                result.records.append(_explain_one(model, paths[i], names[i], out_dir, original, scores,
                                                    k, which, threshold))
     return result
 
 
-def _explain_one(model: Model, path: str | Path, name: str, out_dir: Path, cell: np.ndarray,
-                 size: tuple[int, int], scores, k: int, which: list[int], threshold: float) -> dict:
+def _explain_one(model: Model, path: str | Path, name: str, out_dir: Path, original: np.ndarray,
+                 scores, k: int, which: list[int], threshold: float) -> dict:
     heat = scores.heatmaps[k]
-    explained = explain_cell(out_dir, name, cell, heat, scores.probs[k], model.info.labels, which,
-                             scores.decisions[k], size, raw=True, threshold=threshold)
+    explained = explain_cell(out_dir, name, original, heat, scores.probs[k], model.info.labels, which,
+                             scores.decisions[k], raw=True, threshold=threshold)
     record = {
         "image": str(path),
-        "image_size": {"height": size[0], "width": size[1]},
+        "image_size": {"height": original.shape[0], "width": original.shape[1]},
         "model": str(model.path),
         "box_threshold": threshold,
         "heatmap_shape": list(heat.shape[1:]),
-        "heatmap_note": HEATMAP_NOTE,
+        "heatmap_note": heatmap_note(model.info.extra.get("heatmap")),
         "labels": explained,
     }
     atomic_write_json(out_dir / f"{name}.json", record)

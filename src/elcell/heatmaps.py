@@ -2,15 +2,15 @@
 the hot region, and overlays of a heatmap on its cell. Torch-free: everything
 works from the ONNX outputs, so it runs on the inspection PC.
 
-Heatmap colours are relative: each overlay is scaled to its own peak, so it
-shows *where* the model looked, not how strongly compared with another cell.
+An overlay shows *where* the model found evidence for a label on the cell at
+its own resolution; its colours are relative to that cell's peak (the legend
+says so), its probability is written above it.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Any
 
 import numpy as np
 from matplotlib import colormaps  # the registry only: no pyplot, no figure per image
@@ -18,10 +18,20 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 COLORMAP = "jet"
-MIN_DISPLAY = 256  # overlays are drawn at least this many pixels wide: readable text
+MIN_DISPLAY = 256  # a smaller cell is enlarged (by a whole factor) so that text on it reads
 BOX_THRESHOLD = 0.5
-HEATMAP_NOTE = ("Grad-CAM of the label's logit on the last ResNet stage (ReLU applied, not "
-                "normalised); one value per feature-map cell, row-major, image top-left first")
+VISIBLE = 0.25  # heat below this share of the cell's peak is not drawn: the cell shows through
+
+
+def heatmap_note(settings: dict | None) -> str:
+    """What the numbers of a model's heatmap are (explain's JSON)."""
+    if not settings:  # models exported before heatmap settings were stored
+        return ("Grad-CAM of the label's logit on the last feature map (ReLU applied, not normalised); one "
+                "value per feature-map cell, row-major, image top-left first")
+    name = {"layercam": "LayerCAM", "gradcam": "Grad-CAM"}[settings["method"]]
+    return (f"{name} of the label's logit on the feature map of stride {settings['stride']}, averaged over "
+            f"{settings['views']} symmetric views of the cell (ReLU applied, not normalised); one value per "
+            "feature-map cell, row-major, image top-left first")
 
 
 # --------------------------------------------------------------------------- heatmaps
@@ -113,45 +123,69 @@ def _label_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size:
     draw.text(xy, text, font=font, fill=(255, 255, 255, 255), anchor=anchor)
 
 
-def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = None,
-                  label: str = "", alpha: float = 0.5, min_display: int = MIN_DISPLAY) -> Image.Image:
-    """The cell in gray with the heatmap (bilinear upsampled) blended on top.
+def _display(cell: np.ndarray) -> Image.Image:
+    """The cell at its own resolution, enlarged by a whole factor (each pixel a
+    sharp square) only when it is too small to read."""
+    if cell.dtype != np.uint8:
+        cell = np.clip(cell, 0, 255).astype(np.uint8)
+    gray = Image.fromarray(cell, "L")
+    factor = max(1, math.ceil(MIN_DISPLAY / min(cell.shape)))
+    return gray.resize((cell.shape[1] * factor, cell.shape[0] * factor), Image.NEAREST) if factor > 1 else gray
 
-    Colours are relative to this heatmap's peak, and cold areas stay
-    transparent so the cell shows through. `label` and `prob` go in the top-left
-    corner, the colour note and raw peak in the bottom-left. Small cells are
-    enlarged to `min_display` pixels so the text stays readable. Returns RGB.
+
+def _legend(width: int, height: int) -> Image.Image:
+    """A colour bar: transparent (no evidence) up to this cell's strongest evidence."""
+    band = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    left, right = width // 4, width - width // 4
+    ramp = np.linspace(0, 1, right - left)
+    colours = (colormaps[COLORMAP](ramp)[:, :3] * 255).astype(np.uint8)
+    colours[ramp < VISIBLE] = 90  # below VISIBLE the cell shows through
+    bar = np.repeat(colours[None], max(4, height // 3), axis=0)
+    band.paste(Image.fromarray(bar, "RGB"), (left, height // 6))
+    size = max(9, height // 3)
+    draw.text((left - 4, height // 6), "none", font=_font(size), fill=(255, 255, 255), anchor="ra")
+    draw.text((right + 4, height // 6), "most", font=_font(size), fill=(255, 255, 255), anchor="la")
+    draw.text((width // 2, height - 2), "evidence, relative to this cell's peak", font=_font(size),
+              fill=(200, 200, 200), anchor="md")
+    return band
+
+
+def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = None,
+                  label: str = "", decision: str = "", box: dict | None = None,
+                  alpha: float = 0.55) -> Image.Image:
+    """The cell at its own resolution with the heatmap (bilinear upsampled to it)
+    blended on top, a title band (label, probability, decision), the box around
+    the hot region (`heatmap_box` in the cell's pixels) and a colour legend.
+
+    Colours run from the heatmap's weakest shown value to its peak; below
+    VISIBLE x the peak the cell shows through untinted. Returns RGB.
     """
     cell = np.asarray(cell)
     if cell.ndim != 2:
         raise ValueError(f"expected a gray [H, W] cell, got shape {cell.shape}")
-    if cell.dtype != np.uint8:
-        cell = np.clip(cell, 0, 255).astype(np.uint8)
-    height, width = cell.shape
-    scale = max(1.0, min_display / min(height, width))
-    height, width = round(height * scale), round(width * scale)
-    gray = Image.fromarray(cell, "L")
-    if (height, width) != cell.shape:
-        gray = gray.resize((width, height), Image.BILINEAR)
-    base = np.asarray(gray, dtype=np.float32)[..., None]
-
+    gray = _display(cell)
+    width, height = gray.size
+    scale = width / cell.shape[1]
     heat = upsample_heatmap(heatmap, (height, width))
     peak = float(heat.max())
     relative = heat / peak if math.isfinite(peak) and peak > 0 else np.zeros_like(heat)
     colour = colormaps[COLORMAP](relative)[..., :3].astype(np.float32) * 255
-    weight = alpha * relative[..., None]
-    rgb = base * (1 - weight) + colour * weight
-    image = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB")
-
-    draw = ImageDraw.Draw(image, "RGBA")
-    text_size = max(10, width // 16)
-    pad = max(3, width // 60)
-    title = label if prob is None else f"{label} {float(prob):.2f}".strip()
+    weight = alpha * np.where(relative >= VISIBLE, 0.4 + 0.6 * relative, 0.0)[..., None]
+    base = np.asarray(gray, dtype=np.float32)[..., None]
+    tinted = Image.fromarray(np.clip(base * (1 - weight) + colour * weight + 0.5, 0, 255).astype(np.uint8), "RGB")
+    if box is not None:
+        ImageDraw.Draw(tinted).rectangle(
+            (box["x"] * scale, box["y"] * scale, (box["x"] + box["width"]) * scale - 1,
+             (box["y"] + box["height"]) * scale - 1), outline=(255, 255, 255), width=max(1, width // 150))
+    band = max(18, width // 14)
+    image = Image.new("RGB", (width, height + 2 * band), (0, 0, 0))
+    image.paste(tinted, (0, band))
+    image.paste(_legend(width, band), (0, height + band))
+    title = " ".join(part for part in (label, "" if prob is None else f"{float(prob):.2f}", decision) if part)
     if title:
-        _label_text(draw, (pad + 2, pad + 2), title, text_size, "la")
-    raw_peak = float(np.max(heatmap))  # as heatmap_box reports it
-    note = f"colours relative, peak {raw_peak:.3g}" if math.isfinite(raw_peak) else "heatmap not finite"
-    _label_text(draw, (pad + 2, height - pad - 2), note, max(8, text_size * 2 // 3), "ld")
+        ImageDraw.Draw(image).text((6, band // 2), title, font=_font(max(10, band * 2 // 3)),
+                                   fill=(255, 255, 255), anchor="lm")
     return image
 
 
@@ -163,6 +197,6 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def overlay_png(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = None, label: str = "",
-                **kwargs: Any) -> bytes:
+                decision: str = "", box: dict | None = None) -> bytes:
     """`overlay_image` encoded as PNG bytes (for files and the HTML report)."""
-    return png_bytes(overlay_image(cell, heatmap, prob, label, **kwargs))
+    return png_bytes(overlay_image(cell, heatmap, prob, label, decision, box))

@@ -91,10 +91,13 @@ def graph_identity(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
 
 
-def read_info(path: str | Path) -> ModelInfo:
-    model = onnx.load(str(path), load_external_data=False)
-    info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(path))
+def info_from_model(model: onnx.ModelProto, source: str | Path = "model") -> ModelInfo:
+    info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props}, source=str(source))
     return replace(info, identity=graph_identity(model))
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    return info_from_model(onnx.load(str(path), load_external_data=False), path)
 
 
 def write_info(source: str | Path, target: str | Path, info: ModelInfo) -> None:

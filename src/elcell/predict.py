@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from elcell.errors import DataError
 from elcell.explain import explain_cell
+from elcell.images import read_gray
 from elcell.inputs import Unreadable, collect_inputs, report_unreadable
 from elcell.io import atomic_path, output_mode, unique_names
 from elcell.options import show_progress
@@ -80,7 +81,7 @@ class PredictResult:
     overlays: int = 0  # heatmap overlays written (--heatmaps)
 
 
-class _RowWriter:
+class RowWriter:
     """Appends CSV rows batch by batch; each batch is flushed and fsync'ed, so a
     crash loses at most the batch being written (and resume drops its half line)."""
 
@@ -206,15 +207,18 @@ def _count(result: PredictResult, decisions: np.ndarray, labels: list[str]) -> N
     result.predicted += len(decisions)
 
 
-def _write_overlays(folder: str | Path, scored: ScoredBatch, names: dict[Path, str], labels: list[str]) -> int:
-    """Overlays for the labels each readable cell is not `ok` for; returns how many."""
+def _write_overlays(folder: str | Path, scored: ScoredBatch, names: dict[Path, str], model: Model) -> int:
+    """Overlays, on each cell at its own resolution (read again: only flagged cells
+    are), for the labels each readable cell is not `ok` for; returns how many."""
     written = 0
     scores = scored.scores
     for k, i in enumerate(np.flatnonzero(scored.ok)):
         flagged = [j for j, decision in enumerate(scores.decisions[k]) if decision != OK]
         if flagged:
-            explain_cell(folder, names[scored.paths[i]], scores.cells[k], scores.heatmaps[k],
-                         scores.probs[k], labels, which=flagged, decisions=scores.decisions[k], raw=False)
+            original = read_gray(scored.paths[i], model.decoding.bit_depth)
+            explain_cell(folder, names[scored.paths[i]], original, scores.heatmaps[k],
+                         scores.probs[k], model.info.labels, which=flagged, decisions=scores.decisions[k],
+                         raw=False)
             written += len(flagged)
     return written
 
@@ -247,7 +251,7 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     todo = [p for p in paths if str(p) not in done]
     result.skipped = len(paths) - len(todo)
     names = dict(zip(todo, unique_names(todo))) if heatmaps_dir is not None else {}  # once: no clashes
-    writer = _RowWriter(out, header, fresh)
+    writer = RowWriter(out, header, fresh)
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="cell", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
@@ -255,7 +259,7 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
         for scored in score_files(model, todo, batch_size, default_workers() if workers is None else workers,
                                   tta, heatmaps_dir is not None, thresholds, review_thresholds):
             if heatmaps_dir is not None:
-                result.overlays += _write_overlays(heatmaps_dir, scored, names, info.labels)
+                result.overlays += _write_overlays(heatmaps_dir, scored, names, model)
             writer.write(_rows(scored, tta, trailer, result, bar))
             _count(result, scored.scores.decisions, info.labels)
             bar.update(len(scored.paths))

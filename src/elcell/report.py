@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from elcell.errors import DataError
-from elcell.heatmaps import overlay_png, png_bytes
+from elcell.heatmaps import heatmap_box, overlay_png, png_bytes
 from elcell.io import atomic_write_text
 
 
@@ -61,7 +61,8 @@ def build_galleries(labels: Sequence[str], names: Sequence[str], probs: np.ndarr
             cache[i] = (np.asarray(cell(i)), np.asarray(heatmap(i)))
         pixels, heat = cache[i]
         return GalleryItem(name=str(names[i]),
-                           image=overlay_png(pixels, heat[j], probs[i, j], labels[j]),
+                           image=overlay_png(pixels, heat[j], probs[i, j], labels[j],
+                                             box=heatmap_box(heat[j], pixels.shape)),
                            caption=f"{kind}: p={probs[i, j]:.3f}, truth={int(truth[i, j])}")
 
     galleries = []
@@ -131,7 +132,7 @@ class Table:
     note: str = ""
 
 
-def _table_html(table: Table) -> str:
+def table_html(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(str(c))}</th>" for c in table.columns)
     body = "".join(f"<tr><th>{esc(str(name))}</th>" + "".join(f"<td>{_fmt(v)}</td>" for v in values) + "</tr>"
@@ -149,10 +150,47 @@ h1{margin-bottom:.2em} .meta{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:.5em 0 1em} th,td{border:1px solid #ccc;padding:.25em .6em}
 td{text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4;text-align:left}
 .figures,.gallery{display:flex;flex-wrap:wrap;gap:12px}
-.figures img{max-width:640px;width:100%} .gallery img{width:256px;height:auto;display:block}
+.figures img{max-width:640px;width:100%} .maps img{max-width:100%;width:1060px} .gallery img{width:256px;height:auto;display:block}
 figure{margin:0} figcaption{font-size:.8em;max-width:256px;overflow-wrap:anywhere;color:#444}
 .note{color:#666;font-size:.9em;margin:.2em 0 .6em} .empty{color:#999}
 """
+
+
+def figures_html(figures: Sequence[tuple[str, Any]], css: str = "figures") -> str:
+    """(caption, image) pairs as captioned, embedded images in a wrapping row."""
+    esc = html.escape
+    return (f'<div class="{css}">' + "".join(
+        f'<figure><img src="{_data_uri(image)}" alt="{esc(caption, quote=True)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>" for caption, image in figures) + "</div>")
+
+
+def gallery_html(gallery: Gallery) -> str:
+    esc = html.escape
+    parts = [f"<h3>{esc(gallery.title)}</h3>"]
+    if gallery.note:
+        parts.append(f'<p class="note">{esc(gallery.note)}</p>')
+    if not gallery.items:
+        return "".join(parts) + '<p class="empty">none</p>'
+    parts.append('<div class="gallery">')
+    for entry in gallery.items:
+        parts.append(
+            f'<figure title="{esc(entry.name, quote=True)}"><img src="{_data_uri(entry.image)}" '
+            f'alt="{esc(entry.name, quote=True)}"><figcaption>{esc(Path(entry.name).name)}<br>'
+            f"{esc(entry.caption)}</figcaption></figure>")
+    return "".join(parts) + "</div>"
+
+
+def write_page(out_html: str | Path, title: str, subtitle: str, body: Sequence[str]) -> Path:
+    """A self-contained HTML page: the title, when and what wrote it, and `body`
+    (HTML parts), written atomically."""
+    esc = html.escape
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>",
+             f'<p class="meta">{esc(subtitle + " · " if subtitle else "")}written {stamp} by elcell</p>',
+             *body, "</body></html>\n"]
+    atomic_write_text(out_html, "\n".join(parts))
+    return Path(out_html)
 
 
 def write_report(out_html: str | Path, tables: Sequence[Table],
@@ -166,40 +204,12 @@ def write_report(out_html: str | Path, tables: Sequence[Table],
     figures: (title, PNG bytes / PNG file / PIL image / matplotlib Figure) pairs.
     Gallery captions show each image's file name; the full path is its tooltip.
     """
-    out_html = Path(out_html)
-    esc = html.escape
-    stamp = time.strftime("%Y-%m-%d %H:%M")
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        f'<p class="meta">{esc(subtitle + " · " if subtitle else "")}written {stamp} by elcell</p>',
-        "<h2>Metrics</h2>", *(_table_html(table) for table in tables),
-    ]
+    body = ["<h2>Metrics</h2>", *(table_html(table) for table in tables)]
     if figures:
-        parts.append('<h2>Curves</h2><div class="figures">')
-        for caption, image in figures:
-            parts.append(f'<figure><img src="{_data_uri(image)}" alt="{esc(caption, quote=True)}">'
-                         f"<figcaption>{esc(caption)}</figcaption></figure>")
-        parts.append("</div>")
+        body += ["<h2>Curves</h2>", figures_html(figures)]
     if galleries:
-        parts.append("<h2>What the model gets right and wrong</h2>")
+        body.append("<h2>What the model gets right and wrong</h2>")
         if gallery_note:
-            parts.append(f'<p class="note">{esc(gallery_note)}</p>')
-    for gallery in galleries:
-        parts.append(f"<h3>{esc(gallery.title)}</h3>")
-        if gallery.note:
-            parts.append(f'<p class="note">{esc(gallery.note)}</p>')
-        if not gallery.items:
-            parts.append('<p class="empty">none</p>')
-            continue
-        parts.append('<div class="gallery">')
-        for entry in gallery.items:
-            parts.append(
-                f'<figure title="{esc(entry.name, quote=True)}"><img src="{_data_uri(entry.image)}" '
-                f'alt="{esc(entry.name, quote=True)}"><figcaption>{esc(Path(entry.name).name)}<br>'
-                f"{esc(entry.caption)}</figcaption></figure>")
-        parts.append("</div>")
-    parts.append("</body></html>\n")
-    atomic_write_text(out_html, "\n".join(parts))
-    return out_html
+            body.append(f'<p class="note">{html.escape(gallery_note)}</p>')
+    body += [gallery_html(gallery) for gallery in galleries]
+    return write_page(out_html, title, subtitle, body)

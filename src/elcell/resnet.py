@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from elcell import vjp
 from elcell.cellnet import CellNet, seed_head
 
 
@@ -19,7 +20,22 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _Residual(nn.Module):
+    """What both blocks share for the heatmap's backward pass (elcell.vjp): the
+    shortcut's gradient, through the downsampling convolution where there is one."""
+
+    downsample: nn.Module | None
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def _shortcut_vjp(self, x_size: tuple[int, int], g: torch.Tensor) -> torch.Tensor:
+        if self.downsample is None:
+            return g
+        return vjp.conv(self.downsample[0], vjp.batchnorm(self.downsample[1], g), x_size)
+
+
+class BasicBlock(_Residual):
     expansion = 1
 
     def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
@@ -37,8 +53,21 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
+    def forward_tape(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """forward, keeping what the backward pass needs: sizes and the ReLUs' inputs."""
+        a = self.bn1(self.conv1(x))
+        s = self.bn2(self.conv2(torch.relu(a))) + self._shortcut(x)
+        return torch.relu(s), (vjp.size(x), a, s)
 
-class Bottleneck(nn.Module):
+    def vjp(self, tape: tuple, g: torch.Tensor) -> torch.Tensor:
+        x_size, a, s = tape
+        g = vjp.relu(s, g)
+        inner = vjp.conv(self.conv2, vjp.batchnorm(self.bn2, g), vjp.size(a))
+        inner = vjp.conv(self.conv1, vjp.batchnorm(self.bn1, vjp.relu(a, inner)), x_size)
+        return inner + self._shortcut_vjp(x_size, g)
+
+
+class Bottleneck(_Residual):
     """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
 
     expansion = 4
@@ -60,6 +89,20 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+    def forward_tape(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        a = self.bn1(self.conv1(x))
+        b = self.bn2(self.conv2(torch.relu(a)))
+        s = self.bn3(self.conv3(torch.relu(b))) + self._shortcut(x)
+        return torch.relu(s), (vjp.size(x), a, b, s)
+
+    def vjp(self, tape: tuple, g: torch.Tensor) -> torch.Tensor:
+        x_size, a, b, s = tape
+        g = vjp.relu(s, g)
+        inner = vjp.conv(self.conv3, vjp.batchnorm(self.bn3, g), vjp.size(b))
+        inner = vjp.conv(self.conv2, vjp.batchnorm(self.bn2, vjp.relu(b, inner)), vjp.size(a))
+        inner = vjp.conv(self.conv1, vjp.batchnorm(self.bn1, vjp.relu(a, inner)), x_size)
+        return inner + self._shortcut_vjp(x_size, g)
 
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
@@ -119,3 +162,12 @@ class ResNet(CellNet):
         """[B, 1, H, W] -> output of the last stage (layer4): [B, C, H/32, W/32]."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def units(self) -> list[tuple]:
+        """The stem (stride 4), then every block with the stride of its output."""
+        blocks = [(block, 4 * 2 ** (stage - 1)) for stage in range(1, 5)
+                  for block in getattr(self, f"layer{stage}")]
+        return [(self._stem, 4), *blocks]

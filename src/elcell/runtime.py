@@ -11,32 +11,53 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.utils
 import onnxruntime as ort
 
 from elcell.errors import DataError
 from elcell.images import Decoding, to_cell, to_uint8
 from elcell.inputs import decode_batches
-from elcell.modelinfo import INPUT_NAME, ModelInfo, read_info
+from elcell.modelinfo import INPUT_NAME, ModelInfo, info_from_model
 
 DEFECT, REVIEW, OK = "defect", "review", "ok"
 
 
 @dataclass
 class Model:
-    """An open ONNX Runtime session with the model's metadata."""
+    """An elcell model open in ONNX Runtime, with its metadata.
+
+    ONNX Runtime computes every output of a graph whatever the caller asks for,
+    and the heatmap costs more than the probabilities (a backward pass over
+    several views). So `session` runs a copy of the graph cut down to `probs`,
+    and the whole graph gets a session of its own the first time heatmaps are
+    asked for."""
 
     session: ort.InferenceSession
     info: ModelInfo
     path: Path
+    options: ort.SessionOptions | None = None
+    providers: list[str] | None = None
+    _full: ort.InferenceSession | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
+
+    @property
+    def full_session(self) -> ort.InferenceSession:
+        with self._lock:  # the service asks from several threads
+            if self._full is None:
+                self._full = ort.InferenceSession(str(self.path), sess_options=self.options,
+                                                  providers=self.providers)
+            return self._full
 
     @property
     def decoding(self) -> Decoding:
@@ -46,9 +67,10 @@ class Model:
         """Probabilities [B, N] for uint8 cells [B, H, W] (H = W = decoding.size);
         with heatmaps=True also the heatmaps [B, N, h, w]."""
         batch = np.ascontiguousarray(images, dtype=np.uint8)[:, None]
-        outputs = ["probs", "heatmap"] if heatmaps else ["probs"]
-        result = self.session.run(outputs, {INPUT_NAME: batch})
-        return (result[0], result[1]) if heatmaps else result[0]
+        if heatmaps:
+            probs, maps = self.full_session.run(["probs", "heatmap"], {INPUT_NAME: batch})
+            return probs, maps
+        return self.session.run(["probs"], {INPUT_NAME: batch})[0]
 
     def run_views(self, images: np.ndarray) -> np.ndarray:
         """Probabilities of the other views of the cells that training showed the
@@ -97,7 +119,8 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
     if not path.is_file():
         raise DataError(f"{path}: model file not found")
     try:
-        info = read_info(path)
+        graph = onnx.load(str(path), load_external_data=False)
+        info = info_from_model(graph, path)
     except ValueError as err:
         raise DataError(str(err)) from None
     except Exception as err:  # onnx raises protobuf DecodeError and others for a bad file
@@ -112,8 +135,9 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    return Model(session=session, info=info, path=path)
+    probs_only = onnx.utils.Extractor(graph).extract_model([INPUT_NAME], ["probs"])
+    session = ort.InferenceSession(probs_only.SerializeToString(), sess_options=options, providers=providers)
+    return Model(session=session, info=info, path=path, options=options, providers=providers)
 
 
 def decide(probs: np.ndarray, thresholds: Sequence[float], review_thresholds: Sequence[float]) -> np.ndarray:
