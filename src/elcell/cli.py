@@ -15,17 +15,8 @@ import sys
 from pathlib import Path
 
 from elcell import __version__
-from elcell.config import (
-    GROUPS,
-    PretrainConfig,
-    TrainConfig,
-    checkpoint_run,
-    complete_run_record,
-    default_recipe,
-    is_run_record,
-    recipe_name,
-    two_stage_comment,
-)
+from elcell.config import GROUPS, PretrainConfig, TrainConfig, two_stage_comment
+from elcell.config import train_defaults as config_defaults
 from elcell.errors import DataError, ElcellError
 from elcell.io import output_mode
 from elcell.options import (
@@ -50,43 +41,12 @@ def _command(commands, name: str, module: str, help: str, description: str,
 
 # --------------------------------------------------------------------------- training
 def train_defaults(argv: list[str]) -> dict:
-    """The defaults `elcell train` starts from, weakest first: the recipe; with
-    --resume the options of the run being continued (its config.yaml), so it goes
-    on as it started; --config FILE.yaml, where a run's record stands for the
-    whole run. Options on the command line still win."""
+    """`elcell train`'s defaults for this command line (config.train_defaults)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    pre.add_argument("--recipe")
-    pre.add_argument("--resume")
+    for option in ("--config", "--recipe", "--resume"):
+        pre.add_argument(option)
     known, _ = pre.parse_known_args(argv)
-    values = {}
-    if known.resume:
-        record = checkpoint_run(known.resume) / "config.yaml"
-        if record.is_file():
-            values = {k: v for k, v in complete_run_record(_read_yaml(record, str(record))).items()
-                      if k not in ("resume", "out")}
-    if known.config:
-        given = _read_yaml(known.config, f"--config {known.config}")
-        if is_run_record(given):  # repeat that run from the start, not from where it resumed
-            given = {k: v for k, v in complete_run_record(given).items() if k != "resume"}
-        values.update(given)
-    recipe = recipe_name(known.recipe or values.get("recipe") or default_recipe())
-    values = {k: v for k, v in values.items() if k != "recipe"}
-    TrainConfig.from_dict(values, source=f"--config {known.config}")  # refuses unknown keys
-    return {**TrainConfig.from_recipe(recipe).__dict__, **values, "recipe": recipe}
-
-
-def _read_yaml(path: str | Path, source: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise DataError(f"{source}: cannot read ({err})") from None
-    if not isinstance(values, dict):
-        raise DataError(f"{source}: expected a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    return config_defaults(known.recipe, known.config, known.resume)
 
 
 def _add_train(commands, defaults: dict | None) -> None:
@@ -284,6 +244,53 @@ def _add_explain(commands) -> None:
     _add_runtime_options(parser, workers=False, progress=False)
 
 
+def _add_inspect(commands) -> None:
+    parser = _command(commands, "inspect", "elcell.inspection",
+                      "inspect whole module photos: cells, a map and a grade per module (no PyTorch needed)",
+                      "Find the module in each EL photo (dark surround, rotation, perspective), rectify it, find "
+                      "its cell grid from the dark gaps, cut and score every cell, and grade the module by "
+                      "rules. Writes OUT/cells.csv (per cell: module, row, col from 1, its corners in the photo, "
+                      "probabilities, decisions, dark area), OUT/modules.csv (per module: counts, dark area, "
+                      "grade and the rule that gave it), OUT/maps/<module>.png, the flagged cells' overlays "
+                      "and OUT/report.html. Rows are written module by module: --resume continues an "
+                      "interrupted run. A photo that cannot be used is named and the others go on; the "
+                      "command then exits with status 1.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE",
+                        help="module photos, folders of them or CSVs whose first column lists them")
+    parser.add_argument("--grid", required=True, metavar="ROWSxCOLS",
+                        help="cells as the module appears in the photo, e.g. 6x10 (landscape 60 cells), 10x6, "
+                             "6x24 (144 half-cells)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSVs, maps and report")
+    parser.add_argument("--rules", metavar="FILE.yaml",
+                        help="grading rules (default: elcell's grading.yaml; copy and edit it)")
+    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    parser.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw each module's map and the flagged cells' overlays (heatmaps cost time)")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                        help="write OUT/report.html for the whole folder at the end")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    _add_runtime_options(parser, workers=False, progress=False)
+
+
+def _add_segment(commands) -> None:
+    parser = _command(commands, "segment", "elcell.segment",
+                      "cut module photos into cell images and a labels CSV to fill in",
+                      "Cut every module photo into its cells (found as `inspect` finds them) at the photo's "
+                      "resolution and depth (16-bit stays 16-bit), named <module>_r<row>_c<col>.png, and "
+                      "write OUT/labels.csv in the training format: label columns empty, or with --model "
+                      "filled with its decisions (defect 1, ok 0, review empty), for `elcell train --data`.")
+    parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE", help="module photos, folders or CSVs")
+    parser.add_argument("--grid", required=True, metavar="ROWSxCOLS", help="as inspect's, e.g. 6x10")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the cells and labels.csv")
+    parser.add_argument("--model", metavar="MODEL", help="fill the labels with this model's decisions")
+    parser.add_argument("--labels", default="crack,inactive", metavar="A,B",
+                        help="label columns of labels.csv without --model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
+
+
 # --------------------------------------------------------------------------- main
 def build_parser(train: dict | None = None) -> argparse.ArgumentParser:
     """The whole command line; `train` holds the defaults `elcell train` shows and uses."""
@@ -298,6 +305,8 @@ def build_parser(train: dict | None = None) -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_evaluate(commands)
     _add_explain(commands)
+    _add_inspect(commands)
+    _add_segment(commands)
     return parser
 
 

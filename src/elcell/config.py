@@ -334,3 +334,36 @@ def two_stage_comment(config: TrainConfig) -> str:
     lines = yaml.safe_dump(changed, sort_keys=False).splitlines()
     return (f"# two stages: the first trains with the options above into {run}/pretext, "
             f"the second fine-tunes into {run} with these changed:\n" + "".join(f"#   {line}\n" for line in lines))
+
+
+def _read_yaml(path: str | Path, source: str) -> dict:
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"{source}: cannot read ({err})") from None
+    if not isinstance(values, dict):
+        raise DataError(f"{source}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def train_defaults(recipe: str | None, config: str | None, resume: str | None) -> dict:
+    """The defaults `elcell train` starts from, weakest first: the recipe; with
+    --resume the options of the run being continued (its config.yaml), so it goes
+    on as it started; --config FILE.yaml, where a run's record stands for the
+    whole run. Options on the command line still win over all of these."""
+    values = {}
+    if resume:
+        record = checkpoint_run(resume) / "config.yaml"
+        if record.is_file():
+            values = {k: v for k, v in complete_run_record(_read_yaml(record, str(record))).items()
+                      if k not in ("resume", "out")}
+    if config:
+        given = _read_yaml(config, f"--config {config}")
+        if is_run_record(given):  # repeat that run from the start, not from where it resumed
+            given = {k: v for k, v in complete_run_record(given).items() if k != "resume"}
+        values.update(given)
+    name = recipe_name(recipe or values.get("recipe") or default_recipe())
+    values = {k: v for k, v in values.items() if k != "recipe"}
+    TrainConfig.from_dict(values, source=f"--config {config}")  # refuses unknown keys
+    return {**TrainConfig.from_recipe(name).__dict__, **values, "recipe": name}

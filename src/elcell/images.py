@@ -138,15 +138,22 @@ def _source_name(source: str | Path | BinaryIO) -> str:
     return str(getattr(source, "name", None) or "image")  # an open file, or bytes in memory
 
 
+MAX_PIXELS = 120_000_000  # a 12 000 x 10 000 module photo; larger is refused before decoding
+
+
 def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8) -> np.ndarray:
     """Read an image file (a path or an open binary file) as its gray values as
     stored (`_pixels`: uint8, uint16 or floats in [0, 1]), at its own size.
 
     8-bit or 16-bit gray and RGB are accepted. Raises ImageError naming the file
-    (`name`, else the path) for anything unreadable."""
+    (`name`, else the path) for anything unreadable, or larger than MAX_PIXELS
+    (checked from the header, before the pixels are decoded)."""
     where = Path(name if name is not None else _source_name(source))
     try:
         with Image.open(source) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{where}: image is {image.width}x{image.height} pixels, more than the "
+                                 f"{MAX_PIXELS // 1_000_000} million elcell reads")
             image.load()
             gray = _pixels(image, where)
     except FileNotFoundError:

@@ -1,0 +1,244 @@
+"""`elcell inspect`: module photos in; per batch a folder with cells.csv,
+modules.csv, a map per module, the flagged cells' overlays and report.html.
+Torch-free.
+
+Rows are written module by module (cells first, then the module's row, each
+flushed and synced), so an interrupted run keeps every module it finished and
+`--resume` continues it: a module whose cells were written but not its row is
+done again. A photo that cannot be used gets a modules.csv row with the
+reason, the others go on, and the command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from elcell.errors import DataError, ImageError
+from elcell.explain import explain_cell
+from elcell.geometry import parse_grid
+from elcell.grading import Rule, check_names, load_rules
+from elcell.images import read_pixels, to_uint8
+from elcell.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
+from elcell.inspect import ModuleInspection, inspect_module
+from elcell.io import atomic_path, output_mode, unique_names
+from elcell.modulemap import encode_png
+from elcell.predict import CSV_SEPARATOR, RowWriter, model_column, thresholds_column
+from elcell.report import (
+    Gallery,
+    GalleryItem,
+    Table,
+    figures_html,
+    gallery_html,
+    table_html,
+    write_page,
+)
+from elcell.runtime import OK, Model, open_model, parse_thresholds
+
+OUTPUTS = ("cells.csv", "modules.csv", "maps", "flagged", "report.html")
+CORNERS = ["x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"]  # TL, TR, BR, BL in the photo's pixels
+
+
+def cell_header(labels: Sequence[str]) -> list[str]:
+    return (["module", "row", "col", *CORNERS, *(f"prob_{label}" for label in labels),
+             *(f"decision_{label}" for label in labels), "dark_area", "error", "model", "thresholds"])
+
+
+def module_header(labels: Sequence[str]) -> list[str]:
+    return (["module", "path", "grid", *(f"defect_{label}" for label in labels),
+             *(f"review_{label}" for label in labels), "defect_cells", "review_cells", "dark_area", "grade",
+             "rule", "seconds", "error", "model"])
+
+
+def as_gray(pixels: np.ndarray) -> np.ndarray:
+    """A photo as geometry takes it: uint8 or uint16 (float images scaled to 16 bits)."""
+    return np.round(pixels * 65535).astype(np.uint16) if pixels.dtype.kind == "f" else pixels
+
+
+@dataclass
+class Batch:
+    """The output folder of one `elcell inspect` run."""
+
+    out: Path
+    model: Model
+    labels: list[str]
+    thresholds: list[float]
+    review: list[float]
+    done: set[str] = field(default_factory=set)
+
+    def cell_rows(self, name: str, found: ModuleInspection) -> list[list[str]]:
+        rows, cols = found.decisions.shape[:2]
+        tail = ["", model_column(self.model), thresholds_column(self.labels, self.thresholds, self.review)]
+        return [[name, str(r + 1), str(c + 1), *(f"{v:.1f}" for v in found.corners[r, c].ravel()),
+                 *(f"{p:.6f}" for p in found.probs[r, c]), *found.decisions[r, c], f"{found.dark_area[r, c]:.4f}",
+                 *tail] for r in range(rows) for c in range(cols)]
+
+    def module_row(self, name: str, path: Path, grid: str, found: ModuleInspection | None,
+                   error: str = "") -> list[str]:
+        n = len(self.labels)
+        if found is None:
+            return [name, str(path), grid, *[""] * (2 * n + 6), error.replace("\n", " "), model_column(self.model)]
+        counts = found.counts
+        return [name, str(path), grid, *(str(counts[f"defect_{label}"]) for label in self.labels),
+                *(str(counts[f"review_{label}"]) for label in self.labels), str(counts["defect_cells"]),
+                str(counts["review_cells"]), f"{counts['dark_area']:.4f}", found.grade, found.rule_text,
+                f"{found.seconds:.3f}", "", model_column(self.model)]
+
+
+def _prepare(out: Path, batch: Batch, resume: bool, overwrite: bool) -> None:
+    """Refuse an earlier run's folder unless told; when resuming, check it was this
+    model and these thresholds, and drop cell rows of modules not finished."""
+    mode = output_mode(out, overwrite=overwrite, resume=resume)
+    if mode == "overwrite":
+        for name in OUTPUTS:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if mode != "resume" or not (out / "modules.csv").is_file():
+        return
+    modules = _read(out / "modules.csv", module_header(batch.labels), "modules.csv")
+    ours = model_column(batch.model).rpartition("@")[2]
+    for row in modules:
+        if row["model"].rpartition("@")[2] != ours:
+            raise DataError(f"--resume {out}: its modules were inspected by another model ({row['model']}, this "
+                            f"is {model_column(batch.model)}); resume with that model, or write to a new --out")
+    batch.done = {row["module"] for row in modules if not row["error"]}
+    cells = _read(out / "cells.csv", cell_header(batch.labels), "cells.csv") if (out / "cells.csv").is_file() else []
+    wanted = thresholds_column(batch.labels, batch.thresholds, batch.review)
+    if any(row["thresholds"] != wanted for row in cells):
+        raise DataError(f"--resume {out}: its cells were decided with other thresholds; resume with the same "
+                        "--threshold/--review-threshold, or write to a new --out")
+    _rewrite(out / "modules.csv", module_header(batch.labels), [r for r in modules if r["module"] in batch.done])
+    _rewrite(out / "cells.csv", cell_header(batch.labels), [r for r in cells if r["module"] in batch.done])
+
+
+def _read(path: Path, header: list[str], what: str) -> list[dict[str, str]]:
+    """The complete rows of a CSV this command wrote (a half-written last line dropped)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()[: None if text.endswith("\n") else -1]
+    rows = list(csv.reader(lines, delimiter=CSV_SEPARATOR))
+    if not rows or rows[0] != header:
+        raise DataError(f"--resume {path}: not the {what} of this model's `elcell inspect` (its columns differ); "
+                        "write to a new --out")
+    return [dict(zip(header, row, strict=True)) for row in rows[1:] if len(row) == len(header)]
+
+
+def _rewrite(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter=CSV_SEPARATOR, lineterminator="\n")
+        writer.writerows([header, *([row[k] for k in header] for row in rows)])
+
+
+def _save_pictures(out: Path, name: str, found: ModuleInspection, model: Model) -> None:
+    """The module's map, and an overlay per flagged label of each flagged cell."""
+    with atomic_path(out / "maps" / f"{name}.png") as tmp:
+        tmp.write_bytes(encode_png(found.map))
+    for (r, c), maps in found.heatmaps.items():
+        which = [j for j, decision in enumerate(found.decisions[r, c]) if decision != OK]
+        cell = to_uint8(found.cells[r][c], model.decoding.bit_depth, f"{name} cell {r + 1},{c + 1}")
+        explain_cell(out / "flagged" / name, f"r{r + 1:02d}_c{c + 1:02d}", cell, maps, found.probs[r, c],
+                     found.labels, which, found.decisions[r, c], raw=False)
+
+
+def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: list[Rule], *,
+                  want_map: bool = True, resume: bool = False, overwrite: bool = False,
+                  thresholds: list[float] | None = None, review: list[float] | None = None) -> list[Unreadable]:
+    """Inspect every module photo into `out`; returns the photos that failed."""
+    rows, cols = parse_grid(grid)
+    info = model.info
+    batch = Batch(out, model, info.labels, thresholds or info.thresholds, review or info.review_thresholds)
+    _prepare(out, batch, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = RowWriter(out / "cells.csv", cell_header(batch.labels), not (out / "cells.csv").is_file())
+    modules = RowWriter(out / "modules.csv", module_header(batch.labels), not (out / "modules.csv").is_file())
+    failed = []
+    try:
+        for path, name in zip(paths, unique_names(paths), strict=True):
+            if name in batch.done:
+                continue
+            try:
+                found = inspect_module(model, as_gray(read_pixels(path, min_size=32)), rows, cols, rules, name,
+                                       want_map, batch.thresholds, batch.review)
+            except (ImageError, MemoryError) as err:
+                failed.append(unreadable(path, err))
+                report_unreadable(failed[-1], "skipped")
+                modules.write([batch.module_row(name, path, grid, None, failed[-1].reason)])
+                continue
+            if want_map:
+                _save_pictures(out, name, found, model)
+            cells.write(batch.cell_rows(name, found))
+            modules.write([batch.module_row(name, path, grid, found)])
+            print(f"elcell: {name}: grade {found.grade} ({found.rule_text}), {found.seconds:.2f} s",
+                  file=sys.stderr)
+    finally:
+        cells.close()
+        modules.close()
+    return failed
+
+
+# --------------------------------------------------------------------------- report
+def _rule_number(row: dict[str, str]) -> int:
+    text = row["rule"].removeprefix("rule ").split(":")[0]
+    return int(text) if text.isdigit() else 10**6  # failed photos last
+
+
+def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
+    """report.html: every module of the folder (resumed ones too), in the order of
+    the rule that graded it (the rules file's first rule first), with its map,
+    its counts and its flagged cells enlarged."""
+    rows = sorted(_read(out / "modules.csv", module_header(labels), "modules.csv"),
+                  key=lambda row: (_rule_number(row), row["module"]))
+    summary = Table("Modules", ["grade", "rule", "defect cells", "review cells", "dark area", "seconds"],
+                    [(row["module"], [row["grade"] or "-", row["rule"] or row["error"], row["defect_cells"],
+                                      row["review_cells"], row["dark_area"], row["seconds"]]) for row in rows])
+    body = [table_html(summary)]
+    for row in rows:
+        body.append(f"<h2>{row['module']}: {'grade ' + row['grade'] if row['grade'] else 'not inspected'}</h2>")
+        if row["error"]:
+            body.append(f'<p class="note">{row["error"]}</p>')
+            continue
+        if (out / "maps" / f"{row['module']}.png").is_file():
+            body.append(figures_html([(row["path"], out / "maps" / f"{row['module']}.png")], css="figures maps"))
+        counts = Table("", labels, [("defect cells", [row[f"defect_{label}"] for label in labels]),
+                                    ("review cells", [row[f"review_{label}"] for label in labels])])
+        body.append(table_html(counts))
+        overlays = sorted((out / "flagged" / row["module"]).glob("*.png"))
+        items = [GalleryItem(f"{row['module']} {p.stem}", p, "") for p in overlays]
+        body.append(gallery_html(Gallery(f"flagged cells ({len(items)} overlays)", items)))
+    return write_page(out / "report.html", "elcell module inspection",
+                      f"{len(rows)} modules, {model.path.name}", body)
+
+
+def main(args) -> int:
+    """`elcell inspect` (options: elcell.cli)."""
+    model = open_model(args.model, threads=args.threads)
+    info = model.info
+    thresholds = parse_thresholds(args.threshold, info.labels, info.thresholds)
+    review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
+                              option="--review-threshold")
+    rules = load_rules(args.rules)
+    parse_grid(args.grid)
+    paths = collect_inputs(args.inputs)
+    missing = check_names(rules, info.labels)
+    if missing and args.rules:
+        print(f"elcell: note: the rules name {', '.join(missing)}, which this model does not give: counted as 0",
+              file=sys.stderr)
+    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} module images, grid {args.grid}",
+          file=sys.stderr)
+    out = Path(args.out)
+    failed = inspect_paths(model, paths, args.grid, out, rules, want_map=args.map, resume=args.resume,
+                           overwrite=args.overwrite, thresholds=thresholds, review=review)
+    if args.report:
+        write_module_report(out, info.labels, model)
+    print(f"elcell: wrote {out / 'cells.csv'}, {out / 'modules.csv'}"
+          + (f", maps/ and {out / 'report.html'}" if args.report else ""), file=sys.stderr)
+    if failed:
+        print(f"elcell: {len(failed)} of {len(paths)} module images could not be inspected (listed above and "
+              "in modules.csv)", file=sys.stderr)
+        return 1
+    return 0

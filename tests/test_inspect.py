@@ -1,0 +1,239 @@
+"""`elcell inspect` and `elcell segment` on module photos assembled from real
+ELPV cells and on the real module photos, with the tiny trained model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from test_geometry import POLY_X_AT_Y860
+
+from elcell.assemble import assemble_module
+from elcell.cli import main
+from elcell.grading import load_rules
+from elcell.images import Decoding, to_cell
+from elcell.inspect import inspect_module
+from elcell.runtime import open_model
+
+DATA = Path(__file__).parent / "data" / "modules"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter=";"))
+
+
+@pytest.fixture(scope="module")
+def originals(elpv, tmp_path_factory) -> list[Path]:
+    """60 real ELPV cells, a third of them defective, copied to files as a user has them."""
+    rng = np.random.default_rng(3)
+    defective = np.flatnonzero(elpv.targets[:, 0] >= 0.5)
+    intact = np.flatnonzero(elpv.targets[:, 0] < 0.5)
+    index = rng.permutation(np.concatenate([rng.choice(defective, 20, replace=False),
+                                            rng.choice(intact, 40, replace=False)]))
+    folder = tmp_path_factory.mktemp("originals")
+    paths = []
+    for k, i in enumerate(index):
+        paths.append(folder / f"cell{k:02d}.png")
+        shutil.copy(elpv.paths[i], paths[-1])
+    return paths
+
+
+def assembled(originals: list[Path], folder: Path, name: str, bit_depth: int = 8, seed: int = 0,
+              **camera) -> tuple[Path, object]:
+    cells = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in originals]
+    image, truth = assemble_module(cells, 6, 10, bit_depth=bit_depth, seed=seed, **camera)
+    path = folder / f"{name}.png"
+    cv2.imwrite(str(path), image)
+    return path, truth
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_every_cell_is_found_and_judged_as_predict_judges_the_original(tiny_onnx, originals, tmp_path,
+                                                                       bit_depth):
+    module, truth = assembled(originals, tmp_path, "module", bit_depth, seed=bit_depth, rotation_deg=7,
+                              perspective=0.03, illumination=0.25, noise=0.02)
+    out = tmp_path / "inspected"
+    assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(out)]) == 0
+    cells = read_csv(out / "cells.csv")
+    assert len(cells) == 60 and {(int(c["row"]), int(c["col"])) for c in cells} == \
+        {(r, c) for r in range(1, 7) for c in range(1, 11)}
+    width = np.linalg.norm(truth.corners[0, 0, 1] - truth.corners[0, 0, 0])
+    for row in cells:
+        r, c = int(row["row"]) - 1, int(row["col"]) - 1
+        corners = np.array([float(row[k]) for k in ("x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3")]).reshape(4, 2)
+        assert np.linalg.norm(corners.mean(axis=0) - truth.centres[r, c]) < 0.05 * width
+    assert main(["predict", str(tiny_onnx), *map(str, originals), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    predicted = read_csv(tmp_path / "p.csv")
+    same = [row[f"decision_{label}"] == predicted[(int(row["row"]) - 1) * 10 + int(row["col"]) - 1][
+        f"decision_{label}"] for row in cells for label in ("crack", "inactive")]
+    assert np.mean(same) >= 0.97
+    module_row = read_csv(out / "modules.csv")[0]
+    assert module_row["grid"] == "6x10" and module_row["grade"] and module_row["rule"].startswith("rule ")
+    assert int(module_row["defect_crack"]) == sum(row["decision_crack"] == "defect" for row in cells)
+    with Image.open(out / "maps" / "module.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 1000
+    page = (out / "report.html").read_text()
+    sources = [part.split('"')[0] for part in page.split('src="')[1:]]
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)  # self-contained
+
+
+def test_the_real_poly_module_is_cut_where_its_gaps_are(tiny_onnx, tmp_path):
+    out = tmp_path / "poly"
+    assert main(["inspect", str(tiny_onnx), str(DATA / "poly-6x10-A1.jpg"), "--grid", "6x10", "--out",
+                 str(out), "--no-map"]) == 0
+    cells = read_csv(out / "cells.csv")
+    # row 4 spans y = 860, where test_geometry states the gaps' x (measured by hand): each cell's
+    # left and right edges there lie on those gaps, give or take half a gap
+    pitch = (POLY_X_AT_Y860[-1] - POLY_X_AT_Y860[0]) / 10
+    for cell in (c for c in cells if c["row"] == "4"):
+        col = int(cell["col"])
+        left = (float(cell["x0"]) + float(cell["x3"])) / 2
+        right = (float(cell["x1"]) + float(cell["x2"])) / 2
+        assert abs(left - POLY_X_AT_Y860[col - 1]) < 0.05 * pitch and abs(right - POLY_X_AT_Y860[col]) < 0.05 * pitch
+    assert all(0 <= float(c["dark_area"]) <= 1 for c in cells)
+    assert not (out / "maps").exists()  # --no-map
+
+
+def test_bad_photos_are_named_and_the_others_go_on(tiny_onnx, originals, tmp_path, capsys, monkeypatch):
+    good, _ = assembled(originals, tmp_path, "good")
+    black = tmp_path / "black.png"
+    Image.new("L", (800, 500)).save(black)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 800), dtype=np.uint8)).save(noise)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    cut_off = tmp_path / "cut_off.png"
+    picture = cv2.imread(str(good), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(cut_off), picture[:, picture.shape[1] // 3:])
+    huge = tmp_path / "huge.png"
+    Image.new("L", (4000, 3000)).save(huge)
+    import elcell.images
+
+    monkeypatch.setattr(elcell.images, "MAX_PIXELS", 10_000_000)
+    out = tmp_path / "out"
+    inputs = [black, noise, truncated, cut_off, DATA / "mono-2x2-MMEL1.jpg", huge, good]
+    assert main(["inspect", str(tiny_onnx), *map(str, inputs), "--grid", "6x10", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    modules = {row["module"]: row for row in read_csv(out / "modules.csv")}
+    expected = {"black": "no module found", "noise": "no module found", "truncated": "not a readable image",
+                "cut_off": "cut off at the image edge", "mono-2x2-MMEL1": "no dark gap between cells",
+                "huge": "more than the 10 million elcell reads"}
+    for name, message in expected.items():
+        assert message in modules[name]["error"], name
+        assert f"{name}" in err and not modules[name]["grade"]
+    assert modules["good"]["grade"] and not modules["good"]["error"]
+    assert {row["module"] for row in read_csv(out / "cells.csv")} == {"good"}
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["good.png"]  # nothing half-written
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_path, monkeypatch):
+    photos = [assembled(originals, tmp_path, f"m{i}", seed=i, rotation_deg=3 * i)[0] for i in range(3)]
+    clean = tmp_path / "clean"
+    assert main(["inspect", str(tiny_onnx), *map(str, photos), "--grid", "6x10", "--out", str(clean),
+                 "--no-map"]) == 0
+    import elcell.inspection
+
+    real, calls = elcell.inspection.inspect_module, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(elcell.inspection, "inspect_module", stop_at_third)
+    out = tmp_path / "out"
+    args = ["inspect", str(tiny_onnx), *map(str, photos), "--grid", "6x10", "--out", str(out), "--no-map"]
+    assert main(args) == 130
+    assert [row["module"] for row in read_csv(out / "modules.csv")] == ["m0", "m1"]
+    monkeypatch.undo()
+    assert main(args) == 2  # an earlier run's folder needs --resume or --overwrite
+    with open(out / "cells.csv", "a") as handle:  # cells of a module whose row never came: done again
+        handle.write(open(clean / "cells.csv").read().splitlines()[-1] + "\n")
+    assert main([*args, "--resume"]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_csv(out / "modules.csv")) == strip(read_csv(clean / "modules.csv"))
+    assert read_csv(out / "cells.csv") == read_csv(clean / "cells.csv")
+
+
+def test_half_cells_are_found_and_stretched_to_the_models_square(tiny_onnx, originals):
+    cells = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in originals]
+    image, truth = assemble_module(cells, 6, 24, split_gap=True, rotation_deg=-4, perspective=0.02, seed=5)
+    model = open_model(tiny_onnx)
+    found = inspect_module(model, image, 6, 24, load_rules(), want_map=True)
+    assert found.probs.shape == (6, 24, 2) and found.map is not None
+    half = found.cells[0][0]
+    assert half.shape[0] > 1.6 * half.shape[1]  # rectangular: twice as tall as wide
+    square = to_cell(half, Decoding(64))
+    assert square.shape == (64, 64)  # stretched, not padded: no band of fill on either side
+    assert np.abs(square[:, :4].astype(int).mean() - square[:, -4:].astype(int).mean()) < 60
+    width = np.linalg.norm(truth.corners[0, 0, 1] - truth.corners[0, 0, 0])
+    centres = found.corners.mean(axis=2)
+    assert np.linalg.norm(centres - truth.centres, axis=-1).max() < 0.05 * width
+
+
+def test_grades_follow_the_users_rules(tiny_onnx, originals, tmp_path, capsys):
+    module, _ = assembled(originals, tmp_path, "module")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - grade: X\n    when: cells == 60 and ok_cells + defect_cells + review_cells == 60\n"
+                     "    because: every cell counted\n  - grade: A\n    when: true\n")
+    out = tmp_path / "out"
+    assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(out), "--no-map",
+                 "--rules", str(rules)]) == 0
+    row = read_csv(out / "modules.csv")[0]
+    assert (row["grade"], row["rule"]) == ("X", "rule 1: every cell counted")
+    for text, message in (("rules:\n  - grade: A\n    when: defect_cells >\n", "cannot read when"),
+                          ("rules:\n  - grade: A\n    when: __import__('os')\n", "cannot read when"),
+                          ("rules:\n  - grade: A\n    when: cracks >= 1\n", "unknown name 'cracks'"),
+                          ("grades: []\n", "expected 'rules:'"), ("rules:\n  - when: true\n", "needs 'grade'")):
+        rules.write_text(text)
+        assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(tmp_path / "x"),
+                     "--rules", str(rules)]) == 2
+        assert message in capsys.readouterr().err, text
+
+
+def test_segment_cuts_cells_keeping_their_depth_and_the_labels_train(tiny_onnx, originals, elpv, tmp_path):
+    module, _ = assembled(originals, tmp_path, "deep", bit_depth=12)
+    out = tmp_path / "cells"
+    assert main(["segment", str(module), "--grid", "6x10", "--out", str(out)]) == 0
+    rows = read_csv(out / "labels.csv")
+    assert len(rows) == 60 and rows[0]["path"] == "deep_r01_c01.png" and rows[-1]["path"] == "deep_r06_c10.png"
+    assert {row["crack"] for row in rows} == {""} and set(rows[0]) == {"path", "crack", "inactive"}
+    with Image.open(out / rows[0]["path"]) as cell:
+        assert cell.mode.startswith("I;16") and max(cell.size) > 200  # 16-bit, at the photo's resolution
+    # a person fills the labels in (here: ELPV's own, the cells were laid out row by row) and trains
+    truth = {path.name: float(target) for path, target in zip(elpv.paths, elpv.targets[:, 0], strict=True)}
+    lines = ["path;crack;inactive"]
+    for row, original in zip(rows, originals, strict=True):
+        target = truth[_source_name(original, elpv)]
+        lines.append(f"{row['path']};{int(target >= 0.5)};{int(target == 1.0)}")
+    (out / "labels.csv").write_text("\n".join(lines) + "\n")
+    assert main(["train", "--recipe", "quick", "--data", str(out / "labels.csv"), "--out", str(tmp_path / "run"),
+                 "--image-size", "32", "--epochs", "1", "--bit-depth", "12", "--batch-size", "16",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["cells"]["train"] > 40
+    # with --model the labels are its decisions: defect 1, ok 0, review left for a person
+    filled = tmp_path / "filled"
+    assert main(["segment", str(module), "--grid", "6x10", "--out", str(filled), "--model", str(tiny_onnx),
+                 "--labels", "ignored"]) == 0
+    inspected = tmp_path / "inspected"
+    assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(inspected),
+                 "--no-map"]) == 0
+    answer = {"defect": "1", "ok": "0", "review": ""}
+    for row, cell in zip(read_csv(filled / "labels.csv"), read_csv(inspected / "cells.csv"), strict=True):
+        assert row["path"] == f"deep_r{int(cell['row']):02d}_c{int(cell['col']):02d}.png"
+        assert [row["crack"], row["inactive"]] == [answer[cell["decision_crack"]], answer[cell["decision_inactive"]]]
+
+
+def _source_name(copy: Path, elpv) -> str:
+    """The ELPV file a copied cell came from (same bytes)."""
+    data = copy.read_bytes()
+    return next(p.name for p in elpv.paths if p.stat().st_size == len(data) and p.read_bytes() == data)
