@@ -291,6 +291,26 @@ def _add_segment(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
 
 
+def _add_serve(commands) -> None:
+    parser = _command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
+                      "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
+                      "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
+                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="TCP port")
+    parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default: $ELCELL_TOKEN)")
+    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
+    parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
+    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
+    parser.add_argument("--max-queue", type=positive_int, default=512, help="cells queued before 503 Busy")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_runtime_options(parser, workers=False, progress=False)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser(train: dict | None = None) -> argparse.ArgumentParser:
     """The whole command line; `train` holds the defaults `elcell train` shows and uses."""
@@ -307,6 +327,7 @@ def build_parser(train: dict | None = None) -> argparse.ArgumentParser:
     _add_explain(commands)
     _add_inspect(commands)
     _add_segment(commands)
+    _add_serve(commands)
     return parser
 
 

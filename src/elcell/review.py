@@ -1,0 +1,277 @@
+"""The review loop: cells a model flagged, answered by a person, become training
+data. Torch-free.
+
+`ReviewQueue` holds, in memory, the cells waiting for an operator (the
+service's `review` and `defect` cells) and hands them out one at a time, so
+two reviewers never get the same cell at once. `LabelsFolder` writes each
+answer to DIR/labels.csv in the training format (`path;crack;inactive`, the
+path relative to DIR) with the cell image beside it in DIR/cells/, so that
+`elcell train --data DIR/labels.csv` trains on it.
+
+Crash safety: the image is written first (temporary file, fsync, rename), the
+row after it, so a row never names a missing image. A row is appended with one
+write() on a file opened for appending, under a lock (a thread lock for this
+process, an advisory file lock for other processes on the same folder), then
+fsync'ed: concurrent reviewers never interleave. A server killed in the
+middle of that write can leave a partial last line; the next start drops it,
+and a row is never appended after a partial line, so the file stays readable
+by `read_labels_csv`. A failed write (disk full) is cut back off.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from elcell.errors import DataError
+from elcell.io import safe_name
+from elcell.labels import guess_separator
+
+try:  # advisory locks between processes (POSIX); a thread lock alone elsewhere
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+SEPARATOR = ";"  # as the spec's labels CSV
+
+
+@dataclass
+class Saved:
+    """One answer on disk: the row's image path (relative to the folder) and values."""
+
+    path: str
+    values: list[str]
+    rows: int  # rows in labels.csv after this one
+
+
+class LabelsFolder:
+    """DIR/labels.csv and DIR/cells/: answers appended as training rows."""
+
+    def __init__(self, folder: str | Path, labels: Sequence[str]):
+        self.folder = Path(folder)
+        self.labels = list(labels)
+        self.csv = self.folder / "labels.csv"
+        self.cells = self.folder / "cells"
+        self._lock = threading.Lock()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DataError(f"--labels-out {self.folder}: exists and is not a folder")
+        self.cells.mkdir(parents=True, exist_ok=True)
+        self.separator = SEPARATOR
+        self.dropped_partial_line = False
+        with self._locked():
+            self.rows = self._prepare()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's lock, then the folder's lock file (other processes)."""
+        with self._lock:
+            if fcntl is None:
+                yield
+                return
+            with open(self.folder / ".labels.lock", "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _prepare(self) -> int:
+        """Create labels.csv with its header, or check the one there and cut off a
+        partial last line a killed writer left. Returns the number of rows."""
+        if not self.csv.is_file() or self.csv.stat().st_size == 0:
+            self._write_whole(SEPARATOR.join(["path", *self.labels]) + "\n")
+            return 0
+        data = self.csv.read_bytes()
+        if not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            self.dropped_partial_line = True
+            self._write_whole(data.decode("utf-8", errors="replace"))
+        lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+        if not lines:
+            self._write_whole(SEPARATOR.join(["path", *self.labels]) + "\n")
+            return 0
+        self.separator = guess_separator(lines[0]) or SEPARATOR
+        header = [name.strip() for name in lines[0].split(self.separator)]
+        if header[1:] != self.labels:
+            raise DataError(f"--labels-out {self.folder}: its labels.csv has the columns {header}, this model "
+                            f"gives {['path', *self.labels]}; use another folder for this model's labels")
+        return len(lines) - 1
+
+    def _write_whole(self, text: str) -> None:
+        tmp = self.csv.with_name(f".{self.csv.name}.{secrets.token_hex(4)}.tmp")
+        _write_synced(tmp, text.encode("utf-8"))
+        os.replace(tmp, self.csv)
+        _sync_folder(self.folder)
+
+    def add(self, pixels: np.ndarray, name: str, answer: Mapping[str, int]) -> Saved:
+        """Save the cell (at its own resolution and depth) and append its row.
+        `answer`: 0 or 1 per label (a label left out is 0)."""
+        unknown = set(answer) - set(self.labels)
+        if unknown:
+            raise DataError(f"labels {sorted(unknown)} are not this model's; its labels are {self.labels}")
+        values = [str(int(answer.get(label, 0))) for label in self.labels]
+        file = f"cells/{time.strftime('%Y%m%d-%H%M%S')}_{safe_name(Path(name).stem)[:80]}_{secrets.token_hex(4)}.png"
+        _write_synced(self.folder / file, png(pixels), atomic=True)
+        line = (self.separator.join([file, *values]) + "\n").encode("utf-8")
+        with self._locked():
+            self._append(line)
+            self.rows += 1
+            return Saved(file, values, self.rows)
+
+    def _append(self, line: bytes) -> None:
+        fd = os.open(self.csv, os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer elsewhere died mid-line
+                size = _cut_partial(fd, size)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(f"{self.csv}: short write (disk full?)")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # no half row left behind
+                raise
+        finally:
+            os.close(fd)
+
+
+def _cut_partial(fd: int, size: int) -> int:
+    """Truncate a file open at `fd` after its last newline; returns the new size."""
+    start = max(0, size - 65536)
+    tail = os.pread(fd, size - start, start)
+    keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def _write_synced(path: Path, data: bytes, atomic: bool = False) -> None:
+    """Write `data` to `path` and fsync it; atomic: through a temporary file renamed over it."""
+    target = path.with_name(f".{path.name}.tmp") if atomic else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(target, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic:
+            target.unlink(missing_ok=True)
+        raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power cut (POSIX only)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a gray cell at its own depth: uint8 as 8-bit, uint16 as 16-bit,
+    floats in [0, 1] as 16-bit (decoded as the float image would be, to within rounding)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype.kind == "f":
+        pixels = np.round(np.clip(pixels, 0, 1) * 65535).astype(np.uint16)
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- the queue
+@dataclass
+class ReviewItem:
+    """A cell waiting for a person: what the model said and the pixels to save."""
+
+    name: str
+    pixels: np.ndarray  # at its own resolution and depth
+    probs: dict[str, float]
+    decisions: dict[str, str]
+    result: str = ""  # the result id its images are served under
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    leased_until: float = 0.0
+
+
+class ReviewQueue:
+    """Cells waiting for review, oldest first, each handed to one reviewer at a
+    time for `lease` seconds. Bounded: past `max_items` the oldest waiting
+    cell is dropped (and counted), so a line that outruns its operator keeps
+    the newest cells. Thread-safe."""
+
+    def __init__(self, max_items: int = 1000, lease: float = 120.0):
+        self.max_items = max_items
+        self.lease = lease
+        self.dropped = 0
+        self.answered = 0
+        self._items: OrderedDict[str, ReviewItem] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: ReviewItem) -> None:
+        with self._lock:
+            self._items[item.id] = item
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+                self.dropped += 1
+
+    def next(self, now: float | None = None) -> ReviewItem | None:
+        """The oldest cell nobody holds, now held by the caller for `lease` s."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for item in self._items.values():
+                if item.leased_until <= now:
+                    item.leased_until = now + self.lease
+                    return item
+        return None
+
+    def take(self, item_id: str) -> ReviewItem | None:
+        """Remove a cell to save its answer; None when unknown or answered already."""
+        with self._lock:
+            item = self._items.pop(item_id, None)
+            self.answered += item is not None
+            return item
+
+    def put_back(self, item: ReviewItem) -> None:
+        """An answer that could not be saved: the cell waits again, first in line."""
+        with self._lock:
+            self.answered -= 1
+            item.leased_until = 0.0
+            self._items[item.id] = item
+            self._items.move_to_end(item.id, last=False)
+
+    def skip(self, item_id: str) -> bool:
+        """Send a cell to the back of the line (nobody holds it)."""
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None:
+                return False
+            item.leased_until = 0.0
+            self._items.move_to_end(item_id)
+            return True
+
+    def counts(self) -> dict[str, Any]:
+        with self._lock:
+            return {"waiting": len(self._items), "answered": self.answered, "dropped": self.dropped}

@@ -1,0 +1,355 @@
+"""`elcell serve`: an inspection station's web page and HTTP API, and the review
+loop that turns an operator's answers into training data. Torch-free.
+
+    elcell serve MODEL.onnx [--host 127.0.0.1] [--port 8000] [--labels-out DIR] [--token T]
+
+The API (JSON, OpenAPI at /docs) scores cell images and inspects module
+photos with the numbers `elcell predict` and `elcell inspect` give; the page
+at / is served by the app itself (no CDN: inspection PCs are often offline).
+Requests from concurrent clients are batched (elcell.batcher); results are
+kept for the page in a bounded store (elcell.results); answers to the review
+loop go to DIR/labels.csv (elcell.review). Bad input is a 4xx with one
+sentence naming the file or field, never a 500.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from elcell import __version__
+from elcell.batcher import QueueFull
+from elcell.errors import DataError, ImageError
+from elcell.geometry import parse_grid
+from elcell.guard import Guard
+from elcell.images import to_cell
+from elcell.inspect import inspect_module
+from elcell.io import safe_name
+from elcell.predict import model_column
+from elcell.results import (
+    API,
+    CellResult,
+    ModuleResult,
+    Upload,
+    cell_png,
+    cell_record,
+    decode_cell,
+    error_record,
+    module_png,
+    module_record,
+    overlay,
+)
+from elcell.runtime import Model, open_model, parse_thresholds
+from elcell.schemas import (
+    ERRORS,
+    CellOut,
+    CellsOut,
+    Health,
+    ModelOut,
+    ModuleOut,
+    ReviewAnswer,
+    ReviewNext,
+    ReviewSaved,
+    ReviewStatus,
+)
+from elcell.station import Settings, Station, decode_module, module_result
+
+STATIC = Path(__file__).parent / "static"
+MAX_FILES = 256  # cells in one request
+MAX_GRID_CELLS = 1000  # cells in one module
+GRID_PATTERN = r"^\s*[0-9]{1,3}\s*[xX×]\s*[0-9]{1,3}\s*$"
+PNG = {"content": {"image/png": {}}, "description": "PNG image"}
+
+
+def create_app(model: Model, settings: Settings | None = None) -> FastAPI:
+    """The service for one model: API under /api/v1, the page at /, /healthz, /docs."""
+    settings = settings or Settings()
+    station = Station(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        station.batcher.start()
+        yield
+        await station.batcher.stop()  # requests in flight have finished (uvicorn waits for them)
+
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from this
+    # app, not from a CDN (inspection PCs are often offline)
+    app = FastAPIOffline(title="elcell inspection station", version=__version__, lifespan=lifespan,
+                         description="Cracks and inactive regions in EL images of solar cells and modules. "
+                                     "Errors are JSON {\"detail\": ...}.")
+    app.state.station = station
+    app.add_middleware(Guard, token=settings.token, max_body=int(settings.max_upload_mb * 2**20))
+    _handlers(app)
+    _routes(app, station)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "request"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "malformed request: " + "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route per nested function
+    labels, model, batcher = station.labels, station.model, station.batcher
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def healthz() -> dict:
+        """Liveness, and how busy the service is (no token needed)."""
+        guard = _guard(app)
+        stats = batcher.stats
+        return {"status": "ok", "in_flight": guard.in_flight if guard else 0, "queued": batcher.queued,
+                "batches": stats.batches, "cells": stats.cells, "mean_batch": round(stats.mean_batch, 3)}
+
+    @app.get(f"{API}/model", response_model=ModelOut, responses=ERRORS, tags=["model"])
+    async def model_info() -> dict:
+        """The model: labels, thresholds, decoding, and what this service accepts."""
+        decoding = model.info.decoding
+        return {"model": model_column(model), "labels": labels,
+                "thresholds": dict(zip(labels, map(float, station.thresholds))),
+                "review_thresholds": dict(zip(labels, map(float, station.review_thresholds))),
+                "size": decoding.size,
+                "decoding": {"size": decoding.size, "shrink": decoding.shrink, "bit_depth": decoding.bit_depth},
+                "backbone": model.info.backbone, "version": __version__, "review": station.folder is not None,
+                "max_upload_mb": station.settings.max_upload_mb, "max_files": MAX_FILES}
+
+    @app.post(f"{API}/cells", response_model=CellsOut, responses=ERRORS, tags=["cells"])
+    async def score_cells(
+        files: Annotated[list[UploadFile], File(description="one or more cell images (PNG, JPEG, TIFF, BMP; "
+                                                            "8- or 16-bit gray or RGB)")],
+        heatmaps: Annotated[Literal["flagged", "all", "none"], Query(
+            description="which labels get a box: those not ok (default), all, or none")] = "flagged",
+        tta: Annotated[bool, Query(description="average the flips of each cell, as predict --tta")] = False,
+    ) -> dict:
+        """Score cell images: per cell its probabilities, decisions and boxes, as `elcell predict` gives."""
+        if len(files) > MAX_FILES:
+            raise HTTPException(422, f"files: {len(files)} files; send at most {MAX_FILES} per request")
+        names = [file.filename or f"file{i + 1}" for i, file in enumerate(files)]
+        data = [await file.read() for file in files]
+        uploads: list[Upload] = await run_in_threadpool(
+            lambda: [decode_cell(d, n, model.decoding) for d, n in zip(data, names, strict=True)])
+        good = [u for u in uploads if u.error is None]
+        if not good:
+            raise HTTPException(400, "no upload is a readable image: " + "; ".join(u.error for u in uploads))
+        cells = np.stack([u.cell for u in good])
+        scores = await batcher.score(cells, tta=tta)
+        results = [CellResult(u.name, u.pixels, model.decoding.bit_depth, scores.probs[k], scores.decisions[k],
+                              cell=u.cell) for k, u in enumerate(good)]
+        wanted = [k for k, r in enumerate(results) if heatmaps == "all" or (heatmaps == "flagged" and r.flagged)]
+        if wanted:
+            maps = (await batcher.score(cells[wanted], heatmaps=True)).heatmaps
+            for k, heat in zip(wanted, maps, strict=True):
+                results[k].heatmaps = heat
+        kept = iter([(station.keep(r), r) for r in results])
+        records = [error_record(u.name, u.error) if u.error else cell_record(*next(kept), labels, heatmaps)
+                   for u in uploads]
+        return {"cells": records}
+
+    @app.get(f"{API}/results/{{key}}", response_model=CellOut, responses=ERRORS, tags=["cells"])
+    async def result(key: str) -> dict:
+        """A cell scored earlier (or cut from a module), as POST /cells answered it."""
+        return cell_record(key, station.cell(key), labels, "all")
+
+    @app.get(f"{API}/results/{{key}}/image.png", responses={200: PNG, **ERRORS}, tags=["cells"],
+             response_class=Response)
+    async def result_image(key: str) -> Response:
+        """The cell at its own resolution, 8-bit."""
+        return _png(await run_in_threadpool(cell_png, station.cell(key)))
+
+    @app.get(f"{API}/results/{{key}}/overlay/{{label}}.png", responses={200: PNG, **ERRORS}, tags=["cells"],
+             response_class=Response)
+    async def result_overlay(key: str, label: str) -> Response:
+        """The label's heatmap on the cell, with its box, probability and decision."""
+        found = station.cell(key)
+        if label not in labels:
+            raise HTTPException(404, f"label {label!r}: the model's labels are {labels}")
+        if found.heatmaps is None:
+            cell = found.cell if found.cell is not None else to_cell(found.gray, model.decoding)
+            found.heatmaps = (await batcher.score(cell[None], heatmaps=True)).heatmaps[0]
+        return _png(await run_in_threadpool(overlay, found, labels, label))
+
+    @app.post(f"{API}/modules", response_model=ModuleOut, responses=ERRORS, tags=["modules"])
+    async def inspect(
+        file: Annotated[UploadFile, File(description="an EL photo of a whole module")],
+        grid: Annotated[str, Form(pattern=GRID_PATTERN, description="cells as the module appears in the photo, "
+                                                                    "ROWSxCOLS, e.g. 6x10")],
+    ) -> dict:
+        """Inspect a module photo: grade, rule, and per cell its row, col, corners, probabilities,
+        decisions and dark area, as `elcell inspect` gives; its map as PNG at `map`."""
+        try:
+            rows, cols = parse_grid(grid)
+        except DataError as err:
+            raise HTTPException(422, f"grid: {err}") from None
+        if rows * cols > MAX_GRID_CELLS:
+            raise HTTPException(422, f"grid: {grid} is {rows * cols} cells; at most {MAX_GRID_CELLS}")
+        filename = file.filename or "module"
+        data = await file.read()
+        image = await run_in_threadpool(decode_module, data, filename)
+        name = safe_name(Path(filename).stem)
+        try:
+            found = await batcher.call(lambda: inspect_module(
+                model, image, rows, cols, station.rules, name, True, station.thresholds,
+                station.review_thresholds))
+        except ImageError as err:  # no module, cut off, grid does not fit
+            raise HTTPException(422, f"{filename}: {err}") from None
+        except MemoryError:
+            raise HTTPException(413, f"{filename}: too large to inspect in this service's memory") from None
+        module = ModuleResult(name, f"{rows}x{cols}", found)
+        for r in range(rows):
+            for c in range(cols):
+                module.cells[r, c] = station.keep(CellResult(
+                    f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c], model.decoding.bit_depth,
+                    found.probs[r, c], found.decisions[r, c], found.heatmaps.get((r, c))))
+        return module_record(station.store.put(module), module, station.store)
+
+    @app.get(f"{API}/modules/{{key}}", response_model=ModuleOut, responses=ERRORS, tags=["modules"])
+    async def module(key: str) -> dict:
+        """A module inspected earlier, as POST /modules answered it."""
+        return module_record(key, module_result(station, key), station.store)
+
+    @app.get(f"{API}/modules/{{key}}/map.png", responses={200: PNG, **ERRORS}, tags=["modules"],
+             response_class=Response)
+    async def module_map(key: str) -> Response:
+        """The module's map: each cell outlined in its decision's colour, flagged cells' heatmaps."""
+        return _png(await run_in_threadpool(module_png, module_result(station, key)))
+
+    _review_routes(app, station)
+
+
+def _review_routes(app: FastAPI, station: Station) -> None:
+    labels, queue = station.labels, station.queue
+
+    @app.get(f"{API}/review", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
+    async def review_status() -> dict:
+        """Whether the review loop is on, and how many cells wait."""
+        folder = station.folder
+        return {"enabled": folder is not None, "labels": labels, **queue.counts(),
+                "rows": folder.rows if folder else 0, "csv": str(folder.csv) if folder else None}
+
+    @app.get(f"{API}/review/next", response_model=ReviewNext, responses=ERRORS, tags=["review"])
+    async def review_next() -> dict:
+        """The next cell for a person to label (held for you for two minutes), or null."""
+        station.review_folder()
+        item = queue.next()
+        counts = queue.counts()
+        if item is None:
+            return {"item": None, **counts}
+        base = f"{API}/results/{item.result}"
+        return {"item": {"id": item.id, "name": item.name, "probs": item.probs, "decisions": item.decisions,
+                         "result": item.result, "image": f"{base}/image.png",
+                         "overlays": {label: f"{base}/overlay/{label}.png" for label in labels}}, **counts}
+
+    @app.post(f"{API}/review/{{item_id}}", response_model=ReviewSaved, responses=ERRORS, tags=["review"])
+    async def review_answer(item_id: str, answer: ReviewAnswer) -> dict:
+        """Label a cell: 1 for each label it has (none: ok). Appends a row to labels.csv."""
+        folder = station.review_folder()
+        unknown = sorted(set(answer.labels) - set(labels))
+        if unknown:
+            raise HTTPException(422, f"labels: {unknown} are not this model's labels {labels}")
+        item = queue.take(item_id)
+        if item is None:
+            raise HTTPException(404, f"no cell {item_id!r} waits for review (answered already, or unknown)")
+        try:
+            saved = await run_in_threadpool(folder.add, item.pixels, item.name, answer.labels)
+        except OSError as err:
+            queue.put_back(item)
+            raise HTTPException(503, f"could not save the answer in {folder.folder}: {err}") from None
+        return {"id": item_id, "path": saved.path, "labels": dict(zip(labels, map(int, saved.values))),
+                "rows": saved.rows, "waiting": len(queue)}
+
+    @app.post(f"{API}/review/{{item_id}}/skip", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
+    async def review_skip(item_id: str) -> dict:
+        """Send a cell to the back of the line without labelling it."""
+        folder = station.review_folder()
+        if not queue.skip(item_id):
+            raise HTTPException(404, f"no cell {item_id!r} waits for review")
+        return {"enabled": True, "labels": labels, **queue.counts(), "rows": folder.rows, "csv": str(folder.csv)}
+
+
+def _guard(app: FastAPI) -> Guard | None:
+    """The Guard instance in the built middleware stack (for its in-flight count)."""
+    layer = app.middleware_stack
+    while layer is not None and not isinstance(layer, Guard):
+        layer = getattr(layer, "app", None)
+    return layer
+
+
+# --------------------------------------------------------------------------- command
+def main(args) -> int:
+    """`elcell serve` (options: elcell.cli): run the app on uvicorn until Ctrl-C or
+    SIGTERM, which stop taking connections, finish the requests in flight (up
+    to 30 s) and then the batcher's queue, and exit."""
+    if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
+        raise DataError("--max-upload-mb must be above 0 and --max-wait-ms at least 0")
+    model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
+    info = model.info
+    token = args.token or os.environ.get("ELCELL_TOKEN") or None
+    settings = Settings(
+        token=token, max_upload_mb=args.max_upload_mb, labels_out=Path(args.labels_out) if args.labels_out else None,
+        batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        thresholds=parse_thresholds(args.threshold, info.labels, info.thresholds),
+        review_thresholds=parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
+                                           option="--review-threshold"),
+        rules=args.rules)
+    app = create_app(model, settings)
+    folder = app.state.station.folder
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    say = f"elcell: {model.path.name} on {model.provider}; page http://{host}:{args.port}/, API docs /docs"
+    if folder is not None:
+        say += f"; reviews to {folder.csv} ({folder.rows} rows" + \
+            (", a partial last line dropped)" if folder.dropped_partial_line else ")")
+    print(say, file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        print(f"elcell: warning: listening on {args.host} without a token: anyone who reaches this machine can "
+              "use the API (set --token or ELCELL_TOKEN)", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=30,
+                            log_level=args.log_level, access_log=args.log_level == "debug", server_header=False)
+    _Server(config).run()
+    print("elcell: stopped; requests in flight were answered", file=sys.stderr)
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which after a graceful stop on SIGTERM or Ctrl-C would
+    raise the signal again (the process then dies of it); `elcell serve` exits
+    with status 0 instead, having finished its requests."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()

@@ -1,0 +1,96 @@
+"""What one `elcell serve` app holds: its settings, the model and its batcher,
+the kept results and the review loop; and the lookups its routes share, which
+answer a missing thing with a 404 and an unreadable upload with a 400.
+Torch-free."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import HTTPException
+
+from elcell.batcher import Batcher
+from elcell.errors import ImageError
+from elcell.grading import load_rules
+from elcell.images import read_pixels
+from elcell.inspection import as_gray
+from elcell.results import CellResult, ModuleResult, ResultStore, clean
+from elcell.review import LabelsFolder, ReviewItem, ReviewQueue
+from elcell.runtime import Model
+
+
+@dataclass
+class Settings:
+    """How `elcell serve` runs (its command-line options)."""
+
+    token: str | None = None
+    max_upload_mb: float = 50.0
+    labels_out: Path | None = None
+    batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 512
+    thresholds: list[float] | None = None
+    review_thresholds: list[float] | None = None
+    rules: str | None = None
+    max_results_mb: int = 512
+
+
+class Station:
+    """Everything one app holds: the model, its batcher, kept results, the review loop."""
+
+    def __init__(self, model: Model, settings: Settings):
+        self.model = model
+        self.settings = settings
+        self.labels = model.info.labels
+        self.thresholds = settings.thresholds or model.info.thresholds
+        self.review_thresholds = settings.review_thresholds or model.info.review_thresholds
+        self.rules = load_rules(settings.rules)
+        self.batcher = Batcher(model, settings.batch_size, settings.max_wait_ms / 1000, settings.max_queue,
+                               self.thresholds, self.review_thresholds)
+        self.store = ResultStore(max_bytes=settings.max_results_mb * 2**20)
+        self.folder = LabelsFolder(settings.labels_out, self.labels) if settings.labels_out else None
+        self.queue = ReviewQueue()
+
+    def keep(self, result: CellResult) -> str:
+        """Store a scored cell; queue it for review when flagged and reviews are on."""
+        if self.folder is not None and result.flagged:
+            item = ReviewItem(result.name, result.pixels, dict(zip(self.labels, map(float, result.probs))),
+                              dict(zip(self.labels, map(str, result.decisions))))
+            result.review = item.id
+            item.result = self.store.put(result)
+            self.queue.add(item)
+            return item.result
+        return self.store.put(result)
+
+    def cell(self, key: str) -> CellResult:
+        result = self.store.get(key, CellResult)
+        if result is None:
+            raise HTTPException(404, f"no result {key!r}: unknown, or dropped from the store since")
+        return result
+
+    def review_folder(self) -> LabelsFolder:
+        if self.folder is None:
+            raise HTTPException(404, "the review loop is off: start elcell serve with --labels-out DIR")
+        return self.folder
+
+
+def module_result(station: Station, key: str) -> ModuleResult:
+    found = station.store.get(key, ModuleResult)
+    if found is None:
+        raise HTTPException(404, f"no module {key!r}: unknown, or dropped from the store since")
+    return found
+
+
+def decode_module(data: bytes, name: str) -> np.ndarray:
+    """A module photo as geometry takes it (uint8 or uint16); 400 naming the file if unreadable."""
+    try:
+        if not data:
+            raise ImageError(f"{name}: empty file")
+        return as_gray(read_pixels(io.BytesIO(data), name=name, min_size=32))
+    except ImageError as err:
+        raise HTTPException(400, clean(str(err))) from None
+    except Exception as err:  # noqa: BLE001 - whatever else a crafted file provokes is still bad input
+        raise HTTPException(400, f"{name}: not a readable image ({type(err).__name__})") from None

@@ -1,0 +1,321 @@
+"""`elcell serve`: the API on real ELPV cells and real module photos with the tiny
+trained model, its answers against `elcell predict` and `elcell inspect`, its
+status codes, the batcher, the review store, a schema fuzz, load and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from servehelp import bomb_png, png_bytes
+
+from elcell.batcher import Batcher, QueueFull
+from elcell.cli import build_parser, main
+from elcell.errors import DataError
+from elcell.images import load_cell, read_pixels
+from elcell.labels import read_labels_csv
+from elcell.results import decode_cell
+from elcell.review import LabelsFolder, ReviewItem, ReviewQueue
+from elcell.runtime import open_model, score_cells
+from elcell.serve import Settings, create_app
+
+MODULES = Path(__file__).parent / "data" / "modules"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter=";"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_onnx):
+    return open_model(tiny_onnx, spin=False)
+
+
+@pytest.fixture(scope="module")
+def cells(seed_csv) -> list[Path]:
+    """16 real ELPV cells, half of them defective."""
+    return [p for p in read_labels_csv(seed_csv).paths][24:40]
+
+
+@pytest.fixture()
+def client(model, tmp_path):
+    with TestClient(create_app(model, Settings(labels_out=tmp_path / "reviewed"))) as client:
+        yield client
+
+
+def upload(paths) -> list:
+    return [("files", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in paths]
+
+
+# --------------------------------------------------------------------------- same answers as the CLI
+def test_cells_answer_as_predict_does(client, model, tiny_onnx, cells, tmp_path):
+    answer = client.post("/api/v1/cells?heatmaps=all", files=upload(cells) + [
+        ("files", ("notes.txt", b"not an image", "text/plain"))])
+    assert answer.status_code == 200
+    got = answer.json()["cells"]
+    assert [c["name"] for c in got] == [p.name for p in cells] + ["notes.txt"]
+    assert got[-1]["error"].startswith("notes.txt: not a readable image") and got[-1]["probs"] == {}
+    assert main(["predict", str(tiny_onnx), *map(str, cells), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    for cell, row in zip(got, read_csv(tmp_path / "p.csv"), strict=False):
+        assert cell["error"] is None
+        for label in model.info.labels:
+            assert abs(cell["probs"][label] - float(row[f"prob_{label}"])) <= 1e-6
+            assert cell["decisions"][label] == row[f"decision_{label}"]
+            x0, y0, x1, y1 = cell["boxes"][label]
+            assert 0 <= x0 < x1 <= cell["width"] and 0 <= y0 < y1 <= cell["height"]
+    image = client.get(got[0]["image"])
+    overlay = client.get(got[0]["overlays"]["crack"])
+    assert image.headers["content-type"] == overlay.headers["content-type"] == "image/png"
+    assert client.get(got[0]["overlays"]["crack"].replace("crack", "nolabel")).status_code == 404
+
+
+def test_uploads_decode_as_files_do(model, cells, tmp_path):
+    """An upload becomes the model input `elcell predict` makes of the same file:
+    8-bit PNG, 16-bit PNG (12-bit camera values too), JPEG."""
+    pixels = read_pixels(cells[0])
+    (tmp_path / "c16.png").write_bytes(png_bytes(pixels.astype(np.uint16) * 257))
+    (tmp_path / "c12.png").write_bytes(png_bytes(pixels.astype(np.uint16) * 16))
+    Image.fromarray(pixels).save(tmp_path / "c.jpg", quality=90)
+    for path in [cells[0], tmp_path / "c16.png", tmp_path / "c12.png", tmp_path / "c.jpg"]:
+        decoded = decode_cell(path.read_bytes(), path.name, model.decoding)
+        assert decoded.error is None
+        np.testing.assert_array_equal(decoded.cell, load_cell(path, model.decoding))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("photo, grid", [("poly-6x10-A1.jpg", "6x10"), ("mono-2x2-MMEL1.jpg", "2x2")])
+def test_modules_answer_as_inspect_does(client, tiny_onnx, tmp_path, photo, grid):
+    answer = client.post("/api/v1/modules", files={"file": (photo, (MODULES / photo).read_bytes(), "image/jpeg")},
+                         data={"grid": grid})
+    assert answer.status_code == 200, answer.text
+    module = answer.json()
+    out = tmp_path / "inspected"
+    assert main(["inspect", str(tiny_onnx), str(MODULES / photo), "--grid", grid, "--out", str(out),
+                 "--no-report"]) == 0
+    expected = read_csv(out / "modules.csv")[0]
+    assert (module["grade"], module["rule"]) == (expected["grade"], expected["rule"])
+    rows = read_csv(out / "cells.csv")
+    assert len(module["cells"]) == len(rows)
+    for cell, row in zip(module["cells"], rows, strict=True):
+        assert (cell["row"], cell["col"]) == (int(row["row"]), int(row["col"]))
+        corners = np.array(cell["corners"]).ravel()
+        np.testing.assert_allclose(corners, [float(row[k]) for k in ("x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3")],
+                                   atol=0.051)
+        for label in ("crack", "inactive"):
+            assert abs(cell["probs"][label] - float(row[f"prob_{label}"])) <= 1e-6
+            assert cell["decisions"][label] == row[f"decision_{label}"]
+        assert abs(cell["dark_area"] - float(row["dark_area"])) <= 5e-5
+        x0, y0, x1, y1 = cell["map_box"]
+        assert 0 <= x0 < x1 <= module["map_size"][0] and 0 <= y0 < y1 <= module["map_size"][1]
+    picture = client.get(module["map"])
+    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    assert client.get(f"/api/v1/modules/{module['id']}").json()["grade"] == module["grade"]
+    flagged = next((c for c in module["cells"] if set(c["decisions"].values()) != {"ok"}), module["cells"][0])
+    assert client.get(f"/api/v1/results/{flagged['id']}/overlay/crack.png").status_code == 200
+
+
+def test_model_and_health(client, model):
+    info = client.get("/api/v1/model").json()
+    assert info["labels"] == model.info.labels == ["crack", "inactive"]
+    assert info["size"] == model.info.decoding.size and info["decoding"]["bit_depth"] == 16
+    assert info["thresholds"] == {"crack": 0.5, "inactive": 0.5} and info["review"] is True
+    assert info["version"] and info["model"].startswith(model.path.name)
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert "/api/v1/cells" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text and "http" not in page.text.split("<body>")[1]
+    docs = client.get("/docs").text  # Swagger UI from the app itself: works offline
+    assert "swagger-ui-bundle.js" in docs and "cdn" not in docs
+    script = next(line for line in docs.splitlines() if "swagger-ui-bundle.js" in line).split('"')[1]
+    assert client.get(script).status_code == 200
+
+
+# --------------------------------------------------------------------------- status codes
+def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
+    app = create_app(model, Settings(token="s3cret", max_upload_mb=0.5))
+    auth = {"Authorization": "Bearer s3cret"}
+    with TestClient(app) as client:
+        assert client.post("/api/v1/cells", files=upload(cells[:1])).status_code == 401
+        wrong = client.get("/api/v1/model", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "token" in wrong.json()["detail"]
+        assert wrong.headers["www-authenticate"].startswith("Bearer")
+        assert client.get("/healthz").status_code == 200  # no token needed to see it is alive
+        assert client.post("/api/v1/cells", files=upload(cells[:1]), headers=auth).status_code == 200
+        # none readable: 400 naming each file; a decompression bomb's header is refused unread
+        bad = client.post("/api/v1/cells", headers=auth, files=[
+            ("files", ("a.png", b"", "image/png")), ("files", ("b.png", bomb_png(8000, 8000), "image/png"))])
+        assert bad.status_code == 400
+        assert "a.png: empty file" in bad.json()["detail"] and "b.png: image is 8000x8000" in bad.json()["detail"]
+        # over the limit: by Content-Length before reading, and while reading a body without one
+        big = np.random.default_rng(0).integers(0, 255, (800, 800), dtype=np.uint8)
+        too_big = client.post("/api/v1/cells", headers=auth, files=[("files", ("big.png", png_bytes(big), "image/png"))])
+        assert too_big.status_code == 413 and "0.5 MB" in too_big.json()["detail"]
+
+        def chunks():
+            for _ in range(40):
+                yield b"x" * 65536
+
+        streamed = client.post("/api/v1/cells", headers={**auth, "Content-Type": "multipart/form-data; boundary=b"},
+                               content=chunks())
+        assert streamed.status_code == 413
+        # malformed: 422 naming the field
+        for answer in (client.post("/api/v1/cells", headers=auth),
+                       client.post("/api/v1/cells?heatmaps=some", headers=auth, files=upload(cells[:1])),
+                       client.post("/api/v1/modules", headers=auth, data={"grid": "6by10"},
+                                   files={"file": ("m.jpg", b"x", "image/jpeg")})):
+            assert answer.status_code == 422 and answer.json()["detail"].startswith("malformed request")
+        assert "files" in client.post("/api/v1/cells", headers=auth).json()["detail"]
+        # a module photo that is not an image: 400; an image without a module: 422 with the reason
+        assert client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
+                           files={"file": ("m.jpg", b"nope", "image/jpeg")}).status_code == 400
+        bomb = client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
+                           files={"file": ("m.png", bomb_png(12000, 11000), "image/png")})
+        assert bomb.status_code == 400 and "m.png: image is 12000x11000 pixels" in bomb.json()["detail"]
+        blank = client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
+                            files={"file": ("blank.png", png_bytes(np.zeros((400, 600), np.uint8)), "image/png")})
+        assert blank.status_code == 422 and blank.json()["detail"].startswith("blank.png: no module found")
+        assert client.get("/api/v1/results/0123/image.png", headers=auth).status_code == 404
+        assert client.get("/api/v1/modules/0123/map.png", headers=auth).status_code == 404
+        assert client.get("/api/v1/review/next", headers=auth).status_code == 404  # review loop off
+
+
+def test_a_full_queue_answers_503_with_retry_after(model, cells):
+    app = create_app(model, Settings(max_queue=1))
+    release = threading.Event()
+    with TestClient(app) as client:
+        batcher = app.state.station.batcher
+        blocker = threading.Thread(target=lambda: asyncio.run(batcher.call(release.wait)))
+        blocker.start()
+        while not batcher.busy:
+            time.sleep(0.01)
+        waiting = threading.Thread(target=lambda: client.post("/api/v1/cells", files=upload(cells[:1])))
+        waiting.start()
+        while batcher.queued < 1:
+            time.sleep(0.01)
+        busy = client.post("/api/v1/cells", files=upload(cells[1:2]))
+        release.set()
+        blocker.join()
+        waiting.join()
+    assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1 and "busy" in busy.json()["detail"]
+
+
+# --------------------------------------------------------------------------- batching
+def test_concurrent_requests_are_batched_and_answered_alike(model, cells):
+    decoded = np.stack([load_cell(p, model.decoding) for p in cells])
+    alone = score_cells(model, decoded)
+    batcher = Batcher(model, batch_size=8, max_wait=0.05)
+
+    async def many():
+        return await asyncio.gather(*(batcher.score(decoded[i:i + 1]) for i in range(len(cells))))
+
+    got = asyncio.run(many())
+    asyncio.run(batcher.stop())
+    np.testing.assert_allclose(np.concatenate([g.probs for g in got]), alone.probs, atol=2e-6)
+    assert [list(g.decisions[0]) for g in got] == [list(d) for d in alone.decisions]
+    assert batcher.stats.batches < len(cells) and batcher.stats.largest <= 8
+
+
+def test_the_batcher_refuses_past_its_bound(model, cells):
+    batcher = Batcher(model, max_queue=2)
+    release = threading.Event()
+    cell = load_cell(cells[0], model.decoding)[None]
+
+    async def crowd():
+        held = asyncio.ensure_future(batcher.call(release.wait))
+        while not batcher.busy:
+            await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(batcher.score(cell)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.score(cell)
+        release.set()
+        await asyncio.gather(held, *queued)
+        await batcher.stop()
+
+    asyncio.run(crowd())
+
+
+# --------------------------------------------------------------------------- the review loop
+@pytest.fixture()
+def reviewing(model, cells, tmp_path):
+    """A service whose crack threshold flags about half of `cells` (the tiny model is unsure of them all)."""
+    probs = score_cells(model, [load_cell(p, model.decoding) for p in cells]).probs
+    middle = float(np.median(probs[:, 0]))
+    settings = Settings(labels_out=tmp_path / "reviewed", thresholds=[middle, 1.0], review_thresholds=[middle, 1.0])
+    with TestClient(create_app(model, settings)) as client:
+        yield client
+
+
+def test_reviews_become_training_rows(reviewing, model, cells, tmp_path):
+    client = reviewing
+    answer = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+    flagged = [c for c in answer if set(c["decisions"].values()) != {"ok"}]
+    assert len(flagged) >= 2 and all(c["review"] for c in flagged)
+    assert not any(c["review"] for c in answer if c not in flagged)
+    status = client.get("/api/v1/review").json()
+    assert status["enabled"] and status["waiting"] == len(flagged)
+    first = client.get("/api/v1/review/next").json()["item"]
+    second = client.get("/api/v1/review/next").json()["item"]
+    assert first["id"] != second["id"]  # two reviewers never get the same cell
+    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {"bogus": 1}}).status_code == 422
+    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {"crack": 2}}).status_code == 422
+    saved = client.post(f"/api/v1/review/{first['id']}", json={"labels": {"crack": 1}})
+    assert saved.status_code == 200 and saved.json()["labels"] == {"crack": 1, "inactive": 0}
+    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {}}).status_code == 404  # answered
+    assert client.post(f"/api/v1/review/{second['id']}", json={"labels": {}}).status_code == 200  # ok
+    table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
+    assert table.names == ["crack", "inactive"] and table.targets.tolist() == [[1, 0], [0, 0]]
+    by_name = {c["name"]: c for c in answer}
+    original = next(p for p in cells if p.name == first["name"])
+    np.testing.assert_array_equal(load_cell(table.paths[0], model.decoding), load_cell(original, model.decoding))
+    assert by_name[first["name"]]["review"] == first["id"]
+
+
+def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, cells):
+    folder = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
+    pixels = read_pixels(cells[0])
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: folder.add(pixels, f"cell{i}.png", {"crack": i % 2}), range(48)))
+    table = read_labels_csv(folder.csv)
+    assert len(table) == 48 and all(p.is_file() for p in table.paths)
+    assert sorted(table.targets[:, 0].tolist()) == [0] * 24 + [1] * 24
+    # a killed writer's partial last line: dropped when the folder is opened again
+    with open(folder.csv, "ab") as handle:
+        handle.write(b"cells/half_written.png;1")
+    again = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
+    assert again.dropped_partial_line and again.rows == 48 and len(read_labels_csv(folder.csv)) == 48
+    with open(folder.csv, "ab") as handle:  # and before appending, by a writer that did not restart
+        handle.write(b"cells/half")
+    again.add(pixels, "after.png", {"inactive": 1})
+    assert len(read_labels_csv(folder.csv)) == 49
+    with pytest.raises(DataError, match="columns"):
+        LabelsFolder(tmp_path / "labels", ["defective"])
+
+
+def test_review_queue_hands_each_cell_to_one_reviewer():
+    queue = ReviewQueue(max_items=3, lease=10)
+    items = [ReviewItem(f"c{i}", np.zeros((8, 8), np.uint8), {}, {}) for i in range(4)]
+    for item in items:
+        queue.add(item)
+    assert len(queue) == 3 and queue.dropped == 1  # the oldest went
+    a, b = queue.next(now=0), queue.next(now=0)
+    assert (a.name, b.name) == ("c1", "c2") and queue.next(now=0).name == "c3" and queue.next(now=0) is None
+    assert queue.next(now=11).name == "c1"  # a lease runs out
+    assert queue.take(a.id) is a and queue.take(a.id) is None
+    assert queue.skip(b.id) and not queue.skip("nope")
+
+
+def test_the_command_line():
+    args = build_parser().parse_args(["serve", "m.onnx"])
+    assert (args.host, args.port, args.max_upload_mb, args.labels_out, args.module) == \
+        ("127.0.0.1", 8000, 50.0, None, "elcell.serve")

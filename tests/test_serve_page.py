@@ -1,0 +1,101 @@
+"""The station's page in a real browser: Debian's chromium, headless, driven by
+selenium through Debian's chromedriver (nothing is downloaded). It loads the
+page, uploads cells and a module photo, sees the decisions the API gave,
+enlarges a module cell and answers one review with the keyboard; the answer
+is then a row of labels.csv."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from servehelp import RunningServer
+
+from elcell.images import load_cell
+from elcell.labels import read_labels_csv
+from elcell.runtime import open_model, score_cells
+from elcell.serve import Settings, create_app
+
+MODULE = Path(__file__).parent / "data" / "modules" / "poly-6x10-A1.jpg"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                       reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"),
+]
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def test_the_page_scores_inspects_and_reviews(browser, tiny_onnx, seed_csv, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    model = open_model(tiny_onnx, spin=False)
+    cells = read_labels_csv(seed_csv).paths[24:30]
+    scores = score_cells(model, [load_cell(p, model.decoding) for p in cells])
+    middle = float(np.median(scores.probs[:, 0]))  # flags about half of them (the tiny model is unsure)
+    settings = Settings(labels_out=tmp_path / "reviewed", thresholds=[middle, 1.0], review_thresholds=[middle, 1.0])
+    expected = score_cells(model, [load_cell(p, model.decoding) for p in cells], thresholds=[middle, 1.0],
+                           review_thresholds=[middle, 1.0]).decisions
+    with RunningServer(create_app(model, settings)) as server:
+        browser.get(server.url + "/")
+        wait(browser, lambda d: model.path.name in d.find_element(By.ID, "model-info").text)
+        # cells: one card per file, with the decisions the model made
+        browser.find_element(By.ID, "files").send_keys("\n".join(map(str, cells)))
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == len(cells))
+        for path, decisions in zip(cells, expected, strict=True):
+            card = browser.find_element(By.CSS_SELECTOR, f'.card[data-name="{path.name}"]')
+            shown = [card.find_element(By.CSS_SELECTOR, f'.decision[data-label="{label}"]').text.lower()
+                     for label in model.info.labels]
+            assert shown == list(decisions)
+        wait(browser, lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results .card img')].every(i => i.naturalWidth > 0)"))
+        # a module: its grade, its map, a cell enlarged by a click
+        browser.find_element(By.ID, "mode-module").click()
+        grid = browser.find_element(By.ID, "grid")
+        grid.clear()
+        grid.send_keys("6x10")
+        browser.find_element(By.ID, "files").send_keys(str(MODULE))
+        wait(browser, lambda d: d.find_element(By.ID, "module-grade").text.strip() != "")
+        wait(browser, lambda d: d.execute_script("return document.getElementById('module-map').naturalWidth > 0"))
+        map_cells = browser.find_elements(By.CSS_SELECTOR, ".map-cell")
+        assert len(map_cells) == 60
+        browser.execute_script("arguments[0].click()", map_cells[13])
+        wait(browser, lambda d: d.find_element(By.ID, "modal").is_displayed())
+        assert "r2 c4" in browser.find_element(By.ID, "modal-title").text
+        wait(browser, lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#modal img')].every(i => i.naturalWidth > 0)"))
+        browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        wait(browser, lambda d: not d.find_element(By.ID, "modal").is_displayed())
+        # the review loop: key 1 answers "crack only" for the cell shown
+        wait(browser, lambda d: d.find_element(By.ID, "review-item").is_displayed())
+        name = browser.find_element(By.ID, "review-name").text
+        browser.find_element(By.TAG_NAME, "body").send_keys("1")
+        wait(browser, lambda d: "labels.csv" in d.find_element(By.ID, "review-saved").text)
+    table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
+    assert len(table) == 1 and table.targets.tolist() == [[1.0, 0.0]]
+    assert Path(name).stem in table.paths[0].name and table.paths[0].is_file()
