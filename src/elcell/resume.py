@@ -1,0 +1,58 @@
+"""What a run must keep to be resumed: the checkpoint named once, then checked
+against the options before any data is decoded (a wrong --shrink would decode
+the whole data set first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from elcell.config import TrainConfig, checkpoint_run
+from elcell.errors import DataError
+
+
+def resume_checkpoint(path: str) -> dict:
+    """The checkpoint to resume from, or DataError naming the file."""
+    if not Path(path).is_file():
+        raise DataError(f"--resume {path}: checkpoint not found")
+    try:
+        # mmap: only the hyperparameters and keys are read here; Lightning loads the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a PNG, an ONNX file, a truncated download...
+        raise DataError(f"--resume {path}: not a checkpoint of `elcell train` ({type(err).__name__}); "
+                        "give RUN/checkpoints/last.ckpt") from None
+    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
+        raise DataError(f"--resume {path}: not a checkpoint of `elcell train`; give RUN/checkpoints/last.ckpt")
+    return checkpoint
+
+
+def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
+    """Refuse to resume with settings the checkpoint cannot carry on with."""
+    trained = checkpoint["hyper_parameters"]
+    # The optimiser state holds one or two parameter groups and their rates; the
+    # weights were trained on one input scaling, pooling and decoding. Older runs: defaults.
+    for option, default in (("backbone_lr_scale", 1.0), ("input_norm", "dataset"), ("pooling", "avg"),
+                            ("shrink", "bilinear"), ("bit_depth", 16)):
+        if trained.get(option, default) != getattr(config, option):
+            flag = "--" + option.replace("_", "-")
+            raise DataError(f"--resume {config.resume}: the run trained with {flag} "
+                            f"{trained.get(option, default)}; resume it with that value")
+    # OneCycleLR keeps its number of steps in its state: more epochs or smaller
+    # batches would step past its end
+    saved = checkpoint_run(config.resume) / "config.yaml"
+    if trained.get("schedule") == "onecycle" and saved.is_file():
+        run_options = yaml.safe_load(saved.read_text()) or {}
+        for option in ("epochs", "batch_size", "limit"):
+            if option in run_options and run_options[option] != getattr(config, option):
+                raise DataError(f"--resume {config.resume}: a --schedule onecycle run cannot change its "
+                                f"number of steps (it was --{option.replace('_', '-')} {run_options[option]}); "
+                                "train a new run instead")
+    # With an average, the checkpoint's weights are the average and the trained
+    # ones sit beside them: without it, training would go on from the average.
+    averaged = "averaging_state" in checkpoint
+    if averaged != (config.ema_decay > 0):
+        raise DataError(f"--resume {config.resume}: the run trained "
+                        f"{'with' if averaged else 'without'} --ema-decay; resume it "
+                        f"{'with --ema-decay' if averaged else 'without it'}")
