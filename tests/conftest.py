@@ -71,3 +71,21 @@ def tiny_run(tmp_path_factory, seed_csv) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_run) -> Path:
     return next(tiny_run.glob("best_model_epoch*.onnx"))
+
+
+@pytest.fixture(scope="session")
+def model(tiny_onnx):
+    """The tiny model open in ONNX Runtime."""
+    from elcell.runtime import open_model
+
+    return open_model(tiny_onnx)
+
+
+@pytest.fixture()
+def cell_folder(tmp_path, elpv) -> Path:
+    """12 real cells, some in a subfolder."""
+    folder = tmp_path / "cells"
+    (folder / "row2").mkdir(parents=True)
+    for i, source in enumerate(elpv.paths[:12]):
+        shutil.copy(source, folder / ("row2" if i % 2 else ".") / source.name)
+    return folder

@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from captum.attr import LayerGradCam
+from helpers import randomise_batchnorm
 from torch import nn
 
 import elcell.weights
@@ -107,18 +108,6 @@ def test_at_an_even_size_only_the_padding_differs():
         ours, theirs = model.features(gray), ref.extract_features(gray.repeat(1, 3, 1, 1))
     assert ours.shape == theirs.shape == (1, 1280, 2, 2)
     assert float((ours - theirs).abs().max()) > 0.1
-
-
-def randomise_batchnorm(model: nn.Module, seed: int) -> None:
-    """Random BN parameters and statistics, so every block changes its input."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.weight.data = torch.rand(n, generator=generator) + 0.5
-            module.bias.data = torch.randn(n, generator=generator) * 0.2
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
 def assert_cam_equals_captum(model: EfficientNetLite, x: torch.Tensor, check_nontrivial: bool = True) -> None:

@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import seed_rows
 from PIL import Image
 
 from elcell.cli import main
-
-
-def seed_rows(seed_csv: Path) -> list[tuple[Path, list[int]]]:
-    rows = []
-    for line in seed_csv.read_text().splitlines()[1:]:
-        path, *labels = line.split(";")
-        rows.append((seed_csv.parent / path, [int(v) for v in labels]))
-    return rows
 
 
 def test_explain_writes_overlays_heatmaps_and_boxes(tiny_onnx, seed_csv, tmp_path, capsys):

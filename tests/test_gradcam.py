@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
+from helpers import randomise_batchnorm
 from torch import nn
 
 from elcell.heatmaps import heatmap_peak, upsample_heatmap
@@ -28,19 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomise_batchnorm(model: nn.Module, seed: int) -> None:
-    """A fresh model zeroes each block's last BN gamma, so layer4 would only pass
-    its input through; random BN parameters and statistics make the test real."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.weight.data = torch.rand(n, generator=generator) + 0.5
-            module.bias.data = torch.randn(n, generator=generator) * 0.2
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
 def captum_cams(model: ResNet, x: torch.Tensor) -> torch.Tensor:

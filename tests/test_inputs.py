@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,6 @@ import pytest
 from elcell.errors import DataError
 from elcell.images import Decoding, find_images
 from elcell.inputs import collect_inputs, decode_batches
-
-
-@pytest.fixture()
-def cell_folder(tmp_path, elpv) -> Path:
-    """12 real cells, some in a subfolder."""
-    folder = tmp_path / "cells"
-    (folder / "row2").mkdir(parents=True)
-    for i, source in enumerate(elpv.paths[:12]):
-        shutil.copy(source, folder / ("row2" if i % 2 else ".") / source.name)
-    return folder
 
 
 def test_decoding_streams_with_bounded_look_ahead(elpv):

@@ -200,6 +200,7 @@ def test_grades_follow_the_users_rules(tiny_onnx, originals, tmp_path, capsys):
         assert message in capsys.readouterr().err, text
 
 
+@pytest.mark.slow  # trains on the cut cells
 def test_segment_cuts_cells_keeping_their_depth_and_the_labels_train(tiny_onnx, originals, elpv, tmp_path):
     module, _ = assembled(originals, tmp_path, "deep", bit_depth=12)
     out = tmp_path / "cells"

@@ -8,19 +8,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+from helpers import seed_rows
 from PIL import Image
 
 from elcell.heatmaps import overlay_png
 from elcell.images import Decoding, load_cell
 from elcell.report import Gallery, GalleryItem, Table, build_galleries, write_report
-
-
-def seed_rows(seed_csv: Path) -> list[tuple[Path, list[int]]]:
-    rows = []
-    for line in seed_csv.read_text().splitlines()[1:]:
-        path, *labels = line.split(";")
-        rows.append((seed_csv.parent / path, [int(v) for v in labels]))
-    return rows
 
 
 class ReportParser(HTMLParser):

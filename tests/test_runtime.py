@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
+from helpers import read_rows
 from PIL import Image
 
 from elcell.cli import main
 from elcell.images import Decoding, load_cell
 from elcell.predict import csv_header
-from elcell.runtime import Model, open_model
-
-
-def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle, delimiter=";"))
-    return rows[0], [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_onnx) -> Model:
-    return open_model(tiny_onnx)
-
-
-@pytest.fixture()
-def cell_folder(tmp_path, elpv) -> Path:
-    """12 real cells, some in a subfolder."""
-    folder = tmp_path / "cells"
-    (folder / "row2").mkdir(parents=True)
-    for i, source in enumerate(elpv.paths[:12]):
-        shutil.copy(source, folder / ("row2" if i % 2 else ".") / source.name)
-    return folder
+from elcell.runtime import open_model
 
 
 def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):

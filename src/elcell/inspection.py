@@ -39,7 +39,7 @@ from elcell.report import (
     table_html,
     write_page,
 )
-from elcell.runtime import OK, Model, open_model, parse_thresholds
+from elcell.runtime import OK, Model, chosen_thresholds, open_model
 
 OUTPUTS = ("cells.csv", "modules.csv", "maps", "flagged", "report.html")
 CORNERS = ["x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"]  # TL, TR, BR, BL in the photo's pixels
@@ -218,9 +218,7 @@ def main(args) -> int:
     """`elcell inspect` (options: elcell.cli)."""
     model = open_model(args.model, threads=args.threads)
     info = model.info
-    thresholds = parse_thresholds(args.threshold, info.labels, info.thresholds)
-    review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
-                              option="--review-threshold")
+    thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     rules = load_rules(args.rules)
     parse_grid(args.grid)
     paths = collect_inputs(args.inputs)

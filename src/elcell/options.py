@@ -134,26 +134,24 @@ def add_options(parser: argparse.ArgumentParser, config_class: type, groups: Seq
                                 metavar=meta["metavar"] or _METAVARS.get(kind, "VALUE"))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
+def _whole_number(text: str, low: int, words: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: need at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: need {words}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    return _whole_number(text, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: need 0 or more")
-    return value
+    return _whole_number(text, 0, "0 or more")
 
 
 def fraction(text: str) -> float:

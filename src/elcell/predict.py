@@ -34,9 +34,9 @@ from elcell.runtime import (
     REVIEW,
     Model,
     ScoredBatch,
+    chosen_thresholds,
     default_workers,
     open_model,
-    parse_thresholds,
     score_files,
 )
 
@@ -307,9 +307,7 @@ def main(args) -> int:
     """`elcell predict` (options: elcell.cli)."""
     model = open_model(args.model, threads=args.threads)
     info = model.info
-    thresholds = parse_thresholds(args.threshold, info.labels, info.thresholds)
-    review = parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
-                              option="--review-threshold")
+    thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     paths = collect_inputs(args.inputs)
     for label, high, low in zip(info.labels, thresholds, review, strict=True):
         if low > high:

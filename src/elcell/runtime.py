@@ -169,6 +169,14 @@ def parse_thresholds(values: list[str] | None, labels: list[str], current: list[
     return result
 
 
+def chosen_thresholds(info: ModelInfo, threshold: list[str] | None,
+                      review_threshold: list[str] | None) -> tuple[list[float], list[float]]:
+    """The model's thresholds and review thresholds with --threshold and
+    --review-threshold applied."""
+    return (parse_thresholds(threshold, info.labels, info.thresholds),
+            parse_thresholds(review_threshold, info.labels, info.review_thresholds, option="--review-threshold"))
+
+
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 

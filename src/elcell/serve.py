@@ -52,7 +52,7 @@ from elcell.results import (
     module_record,
     overlay,
 )
-from elcell.runtime import Model, open_model, parse_thresholds
+from elcell.runtime import Model, chosen_thresholds, open_model
 from elcell.schemas import (
     ERRORS,
     CellOut,
@@ -318,13 +318,11 @@ def main(args) -> int:
     model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
     info = model.info
     token = args.token or os.environ.get("ELCELL_TOKEN") or None
+    thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     settings = Settings(
         token=token, max_upload_mb=args.max_upload_mb, labels_out=Path(args.labels_out) if args.labels_out else None,
         batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        thresholds=parse_thresholds(args.threshold, info.labels, info.thresholds),
-        review_thresholds=parse_thresholds(args.review_threshold, info.labels, info.review_thresholds,
-                                           option="--review-threshold"),
-        rules=args.rules)
+        thresholds=thresholds, review_thresholds=review, rules=args.rules)
     app = create_app(model, settings)
     folder = app.state.station.folder
     host = f"[{args.host}]" if ":" in args.host else args.host
