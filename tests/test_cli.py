@@ -88,9 +88,9 @@ def test_print_config_shows_the_second_stage_as_comments_and_still_reads_back(ca
 PROTOCOL = {"recipe", "data", "test_fraction", "val_fraction", "seed"}
 
 
-def measured(name: str) -> dict:
+def measured(name: str, folder: str = "accuracy") -> dict:
     """An experiment's settings from its YAML, without the protocol's data options."""
-    path = REPO / "experiments" / "accuracy" / f"{name}.yaml"
+    path = REPO / "experiments" / folder / f"{name}.yaml"
     return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in PROTOCOL}
 
 
@@ -110,6 +110,17 @@ def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
     assert {k: getattr(second, k) for k in e35} == e35
     assert second.synthetic_cracks == 0 and first.out == str(tmp_path / "run" / "pretext")
     assert first.shrink == second.shrink == "min"
+
+
+def test_transfer_recipe_is_the_measured_transfer_run_t04():
+    """The default with the ImageNet weights installed: T04 of docs/accuracy.md
+    (from the spec's base values, as T04's YAML is)."""
+    transfer, t04 = TrainConfig.from_recipe("transfer"), measured("T04-lite0-225-20-epochs", "transfer")
+    t04.pop("group")  # the cell type column of the experiment's data
+    t04["recipe"] = "transfer"
+    assert {k: getattr(transfer, k) for k in t04} == t04
+    assert {k: v for k, v in transfer.__dict__.items() if k not in t04} == \
+        {k: v for k, v in TrainConfig.from_recipe("spec").__dict__.items() if k not in t04}
 
 
 def test_quick_recipe_is_the_measured_one_stage_recipe_cut_to_20_epochs():
