@@ -170,3 +170,14 @@ def test_a_csv_begun_with_the_float_model_is_not_continued_with_its_int8_model(e
     assert "written by another model" in err and int8_path.name in err
     assert out.read_text() == before
     assert main(["predict", str(float_path), str(seed_csv), "--out", str(out), "--resume", "--no-progress"]) == 0
+
+
+def test_a_run_folder_is_quantised_as_its_best_model(tiny_run, seed_csv, tmp_path, capsys):
+    """`elcell export RUN --int8`, as predict takes RUN: its best ONNX model is quantised."""
+    out = tmp_path / "run.int8.onnx"
+    assert main(["export", str(tiny_run), "--int8", "--calibration", str(seed_csv), "--calibration-count", "16",
+                 "--int8-out", str(out), "--no-progress"]) == 0
+    best = next(tiny_run.glob("best_model_epoch*.onnx"))
+    assert read_info(out).extra["quantization"]["float_model"] == best.name
+    assert main(["export", str(tiny_run)]) == 2  # without --int8 there is nothing to do: said so
+    assert "already ONNX" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def _add_export(commands) -> None:
                       "ONNX Runtime; with --int8 also a quantised model (no PyTorch needed for an .onnx).")
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="Lightning checkpoint (.ckpt) from `elcell train` (or, with --int8, a float "
-                             "elcell .onnx file to quantise)")
+                             "elcell .onnx file, or a run folder for its best model, to quantise)")
     parser.add_argument("--out", help="ONNX file or folder (a path ending in / is a folder; default: "
                                       "best_model_epoch{N}.onnx beside the checkpoint)")
     parser.add_argument("--int8", action="store_true",
@@ -126,14 +126,19 @@ def _run_export(args) -> int:
         raise DataError("--int8 needs --calibration LABELS.csv (real cells to calibrate on)")
     if args.int8_out:  # before any work
         output_mode(args.int8_out, "--int8-out", overwrite=args.overwrite)
-    if args.checkpoint.lower().endswith(".onnx"):
+    source = args.checkpoint
+    if Path(source).is_dir():  # a run folder stands for its best model, as in predict
+        from elcell.runtime import resolve_model_path
+
+        source = str(resolve_model_path(source))
+    if source.lower().endswith(".onnx"):
         if not args.int8:
-            raise DataError(f"{args.checkpoint} is already ONNX; pass --int8 --calibration to quantise "
+            raise DataError(f"{source} is already ONNX; pass --int8 --calibration to quantise "
                             "it, or give a .ckpt checkpoint to re-export")
         if args.out:
-            raise DataError(f"--out is where a checkpoint is exported to; {args.checkpoint} is already "
+            raise DataError(f"--out is where a checkpoint is exported to; {source} is already "
                             "ONNX: name its int8 model with --int8-out")
-        out = Path(args.checkpoint)
+        out = Path(source)
     else:
         from elcell.export import export_checkpoint  # imports torch
 
