@@ -264,6 +264,7 @@ def exported(elpv, tmp_path_factory):
     return model, info, cells, out, error
 
 
+@pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_onnx_export_matches_torch(exported):
     from elcell.export import InferenceGraph
     from elcell.runtime import open_model
@@ -284,6 +285,7 @@ def test_onnx_export_matches_torch(exported):
     assert "Clip" in ops  # ReLU6
 
 
+@pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_int8_runs_and_agrees_with_float(exported, tmp_path):
     from elcell.quantize import quantize
     from elcell.runtime import open_model
@@ -299,6 +301,7 @@ def test_int8_runs_and_agrees_with_float(exported, tmp_path):
     assert np.abs(a - b).max() < 0.05
 
 
+@pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_int8_quantises_relu6(exported, tmp_path):
     from elcell.quantize import quantize
 
