@@ -215,15 +215,16 @@ def test_installed_helper_is_torch_free(tmp_path):
 
 def test_files_that_do_not_fit_are_refused(tmp_path):
     needs_weights("efficientnet_lite1")
-    with pytest.raises(PretrainedError, match=r"does not fit efficientnet_lite0: unexpected .*_blocks\.16"):
+    with pytest.raises(PretrainedError, match=r"does not fit efficientnet_lite0: unexpected .*_blocks\.16.*"
+                                              r"it fits --backbone efficientnet_lite1$"):
         load_pretrained(EfficientNetLite("efficientnet_lite0", 2), imagenet_source("efficientnet_lite1"))
     if imagenet_installed("efficientnet_lite2"):  # same 21 blocks, wider
         with pytest.raises(PretrainedError, match="does not fit efficientnet_lite1: shape mismatch"):
             load_pretrained(EfficientNetLite("efficientnet_lite1", 2), imagenet_source("efficientnet_lite2"))
     path = tmp_path / "resnet18.pth"
     torch.save(ResNet("resnet18", 2).state_dict(), path)
-    with pytest.raises(PretrainedError, match="does not fit efficientnet_lite0: missing"):
-        load_pretrained(EfficientNetLite("efficientnet_lite0", 2), str(path))
+    with pytest.raises(PretrainedError, match="does not fit efficientnet_lite0: missing.*it fits --backbone resnet18$"):
+        load_pretrained(EfficientNetLite("efficientnet_lite0", 2), str(path))  # a pretrain run's backbone
     model = EfficientNetLite("efficientnet_lite2", 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PretrainedError, match="does not fit efficientnet_lite2"):

@@ -100,9 +100,27 @@ def load_pretrained(model: CellNet, source: str) -> list[str]:
     if missing or unexpected or wrong:
         detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") \
             or f"shape mismatch {wrong[:3]}"
+        fits = _backbone_that_fits(state, model)
         raise PretrainedError(
             f"--pretrained {source} does not fit {model.backbone_name}: {detail} "
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape)"
+            + (f"; it fits --backbone {fits}" if fits else "")
         )
     model.load_state_dict(state, strict=False)
     return sorted(state)
+
+
+def _backbone_that_fits(state: dict[str, torch.Tensor], model: CellNet) -> str | None:
+    """The other backbone whose weights `state` holds, name for name and shape for
+    shape, if any: the default recipe's backbone may not be the one a file was
+    trained with (a pretrain run's ResNet-18 under the transfer recipe's Lite0)."""
+    for name in BACKBONES:
+        if name == model.backbone_name:
+            continue
+        other = build_model(name, num_labels=1)
+        own = {k: v.shape for k, v in other.state_dict().items() if not k.startswith("fc.")}
+        # the stem may be RGB (summed to gray on loading): its shape is not compared
+        if own.keys() == state.keys() and all(state[k].shape == shape for k, shape in own.items()
+                                              if k != other.stem_key):
+            return name
+    return None
