@@ -21,17 +21,16 @@ from functools import partial
 from pathlib import Path
 
 import cv2
-import numpy as np
-from PIL import Image
 
 from elcell.assemble import assemble_module
-from elcell.geometry import cut_cells, locate_module, parse_grid, rectify
+from elcell.geometry import parse_grid
 from elcell.grading import load_rules
 from elcell.images import read_pixels
-from elcell.inspection import as_gray, inspect_paths
+from elcell.inspection import inspect_paths
 from elcell.labels import elpv_table
 from elcell.predict import predict
 from elcell.runtime import open_model
+from elcell.segment import save_cell, segment_module
 
 POLY = Path(__file__).resolve().parents[1] / "tests" / "data" / "modules" / "poly-6x10-A1.jpg"
 
@@ -48,14 +47,12 @@ def half_cell_module(folder: Path) -> Path:
 
 
 def cut_to_files(photo: Path, grid: str, folder: Path) -> list[Path]:
-    rows, cols = parse_grid(grid)
-    image = as_gray(read_pixels(photo))
-    geometry = locate_module(image, rows, cols)
+    """The photo's cells as `elcell segment` cuts them, one PNG each."""
     paths = []
-    for r, row in enumerate(cut_cells(rectify(image, geometry), geometry)):
+    for r, row in enumerate(segment_module(read_pixels(photo), *parse_grid(grid))):
         for c, cell in enumerate(row):
             paths.append(folder / f"r{r}_c{c}.png")
-            Image.fromarray(np.ascontiguousarray(cell)).save(paths[-1])
+            save_cell(cell, paths[-1])
     return paths
 
 
