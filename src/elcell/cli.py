@@ -175,6 +175,16 @@ _INPUTS_HELP = ("image files, folders (searched recursively) or CSVs whose first
                 "paths (relative to the CSV's folder), e.g. a labels CSV")
 
 
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    """--threshold and --review-threshold, as predict, inspect and serve take them
+    (applied by runtime.chosen_thresholds)."""
+    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P",
+                        help="decision threshold overriding the model's: 0.3 for every label or crack=0.3 "
+                             "for one (repeatable)")
+    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P",
+                        help="lower edge of the review band (below it a cell is ok), as --threshold")
+
+
 def _add_predict(commands) -> None:
     parser = _command(commands, "predict", "elcell.predict",
                       "classify cell images with an ONNX model (no PyTorch needed)",
@@ -186,11 +196,7 @@ def _add_predict(commands) -> None:
     parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
     parser.add_argument("--out", metavar="FILE.csv", help="output CSV (default: stdout)")
-    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P",
-                        help="decision threshold overriding the model's: 0.3 for every label or crack=0.3 "
-                             "for one (repeatable)")
-    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P",
-                        help="lower edge of the review band (below it a cell is ok), as --threshold")
+    _add_threshold_options(parser)
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the flips of each cell (and rotations for a "
                              "model trained with them); prob_<label>_no_tta keeps the plain probabilities")
@@ -269,8 +275,7 @@ def _add_inspect(commands) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSVs, maps and report")
     parser.add_argument("--rules", metavar="FILE.yaml",
                         help="grading rules (default: elcell's grading.yaml; copy and edit it)")
-    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P", help="as predict's")
-    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    _add_threshold_options(parser)
     parser.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
                         help="draw each module's map and the flagged cells' overlays (heatmaps cost time)")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
@@ -307,8 +312,7 @@ def _add_serve(commands) -> None:
     parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default: $ELCELL_TOKEN)")
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
     parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
-    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P", help="as predict's")
-    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P", help="as predict's")
+    _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
     parser.add_argument("--max-queue", type=positive_int, default=512, help="cells queued before 503 Busy")
