@@ -37,3 +37,18 @@ def randomise_batchnorm(model: nn.Module, seed: int) -> None:
             module.bias.data = torch.randn(n, generator=generator) * 0.2
             module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
             module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
+def write_partly_unknown_csv(folder: Path, seed_csv: Path, inactive_column: bool = False) -> Path:
+    """The seed cells (absolute paths) with labels left empty (unknown): by
+    default `crack` on every third cell and `inactive` on the others (no row is
+    all empty, which read_labels_csv refuses); with inactive_column, `inactive`
+    on every cell and `crack` on none."""
+    lines = ["path;crack;inactive"]
+    for i, (path, (crack, inactive)) in enumerate(seed_rows(seed_csv)):
+        crack_blank = i % 3 == 0 and not inactive_column
+        inactive_blank = inactive_column or not crack_blank
+        lines.append(f"{path};{'' if crack_blank else crack};{'' if inactive_blank else inactive}")
+    csv_path = folder / ("inactive_unknown.csv" if inactive_column else "partly_unknown.csv")
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path

@@ -11,12 +11,15 @@ from elcell.data import (
     CachedCells,
     build_cache,
     cache_key,
+    check_labels,
     pixel_stats,
+    pos_weights,
     stratified_split,
     write_split_csv,
 )
 from elcell.errors import DataError
 from elcell.images import Decoding, load_cell
+from elcell.labels import read_labels_csv
 
 
 def test_split_is_stratified_by_label_combination_and_group(elpv):
@@ -61,6 +64,48 @@ def test_split_csv_lists_every_cell_and_the_held_out_ones_in_the_training_format
     assert val[0] == "path;defective" and not (tmp_path / "test.csv").exists()
     held_out = [line.split(";") for line in lines[1:] if line.split(";")[1] == "val"]
     assert [row.split(";") for row in val[1:]] == [[path, target] for path, _, target in held_out]
+
+
+def test_split_csv_writes_unknown_labels_empty_and_they_read_back_unknown(tmp_path):
+    lines = ["path;crack;inactive"] + [f"c{i}.png;{'' if i % 4 == 0 else i % 2};{'' if i % 4 == 1 else 0.5}"
+                                       for i in range(24)]
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    table = read_labels_csv(tmp_path / "data.csv")
+    assert 0 < np.isnan(table.targets).sum() < table.targets.size
+    split = stratified_split(table, 0.25, seed=0, test_fraction=0.25)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_split_csv(run, table, split)
+    text = (run / "split.csv").read_text()
+    assert "nan" not in text and f"{table.paths[0]};{split[0]};;0.5\n" in text
+    for part in ("val", "test"):
+        again = read_labels_csv(run / f"{part}.csv")
+        rows = np.flatnonzero(split == part)
+        assert again.paths == [table.paths[i].resolve() for i in rows]
+        np.testing.assert_array_equal(again.targets, table.targets[rows])  # NaN where it was NaN
+
+
+def test_pos_weights_count_only_known_cells():
+    nan = np.nan
+    targets = np.array([[1, nan], [0, 0], [0, 1], [nan, 0], [nan, 0], [0.5, nan]], dtype=np.float32)
+    # crack: 4 known, 1.5 positive -> 2.5 / 1.5; inactive: 4 known, 1 positive -> 3 / 1
+    assert pos_weights(targets) == pytest.approx([2.5 / 1.5, 3.0])
+    assert pos_weights(targets, "none") == [1.0, 1.0]
+
+
+def test_check_labels_counts_known_train_cells_and_refuses_a_label_no_train_cell_knows(tmp_path):
+    def table_of(rows: list[str]):
+        (tmp_path / "data.csv").write_text("path;crack;inactive\n" + "\n".join(rows) + "\n")
+        return read_labels_csv(tmp_path / "data.csv")
+
+    split = np.array(["train"] * 4 + ["val"])
+    check_labels(table_of(["a.png;1;", "b.png;0;1", "c.png;1;0", "d.png;0;", "e.png;1;1"]), split)
+    every = table_of(["a.png;1;1", "b.png;0;", "c.png;1;", "d.png;0;1", "e.png;1;0"])
+    with pytest.raises(DataError, match="'inactive' is positive on every train cell \\(2 train cells with a known"):
+        check_labels(every, split)
+    nobody = table_of(["a.png;1;", "b.png;0;", "c.png;1;", "d.png;0;", "e.png;1;1"])
+    with pytest.raises(DataError, match="label 'inactive' is unknown \\(empty\\) on all 4 train cells"):
+        check_labels(nobody, split)
 
 
 @pytest.fixture

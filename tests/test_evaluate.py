@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_partly_unknown_csv
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 from test_report import parse_report
 
 from elcell.cli import main
+from elcell.labels import load_table
 from elcell.modelinfo import read_info
 from elcell.runtime import decide
 
@@ -197,3 +199,66 @@ def test_review_is_its_own_decision_and_a_model_leaving_no_cell_ok_is_warned_abo
     assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out),
                  "--no-progress"]) == 0
     assert "no cell is ok" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- unknown labels
+@pytest.fixture(scope="module")
+def partly_unknown_csv(tmp_path_factory, seed_csv) -> Path:
+    return write_partly_unknown_csv(tmp_path_factory.mktemp("unknown"), seed_csv)
+
+
+def test_unknown_labels_are_left_out_of_each_labels_metrics_and_counted(tiny_onnx, partly_unknown_csv, tmp_path,
+                                                                         capsys):
+    """crack is unknown on every third cell, inactive on the others: each label is
+    scored on its known cells, and every output says how many were unknown."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(partly_unknown_csv), "--out", str(out),
+                 "--report", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = read_csv(out / "predictions.csv")
+    assert metrics["cells"] == len(rows) == 64
+    f1s = []
+    for label, unknown in (("crack", 22), ("inactive", 42)):
+        known = np.array([r[f"true_{label}"] != "" for r in rows])  # unknown stays empty
+        truth = np.array([int(r[f"true_{label}"]) for r in rows if r[f"true_{label}"]])
+        probs = np.array([float(r[f"prob_{label}"]) for r in rows])[known]
+        m = metrics["per_label"][label]
+        assert (~known).sum() == m["unknown"] == unknown and m["cells"] == 64 - unknown
+        assert m["positives"] == truth.sum() and sum(m["confusion_matrix"].values()) == m["cells"]
+        f1s.append(f1_score(truth, probs >= 0.5, zero_division=0))
+        assert m["f1"] == pytest.approx(f1s[-1], abs=1e-4)
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(truth, probs), abs=1e-3)
+    assert metrics["mean_f1"] == pytest.approx(np.mean(f1s), abs=1e-4)
+    assert "unk" in printed and "crack 22, inactive 42" in printed
+    report = (out / "report.html").read_text()
+    assert "unknown (not scored)" in report and "crack 22, inactive 42" in report
+
+
+def test_a_label_column_left_empty_is_not_scored_and_keeps_its_threshold(tiny_onnx, seed_csv, tmp_path, capsys):
+    data = write_partly_unknown_csv(tmp_path, seed_csv, inactive_column=True)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(data), "--out", str(out),
+                 "--tune-thresholds", "f1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    crack, inactive = metrics["per_label"]["crack"], metrics["per_label"]["inactive"]
+    assert crack["cells"] == 64 and crack["unknown"] == 0 and "note" not in crack
+    assert inactive["cells"] == 0 and inactive["unknown"] == 64 and "not scored" in inactive["note"]
+    assert inactive["roc_auc"] is None and metrics["mean_f1"] == pytest.approx(crack["f1"])  # not a 0 in the mean
+    tuning = metrics["tuning"]["per_label"]
+    assert tuning["inactive"]["note"] == "no known cells: threshold kept"
+    assert tuning["inactive"]["threshold"] == read_info(tiny_onnx).thresholds[1]
+    assert "inactive 64" in printed and "no known cells: threshold kept" in printed
+    assert all(row["true_inactive"] == "" for row in read_csv(out / "predictions.csv"))
+
+
+def test_int8_comparison_scores_the_known_cells(model, partly_unknown_csv):
+    from elcell.quantize import compare, format_comparison
+
+    comparison = compare(model, model, load_table(partly_unknown_csv), progress=False)
+    assert comparison["per_label"]["crack"]["unknown"] == 22
+    assert comparison["per_label"]["inactive"]["unknown"] == 42
+    assert comparison["cells"] == 64 and comparison["decision_agreement"] == 1.0  # same model twice
+    comparison.update(calibration="cal.csv", calibration_cells=8, calibration_failed=[])
+    assert "unk" in format_comparison(comparison)

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elcell.data import limit_table, stratified_split
 from elcell.errors import DataError
-from elcell.labels import load_table, read_labels_csv
+from elcell.labels import LabelTable, load_table, read_labels_csv
 
 
 def write(folder: Path, text: str, name: str = "data.csv") -> Path:
@@ -101,9 +102,9 @@ def test_subset_keeps_rows_aligned(elpv):
     assert np.array_equal(sub.targets, elpv.targets[[5, 1]])
 
 
-@pytest.mark.parametrize("value", ["yes", "", "2"])
+@pytest.mark.parametrize("value", ["yes", "2"])
 def test_group_hint_only_for_names(tmp_path, value):
-    """'--group' helps for a column of names such as 'mono'; not for a yes, a blank or a 2."""
+    """'--group' helps for a column of names such as 'mono'; not for a yes or a 2 (a blank is unknown)."""
     path = write(tmp_path, f"path;crack\na.png;{value}\n")
     with pytest.raises(DataError) as err:
         read_labels_csv(path)
@@ -119,3 +120,52 @@ def test_soft_labels_are_read_as_given_and_positive_from_one_half(tmp_path):
     for bad in ("1.5", "-0.1", "nan"):
         with pytest.raises(DataError, match=f"label 'defective' is '{bad}'; labels must be 0 or 1, or a soft"):
             read_labels_csv(write(tmp_path, f"path;defective\na.png;{bad}\n"))
+
+
+def test_an_empty_value_is_unknown_for_that_label_only(tmp_path):
+    path = write(tmp_path, "path;crack;inactive\na.png;1;\nb.png; ;0\nc.png;0;1\nd.png;0.75;0\n")
+    table = read_labels_csv(path)
+    assert np.isnan(table.targets[0, 1]) and np.isnan(table.targets[1, 0])
+    assert table.targets.dtype == np.float32 and np.isnan(table.targets).sum() == 2
+    assert table.known.tolist() == [[True, False], [False, True], [True, True], [True, True]]
+    # 0 where unknown, so `positive.astype(bool)` never takes an unknown for a defect
+    assert table.positives.tolist() == [[1, 0], [0, 0], [0, 1], [1, 0]]
+    assert table.strata.tolist() == [[1, -1], [-1, 0], [0, 1], [1, 0]]  # unknown apart from 0
+    sub = table.subset(np.array([1, 2]))
+    assert sub.known.tolist() == [[False, True], [True, True]]
+
+
+def test_elpv_has_no_unknown_labels(elpv):
+    assert elpv.known.all() and np.array_equal(elpv.strata, elpv.positives)
+
+
+@pytest.mark.parametrize("group", [None, "type"])
+def test_a_row_with_every_label_empty_names_its_file_and_line(tmp_path, group):
+    """A row with no known label teaches nothing: most likely a row left unfinished."""
+    type_column = ";type" if group else ""
+    mono = ";mono" if group else ""
+    path = write(tmp_path, f"path;crack;inactive{type_column}\na.png;1;0{mono}\n\nb.png;;{mono}\n")
+    with pytest.raises(DataError) as err:
+        read_labels_csv(path, group=group)
+    assert f"{path} line 4: every label of 'b.png' is empty (unknown)" in str(err.value)
+
+
+def _table(strata: list[tuple[float, ...]], counts: list[int]) -> LabelTable:
+    targets = np.repeat(np.array(strata, dtype=np.float32), counts, axis=0)
+    return LabelTable([Path(f"c{i}.png") for i in range(len(targets))], ["crack", "inactive"], targets)
+
+
+def test_split_and_limit_keep_unknowns_stratified_apart_from_negatives():
+    """Unknowns spread over the splits in proportion, as their own stratum: were
+    they counted as negatives, val could get all of them and no scorable cell."""
+    nan = np.nan
+    table = _table([(0, 0), (nan, 0), (1, nan), (1, 1), (nan, 1)], [100, 50, 30, 10, 10])
+    split = stratified_split(table, val_fraction=0.2, seed=0, test_fraction=0.1)
+    for stratum in map(tuple, np.unique(table.strata, axis=0)):
+        members = (table.strata == stratum).all(axis=1)
+        for part, fraction in (("val", 0.2), ("test", 0.1)):
+            assert abs((split[members] == part).sum() - fraction * members.sum()) <= 1, (stratum, part)
+    small = limit_table(table, 40, seed=0)
+    assert len(small) == 40
+    assert np.isnan(small.targets[:, 0]).sum() == pytest.approx(60 * 40 / 200, abs=1)
+    assert np.isnan(small.targets[:, 1]).sum() == pytest.approx(30 * 40 / 200, abs=1)

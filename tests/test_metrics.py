@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score, roc_auc_score
 
-from elcell.metrics import threshold_for_f1, threshold_for_recall
+from elcell.metrics import label_metrics, summary, threshold_for_f1, threshold_for_recall, tune
 
 
 def test_threshold_search_is_exact():
@@ -21,3 +22,71 @@ def test_threshold_search_is_exact():
     tied = np.array([0.7, 0.7, 0.7, 0.2])
     assert threshold_for_f1(np.array([1, 0, 1, 0]), tied) == pytest.approx(0.45)
     assert threshold_for_recall(np.array([1, 0, 1, 0]), tied, 0.5) == pytest.approx(0.45)
+
+
+# --------------------------------------------------------------------------- unknown labels
+def cells_with_unknowns() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two labels over 40 cells; the unknown cells of each would change every figure
+    were they counted (high probabilities that would be false positives)."""
+    rng = np.random.default_rng(4)
+    positives = (rng.random((40, 2)) < 0.4).astype(np.int64)
+    probs = np.clip(positives * 0.5 + rng.random((40, 2)) * 0.5, 0, 1)
+    known = rng.random((40, 2)) > 0.3
+    positives[~known] = 0  # as LabelTable.positives gives them
+    probs[~known] = 0.99
+    return positives, probs, known
+
+
+def test_label_metrics_score_only_known_cells_and_count_the_unknown():
+    positives, probs, known = cells_with_unknowns()
+    j = 0
+    masked = label_metrics(positives[:, j], probs[:, j], 0.5, 0.3, known[:, j])
+    subset = label_metrics(positives[known[:, j], j], probs[known[:, j], j], 0.5, 0.3)
+    assert masked["unknown"] == int((~known[:, j]).sum()) > 0 and subset["unknown"] == 0
+    assert masked["cells"] == int(known[:, j].sum())
+    assert {k: v for k, v in masked.items() if k != "unknown"} == {k: v for k, v in subset.items() if k != "unknown"}
+    assert masked["f1"] == pytest.approx(f1_score(positives[known[:, j], j], probs[known[:, j], j] >= 0.5))
+    assert masked["roc_auc"] == pytest.approx(roc_auc_score(positives[known[:, j], j], probs[known[:, j], j]))
+    assert label_metrics(positives[:, j], probs[:, j], 0.5, 0.3)["cells"] == 40  # no mask: every cell known
+
+
+def test_a_label_no_cell_knows_is_not_scored_and_left_out_of_the_mean():
+    positives, probs, known = cells_with_unknowns()
+    known[:, 1] = False
+    positives[:, 1] = 0
+    m = label_metrics(positives[:, 1], probs[:, 1], 0.5, 0.5, known[:, 1])
+    assert m["cells"] == 0 and m["unknown"] == 40 and "not scored" in m["note"]
+    assert m["f1"] == 0 and m["roc_auc"] is None and m["average_precision"] is None
+    assert sum(m["confusion_matrix"].values()) == 0
+    result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.5, 0.5], known)
+    assert result["mean_f1"] == pytest.approx(result["per_label"]["crack"]["f1"])
+    assert result["weighted_f1"] == pytest.approx(result["per_label"]["crack"]["f1"])
+    assert result["cells"] == 40  # decisions (ok / review) need no labels: every cell counts
+    assert "note" not in result["per_label"]["crack"]
+
+
+def test_summary_per_label_figures_use_each_labels_known_cells():
+    positives, probs, known = cells_with_unknowns()
+    result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.5, 0.5], known)
+    f1s = []
+    for j, label in enumerate(["crack", "inactive"]):
+        y, p = positives[known[:, j], j], probs[known[:, j], j] >= 0.5
+        f1s.append(f1_score(y, p))
+        assert result["per_label"][label]["f1"] == pytest.approx(f1s[-1])
+        assert result["per_label"][label]["positives"] == y.sum()
+    assert result["mean_f1"] == pytest.approx(np.mean(f1s))
+
+
+def test_tuning_uses_only_known_cells():
+    positives, probs, known = cells_with_unknowns()
+    labels = ["crack", "inactive"]
+    tuned, review, details = tune(labels, positives, probs, [0.5, 0.5], [0.5, 0.5], "f1", "recall=1.0", known)
+    for j, label in enumerate(labels):
+        y, p = positives[known[:, j], j], probs[known[:, j], j]
+        assert tuned[j] == pytest.approx(threshold_for_f1(y, p))
+        assert review[j] == pytest.approx(min(threshold_for_recall(y, p, 1.0), tuned[j]))
+        assert details[label]["cells"] == len(y) and details[label]["unknown"] == 40 - len(y)
+    known[:, 1] = False
+    kept, _, details = tune(labels, positives, probs, [0.5, 0.7], [0.5, 0.6], "f1", None, known)
+    assert kept[1] == 0.7 and details["inactive"]["note"] == "no known cells: threshold kept"
+

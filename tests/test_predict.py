@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_rows
+from helpers import read_rows, seed_rows, write_partly_unknown_csv
 from PIL import Image
 
 from elcell.cli import main
@@ -40,6 +40,20 @@ def test_predict_labels_csv_schema_and_probabilities(tiny_onnx, model, seed_csv,
     assert [[row["decision_crack"], row["decision_inactive"]] for row in rows] == decisions.tolist()
     assert all(row["error"] == "" for row in rows)
     assert "CPUExecutionProvider" in capsys.readouterr().err  # says which provider runs
+
+
+def test_a_labels_csv_with_unknown_labels_is_just_a_list_of_cells(tiny_onnx, seed_csv, tmp_path):
+    """predict reads only the paths of a labels CSV: empty (unknown) labels change
+    nothing, even a row with no label at all (which training refuses)."""
+    labels = write_partly_unknown_csv(tmp_path, seed_csv)
+    lines = labels.read_text().splitlines()
+    lines[1] = lines[1].split(";")[0] + ";;"
+    labels.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tiny_onnx), str(labels), "--out", str(out), "--no-progress"]) == 0
+    _, rows = read_rows(out)
+    assert [row["path"] for row in rows] == [str(path) for path, _ in seed_rows(seed_csv)]
+    assert all(row["error"] == "" and 0 <= float(row["prob_inactive"]) <= 1 for row in rows)
 
 
 def test_bad_images_reported_not_fatal(tiny_onnx, cell_folder, tmp_path, capsys):

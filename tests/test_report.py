@@ -106,6 +106,19 @@ def test_galleries_pick_the_most_confident_mistakes():
     assert "(2 cells, threshold 0.50)" in galleries[1].title
 
 
+def test_galleries_never_show_a_cell_whose_label_is_unknown():
+    probs = np.array([[0.9], [0.8], [0.7], [0.2], [0.1]])
+    truth = np.array([[1], [0], [0], [1], [0]])  # 0 where unknown, as LabelTable.positives
+    known = np.array([[True], [False], [True], [True], [False]])
+    galleries = build_galleries(["crack"], [f"c{i}" for i in range(5)], probs, truth, [0.5],
+                                lambda i: np.zeros((8, 8), dtype=np.uint8), lambda i: np.ones((1, 2, 2)),
+                                known=known)
+    by_title = {g.title.split(" (")[0]: [item.name for item in g.items] for g in galleries}
+    # c1 would be the most confident false positive, were its unknown label taken for a 0
+    assert by_title == {"crack: true positives": ["c0"], "crack: false positives": ["c2"],
+                        "crack: false negatives": ["c3"]}
+
+
 def test_report_on_real_cells_from_the_onnx_model(tiny_onnx, seed_csv, tmp_path):
     from elcell.runtime import open_model
 

@@ -39,7 +39,7 @@ class SyntheticCracks(nn.Module):
 
     The clear defects that from-scratch models miss are thin single cracks
     (docs/accuracy.md); this makes them less rare. Each cell whose `label` is
-    below 0.5 gets, with probability `p`, cracks drawn on it, and its `label`
+    below 0.5 (known: not NaN) gets, with probability `p`, cracks drawn on it, and its `label`
     set to 1:
 
     - shape "line": one quadratic Bezier curve from one edge to another, about
@@ -66,6 +66,10 @@ class SyntheticCracks(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # only cells known to be crack-free: NaN < 0.5 is False, so a cell whose crack
+        # label is unknown gets no drawn crack (it may be cracked already, and then
+        # setting the label to 1 would be right only by luck). An unknown inactive
+        # label stays unknown unless a drawn crack darkens an area (then it is 1).
         clean = targets[:, self.label] < 0.5
         chosen = torch.nonzero(clean & (torch.rand(len(images), device=images.device) < self.p)).flatten()
         if len(chosen) == 0:

@@ -34,7 +34,8 @@ SPLITS = ("train", "val", "test")
 def stratified_split(
     table: LabelTable, val_fraction: float, seed: int, test_fraction: float = 0.0
 ) -> np.ndarray:
-    """Assign each row to train/val/test, stratified by label combination (and group).
+    """Assign each row to train/val/test, stratified by label combination (and group);
+    an unknown label is its own value in the combination, not a negative.
 
     Returns an array of split names. Deterministic for a given seed and table.
     """
@@ -42,7 +43,7 @@ def stratified_split(
         raise DataError(
             f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be in (0, 1) and sum below 1"
         )
-    keys = [tuple(row) for row in table.positives]
+    keys = [tuple(row) for row in table.strata]
     if table.groups is not None:
         keys = [key + (group,) for key, group in zip(keys, table.groups)]
     rng = np.random.default_rng(seed)
@@ -64,19 +65,25 @@ def stratified_split(
     return split.astype(str)
 
 
+def _label_fields(targets: np.ndarray) -> list[str]:
+    """A row's labels as the labels CSV writes them: empty where unknown (NaN)."""
+    return ["" if np.isnan(t) else f"{t:g}" for t in targets]
+
+
 def write_split_csv(run: Path, table: LabelTable, split: np.ndarray) -> None:
     """RUN/split.csv: every cell with its part; and RUN/val.csv, RUN/test.csv: the
     held-out cells in the training format (absolute paths, the labels as given,
-    soft ones included), for `evaluate --data`, `export --calibration` and tuning."""
+    soft ones included, unknown ones empty), for `evaluate --data`,
+    `export --calibration` and tuning."""
     lines = [";".join(["path", "split", *table.names])]
     for image, part, targets in zip(table.paths, split, table.targets):
-        lines.append(";".join([str(image), part, *(f"{t:g}" for t in targets)]))
+        lines.append(";".join([str(image), part, *_label_fields(targets)]))
     atomic_write_text(run / "split.csv", "\n".join(lines) + "\n")
     for part in ("val", "test"):
         rows = np.flatnonzero(split == part)
         if len(rows):
             lines = [";".join(["path", *table.names])] + [
-                ";".join([str(Path(table.paths[i]).resolve()), *(f"{t:g}" for t in table.targets[i])])
+                ";".join([str(Path(table.paths[i]).resolve()), *_label_fields(table.targets[i])])
                 for i in rows]
             atomic_write_text(run / f"{part}.csv", "\n".join(lines) + "\n")
 
@@ -90,25 +97,34 @@ def limit_table(table: LabelTable, limit: int, seed: int) -> LabelTable:
 
 
 def check_labels(table: LabelTable, split: np.ndarray) -> None:
+    """Every label needs known positive and negative cells in the train split;
+    cells whose label is unknown (empty) count as neither."""
     train = split == "train"
     for i, name in enumerate(table.names):
-        positives = int(table.positives[train, i].sum())
+        known = table.known[train, i]
+        cells = f"{int(known.sum())} train cells with a known {name!r}"
+        if not known.any():
+            raise DataError(f"{table.source}: label {name!r} is unknown (empty) on all {int(train.sum())} "
+                            "train cells; label some cells or drop the column")
+        positives = int(table.positives[train, i][known].sum())
         if positives == 0:
             raise DataError(
                 f"{table.source}: label {name!r} has no positive example in the train split "
-                f"({int(train.sum())} cells); add positive cells or drop the column"
+                f"({cells}); add positive cells or drop the column"
             )
-        if positives == int(train.sum()):
-            raise DataError(f"{table.source}: label {name!r} is positive on every train cell")
+        if positives == int(known.sum()):
+            raise DataError(f"{table.source}: label {name!r} is positive on every train cell ({cells})")
 
 
 def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
-    """BCE pos_weight per label: negatives / positives counted with soft targets
-    (ELPV probabilities), or 1 (no weighting)."""
+    """BCE pos_weight per label: negatives / positives among the cells whose label
+    is known (not NaN), counted with soft targets (ELPV probabilities), or 1
+    (no weighting)."""
     if weighting == "none":
         return [1.0] * targets.shape[1]
-    positive = targets.sum(axis=0)
-    return [float(w) for w in (len(targets) - positive) / positive]
+    positive = np.nansum(targets, axis=0)
+    known = (~np.isnan(targets)).sum(axis=0)
+    return [float(w) for w in (known - positive) / positive]
 
 
 # --------------------------------------------------------------------------- cache

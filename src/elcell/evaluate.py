@@ -44,6 +44,9 @@ class Predictions:
     plain: np.ndarray | None  # float [N, L] without TTA; None without tta
     groups: list[str] | None
     failed: list[Unreadable]
+    # bool [N, L], False where the label was left empty (unknown: positives is 0
+    # there, and the metrics leave the cell out for that label); None: all known
+    known: np.ndarray | None = None
 
 
 def shared_labels(model: Model, table: LabelTable) -> list[str]:
@@ -99,7 +102,15 @@ def predict_table(model: Model, table: LabelTable, batch_size: int = 16, workers
         positives=table.positives[keep][:, table_columns], probs=probs[keep],
         plain=plain[keep] if tta else None,
         groups=None if table.groups is None else [table.groups[i] for i in keep], failed=failed,
+        known=table.known[keep][:, table_columns],
     )
+
+
+def known_labels(predictions: Predictions) -> np.ndarray:
+    """bool [N, L]: where each cell's label is known (all of them without `known`)."""
+    if predictions.known is None:
+        return np.ones(predictions.positives.shape, dtype=bool)
+    return predictions.known
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -109,7 +120,8 @@ def _slug(name: str) -> str:
 
 def write_predictions(path: Path, predictions: Predictions, thresholds: list[float],
                       review_thresholds: list[float]) -> None:
-    """One row per evaluated cell, so the misses can be looked at."""
+    """One row per evaluated cell, so the misses can be looked at; a label left
+    empty in the data (unknown) has an empty true_ column."""
     labels = predictions.labels
     decisions = decide(predictions.probs, thresholds, review_thresholds)
     buffer = io.StringIO()
@@ -117,10 +129,11 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
     group = ["group"] if predictions.groups is not None else []
     writer.writerow(["path", *group, *(f"true_{n}" for n in labels), *(f"prob_{n}" for n in labels),
                      *(f"decision_{n}" for n in labels)])
+    known = known_labels(predictions)
     for i, image in enumerate(predictions.paths):
+        truth = [int(t) if k else "" for t, k in zip(predictions.positives[i], known[i])]  # empty: unknown
         writer.writerow([str(image), *([predictions.groups[i]] if group else []),
-                         *predictions.positives[i], *(f"{p:.6f}" for p in predictions.probs[i]),
-                         *decisions[i]])
+                         *truth, *(f"{p:.6f}" for p in predictions.probs[i]), *decisions[i]])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -145,6 +158,7 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     out = Path(out)
     info = model.info
     predictions = predict_table(model, table, batch_size, workers, tta, progress)
+    known = known_labels(predictions)
     columns = [info.labels.index(label) for label in predictions.labels]
     thresholds = [info.thresholds[c] for c in columns]
     review_thresholds = [info.review_thresholds[c] for c in columns]
@@ -158,10 +172,10 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     tuned_model = None
     if tune_thresholds or review_band:
         before = summary(predictions.positives, predictions.probs, predictions.labels, thresholds,
-                        review_thresholds)
+                        review_thresholds, known)
         thresholds, review_thresholds, details = tune(predictions.labels, predictions.positives,
                                                       predictions.probs, thresholds, review_thresholds,
-                                                      tune_thresholds, review_band)
+                                                      tune_thresholds, review_band, known)
         all_thresholds, all_review = list(info.thresholds), list(info.review_thresholds)
         for c, high, low in zip(columns, thresholds, review_thresholds, strict=True):
             all_thresholds[c], all_review[c] = high, low
@@ -179,27 +193,27 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     metrics["thresholds"] = dict(zip(predictions.labels, thresholds, strict=True))
     metrics["review_thresholds"] = dict(zip(predictions.labels, review_thresholds, strict=True))
     metrics.update(summary(predictions.positives, predictions.probs, predictions.labels, thresholds,
-                          review_thresholds))
+                          review_thresholds, known))
     if tta:
         metrics["without_tta"] = summary(predictions.positives, predictions.plain, predictions.labels,
-                                        thresholds, review_thresholds)
+                                        thresholds, review_thresholds, known)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(predictions.labels, predictions.positives, predictions.probs, thresholds,
-                        review_thresholds, out)
+                        review_thresholds, out, known=known)
     if predictions.groups is not None:
         metrics["groups"] = {}
         names = np.array(predictions.groups)
         for name in sorted(set(predictions.groups)):
             rows = np.flatnonzero(names == name)
             metrics["groups"][name] = summary(predictions.positives[rows], predictions.probs[rows],
-                                             predictions.labels, thresholds, review_thresholds)
+                                             predictions.labels, thresholds, review_thresholds, known[rows])
             if tta:
                 metrics["groups"][name]["without_tta"] = summary(
                     predictions.positives[rows], predictions.plain[rows], predictions.labels,
-                    thresholds, review_thresholds)
+                    thresholds, review_thresholds, known[rows])
             plots += plot_curves(predictions.labels, predictions.positives[rows], predictions.probs[rows],
                                  thresholds, review_thresholds, out, suffix=f"_{_slug(name)}",
-                                 title=f"({name}) ")
+                                 title=f"({name}) ", known=known[rows])
     write_predictions(out / "predictions.csv", predictions, thresholds, review_thresholds)
     metrics["plots"] = [p.name for p in plots]
     atomic_write_json(out / "metrics.json", metrics)
@@ -211,7 +225,8 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     return metrics
 
 
-PER_LABEL = (("positives", "positives"), ("threshold", "threshold"), ("review_threshold", "review from"),
+PER_LABEL = (("cells", "cells scored"), ("unknown", "unknown (not scored)"), ("positives", "positives"),
+             ("threshold", "threshold"), ("review_threshold", "review from"),
              ("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("accuracy", "accuracy"),
              ("roc_auc", "ROC-AUC"), ("average_precision", "average precision"), ("review", "cells in review"),
              ("recall_with_review", "recall counting review"))
@@ -219,7 +234,18 @@ PER_LABEL = (("positives", "positives"), ("threshold", "threshold"), ("review_th
 
 def _label_table(title: str, block: dict) -> Table:
     return Table(title, [heading for _, heading in PER_LABEL],
-                 [(label, [m[key] for key, _ in PER_LABEL]) for label, m in block["per_label"].items()])
+                 [(label, [m[key] for key, _ in PER_LABEL]) for label, m in block["per_label"].items()],
+                 note=_unknown_note(block))
+
+
+def _unknown_note(block: dict) -> str:
+    """Which labels were left empty (unknown) for how many cells, or ''."""
+    unknown = {label: m["unknown"] for label, m in block["per_label"].items() if m.get("unknown")}
+    if not unknown:
+        return ""
+    counts = ", ".join(f"{label} {count}" for label, count in unknown.items())
+    return (f"cells whose label is unknown (empty in the data), left out of that label's metrics: {counts}"
+            + "".join(f"; {label}: {m['note']}" for label, m in block["per_label"].items() if "note" in m))
 
 
 def report_tables(metrics: dict) -> list[Table]:
@@ -264,7 +290,8 @@ def write_html_report(model: Model, predictions: Predictions, metrics: dict, plo
         return model.run(load_cell(predictions.paths[i], model.decoding)[None], heatmaps=True)[1][0][columns]
 
     galleries = build_galleries(predictions.labels, [str(p) for p in predictions.paths],
-                                predictions.probs, predictions.positives, thresholds, cell, heatmap)
+                                predictions.probs, predictions.positives, thresholds, cell, heatmap,
+                                known=known_labels(predictions))
     figures = [(path.stem.replace("_", " "), path) for path in plots]
     return write_report(out_html, report_tables(metrics), figures, galleries, subtitle=subtitle,
                         gallery_note=GALLERY_NOTE)
@@ -281,14 +308,16 @@ def format_report(metrics: dict) -> str:
 
     def table(block: dict, title: str) -> None:
         lines.append(title)
-        lines.append(f"  {'label':<14}{'cells':>6}{'pos':>6}{'thresh':>8}{'prec':>7}{'recall':>7}"
+        lines.append(f"  {'label':<14}{'cells':>6}{'unk':>6}{'pos':>6}{'thresh':>8}{'prec':>7}{'recall':>7}"
                      f"{'F1':>7}{'AUC':>7}{'AP':>7}{'review':>7}{'rec+rev':>8}")
         for label, m in block["per_label"].items():
             auc = "-" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
             ap = "-" if m["average_precision"] is None else f"{m['average_precision']:.3f}"
-            lines.append(f"  {label:<14}{m['cells']:>6}{m['positives']:>6}{m['threshold']:>8.3f}"
+            lines.append(f"  {label:<14}{m['cells']:>6}{m['unknown']:>6}{m['positives']:>6}{m['threshold']:>8.3f}"
                          f"{m['precision']:>7.3f}{m['recall']:>7.3f}{m['f1']:>7.3f}{auc:>7}{ap:>7}"
                          f"{m['review']:>7}{m['recall_with_review']:>8.3f}")
+        if _unknown_note(block):
+            lines.append(f"  {_unknown_note(block)}")
         lines.append(f"  weighted F1 {block['weighted_f1']:.4f}, mean F1 {block['mean_f1']:.4f}, "
                      f"{block['cells_in_review']} of {block['cells']} cells in review, "
                      f"{block['cells_ok']} ok for every label")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ class LabelTable:
     """Image paths with one target column per label.
 
     targets are floats in [0, 1]: 0/1 for CSV labels, the expert probability for
-    ELPV. A cell counts as positive for a label when its target is >= 0.5.
+    ELPV. A cell counts as positive for a label when its target is >= 0.5. NaN
+    means unknown: the CSV left that label empty for that cell (ELPV has none).
     """
 
     paths: list[Path]
@@ -36,8 +38,20 @@ class LabelTable:
 
     @property
     def positives(self) -> np.ndarray:
-        """0/1 int array [N, L]: the decision a perfect model would make."""
+        """0/1 int array [N, L]: the decision a perfect model would make; 0 where
+        unknown (NaN >= 0.5 is False), so use it together with `known`."""
         return (self.targets >= 0.5).astype(np.int64)
+
+    @property
+    def known(self) -> np.ndarray:
+        """bool [N, L]: False where the label of that cell is unknown (left empty)."""
+        return ~np.isnan(self.targets)
+
+    @property
+    def strata(self) -> np.ndarray:
+        """int [N, L] for stratified splits: 1 positive, 0 negative, -1 unknown, so
+        the unknowns spread over the splits as the known negatives do."""
+        return np.where(self.known, self.positives, -1)
 
     def subset(self, index: np.ndarray) -> LabelTable:
         index = np.asarray(index, dtype=np.int64)
@@ -127,7 +141,10 @@ def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path,
 
 
 def _label_value(value: str, name: str, where: str) -> float:
-    """0 or 1, or a soft label in [0, 1] (an expert's probability, as ELPV's)."""
+    """0 or 1, or a soft label in [0, 1] (an expert's probability, as ELPV's);
+    NaN for an empty value: unknown for this label (the loss and metrics skip it)."""
+    if not value:
+        return math.nan
     if _is_number(value) and 0 <= float(value) <= 1:
         return float(value)
     names_a_group = value and not _is_number(value) and value.lower() not in _YES_NO
@@ -141,6 +158,7 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
 
     First column: image path (relative to the CSV's folder unless absolute).
     Every other column is a label, 0/1 or soft in [0, 1] (positive from 0.5),
+    or empty for unknown (NaN in targets; each row needs one known label),
     except `group` (e.g. cell type), which is kept as a group name for stratified
     splits and per-group reports.
     """
@@ -166,6 +184,9 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         if not image:
             raise DataError(f"{where}: empty image path")
         targets.append([_label_value(row[i].strip(), header[i], where) for i in label_columns])
+        if all(math.isnan(t) for t in targets[-1]):  # a row with no known label teaches nothing
+            raise DataError(f"{where}: every label of {image!r} is empty (unknown); give at least one "
+                            "label or drop the row")
         path = base / image  # an absolute path stays itself
         if file_key(path) in first_line:
             raise DataError(f"{where}: image {image!r} is listed again (first on line "

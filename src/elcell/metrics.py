@@ -2,7 +2,9 @@
 and threshold tuning. Torch-free (scikit-learn for ROC-AUC and AP).
 
 A cell is positive for a label when its target is >= 0.5 (ELPV targets are
-expert probabilities). A cell is predicted positive (`defect`) when its
+expert probabilities). A cell whose label is unknown (left empty in the labels
+CSV; `known` False) is left out of that label's metrics and counted as
+`unknown`; its other labels still count. A cell is predicted positive (`defect`) when its
 probability is >= the label's threshold; between the review threshold and the
 threshold it is `review`, which counts as negative for precision/recall/F1,
 but a person looks at it, so `recall_with_review` counts it as caught.
@@ -14,7 +16,7 @@ import math
 import re
 
 import numpy as np
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from elcell.errors import DataError
 from elcell.runtime import DEFECT, OK, REVIEW, decide
@@ -24,19 +26,35 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 
 
+def known_cells(positive: np.ndarray, prob: np.ndarray,
+                known: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """One label's truth (bool) and probabilities on the cells whose label is
+    known, and how many were unknown. known None: every cell is."""
+    positive, prob = np.asarray(positive).astype(bool), np.asarray(prob)
+    if known is None:
+        return positive, prob, 0
+    known = np.asarray(known, dtype=bool)
+    return positive[known], prob[known], int((~known).sum())
+
+
 def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
-                  review_threshold: float) -> dict:
-    """Metrics of one label at one operating point. ROC-AUC and average precision
-    need both classes (positives for AP) and are None otherwise."""
-    positive = positive.astype(bool)
+                  review_threshold: float, known: np.ndarray | None = None) -> dict:
+    """Metrics of one label at one operating point, on the cells whose label is
+    `known` (default all). ROC-AUC and average precision need both classes
+    (positives for AP) and are None otherwise."""
+    positive, prob, unknown = known_cells(positive, prob, known)
     predicted = prob >= threshold
     in_review = (prob >= min(review_threshold, threshold)) & ~predicted
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(positive, predicted, labels=[False, True]).ravel())
+    # counted directly: sklearn's confusion_matrix refuses a label with no known cell
+    tp, fp = int((predicted & positive).sum()), int((predicted & ~positive).sum())
+    fn, tn = int((~predicted & positive).sum()), int((~predicted & ~positive).sum())
     both = 0 < positive.sum() < len(positive)
+    note = {"note": "no cell with this label known: not scored"} if not len(positive) else {}
     return {
         "threshold": float(threshold),
         "review_threshold": float(min(review_threshold, threshold)),
         "cells": int(len(positive)),
+        "unknown": unknown,
         "positives": int(positive.sum()),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
@@ -52,23 +70,30 @@ def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
                               "defect": int((predicted & mask).sum())}
                       for truth, mask in (("ok", ~positive), ("defect", positive))},
         "recall_with_review": _ratio(int(((predicted | in_review) & positive).sum()), int(positive.sum())),
+        **note,
     }
 
 
 def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresholds: list[float],
-            review_thresholds: list[float]) -> dict:
-    """Per-label metrics plus the seed's weighted F1 (weighted by positives), the
-    mean F1 over labels and how many cells land in review."""
-    per_label = {label: label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j])
+            review_thresholds: list[float], known: np.ndarray | None = None) -> dict:
+    """Per-label metrics on the cells whose label is `known` (bool like positives;
+    default all), plus the seed's weighted F1 (weighted by positives), the mean
+    F1 over the labels with a known cell, and how many cells land in review
+    (decisions need no labels: every cell counts there)."""
+    per_label = {label: label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j],
+                                      None if known is None else known[:, j])
                  for j, label in enumerate(labels)}
     support = np.array([m["positives"] for m in per_label.values()], dtype=np.float64)
     f1 = np.array([m["f1"] for m in per_label.values()])
+    # a label no cell knows has F1 0 by convention, not by the model: keep it out of the mean
+    # (the weighted F1 gives it no weight: it has no positives)
+    scored = np.array([m["cells"] > 0 for m in per_label.values()], dtype=bool)
     decisions = decide(probs, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
     review_only = (decisions == REVIEW).any(axis=1) & ~(decisions == DEFECT).any(axis=1)
     return {
         "cells": int(len(probs)),
         "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
-        "mean_f1": float(f1.mean()),
+        "mean_f1": float(f1[scored].mean()) if scored.any() else 0.0,
         "cells_in_review": int(review_only.sum()),
         "cells_ok": int((decisions == OK).all(axis=1).sum()) if len(probs) else 0,
         "per_label": per_label,
@@ -153,21 +178,22 @@ def parse_review_band(text: str) -> tuple[str, float]:
 
 
 def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds: list[float],
-         review_thresholds: list[float], method: str | None,
-         review_band: str | None) -> tuple[list[float], list[float], dict]:
+         review_thresholds: list[float], method: str | None, review_band: str | None,
+         known: np.ndarray | None = None) -> tuple[list[float], list[float], dict]:
     """New thresholds (and review thresholds) for `labels` (columns of positives
-    and probs), with what each label got. Labels without positives keep their
-    thresholds."""
+    and probs), tuned on the cells whose label is `known` (default all), with
+    what each label got. Labels without positives keep their thresholds."""
     thresholds, review_thresholds = list(thresholds), list(review_thresholds)
     kind, target = parse_tuning(method) if method else (None, None)
     band = parse_review_band(review_band) if review_band else None
     details: dict = {}
     for j, label in enumerate(labels):
-        positive, prob = positives[:, j], probs[:, j]
+        positive, prob, unknown = known_cells(positives[:, j], probs[:, j], None if known is None else known[:, j])
         old, old_review = thresholds[j], review_thresholds[j]
+        none = "no known cells" if not len(positive) else "no positive cells"
         note = None
         if kind and not positive.any():
-            note = "no positive cells: threshold kept"
+            note = f"{none}: threshold kept"
         elif kind == "f1":
             thresholds[j] = threshold_for_f1(positive, prob)
         elif kind == "recall":
@@ -180,10 +206,10 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
             review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1]), thresholds[j])
         else:
             review_thresholds[j] = thresholds[j]
-            note = "no positive cells: no review band"
+            note = f"{none}: no review band"
         at = label_metrics(positive, prob, thresholds[j], review_thresholds[j])
         details[label] = {
-            "threshold": thresholds[j], "previous_threshold": old,
+            "cells": at["cells"], "unknown": unknown, "threshold": thresholds[j], "previous_threshold": old,
             "review_threshold": review_thresholds[j], "previous_review_threshold": old_review,
             **{key: at[key] for key in ("precision", "recall", "f1", "review", "recall_with_review")},
         }

@@ -1,5 +1,5 @@
-"""The LightningModule: augmentation on the device, weighted BCE, optimiser and
-learning-rate schedule, metrics.
+"""The LightningModule: augmentation on the device, weighted BCE (masked where a
+label is unknown), optimiser and learning-rate schedule, metrics.
 
 Batches arrive as uint8 [B, 1, H, W] and are turned into normalised floats
 after the transfer to the device, so the host ships 4x fewer bytes and the
@@ -25,7 +25,8 @@ class LabelF1(torchmetrics.Metric):
     Counts are summed states, so torchmetrics synchronises them across DDP ranks
     and the score covers the whole validation set. (torchmetrics' multilabel
     classes refuse a single label, which ELPV has.) Matches sklearn's
-    f1_score(average=...) with zero_division=0.
+    f1_score(average=...) with zero_division=0. Unknown targets (NaN) are not
+    counted: each label is scored on the cells whose label is known.
     """
 
     full_state_update = False
@@ -37,12 +38,13 @@ class LabelF1(torchmetrics.Metric):
             self.add_state(name, default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        known = ~torch.isnan(targets)
         predicted = probs >= self.threshold
-        actual = targets >= 0.5
-        self.tp += (predicted & actual).sum(0)
-        self.fp += (predicted & ~actual).sum(0)
-        self.fn += (~predicted & actual).sum(0)
-        self.tn += (~predicted & ~actual).sum(0)
+        actual = targets >= 0.5  # False where NaN: `known` keeps those out of fp and tn too
+        self.tp += (predicted & actual & known).sum(0)
+        self.fp += (predicted & ~actual & known).sum(0)
+        self.fn += (~predicted & actual & known).sum(0)
+        self.tn += (~predicted & ~actual & known).sum(0)
 
     def compute(self) -> dict[str, torch.Tensor]:
         tp, fp, fn, tn = self.tp.double(), self.fp.double(), self.fn.double(), self.tn.double()
@@ -52,8 +54,11 @@ class LabelF1(torchmetrics.Metric):
         support = tp + fn
         weighted = (f1 * support).sum() / support.sum() if support.sum() > 0 else support.sum() * 0
         accuracy = (tp + tn) / (tp + fp + fn + tn).clamp(min=1)
+        # as metrics.summary: a label with no known cell is left out of the mean, not scored 0
+        scored = tp + fp + fn + tn > 0
+        mean = f1[scored].mean() if scored.any() else f1.sum() * 0
         return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy,
-                "weighted_f1": weighted, "mean_f1": f1.mean()}
+                "weighted_f1": weighted, "mean_f1": mean}
 
 
 class ELCellModule(LightningModule):
@@ -98,7 +103,9 @@ class ELCellModule(LightningModule):
                                     affine_translate=affine_translate, affine_scale=affine_scale)
         self.synthetic_cracks = (SyntheticCracks(synthetic_cracks, crack_label, synthetic_crack_shape, inactive_label)
                                  if synthetic_cracks > 0 else None)
-        self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
+        # per entry, so `loss` can leave out unknown labels before averaging
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32),
+                                              reduction="none")
         self.val_scores = LabelF1(len(label_names))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -120,16 +127,25 @@ class ELCellModule(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Weighted BCE averaged over the known entries: an unknown (NaN) target
+        adds nothing to the loss and gives its logit no gradient. With every
+        label known it is BCEWithLogitsLoss's mean."""
+        known = ~torch.isnan(targets)
+        # NaN -> 0 before the loss: a NaN there would poison the backward pass even if masked
+        per_entry = self.criterion(logits, torch.where(known, targets, torch.zeros_like(targets)))
+        return torch.where(known, per_entry, torch.zeros_like(per_entry)).sum() / known.sum().clamp(min=1)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        loss = self.criterion(self(images), targets)
+        loss = self.loss(self(images), targets)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
         return loss
 
     def _evaluate(self, batch, stage: str, scores: LabelF1) -> None:
         images, targets = batch
         logits = self(images)
-        loss = self.criterion(logits, targets)
+        loss = self.loss(logits, targets)
         scores.update(torch.sigmoid(logits.float()), targets)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(images), sync_dist=True)

@@ -1,6 +1,7 @@
 """Figures of an evaluation: precision-recall and ROC curves with the operating
 points marked, and per label a matrix of the decisions (ok / review / defect)
-against the truth. Torch-free (matplotlib's object API, no pyplot state)."""
+against the truth, each label on the cells whose label is known. Torch-free
+(matplotlib's object API, no pyplot state)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sklearn.metrics import (
 )
 
 from elcell.io import atomic_path
-from elcell.metrics import _ratio, label_metrics
+from elcell.metrics import _ratio, known_cells, label_metrics
 
 DECISIONS = ("ok", "review", "defect")
 
@@ -26,15 +27,20 @@ def _save(figure, path: Path) -> None:
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
+def _column(known: np.ndarray | None, j: int) -> np.ndarray | None:
+    return None if known is None else known[:, j]
+
+
 def plot_curves(labels: list[str], positives: np.ndarray, probs: np.ndarray,
                 thresholds: list[float], review_thresholds: list[float], out: Path,
-                suffix: str = "", title: str = "") -> list[Path]:
-    """pr_curve.png, roc_curve.png and confusion_matrix.png (one line / panel per label)."""
+                suffix: str = "", title: str = "", known: np.ndarray | None = None) -> list[Path]:
+    """pr_curve.png, roc_curve.png and confusion_matrix.png (one line / panel per
+    label, on the cells whose label is `known`, default all)."""
     written = []
     pr, roc = Figure(figsize=(5.5, 4.5)), Figure(figsize=(5.5, 4.5))
     ax_pr, ax_roc = pr.add_subplot(), roc.add_subplot()
     for j, label in enumerate(labels):
-        y, p = positives[:, j], probs[:, j]
+        y, p, _ = known_cells(positives[:, j], probs[:, j], _column(known, j))
         if not y.any():
             continue
         precision, recall, _ = precision_recall_curve(y, p)
@@ -63,7 +69,7 @@ def plot_curves(labels: list[str], positives: np.ndarray, probs: np.ndarray,
     matrix = Figure(figsize=(4.2 * len(labels), 3.4), layout="constrained")
     for j, label in enumerate(labels):
         ax = matrix.add_subplot(1, len(labels), j + 1)
-        m = label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j])
+        m = label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j], _column(known, j))
         # review is its own column: a cell a person will look at is neither ok nor defect
         counts = np.array([[m["decisions"][truth][d] for d in DECISIONS] for truth in ("ok", "defect")])
         ax.imshow(counts, cmap="Blues")
@@ -72,7 +78,8 @@ def plot_curves(labels: list[str], positives: np.ndarray, probs: np.ndarray,
                     color="white" if value > counts.max() / 2 else "black")
         ax.set(xticks=[0, 1, 2], yticks=[0, 1], xticklabels=list(DECISIONS), yticklabels=["ok", "defect"],
                xlabel="decided", ylabel="true",
-               title=f"{label}: defect >= {thresholds[j]:.3g}, review >= {review_thresholds[j]:.3g}")
+               title=f"{label}: defect >= {thresholds[j]:.3g}, review >= {review_thresholds[j]:.3g}"
+                     + (f"\n({m['unknown']} cells unknown, left out)" if m["unknown"] else ""))
     path = out / f"confusion_matrix{suffix}.png"
     _save(matrix, path)
     written.append(path)

@@ -27,7 +27,7 @@ from onnxruntime.quantization import (
 )
 
 from elcell.errors import DataError, ExportError
-from elcell.evaluate import predict_table
+from elcell.evaluate import known_labels, predict_table
 from elcell.images import Decoding
 from elcell.inputs import Unreadable, decode_batches
 from elcell.io import atomic_path, output_mode
@@ -141,13 +141,15 @@ def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size
     columns = [info.labels.index(label) for label in a.labels]
     high = [info.thresholds[c] for c in columns]
     low = [info.review_thresholds[c] for c in columns]
-    scores = {name: summary(run.positives, run.probs, run.labels, high, low) for name, run in runs.items()}
+    # recall and F1 on the cells whose label is known; agreement and max|dp| need no labels: all cells
+    scores = {name: summary(run.positives, run.probs, run.labels, high, low, known_labels(run))
+              for name, run in runs.items()}
     agree = decide(a.probs, high, low) == decide(b.probs, high, low)
     per_label = {}
     for j, label in enumerate(a.labels):
         f, q = scores["float"]["per_label"][label], scores["int8"]["per_label"][label]
         per_label[label] = {
-            "positives": f["positives"],
+            "positives": f["positives"], "unknown": f["unknown"],
             **{f"{metric}_{name}": m[metric] for name, m in (("float", f), ("int8", q))
                for metric in ("precision", "recall", "f1")},
             "recall_drop": f["recall"] - q["recall"],
@@ -212,10 +214,10 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
 def format_comparison(comparison: dict) -> str:
     lines = [f"float vs int8 on {comparison['cells']} cells of {comparison['data']} "
              f"(calibrated on {comparison['calibration_cells']} cells of {comparison['calibration']}):",
-             f"  {'label':<14}{'pos':>6}{'F1 fp32':>9}{'F1 int8':>9}{'rec fp32':>10}{'rec int8':>10}"
+             f"  {'label':<14}{'pos':>6}{'unk':>6}{'F1 fp32':>9}{'F1 int8':>9}{'rec fp32':>10}{'rec int8':>10}"
              f"{'agree':>8}{'max|dp|':>9}"]
     for label, m in comparison["per_label"].items():
-        lines.append(f"  {label:<14}{m['positives']:>6}{m['f1_float']:>9.3f}{m['f1_int8']:>9.3f}"
+        lines.append(f"  {label:<14}{m['positives']:>6}{m['unknown']:>6}{m['f1_float']:>9.3f}{m['f1_int8']:>9.3f}"
                      f"{m['recall_float']:>10.3f}{m['recall_int8']:>10.3f}"
                      f"{m['decision_agreement']:>8.3f}{m['max_prob_diff']:>9.4f}")
     lines.append(f"  mean F1 {comparison['mean_f1_float']:.4f} (fp32) vs {comparison['mean_f1_int8']:.4f} "

@@ -43,17 +43,20 @@ class Gallery:
 def build_galleries(labels: Sequence[str], names: Sequence[str], probs: np.ndarray,
                     positives: np.ndarray, thresholds: Sequence[float],
                     cell: Callable[[int], np.ndarray], heatmap: Callable[[int], np.ndarray],
-                    per_gallery: int = 8) -> list[Gallery]:
+                    per_gallery: int = 8, known: np.ndarray | None = None) -> list[Gallery]:
     """Per label: the most confident true positives, false positives and false
     negatives, each with its overlay for that label.
 
-    probs, positives: [cells, labels] (positives 0/1, the truth); names: one per
+    probs, positives: [cells, labels] (positives 0/1, the truth); known: bool
+    [cells, labels], False where the truth is unknown, so that cell is no
+    example of anything for that label (default: all known); names: one per
     cell (e.g. its path). `cell(i)` returns cell i as uint8 [H, W] and
     `heatmap(i)` its heatmaps [labels, h, w]: only the cells shown are asked
     for, so the caller can decode lazily (or index arrays it already has).
     """
     probs = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(positives).astype(bool)
+    known = np.ones_like(truth) if known is None else np.asarray(known, dtype=bool)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def item(i: int, j: int, kind: str) -> GalleryItem:
@@ -68,10 +71,11 @@ def build_galleries(labels: Sequence[str], names: Sequence[str], probs: np.ndarr
     galleries = []
     for j, label in enumerate(labels):
         predicted = probs[:, j] >= thresholds[j]
+        negative = ~truth[:, j] & known[:, j]  # an unknown label is neither (truth is 0 there)
         kinds = [
             ("true positives", "most confident first", truth[:, j] & predicted, -probs[:, j]),
             ("false positives", "most confident first: defects the model saw where the label says "
-             "none", ~truth[:, j] & predicted, -probs[:, j]),
+             "none", negative & predicted, -probs[:, j]),
             ("false negatives", "lowest probability first: defects the model missed",
              truth[:, j] & ~predicted, probs[:, j]),
         ]
