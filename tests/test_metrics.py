@@ -90,3 +90,13 @@ def test_tuning_uses_only_known_cells():
     kept, _, details = tune(labels, positives, probs, [0.5, 0.7], [0.5, 0.6], "f1", None, known)
     assert kept[1] == 0.7 and details["inactive"]["note"] == "no known cells: threshold kept"
 
+
+def test_review_burden_is_the_share_of_cells_a_person_looks_at():
+    # crack: defect, review, ok, ok; inactive: ok, defect, review, ok -> cells 0,1 flagged, 2 review only
+    probs = np.array([[0.9, 0.1], [0.4, 0.8], [0.1, 0.3], [0.1, 0.1]])
+    positives = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    block = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.3, 0.25])
+    assert block["cells_flagged"] == 2 and block["cells_in_review"] == 1 and block["cells_ok"] == 1
+    assert block["review_burden"] == pytest.approx(3 / 4)
+    assert block["per_label"]["crack"]["recall_with_review"] == 1.0  # the 0.4 crack is in review
+    assert block["per_label"]["inactive"]["recall_with_review"] == 1.0

@@ -255,7 +255,11 @@ def report_tables(metrics: dict) -> list[Table]:
                ("images", metrics["images"]), ("images that could not be read", len(metrics["failed"])),
                ("cells scored", metrics["cells"]), ("weighted F1 (by positives)", metrics["weighted_f1"]),
                ("mean F1 over labels", metrics["mean_f1"]), ("cells ok for every label", metrics["cells_ok"]),
+               ("cells flagged as defect", metrics["cells_flagged"]),
                ("cells for a person to review", metrics["cells_in_review"]),
+               ("review burden (share flagged or in review)", metrics["review_burden"]),
+               ("recall counting review", ", ".join(f"{label} {m['recall_with_review']:.3f}"
+                                                    for label, m in metrics["per_label"].items())),
                ("test-time augmentation", "yes" if metrics["tta"] else "no")]
     missing = metrics["labels_not_in_data"]
     tables = [Table("Summary", [], [(name, [value]) for name, value in summary],
@@ -321,6 +325,10 @@ def format_report(metrics: dict) -> str:
         lines.append(f"  weighted F1 {block['weighted_f1']:.4f}, mean F1 {block['mean_f1']:.4f}, "
                      f"{block['cells_in_review']} of {block['cells']} cells in review, "
                      f"{block['cells_ok']} ok for every label")
+        caught = ", ".join(f"{label} {m['recall_with_review']:.3f}" for label, m in block["per_label"].items())
+        lines.append(f"  review burden {block['review_burden']:.1%}: {block['cells_flagged']} flagged + "
+                     f"{block['cells_in_review']} in review of {block['cells']} cells, for recall counting "
+                     f"review {caught}")
 
     table(metrics, "all cells" + (" (TTA: mean over flips/rotations)" if metrics["tta"] else ""))
     if "without_tta" in metrics:

@@ -89,18 +89,22 @@ def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresho
     # (the weighted F1 gives it no weight: it has no positives)
     scored = np.array([m["cells"] > 0 for m in per_label.values()], dtype=bool)
     decisions = decide(probs, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
-    review_only = (decisions == REVIEW).any(axis=1) & ~(decisions == DEFECT).any(axis=1)
+    flagged = (decisions == DEFECT).any(axis=1)
+    review_only = (decisions == REVIEW).any(axis=1) & ~flagged
     return {
         "cells": int(len(probs)),
         "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
         "mean_f1": float(f1[scored].mean()) if scored.any() else 0.0,
+        "cells_flagged": int(flagged.sum()),
         "cells_in_review": int(review_only.sum()),
         "cells_ok": int((decisions == OK).all(axis=1).sum()) if len(probs) else 0,
+        # what recall costs a line: the share of cells a person looks at (flagged or in review)
+        "review_burden": _ratio(int(flagged.sum() + review_only.sum()), len(probs)),
         "per_label": per_label,
     }
 
 
-HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc")
+HEADLINE = ("accuracy", "f1", "precision", "recall", "roc_auc", "recall_with_review")
 
 
 def headline(metrics: dict) -> dict:
@@ -108,6 +112,7 @@ def headline(metrics: dict) -> dict:
     and per label accuracy, F1, precision, recall, ROC-AUC; the same per group."""
     def compact(block: dict) -> dict:
         return {"cells": block["cells"], "weighted_f1": block["weighted_f1"], "mean_f1": block["mean_f1"],
+                "review_burden": block["review_burden"],
                 **{label: {k: m[k] for k in HEADLINE} for label, m in block["per_label"].items()}}
 
     result = {"tta": metrics["tta"], **compact(metrics)}
