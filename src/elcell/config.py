@@ -170,6 +170,12 @@ class TrainConfig:
                                 check=above(0))
     tta: bool = option(False, "score the final val/test evaluation with test-time augmentation",
                        "evaluation")
+    threshold_recall: float = option(0.0, "recall-first thresholds: each label's threshold is set where "
+                                     "the validation cells reach this recall, and stored in the model "
+                                     "(0: keep 0.5)", "evaluation", check=_PROBABILITY, metavar="R")
+    review_recall: float = option(0.0, "below each threshold, a review band down to where the validation "
+                                  "cells reach this recall: those cells go to a person (0: no band)",
+                                  "evaluation", check=_PROBABILITY, metavar="R")
     precision: str = option("auto", "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native "
                             "bf16, else 32-true) or a Lightning precision", "hardware")
     accelerator: str = option("auto", "auto, cpu or gpu", "hardware", metavar="KIND")

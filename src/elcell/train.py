@@ -259,12 +259,30 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
         "labels": table.names,
         "cells": {part: int((split == part).sum()) for part in ("train", "val", "test")},
     }
-    for part in ("val", "test"):
+    for part in ("val", "test"):  # val first: it may set the thresholds test is scored at
         if (split == part).any():
             held_out = replace(table.subset(np.flatnonzero(split == part)), source=f"{table.source} ({part} split)")
-            summary[part] = evaluate_onnx(run / onnx_path.name, held_out, run / "eval" / part,
-                                          tta=config.tta, progress=show_progress(config.progress))
+            tuning = recall_first_tuning(config) if part == "val" else {}
+            metrics = evaluate(open_model(run / onnx_path.name), held_out, run / "eval" / part, tta=config.tta,
+                               progress=show_progress(config.progress), **tuning)
+            if "tuning" in metrics:  # the model carries the thresholds chosen on its validation cells
+                os.replace(metrics["tuning"]["model"], run / onnx_path.name)
+                summary["thresholds"] = {label: {k: d[k] for k in ("threshold", "review_threshold")}
+                                         for label, d in metrics["tuning"]["per_label"].items()}
+            summary[part] = headline(metrics)
     return summary
+
+
+def recall_first_tuning(config: TrainConfig) -> dict:
+    """evaluate's tuning options for --threshold-recall and --review-recall: a
+    missed crack costs a line more than a second look, so thresholds are set for
+    recall on the validation cells rather than left at 0.5."""
+    tuning = {}
+    if config.threshold_recall > 0:
+        tuning["tune_thresholds"] = f"recall={config.threshold_recall:g}"
+    if config.review_recall > 0:
+        tuning["review_band"] = f"recall={config.review_recall:g}"
+    return tuning
 
 
 def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -> dict:
@@ -299,12 +317,6 @@ def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -
                          "train_seconds": first["train_seconds"]}
     atomic_write_json(run / "summary.json", {k: v for k, v in second.items() if k != "run"})
     return second
-
-
-def evaluate_onnx(onnx_path: Path, table: LabelTable, out: Path, tta: bool, progress: bool) -> dict:
-    """Score the exported model on held-out cells: the full report goes to `out`,
-    the headline figures are returned."""
-    return headline(evaluate(open_model(onnx_path), table, out, tta=tta, progress=progress))
 
 
 def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
@@ -357,9 +369,13 @@ def main(config: TrainConfig) -> int:
     summary = train(config)
     if summary:
         shown = {k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")}
+        if "thresholds" in summary:  # recall-first, chosen on the validation cells
+            shown["thresholds"] = summary["thresholds"]
         for part in ("val", "test"):  # the exported model on held-out cells: accuracy and F1 per label
             if part in summary:
-                shown[part] = {label: {k: round(summary[part][label][k], 4) for k in ("accuracy", "f1")}
+                shown[part] = {label: {k: round(summary[part][label][k], 4)
+                                       for k in ("accuracy", "f1", "recall_with_review")}
                                for label in summary["labels"]}
+                shown[part]["review_burden"] = round(summary[part]["review_burden"], 4)
         print(json.dumps(shown, indent=2))
     return 0
