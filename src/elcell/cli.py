@@ -80,8 +80,10 @@ def _run_train(args) -> int:
     if args.print_config:
         print(config.to_yaml() + two_stage_comment(config), end="")
         return 0
-    from elcell.train import main  # imports torch: only when really training
-
+    if config.folds and config.fold is None:
+        from elcell.kfold import main  # the protocol: K trainings, then out-of-fold figures
+    else:
+        from elcell.train import main  # imports torch: only when really training
     return main(config)
 
 
@@ -301,6 +303,31 @@ def _add_segment(commands) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
 
 
+def _add_compare(commands) -> None:
+    parser = _command(commands, "compare", "elcell.compare",
+                      "is B better than A beyond chance? paired intervals on the same cells",
+                      "Compare two judgements of the same cells: k-fold folders (their oof.csv), scored "
+                      "CSVs (oof.csv, evaluate's predictions.csv), or two models scored here on --data. "
+                      "Per label ROC-AUC, F1, recall and recall counting review, and the review burden, "
+                      "each for A and B with the paired 95 % bootstrap interval of B - A: 'better' or "
+                      "'worse' only where the interval excludes 0. Exits with 1 when B is worse on a "
+                      "--require figure, so a script can gate a model's promotion on it.",
+                      usage="elcell compare A B [--data LABELS.csv] [--require recall=crack] [--out DIR]")
+    parser.add_argument("a", metavar="A", help="the reference: a k-fold folder, a scored CSV, or a model")
+    parser.add_argument("b", metavar="B", help="the challenger, of the same kind as A")
+    parser.add_argument("--data", metavar="LABELS.csv", help="labelled cells to score two models on")
+    parser.add_argument("--group", metavar="COLUMN", help="with --data: a group column that is not a label")
+    parser.add_argument("--require", action="append", metavar="METRIC=LABEL",
+                        help="fail (exit 1) if B is worse than A beyond the interval on this figure: "
+                             "recall=crack, f1=crack,inactive, roc_auc=inactive, mean_f1, review_burden "
+                             "(repeatable)")
+    parser.add_argument("--out", metavar="DIR", help="write compare.json and disagreements.csv (the cells "
+                                                     "decided differently) here")
+    parser.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr while scoring models (default: on a terminal)")
+
+
 def _add_serve(commands) -> None:
     parser = _command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
                       "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
@@ -333,6 +360,7 @@ def build_parser(train: dict | None = None) -> argparse.ArgumentParser:
     _add_export(commands)
     _add_predict(commands)
     _add_evaluate(commands)
+    _add_compare(commands)
     _add_explain(commands)
     _add_inspect(commands)
     _add_segment(commands)

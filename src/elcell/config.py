@@ -92,6 +92,14 @@ class TrainConfig:
                                  "combination)", "data", check=_OPEN_FRACTION)
     test_fraction: float = option(0.0, "share of cells held out as a test set, scored once with the "
                                   "exported model", "data", check=within(0, 1, "in [0, 1)", high_open=True))
+    folds: int = option(0, "k-fold protocol: train K models into RUN/fold0..K-1, each holding out one "
+                        "K-th of the cells (stratified by label combination and --group) as its test set; "
+                        "writes RUN/oof.csv (every cell scored by the model that did not train on it) and "
+                        "RUN/kfold.json (pooled metrics with 95 % bootstrap intervals, per-fold spread); the "
+                        "same command again skips finished folds (0: one run)", "data",
+                        check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or 2 or more")
+    fold: int | None = option(None, "with --folds K: train only this fold (0..K-1) into --out, e.g. "
+                              "to spread a protocol over machines", "data", check=_NON_NEGATIVE)
     seed: int = option(0, "random seed for the split, initialisation and augmentation", "data")
     cache_dir: str | None = option(None, "where decoded images are cached (default $ELCELL_CACHE or "
                                    "~/.cache/elcell)", "data", metavar="DIR")

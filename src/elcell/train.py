@@ -44,6 +44,7 @@ from elcell.data import (
 from elcell.errors import DataError
 from elcell.evaluate import evaluate
 from elcell.export import export_checkpoint
+from elcell.folds import fold_split
 from elcell.hardware import check_devices, gpu_available, machine, resolve_precision
 from elcell.history import EpochLines, merge_session_logs, next_session, plot_losses
 from elcell.io import atomic_write_json, atomic_write_text
@@ -85,6 +86,11 @@ def check_options(config: TrainConfig) -> None:
     combinations no single declaration can see."""
     recipe_name(config.recipe)
     validate(config)
+    if config.fold is not None and config.folds < 2:
+        raise DataError(f"--fold {config.fold} needs --folds K (the protocol the fold belongs to)")
+    if config.folds and config.test_fraction > 0:
+        raise DataError(f"--folds {config.folds} holds out each fold as a test set in turn: leave "
+                        "--test-fraction at 0")
     if config.backbone_lr_scale == 0 and config.pretrained == "none":
         warnings.warn("--backbone-lr-scale 0 with --pretrained none: the backbone stays at its random "
                       "initialisation and only the head learns", stacklevel=3)
@@ -98,7 +104,10 @@ def prepare(config: TrainConfig):
     crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape)
     if config.limit:
         table = limit_table(table, config.limit, config.seed)
-    split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
+    if config.fold is not None:  # one model of a k-fold protocol: its fold is the test set
+        split = fold_split(table, config.folds, config.fold, config.val_fraction, config.seed)
+    else:
+        split = stratified_split(table, config.val_fraction, config.seed, config.test_fraction)
     check_labels(table, split)
     images = build_cache(table.paths, config.decoding, config.cache_dir,
                          progress=show_progress(config.progress) and rank_zero_only.rank == 0)

@@ -1,0 +1,129 @@
+"""`elcell compare A B`: is B better than A, beyond chance, on the same cells?
+
+A and B are k-fold protocol folders (their oof.csv), scored-cell CSVs
+(oof.csv, evaluate's predictions.csv), or, with --data, two models (ONNX
+files or run folders) scored here on the same labelled cells. Every figure is
+given for both with the paired 95 % bootstrap interval of B - A
+(elcell.intervals); `--require` turns chosen figures into an exit status a
+script can gate a model's promotion on. Torch-free.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from elcell.errors import DataError
+from elcell.intervals import Scored, align, paired_difference, read_scored
+from elcell.io import atomic_write_json, atomic_write_text
+from elcell.options import show_progress
+
+# --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
+REQUIRE = {"recall": "own_recall", "recall_with_review": "own_recall_with_review", "f1": "own_f1",
+           "precision": "own_precision", "roc_auc": "roc_auc", "f1_at_0.5": "at_0.5_f1"}
+SHOWN = ("roc_auc", "at_0.5_f1", "own_f1", "own_recall", "own_recall_with_review")
+
+
+def parse_require(text: str, labels: list[str]) -> list[str]:
+    """`recall=crack`, `f1=crack,inactive`, `mean_f1`, `review_burden` -> figure names."""
+    if text in ("mean_f1", "review_burden"):
+        return [f"{text}/own" if text == "mean_f1" else text]
+    match = re.fullmatch(r"([a-z_.0-9]+)=([^=]+)", text)
+    if not match or match.group(1) not in REQUIRE:
+        raise DataError(f"--require {text}: use METRIC=LABEL[,LABEL] with METRIC one of {sorted(REQUIRE)}, "
+                        "or mean_f1, or review_burden")
+    wanted = [label.strip() for label in match.group(2).split(",")]
+    unknown = [label for label in wanted if label not in labels]
+    if unknown:
+        raise DataError(f"--require {text}: no label {unknown[0]!r}; the labels compared are {labels}")
+    return [f"{label}/{REQUIRE[match.group(1)]}" for label in wanted]
+
+
+def load_scored(source: str, data: str | None, group: str | None, tta: bool, progress: bool) -> Scored:
+    """Scored cells from a k-fold folder, a scored CSV, or a model scored on --data."""
+    path = Path(source)
+    if path.is_dir() and (path / "oof.csv").is_file():
+        return read_scored(path / "oof.csv")
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        return read_scored(path)
+    if data is None:
+        raise DataError(f"{source}: a model is compared on labelled cells: give --data LABELS.csv "
+                        "(or compare k-fold folders or scored CSVs)")
+    from elcell.scoring import score_model  # ONNX Runtime: only when models are compared
+
+    return score_model(source, data, group=group, tta=tta, progress=progress)
+
+
+def disagreements(a: Scored, b: Scored) -> list[int]:
+    """Rows where the two models decide differently for some label."""
+    return [int(i) for i in np.flatnonzero((a.decisions != b.decisions).any(axis=1))]
+
+
+def write_disagreements(path: Path, a: Scored, b: Scored, rows: list[int]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=";", lineterminator="\n")
+    labels = a.labels
+    writer.writerow(["path", *(f"true_{n}" for n in labels), *(f"prob_a_{n}" for n in labels),
+                     *(f"prob_b_{n}" for n in labels), *(f"decision_a_{n}" for n in labels),
+                     *(f"decision_b_{n}" for n in labels)])
+    for i in rows:
+        truth = ["" if np.isnan(t) else f"{t:g}" for t in a.truth[i]]
+        writer.writerow([a.paths[i], *truth, *(f"{p:.6f}" for p in a.probs[i]), *(f"{p:.6f}" for p in b.probs[i]),
+                         *a.decisions[i], *b.decisions[i]])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def format_comparison(result: dict, names: tuple[str, str]) -> str:
+    figures = result["figures"]
+    lines = [f"A = {names[0]}", f"B = {names[1]}",
+             f"{result['cells']} cells both scored; B - A with its paired 95 % bootstrap interval",
+             f"{'figure':<34}{'A':>8}{'B':>8}{'B - A':>9}  {'interval':<19}verdict"]
+    order = [f"{label}/{name}" for label in result["labels"] for name in SHOWN]
+    order += ["mean_f1/at_0.5", "mean_f1/own", "review_burden"]
+    for name in order:
+        f = figures[name]
+        lines.append(f"{name:<34}{f['a']:>8.3f}{f['b']:>8.3f}{f['difference']:>+9.3f}  "
+                     f"[{f['low']:+.3f}, {f['high']:+.3f}]  {f['verdict']}")
+    lines.append(f"{result['disagreements']} cells decided differently")
+    return "\n".join(lines)
+
+
+def compare(a_source: str, b_source: str, data: str | None = None, group: str | None = None,
+            out: str | None = None, require: list[str] | None = None, tta: bool = False,
+            progress: bool = True, seed: int = 0) -> tuple[dict, list[str]]:
+    """The comparison and the --require figures on which B is worse than A."""
+    a, b = align(load_scored(a_source, data, group, tta, progress),
+                 load_scored(b_source, data, group, tta, progress))
+    result = paired_difference(a, b, seed=seed)
+    rows = disagreements(a, b)
+    result.update(a=a_source, b=b_source, disagreements=len(rows))
+    required = [name for text in require or [] for name in parse_require(text, result["labels"])]
+    failed = [name for name in required if result["figures"][name]["verdict"] == "worse"]
+    result["required"] = {name: result["figures"][name]["verdict"] for name in required}
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "compare.json", result)
+        write_disagreements(folder / "disagreements.csv", a, b, rows)
+    return result, failed
+
+
+def main(args) -> int:
+    result, failed = compare(args.a, args.b, data=args.data, group=args.group, out=args.out,
+                             require=args.require, tta=args.tta, progress=show_progress(args.progress))
+    print(format_comparison(result, (args.a, args.b)))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'compare.json'} and {Path(args.out) / 'disagreements.csv'}")
+    if failed:
+        print(f"elcell: B is worse than A beyond the interval on {', '.join(failed)}: not promoted")
+        return 1
+    if result["required"]:
+        print(json.dumps({"required": result["required"]}))
+    return 0
