@@ -137,3 +137,41 @@ def test_compare_of_protocols_reads_their_out_of_fold_scores(protocol, capsys):
     assert "64 cells both scored" in capsys.readouterr().out
     assert main(["compare", str(protocol / "fold0"), str(protocol)]) == 2
     assert "give --data" in capsys.readouterr().err
+
+
+def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed_csv, tmp_path):
+    from elcell.distill import teacher_models, teacher_probs
+    from elcell.runtime import open_model
+
+    cells = read_labels_csv(seed_csv)
+    models = teacher_models(str(protocol))
+    assert [m.parent.name for m in models] == ["fold0", "fold1", "fold2"]
+    mean = teacher_probs(models, cells)
+    one = np.array([open_model(m).run(_cell(cells.paths[0], m))[0] for m in models])
+    assert np.allclose(mean[0], one.mean(axis=0), atol=1e-5)
+
+    from elcell.config import TrainConfig
+    from elcell.train import taught
+
+    split = np.where(np.arange(len(cells)) % 4 == 0, "val", "train")
+    blended = taught(TrainConfig(teacher=str(protocol), teacher_weight=0.25), cells, split)
+    train = split == "train"
+    assert np.allclose(blended.targets[train], 0.25 * mean[train] + 0.75 * cells.targets[train], atol=1e-6)
+    assert np.array_equal(blended.targets[~train], cells.targets[~train])
+
+    out = tmp_path / "student"
+    assert main(["train", "--data", str(seed_csv), "--teacher", str(protocol), "--teacher-weight", "0.5",
+                 "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"]["train"] + summary["cells"]["val"] == 64
+    # val keeps the real labels (checkpoints and thresholds judged on the truth)
+    val = read_labels_csv(out / "val.csv")
+    truth = {str(p): t for p, t in zip(cells.paths, cells.targets)}
+    assert all(np.array_equal(t, truth[str(p)]) for p, t in zip(val.paths, val.targets))
+
+
+def _cell(path, model_path):
+    from elcell.images import load_cell
+    from elcell.runtime import open_model
+
+    return load_cell(path, open_model(model_path).decoding)[None]

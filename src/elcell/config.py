@@ -100,6 +100,13 @@ class TrainConfig:
                         check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or 2 or more")
     fold: int | None = option(None, "with --folds K: train only this fold (0..K-1) into --out, e.g. "
                               "to spread a protocol over machines", "data", check=_NON_NEGATIVE)
+    teacher: str | None = option(None, "distillation: a k-fold folder (its fold models), or run folders "
+                                 "and ONNX files, comma-separated; their averaged probabilities become "
+                                 "the targets, blended with each cell's own label (--teacher-weight); "
+                                 "cells whose label is unknown learn the teacher's alone", "data",
+                                 metavar="RUN")
+    teacher_weight: float = option(0.5, "with --teacher: target = w x teacher + (1 - w) x label where the "
+                                   "label is known", "data", check=_PROBABILITY, metavar="W")
     seed: int = option(0, "random seed for the split, initialisation and augmentation", "data")
     cache_dir: str | None = option(None, "where decoded images are cached (default $ELCELL_CACHE or "
                                    "~/.cache/elcell)", "data", metavar="DIR")

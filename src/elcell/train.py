@@ -41,6 +41,7 @@ from elcell.data import (
     stratified_split,
     write_split_csv,
 )
+from elcell.distill import distilled_table
 from elcell.errors import DataError
 from elcell.evaluate import evaluate
 from elcell.export import export_checkpoint
@@ -162,8 +163,9 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     def absolute(value: str | None) -> str | None:
         return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
 
+    teacher = ",".join(absolute(part.strip()) for part in config.teacher.split(",")) if config.teacher else None
     return replace(config, data=config.data if config.data == "elpv" else absolute(config.data),
-                   pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir))
+                   pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir), teacher=teacher)
 
 
 _noted_busy = False
@@ -208,6 +210,18 @@ def build_module(config: TrainConfig, table: LabelTable, split: np.ndarray, imag
     return module
 
 
+def taught(config: TrainConfig, table: LabelTable, split: np.ndarray) -> LabelTable:
+    """With --teacher, the train cells learn the teacher's blended targets
+    (elcell.distill); val and test cells keep their own labels, so checkpoints,
+    thresholds and scores are judged on the truth."""
+    if not config.teacher:
+        return table
+    train = np.flatnonzero(split == "train")
+    targets = table.targets.copy()
+    targets[train] = distilled_table(table.subset(train), config.teacher, config.teacher_weight).targets
+    return replace(table, targets=targets)
+
+
 def _claim_run_folder(config: TrainConfig, may_hold: tuple[str, ...]) -> Path:
     run = _run_folder(config)
     if rank_zero_only.rank == 0 and not config.resume and run.exists() and \
@@ -224,7 +238,8 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
     note_busy_machine()
     L.seed_everything(config.seed if config.init_seed is None else config.init_seed, workers=True,
                       verbose=False)
-    module = build_module(config, table, split, images)
+    training_table = taught(config, table, split)
+    module = build_module(config, training_table, split, images)
     run = _claim_run_folder(config, may_hold)
     gpu = gpu_available(config)
     trainer = _trainer(config, run, gpu, callbacks or [])
@@ -232,7 +247,7 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
         atomic_write_text(run / "config.yaml", config.to_yaml())
         write_split_csv(run, table, split)
     workers = config.workers if config.workers is not None else (4 if gpu else 0)
-    datamodule = CellDataModule(images, table, split, config.batch_size, workers, pin_memory=gpu)
+    datamodule = CellDataModule(images, training_table, split, config.batch_size, workers, pin_memory=gpu)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume)
     if not trainer.is_global_zero:
