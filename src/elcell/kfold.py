@@ -83,13 +83,15 @@ def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
 
 def run_kfold(config: TrainConfig) -> dict:
     """Every fold of the protocol, then its report."""
-    from elcell.train import with_absolute_paths  # imports torch
+    from elcell.train import prepare, with_absolute_paths  # imports torch
 
     if not config.out:
         raise DataError("--folds needs --out: the protocol's folder, so that the same command "
                         "again continues it")
     config = with_absolute_paths(config)
     run = Path(config.out)
+    if not (run / PROTOCOL).is_file():  # bad options or data stop a new protocol before its folder exists
+        prepare(replace(config, fold=0))
     _check_protocol(run, config)
     for fold in range(config.folds):
         run_fold(config, run, fold)
