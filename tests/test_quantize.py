@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 
 import elcell.quantize as quantize_module
 from elcell.cli import main
+from elcell.cpuinfo import cpu_flags, has_vnni
 from elcell.images import Decoding, load_cell
 from elcell.labels import load_table
-from elcell.modelinfo import read_info
+from elcell.modelinfo import INPUT_NAME, read_info
 from elcell.runtime import decide, open_model
 
 pytestmark = pytest.mark.slow  # trains models
@@ -41,6 +44,10 @@ def test_int8_export_writes_a_quantised_model(exported, capsys):
     assert (info.labels, info.thresholds, info.decoding.size) == (float_info.labels, float_info.thresholds,
                                                                float_info.decoding.size)
     assert info.extra["quantization"]["calibration_cells"] == 32
+    # 7-bit weights: no product pair can saturate ONNX Runtime's u8s8 kernels on CPUs without VNNI
+    assert info.extra["quantization"]["reduce_range"] is True and info.extra["quantization"]["scheme"] == "qdq-u8-s7"
+    int8_weights = [onnx.numpy_helper.to_array(w) for w in graph.initializer if w.data_type == onnx.TensorProto.INT8]
+    assert int8_weights and max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights) <= 64
     # int8 weights are a quarter of float ones; the heatmap's backward pass through
     # the last stage keeps its own int8 copy of that stage's weights (about half
     # of a ResNet-18's), so the file is about half the float one, not a quarter
@@ -54,6 +61,16 @@ def test_int8_agrees_with_float_on_real_cells(exported, elpv):
     a, b = float_model.run(cells), int8_model.run(cells)  # batch of 40, cells not calibrated on
     assert np.abs(a - b).max() < 0.05
     assert (decide(a, float_model.info.thresholds, float_model.info.review_thresholds) == decide(b, float_model.info.thresholds, float_model.info.review_thresholds)).mean() >= 0.9
+    # The same int8 graph run as its QDQ definition says (every node in float, no fused
+    # int8 kernels): the same on every CPU. The fused kernels of this CPU must match it,
+    # which 8-bit weights do not on CPUs without VNNI (they saturate there).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    r = reference.run(["probs"], {INPUT_NAME: cells[:, None]})[0]
+    assert np.abs(b - r).max() < 0.01, f"int8 kernels of this CPU ({cpu_flags() and has_vnni()}) differ"
+    assert (decide(a, float_model.info.thresholds, float_model.info.review_thresholds) ==
+            decide(r, float_model.info.thresholds, float_model.info.review_thresholds)).mean() >= 0.9
     _, heat_a = float_model.run(cells[:4], heatmaps=True)
     _, heat_b = int8_model.run(cells[:4], heatmaps=True)
     assert heat_a.shape == heat_b.shape
@@ -70,6 +87,7 @@ def test_recall_drop_refused_unless_allowed(exported, seed_csv, tmp_path, monkey
         comparison["per_label"][label]["recall_int8"] -= 0.05
         comparison["per_label"][label]["recall_drop"] += 0.05
         comparison["per_label"][label]["positives"] = max(1, comparison["per_label"][label]["positives"])
+        comparison["per_label"][label]["drop_p_value"] = 0.001  # and beyond chance
         return comparison
 
     monkeypatch.setattr(quantize_module, "compare", worse)
@@ -181,3 +199,16 @@ def test_a_run_folder_is_quantised_as_its_best_model(tiny_run, seed_csv, tmp_pat
     assert read_info(out).extra["quantization"]["float_model"] == best.name
     assert main(["export", str(tiny_run)]) == 2  # without --int8 there is nothing to do: said so
     assert "already ONNX" in capsys.readouterr().err
+
+
+
+def test_a_failed_parity_check_keeps_the_checkpoint_and_says_how_to_export(tiny_run, tmp_path, capsys):
+    checkpoint = next((tiny_run / "checkpoints").glob("best-*.ckpt"))
+    out = tmp_path / "strict.onnx"
+    # no export matches PyTorch within a negative tolerance: the check must fail
+    assert main(["export", str(checkpoint), "--out", str(out), "--parity-tolerance", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match PyTorch" in err and f"elcell export {checkpoint} --parity-tolerance" in err
+    assert checkpoint.is_file() and not out.exists()
+    assert main(["export", str(checkpoint), "--out", str(out), "--parity-tolerance", "1e-3"]) == 0
+    assert out.is_file()
