@@ -102,12 +102,17 @@ def _add_export(commands) -> None:
                              "elcell .onnx file, or a run folder for its best model, to quantise)")
     parser.add_argument("--out", help="ONNX file or folder (a path ending in / is a folder; default: "
                                       "best_model_epoch{N}.onnx beside the checkpoint)")
+    parser.add_argument("--parity-tolerance", type=float, default=1e-4, metavar="T",
+                        help="largest |probability difference| allowed between PyTorch and ONNX Runtime "
+                             "on the check batch (heatmaps: at least 1e-3 of their peak)")
     parser.add_argument("--int8", action="store_true",
-                        help="also write a statically quantised int8 model (QDQ, per-channel weights), "
-                             "calibrated on real cells; its F1 and recall are printed beside the float "
-                             "model's, and it is refused if a label's recall drops by more than 0.02")
+                        help="also write a statically quantised int8 model (QDQ, per-channel 7-bit "
+                             "weights, which hold on CPUs with and without VNNI), calibrated on real cells; "
+                             "its F1 and recall are printed beside the float model's, and it is refused if "
+                             "a label's recall drops by more than 0.02 beyond chance")
     parser.add_argument("--calibration", metavar="LABELS.csv",
-                        help="labelled cells for --int8 (CSV or 'elpv'): calibration and comparison")
+                        help="labelled cells for --int8 (CSV or 'elpv'): calibration and comparison "
+                             "(default: the run's own val.csv)")
     parser.add_argument("--calibration-count", type=positive_int, default=200,
                         help="cells drawn from --calibration to calibrate on")
     parser.add_argument("--eval-data", metavar="LABELS.csv",
@@ -118,14 +123,27 @@ def _add_export(commands) -> None:
                         help="int8 model path (default: <float model>.int8.onnx beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--allow-recall-drop", action="store_true",
-                        help="write the int8 model even if a label's recall drops by more than 0.02")
+                        help="write the int8 model even if a label's recall drops by more than 0.02 "
+                             "beyond chance")
     _add_runtime_options(parser, workers=False, threads=False)
     parser.set_defaults(run=_run_export)
 
 
+def _run_validation_cells(source: str) -> str | None:
+    """RUN/val.csv of the run a run folder, its model or its checkpoint belongs to."""
+    path = Path(source)
+    run = path if path.is_dir() else path.parent.parent if path.suffix == ".ckpt" else path.parent
+    return str(run / "val.csv") if (run / "val.csv").is_file() else None
+
+
 def _run_export(args) -> int:
     if args.int8 and not args.calibration:
-        raise DataError("--int8 needs --calibration LABELS.csv (real cells to calibrate on)")
+        # the run's own validation cells: never its test cells, and decoded as it trained
+        args.calibration = _run_validation_cells(args.checkpoint)
+        if not args.calibration:
+            raise DataError("--int8 needs --calibration LABELS.csv (real cells to calibrate on); a run "
+                            "folder's val.csv is taken by default, and none was found beside "
+                            f"{args.checkpoint}")
     if args.int8_out:  # before any work
         output_mode(args.int8_out, "--int8-out", overwrite=args.overwrite)
     source = args.checkpoint
@@ -144,7 +162,8 @@ def _run_export(args) -> int:
     else:
         from elcell.export import export_checkpoint  # imports torch
 
-        out, error = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        out, error = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
+                                       tolerance=args.parity_tolerance)
         print(f"wrote {out} (batch of 4 checked against PyTorch: max |probs diff| {error:.2e})")
     if args.int8:
         from elcell.quantize import main  # ONNX Runtime's quantiser: only when asked for

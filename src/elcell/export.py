@@ -21,7 +21,13 @@ from elcell.io import atomic_path, output_mode
 from elcell.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
 from elcell.module import ELCellModule
 
+# How far ONNX Runtime may differ from PyTorch on the same cells. Probabilities:
+# float kernels of different CPUs agree to about 1e-6. Heatmaps (mean |diff| as
+# a share of the peak) are backpropagated through ReLU masks that rounding can
+# flip: 1.4e-4 was seen on an AMD Zen 3 at 96 px, and 1e-3 is still invisible
+# in an overlay. A failing check keeps the run and says how to export anyway.
 PARITY_TOLERANCE = 1e-4
+HEATMAP_TOLERANCE = 1e-3
 
 
 class InferenceGraph(nn.Module):
@@ -39,7 +45,7 @@ class InferenceGraph(nn.Module):
 
 
 def export_onnx(model: CellNet, info: ModelInfo, out: str | Path,
-                check_images: np.ndarray | None = None) -> float:
+                check_images: np.ndarray | None = None, tolerance: float = PARITY_TOLERANCE) -> float:
     """Write `model` as an elcell ONNX file and return the parity error.
 
     Parity is checked on a batch of 4 (real cells when `check_images` is given):
@@ -57,11 +63,15 @@ def export_onnx(model: CellNet, info: ModelInfo, out: str | Path,
             dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
         )
         write_info(raw, raw, info)
-        error = check_parity(graph, raw, check_images)
+        error = check_parity(graph, raw, check_images, tolerance)
     return error
 
 
-def check_parity(graph: InferenceGraph, onnx_path: Path, images: np.ndarray | None) -> float:
+def check_parity(graph: InferenceGraph, onnx_path: Path, images: np.ndarray | None,
+                 tolerance: float = PARITY_TOLERANCE) -> float:
+    """The largest |probability difference| between PyTorch and ONNX Runtime;
+    ExportError beyond `tolerance` (heatmaps: beyond HEATMAP_TOLERANCE, or
+    `tolerance` if larger)."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     graph_size = session.get_inputs()[0].shape[-1]
     if images is None or len(images) < 4:
@@ -73,10 +83,11 @@ def check_parity(graph: InferenceGraph, onnx_path: Path, images: np.ndarray | No
     onnx_probs, onnx_heatmap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
     error = float(np.abs(onnx_probs - probs).max())
     heatmap_error = heatmap_difference(onnx_heatmap, heatmap)
-    if not error <= PARITY_TOLERANCE or not heatmap_error <= PARITY_TOLERANCE:
+    heatmap_tolerance = max(HEATMAP_TOLERANCE, tolerance)
+    if not error <= tolerance or not heatmap_error <= heatmap_tolerance:
         raise ExportError(
-            f"ONNX export does not match PyTorch: max |probs diff| {error:.2e}, "
-            f"heatmap diff {heatmap_error:.2e} of its peak (tolerance {PARITY_TOLERANCE:g})"
+            f"ONNX export does not match PyTorch: max |probs diff| {error:.2e} (tolerance {tolerance:g}), "
+            f"heatmap diff {heatmap_error:.2e} of its peak (tolerance {heatmap_tolerance:g})"
         )
     return error
 
@@ -126,7 +137,8 @@ def info_from_hparams(hparams, epoch: int) -> ModelInfo:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
-                      check_images: np.ndarray | None = None, overwrite: bool = True) -> tuple[Path, float]:
+                      check_images: np.ndarray | None = None, overwrite: bool = True,
+                      tolerance: float = PARITY_TOLERANCE) -> tuple[Path, float]:
     """Re-export a Lightning checkpoint. `out` may be a file or a folder (default: the
     checkpoint's folder; a path ending in a separator is a folder, created if
     need be); in a folder the file is named best_model_epoch{N}.onnx."""
@@ -149,6 +161,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
     output_mode(out, overwrite=overwrite)
     info = info_from_hparams(module.hparams, epoch)
     module.model.use_heatmap(info.extra["heatmap"])
-    error = export_onnx(module.model, info, out, check_images)
+    try:
+        error = export_onnx(module.model, info, out, check_images, tolerance)
+    except ExportError as err:  # the checkpoint is kept: say how to export it anyway
+        raise ExportError(f"{err}. {checkpoint} is kept; to export it anyway: elcell export {checkpoint} "
+                          f"--parity-tolerance {10 * tolerance:g}") from None
     return out, error
 
