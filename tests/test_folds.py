@@ -118,7 +118,11 @@ def test_align_matches_cells_by_path_and_refuses_disjoint_sets():
 
 def _fake_protocol(run, seed=0, shift=0.0):
     """Three finished folds whose test predictions are made up (no training)."""
+    from elcell.config import TrainConfig
+
     rng = np.random.default_rng(seed)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "kfold.yaml").write_text(TrainConfig(folds=3).to_yaml())
     for fold in range(3):
         folder = run / f"fold{fold}"
         (folder / "eval" / "test").mkdir(parents=True)
@@ -149,7 +153,8 @@ def test_kfold_report_pools_the_finished_folds(tmp_path):
     for label, chosen in report["oof_thresholds"].items():  # chosen on the pooled scores, for recall
         assert chosen["recall"] >= 0.95 and chosen["recall_with_review"] >= 0.99, label
     text = format_report(report)
-    assert "3 of 4 folds, 120 cells out of fold" in text and "review burden" in text
+    assert "3 of 4 folds finished (partial" in text and "120 cells scored out of fold" in text
+    assert "review burden" in text and "thresholds for inactive chosen on all out-of-fold scores" in text
 
 
 def test_compare_exits_1_when_b_is_worse_on_a_required_figure(tmp_path, capsys):
@@ -170,3 +175,28 @@ def test_compare_exits_1_when_b_is_worse_on_a_required_figure(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "b"), str(tmp_path / "a"), "--require", "roc_auc=crack"]) == 0
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--require", "recall"]) == 2
     assert "--require recall: use METRIC=LABEL" in capsys.readouterr().err
+
+
+def test_a_label_no_cell_knows_gives_no_figure_rather_than_a_crash():
+    scored = _scored(np.array([[1, np.nan], [0, np.nan], [1, np.nan]]), np.array([[.9, .2], [.1, .7], [.6, .1]]),
+                     np.array([["defect", "ok"], ["ok", "defect"], ["defect", "ok"]]), labels=("crack", "inactive"))
+    figures = bootstrap(scored, replicates=50)
+    assert figures["inactive/at_0.5_f1"] == {"value": None, "low": None, "high": None}
+    assert figures["mean_f1/at_0.5"]["value"] == pytest.approx(1.0)  # crack alone: the known label
+    assert paired_difference(scored, scored, replicates=50)["figures"]["inactive/roc_auc"]["verdict"] == "same"
+
+
+def test_a_protocol_refuses_data_whose_cells_moved_between_folds(seed_csv, tmp_path):
+    from elcell.config import TrainConfig
+    from elcell.errors import DataError
+    from elcell.kfold import ASSIGNMENT, _assignment, _check_assignment
+    from elcell.labels import read_labels_csv
+
+    config = TrainConfig(data=str(seed_csv), folds=3)
+    (tmp_path / ASSIGNMENT).write_text(_assignment(read_labels_csv(seed_csv), config))
+    _check_assignment(tmp_path, config)  # the same data: fine
+    lines = seed_csv.read_text().splitlines()
+    edited = seed_csv.with_name("edited.csv")
+    edited.write_text("\n".join([lines[0], *lines[2:], lines[1]]) + "\n")  # one row moved to the end
+    with pytest.raises(DataError, match="changed since the k-fold protocol"):
+        _check_assignment(tmp_path, TrainConfig(data=str(edited), folds=3))

@@ -46,8 +46,11 @@ def test_pooled_figures_are_those_of_the_out_of_fold_rows_with_intervals(protoco
     assert report["finished"] == [0, 1, 2] and report["cells"] == 64
     figures = point_figures(read_scored(protocol / "oof.csv"))
     for name, pooled in report["pooled"].items():
+        if figures[name] is None:  # no figure where a label has no positive (AUC) in these cells
+            assert pooled["value"] is None, name
+            continue
         assert pooled["value"] == pytest.approx(figures[name]), name
-        if not np.isnan(pooled["low"]):
+        if pooled["low"] is not None:
             assert pooled["low"] <= pooled["value"] + 1e-9 and pooled["value"] <= pooled["high"] + 1e-9, name
     spread = report["spread"]["mean_f1/at_0.5"]
     per_fold = [report["per_fold"][str(f)]["mean_f1/at_0.5"] for f in range(3)]
@@ -97,6 +100,16 @@ def test_a_fold_that_never_finished_an_epoch_starts_again(protocol, seed_csv, ca
     assert (protocol / "fold1" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_one_fold_alone_trains_into_the_protocol_folder(protocol, seed_csv, capsys):
+    shutil.rmtree(protocol / "fold0")
+    assert main(["train", "--data", str(seed_csv), "--folds", "3", "--fold", "0", "--out", str(protocol),
+                 *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "fold 0 of 3: training into" in err and "fold 1" not in err
+    assert (protocol / "fold0" / "summary.json").is_file()
+    assert json.loads((protocol / "kfold.json").read_text())["finished"] == [0, 1, 2]
+
+
 def test_other_options_are_refused_with_what_changed(protocol, seed_csv, capsys):
     code = main(["train", "--data", str(seed_csv), "--folds", "3", "--out", str(protocol),
                  *TINY[:-3], "--epochs", "3", "--no-progress"])
@@ -139,7 +152,7 @@ def test_compare_of_protocols_reads_their_out_of_fold_scores(protocol, capsys):
     assert "give --data" in capsys.readouterr().err
 
 
-def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed_csv, tmp_path):
+def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed_csv, tmp_path, capsys):
     from elcell.distill import teacher_models, teacher_probs
     from elcell.runtime import open_model
 
@@ -151,7 +164,7 @@ def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed
     assert np.allclose(mean[0], one.mean(axis=0), atol=1e-5)
 
     from elcell.config import TrainConfig
-    from elcell.train import taught
+    from elcell.distill import taught
 
     split = np.where(np.arange(len(cells)) % 4 == 0, "val", "train")
     blended = taught(TrainConfig(teacher=str(protocol), teacher_weight=0.25), cells, split)
@@ -162,6 +175,8 @@ def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed
     out = tmp_path / "student"
     assert main(["train", "--data", str(seed_csv), "--teacher", str(protocol), "--teacher-weight", "0.5",
                  "--out", str(out), *TINY]) == 0
+    # the fold models trained on most of the student's validation cells: said, not hidden
+    assert "the teacher trained on" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cells"]["train"] + summary["cells"]["val"] == 64
     # val keeps the real labels (checkpoints and thresholds judged on the truth)

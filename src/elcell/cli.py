@@ -80,7 +80,7 @@ def _run_train(args) -> int:
     if args.print_config:
         print(config.to_yaml() + two_stage_comment(config), end="")
         return 0
-    if config.folds and config.fold is None:
+    if config.folds:
         from elcell.kfold import main  # the protocol: K trainings, then out-of-fold figures
     else:
         from elcell.train import main  # imports torch: only when really training
@@ -329,17 +329,21 @@ def _add_compare(commands) -> None:
                       "CSVs (oof.csv, evaluate's predictions.csv), or two models scored here on --data. "
                       "Per label ROC-AUC, F1, recall and recall counting review, and the review burden, "
                       "each for A and B with the paired 95 % bootstrap interval of B - A: 'better' or "
-                      "'worse' only where the interval excludes 0. Exits with 1 when B is worse on a "
-                      "--require figure, so a script can gate a model's promotion on it.",
+                      "'worse' only where the interval excludes 0. The interval covers the choice of "
+                      "cells, not of training seeds. Exits with 1 when B is worse on a --require "
+                      "figure, so a script can gate a model's promotion on it.",
                       usage="elcell compare A B [--data LABELS.csv] [--require recall=crack] [--out DIR]")
     parser.add_argument("a", metavar="A", help="the reference: a k-fold folder, a scored CSV, or a model")
-    parser.add_argument("b", metavar="B", help="the challenger, of the same kind as A")
+    parser.add_argument("b", metavar="B", help="the challenger: any of the same kinds (compared on the cells "
+                                               "both scored)")
     parser.add_argument("--data", metavar="LABELS.csv", help="labelled cells to score two models on")
     parser.add_argument("--group", metavar="COLUMN", help="with --data: a group column that is not a label")
     parser.add_argument("--require", action="append", metavar="METRIC=LABEL",
-                        help="fail (exit 1) if B is worse than A beyond the interval on this figure: "
-                             "recall=crack, f1=crack,inactive, roc_auc=inactive, mean_f1, review_burden "
-                             "(repeatable)")
+                        help="fail (exit 1) if B is worse than A beyond the interval on this figure "
+                             "(repeatable): METRIC=LABEL[,LABEL] with METRIC recall, recall_with_review, f1, "
+                             "precision (at each model's own thresholds), roc_auc or f1_at_0.5; or mean_f1, "
+                             "review_burden. Choose it beforehand: of dozens of figures shown, a few exclude "
+                             "0 by chance")
     parser.add_argument("--out", metavar="DIR", help="write compare.json and disagreements.csv (the cells "
                                                      "decided differently) here")
     parser.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")

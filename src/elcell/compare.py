@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from elcell.errors import DataError
-from elcell.intervals import Scored, align, paired_difference, read_scored
+from elcell.intervals import Scored, align, fmt, paired_difference, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
+from elcell.kfold import OOF, PROTOCOL
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
@@ -29,8 +30,9 @@ REQUIRE = {"recall": "own_recall", "recall_with_review": "own_recall_with_review
 SHOWN = ("roc_auc", "at_0.5_f1", "own_f1", "own_recall", "own_recall_with_review")
 
 
-def parse_require(text: str, labels: list[str]) -> list[str]:
-    """`recall=crack`, `f1=crack,inactive`, `mean_f1`, `review_burden` -> figure names."""
+def parse_require(text: str, labels: list[str] | None) -> list[str]:
+    """`recall=crack`, `f1=crack,inactive`, `mean_f1`, `review_burden` -> figure
+    names (labels None: check the syntax alone)."""
     if text in ("mean_f1", "review_burden"):
         return [f"{text}/own" if text == "mean_f1" else text]
     match = re.fullmatch(r"([a-z_.0-9]+)=([^=]+)", text)
@@ -38,7 +40,7 @@ def parse_require(text: str, labels: list[str]) -> list[str]:
         raise DataError(f"--require {text}: use METRIC=LABEL[,LABEL] with METRIC one of {sorted(REQUIRE)}, "
                         "or mean_f1, or review_burden")
     wanted = [label.strip() for label in match.group(2).split(",")]
-    unknown = [label for label in wanted if label not in labels]
+    unknown = [label for label in wanted if labels is not None and label not in labels]
     if unknown:
         raise DataError(f"--require {text}: no label {unknown[0]!r}; the labels compared are {labels}")
     return [f"{label}/{REQUIRE[match.group(1)]}" for label in wanted]
@@ -47,8 +49,10 @@ def parse_require(text: str, labels: list[str]) -> list[str]:
 def load_scored(source: str, data: str | None, group: str | None, tta: bool, progress: bool) -> Scored:
     """Scored cells from a k-fold folder, a scored CSV, or a model scored on --data."""
     path = Path(source)
-    if path.is_dir() and (path / "oof.csv").is_file():
-        return read_scored(path / "oof.csv")
+    if path.is_dir() and (path / PROTOCOL).is_file():
+        if not (path / OOF).is_file():
+            raise DataError(f"{path}: no fold of this k-fold protocol has finished yet")
+        return read_scored(path / OOF)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
@@ -82,15 +86,15 @@ def write_disagreements(path: Path, a: Scored, b: Scored, rows: list[int]) -> No
 
 def format_comparison(result: dict, names: tuple[str, str]) -> str:
     figures = result["figures"]
-    lines = [f"A = {names[0]}", f"B = {names[1]}",
-             f"{result['cells']} cells both scored; B - A with its paired 95 % bootstrap interval",
+    lines = [f"A = {names[0]} ({result['cells_a']} cells)", f"B = {names[1]} ({result['cells_b']} cells)",
+             f"{result['cells']} cells both scored; B - A with its paired 95 % bootstrap interval over cells",
              f"{'figure':<34}{'A':>8}{'B':>8}{'B - A':>9}  {'interval':<19}verdict"]
     order = [f"{label}/{name}" for label in result["labels"] for name in SHOWN]
     order += ["mean_f1/at_0.5", "mean_f1/own", "review_burden"]
     for name in order:
         f = figures[name]
-        lines.append(f"{name:<34}{f['a']:>8.3f}{f['b']:>8.3f}{f['difference']:>+9.3f}  "
-                     f"[{f['low']:+.3f}, {f['high']:+.3f}]  {f['verdict']}")
+        lines.append(f"{name:<34}{fmt(f['a']):>8}{fmt(f['b']):>8}{fmt(f['difference'], '+.3f'):>9}  "
+                     f"[{fmt(f['low'], '+.3f')}, {fmt(f['high'], '+.3f')}]  {f['verdict']}")
     lines.append(f"{result['disagreements']} cells decided differently")
     return "\n".join(lines)
 
@@ -99,9 +103,12 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
             out: str | None = None, require: list[str] | None = None, tta: bool = False,
             progress: bool = True, seed: int = 0) -> tuple[dict, list[str]]:
     """The comparison and the --require figures on which B is worse than A."""
-    a, b = align(load_scored(a_source, data, group, tta, progress),
-                 load_scored(b_source, data, group, tta, progress))
-    result = paired_difference(a, b, seed=seed)
+    for text in require or []:  # a mistyped --require is named before any model is scored
+        parse_require(text, None)
+    a, b = load_scored(a_source, data, group, tta, progress), load_scored(b_source, data, group, tta, progress)
+    cells = {"cells_a": len(a.paths), "cells_b": len(b.paths)}
+    a, b = align(a, b)
+    result = {**paired_difference(a, b, seed=seed), **cells}
     rows = disagreements(a, b)
     result.update(a=a_source, b=b_source, disagreements=len(rows))
     required = [name for text in require or [] for name in parse_require(text, result["labels"])]

@@ -96,10 +96,11 @@ class TrainConfig:
                         "K-th of the cells (stratified by label combination and --group) as its test set; "
                         "writes RUN/oof.csv (every cell scored by the model that did not train on it) and "
                         "RUN/kfold.json (pooled metrics with 95 % bootstrap intervals, per-fold spread); the "
-                        "same command again skips finished folds (0: one run)", "data",
+                        "same command again skips finished folds (0: one run)", "data", metavar="K",
                         check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or 2 or more")
-    fold: int | None = option(None, "with --folds K: train only this fold (0..K-1) into --out, e.g. "
-                              "to spread a protocol over machines", "data", check=_NON_NEGATIVE)
+    fold: int | None = option(None, "with --folds K --out RUN: train only this fold (0..K-1) into "
+                              "RUN/fold<I>, e.g. one fold per session or per machine sharing RUN",
+                              "data", check=_NON_NEGATIVE, metavar="I")
     teacher: str | None = option(None, "distillation: a k-fold folder (its fold models), or run folders "
                                  "and ONNX files, comma-separated; their averaged probabilities become "
                                  "the targets, blended with each cell's own label (--teacher-weight); "

@@ -23,8 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from elcell.errors import DataError
+from elcell.kfold import PROTOCOL, finished_folds, fold_folder
 from elcell.labels import LabelTable
 from elcell.runtime import default_workers, open_model, resolve_model_path, score_files
 
@@ -35,11 +37,15 @@ def teacher_models(teacher: str) -> list[Path]:
     models = []
     for part in (p.strip() for p in teacher.split(",") if p.strip()):
         path = Path(part)
-        if path.is_dir() and (path / "kfold.yaml").is_file():
-            folds = sorted(f for f in path.glob("fold*") if (f / "summary.json").is_file())
+        if path.is_dir() and (path / PROTOCOL).is_file():
+            planned = int(yaml.safe_load((path / PROTOCOL).read_text()).get("folds") or 0)
+            folds = finished_folds(path, planned)
             if not folds:
                 raise DataError(f"--teacher {path}: no fold of this k-fold protocol has finished")
-            models += [resolve_model_path(f) for f in folds]
+            if len(folds) < planned:
+                print(f"elcell: warning: --teacher {path}: {len(folds)} of its {planned} folds have "
+                      "finished; the others are left out", file=sys.stderr)
+            models += [resolve_model_path(fold_folder(path, f)) for f in folds]
         elif path.exists():
             models.append(resolve_model_path(path))
         else:
@@ -76,12 +82,43 @@ def teacher_probs(models: list[Path], table: LabelTable, batch_size: int = 32) -
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def distilled_table(table: LabelTable, teacher: str, weight: float) -> LabelTable:
-    """`table` with targets blended from the teacher's mean probabilities."""
-    probs = teacher_probs(teacher_models(teacher), table)
-    known = ~np.isnan(table.targets)
-    taught = ~np.isnan(probs)
+def blend(table: LabelTable, probs: np.ndarray, weight: float) -> np.ndarray:
+    """float32 [N, L]: weight x teacher + (1 - weight) x label where both are
+    known, the teacher's alone where the label is unknown, the label alone
+    where no teacher model has that label."""
+    known, taught_here = ~np.isnan(table.targets), ~np.isnan(probs)
     labels = np.nan_to_num(table.targets)
-    targets = np.where(taught & known, weight * probs + (1 - weight) * labels,
-                       np.where(taught, probs, table.targets))
-    return replace(table, targets=targets.astype(np.float32), source=f"{table.source} (taught by {teacher})")
+    targets = np.where(taught_here & known, weight * probs + (1 - weight) * labels,
+                       np.where(taught_here, probs, table.targets))
+    return targets.astype(np.float32)
+
+
+def warn_if_teacher_saw(models: list[Path], held_out: list[Path]) -> None:
+    """A teacher trained on the student's validation or test cells makes the
+    student's scores there, and the thresholds chosen there, optimistic: say so."""
+    held = {str(Path(p).resolve()) for p in held_out}
+    seen = set()
+    for model in models:
+        split = model.parent / "split.csv"
+        if split.is_file():
+            rows = (line.split(";")[:2] for line in split.read_text().splitlines()[1:] if line)
+            seen |= {path for path, part in rows if part == "train" and path in held}
+    if seen:
+        print(f"elcell: warning: the teacher trained on {len(seen)} of the student's {len(held)} validation "
+              "and test cells: the student's scores and thresholds there are optimistic. For an honest "
+              "student, give it cells its teacher never trained on as --data, or judge it on other cells",
+              file=sys.stderr)
+
+
+def taught(config, table: LabelTable, split: np.ndarray) -> LabelTable:
+    """With --teacher, the train cells learn the teacher's blended targets;
+    val and test cells keep their own labels, so checkpoints, thresholds and
+    scores are judged on the truth."""
+    if not config.teacher:
+        return table
+    train = np.flatnonzero(split == "train")
+    models = teacher_models(config.teacher)
+    warn_if_teacher_saw(models, [p for p, part in zip(table.paths, split) if part != "train"])
+    targets = table.targets.copy()
+    targets[train] = blend(table.subset(train), teacher_probs(models, table.subset(train)), config.teacher_weight)
+    return replace(table, targets=targets)

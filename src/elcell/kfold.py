@@ -27,11 +27,15 @@ import yaml
 
 from elcell.config import TrainConfig
 from elcell.errors import DataError
-from elcell.intervals import Scored, bootstrap, point_figures, read_scored
+from elcell.folds import assign_folds, fold_split
+from elcell.intervals import Scored, bootstrap, fmt, point_figures, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
+from elcell.labels import LabelTable, load_table
 from elcell.metrics import tune
 
 PROTOCOL = "kfold.yaml"  # the options the protocol was started with
+OOF = "oof.csv"  # every cell scored by the fold model that did not train on it
+ASSIGNMENT = "folds.csv"  # each cell's fold: a later session must find the same
 # options that say how, not what, a fold is trained: a later session may change them
 HOW = {"progress", "workers", "devices", "accelerator", "precision", "num_nodes", "cache_dir", "resume"}
 SPREAD = ("mean_f1/at_0.5", "mean_f1/own", "review_burden")
@@ -41,24 +45,64 @@ def fold_folder(run: Path, fold: int) -> Path:
     return run / f"fold{fold}"
 
 
+def _options(yaml_text: str, also: tuple[str, ...] = ()) -> dict:
+    """The options that decide what a fold learns (not where or how fast)."""
+    return {k: v for k, v in yaml.safe_load(yaml_text).items() if k not in HOW and k not in also}
+
+
+def _changed(started: dict, wanted: dict) -> list[str]:
+    return [f"{k} {started.get(k)} (now {wanted.get(k)})" for k in sorted(set(wanted) | set(started))
+            if wanted.get(k) != started.get(k)]
+
+
 def _check_protocol(run: Path, config: TrainConfig) -> None:
-    """Start RUN/kfold.yaml, or check that the folds already there were trained
-    with these options."""
+    """Check that RUN's protocol was started with these options, or refuse a
+    folder that holds something else."""
     record = run / PROTOCOL
-    wanted = {k: v for k, v in yaml.safe_load(config.to_yaml()).items() if k not in HOW}
     if record.is_file():
-        started = {k: v for k, v in yaml.safe_load(record.read_text()).items() if k not in HOW}
-        changed = [f"{k} {started.get(k)} (now {wanted.get(k)})" for k in sorted(set(wanted) | set(started))
-                   if wanted.get(k) != started.get(k)]
+        changed = _changed(_options(record.read_text(), ("fold",)), _options(config.to_yaml(), ("fold",)))
         if changed:
             raise DataError(f"{run}: this k-fold protocol was started with other options: {'; '.join(changed)}. "
                             f"Continue it with `elcell train --config {record}`, or choose another --out")
     elif run.exists() and any(run.iterdir()):
         raise DataError(f"{run}: run folder exists, is not empty and holds no k-fold protocol; "
                         "choose another --out")
-    else:
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(record, config.to_yaml())
+
+
+def _start_protocol(run: Path, config: TrainConfig) -> None:
+    """Check every fold's inputs (bad options, data or a label missing from a
+    fold stop the protocol before its folder exists), then record the options
+    and each cell's fold."""
+    from elcell.data import check_labels
+    from elcell.train import prepare  # imports torch
+
+    table, _, _ = prepare(replace(config, fold=0))  # also decodes the cells into the cache the folds reuse
+    for fold in range(1, config.folds):
+        check_labels(table, fold_split(table, config.folds, fold, config.val_fraction, config.seed))
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / ASSIGNMENT, _assignment(table, config))
+    atomic_write_text(run / PROTOCOL, replace(config, fold=None).to_yaml())
+
+
+def _assignment(table: LabelTable, config: TrainConfig) -> str:
+    folds = assign_folds(table, config.folds, config.seed)
+    return "path;fold\n" + "".join(f"{path};{fold}\n" for path, fold in zip(table.paths, folds))
+
+
+def _check_assignment(run: Path, config: TrainConfig) -> None:
+    """The data must still give every cell the fold it had when the protocol
+    started: an edited CSV would mix folds that saw each other's test cells."""
+    table = load_table(config.data, group=config.group)
+    if config.limit:
+        from elcell.data import limit_table
+
+        table = limit_table(table, config.limit, config.seed)
+    if not (run / ASSIGNMENT).is_file():  # a protocol started before the record existed
+        atomic_write_text(run / ASSIGNMENT, _assignment(table, config))
+    elif (run / ASSIGNMENT).read_text() != _assignment(table, config):
+        raise DataError(f"{config.data}: its cells or their labels changed since the k-fold protocol in "
+                        f"{run} started ({run / ASSIGNMENT} holds each cell's fold then); start a new "
+                        "protocol with another --out")
 
 
 def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
@@ -67,11 +111,22 @@ def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
     from elcell.train import train  # imports torch
 
     folder = fold_folder(run, fold)
+    fold_config = replace(config, out=str(folder), fold=fold, resume=None)
+    if (folder / "config.yaml").is_file():  # trained, or begun, by an earlier session: the same fold?
+        changed = _changed(_options((folder / "config.yaml").read_text(), ("out",)),
+                           _options(fold_config.to_yaml(), ("out",)))
+        if changed:
+            raise DataError(f"{folder}: trained with other options than this protocol's ({'; '.join(changed)}); "
+                            "move it away to train the fold again")
     if (folder / "summary.json").is_file():
         print(f"elcell: fold {fold}: finished earlier, skipped", file=sys.stderr)
         return
-    fold_config = replace(config, out=str(folder), fold=fold, resume=None)
     last = folder / "checkpoints" / "last.ckpt"
+    if config.finetune_epochs > 0 and folder.exists():
+        # a two-stage fold keeps its stages apart (RUN/foldI/pretext): never delete a finished stage
+        raise DataError(f"{folder}: this two-stage fold stopped part-way; continue its stage with "
+                        f"elcell train --resume {folder}/pretext/checkpoints/last.ckpt (or {last}) "
+                        "--finetune-epochs 0, or move the folder away, then run this command again")
     if last.is_file():
         print(f"elcell: fold {fold}: resuming from {last}", file=sys.stderr)
         fold_config = replace(fold_config, resume=str(last))
@@ -83,24 +138,28 @@ def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
 
 def run_kfold(config: TrainConfig) -> dict:
     """Every fold of the protocol, then its report."""
-    from elcell.train import prepare, with_absolute_paths  # imports torch
+    from elcell.train import check_options, with_absolute_paths  # imports torch
 
     if not config.out:
         raise DataError("--folds needs --out: the protocol's folder, so that the same command "
                         "again continues it")
+    check_options(config)
     config = with_absolute_paths(config)
     run = Path(config.out)
-    if not (run / PROTOCOL).is_file():  # bad options or data stop a new protocol before its folder exists
-        prepare(replace(config, fold=0))
     _check_protocol(run, config)
-    for fold in range(config.folds):
+    if (run / PROTOCOL).is_file():
+        _check_assignment(run, config)
+    else:
+        _start_protocol(run, config)
+    # --fold I: that fold alone (another machine or session takes the others)
+    for fold in range(config.folds) if config.fold is None else [config.fold]:
         run_fold(config, run, fold)
         report = write_report(run, config)  # results as they land
     return report
 
 
 # --------------------------------------------------------------------------- report
-def _finished(run: Path, folds: int) -> list[int]:
+def finished_folds(run: Path, folds: int) -> list[int]:
     return [i for i in range(folds) if (fold_folder(run, i) / "summary.json").is_file()]
 
 
@@ -111,7 +170,11 @@ def gather_oof(run: Path, folds: list[int]) -> Scored:
         scored = read_scored(fold_folder(run, fold) / "eval" / "test" / "predictions.csv")
         scored.folds = np.full(len(scored.paths), fold)
         parts.append(scored)
-    return Scored([p for s in parts for p in s.paths], parts[0].labels,
+    paths = [p for s in parts for p in s.paths]
+    if len(set(paths)) != len(paths):
+        raise DataError(f"{run}: a cell is in the test set of two folds; the folds were not trained by "
+                        "one protocol")
+    return Scored(paths, parts[0].labels,
                   np.concatenate([s.truth for s in parts]), np.concatenate([s.probs for s in parts]),
                   np.concatenate([s.decisions for s in parts]), np.concatenate([s.folds for s in parts]))
 
@@ -140,7 +203,9 @@ def _per_fold(scored: Scored, folds: list[int]) -> dict:
 def _spread(per_fold: dict) -> dict:
     result = {}
     for name in SPREAD:
-        values = np.array([fold[name] for fold in per_fold.values()])
+        values = np.array([fold[name] for fold in per_fold.values() if fold[name] is not None])
+        if not len(values):
+            continue
         result[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                         "min": float(values.min()), "max": float(values.max())}
     return result
@@ -148,32 +213,31 @@ def _spread(per_fold: dict) -> dict:
 
 def oof_thresholds(scored: Scored, recall: float, review_recall: float) -> dict:
     """Thresholds that reach `recall` (review band down to `review_recall`) on
-    the pooled out-of-fold scores, with the recall and review they give there:
-    what a model of this recipe would need, chosen on every labelled cell."""
-    result = {}
-    for j, label in enumerate(scored.labels):
-        known = ~np.isnan(scored.truth[:, j])
-        positive = (scored.truth[known, j] >= 0.5).astype(np.int64)[:, None]
-        _, _, details = tune([label], positive, scored.probs[known, j][:, None], [0.5], [0.5],
-                             f"recall={recall:g}", f"recall={review_recall:g}")
-        result[label] = details[label]
-    return result
+    the pooled out-of-fold scores, with the recall and review they give on those
+    same cells (in-sample): what a model of this recipe would need, chosen on
+    every labelled cell rather than on one run's few validation positives."""
+    known = ~np.isnan(scored.truth)
+    labels = scored.labels
+    _, _, details = tune(labels, np.nan_to_num(scored.truth) >= 0.5, scored.probs, [0.5] * len(labels),
+                         [0.5] * len(labels), f"recall={recall:g}", f"recall={review_recall:g}", known)
+    return details
 
 
 def write_report(run: Path, config: TrainConfig) -> dict:
     """RUN/oof.csv and RUN/kfold.json from the folds finished so far."""
-    folds = _finished(run, config.folds)
+    folds = finished_folds(run, config.folds)
     report: dict = {"folds": config.folds, "finished": folds, "recipe": config.recipe, "data": config.data}
     if not folds:
         return report
     scored = gather_oof(run, folds)
-    write_oof(run / "oof.csv", scored)
+    write_oof(run / OOF, scored)
     per_fold = _per_fold(scored, folds)
     report.update(cells=len(scored.paths), labels=scored.labels,
                   unknown={label: int(np.isnan(scored.truth[:, j]).sum()) for j, label in enumerate(scored.labels)},
-                  pooled=bootstrap(scored, seed=config.seed), per_fold=per_fold, spread=_spread(per_fold),
-                  oof_thresholds=oof_thresholds(scored, config.threshold_recall or 0.95,
-                                                config.review_recall or 0.99))
+                  pooled=bootstrap(scored, seed=config.seed), per_fold=per_fold, spread=_spread(per_fold))
+    if config.threshold_recall > 0:
+        report["oof_thresholds"] = oof_thresholds(scored, config.threshold_recall, config.review_recall or
+                                                  config.threshold_recall)
     atomic_write_json(run / "kfold.json", report)
     return report
 
@@ -183,30 +247,39 @@ def format_report(report: dict) -> str:
     if "pooled" not in report:
         return f"k-fold: no fold of {report['folds']} has finished"
     pooled = report["pooled"]
-    lines = [f"k-fold: {len(report['finished'])} of {report['folds']} folds, {report['cells']} cells out of fold "
-             "(95 % bootstrap intervals)"]
+    done = len(report["finished"])
+    lines = [f"k-fold: {done} of {report['folds']} folds finished"
+             + ("" if done == report["folds"] else " (partial: run the same command to go on)")
+             + f", {report['cells']} cells scored out of fold (95 % bootstrap intervals over cells)"]
 
     def figure(name: str) -> str:
         f = pooled[name]
-        return f"{f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"
+        return f"{fmt(f['value'])} [{fmt(f['low'])}, {fmt(f['high'])}]"
 
-    lines.append(f"{'label':<12}{'F1 at 0.5':>24}{'ROC-AUC':>24}{'recall own':>24}{'recall+review':>24}")
+    lines.append(f"{'label':<12}{'unknown':>8}{'F1 at 0.5':>22}{'ROC-AUC':>22}{'recall, own thr.':>22}"
+                 f"{'recall+review':>22}")
     for label in report["labels"]:
-        lines.append(f"{label:<12}{figure(f'{label}/at_0.5_f1'):>24}{figure(f'{label}/roc_auc'):>24}"
-                     f"{figure(f'{label}/own_recall'):>24}{figure(f'{label}/own_recall_with_review'):>24}")
-    lines.append(f"mean F1 at 0.5 {figure('mean_f1/at_0.5')}, at the models' own thresholds "
+        lines.append(f"{label:<12}{report['unknown'][label]:>8}{figure(f'{label}/at_0.5_f1'):>22}"
+                     f"{figure(f'{label}/roc_auc'):>22}{figure(f'{label}/own_recall'):>22}"
+                     f"{figure(f'{label}/own_recall_with_review'):>22}")
+    lines.append(f"mean F1 at 0.5 {figure('mean_f1/at_0.5')}; at each fold model's own thresholds "
                  f"{figure('mean_f1/own')}")
     lines.append(f"review burden (cells flagged or in review) {figure('review_burden')}, flagged "
                  f"{figure('flagged')}")
-    spread = report["spread"]["mean_f1/at_0.5"]
-    lines.append(f"per fold mean F1 at 0.5: {spread['mean']:.3f} ± {spread['std']:.3f} "
-                 f"(min {spread['min']:.3f}, max {spread['max']:.3f})")
+    spread = report["spread"].get("mean_f1/at_0.5")
+    if spread:
+        lines.append(f"per fold mean F1 at 0.5: {spread['mean']:.3f} ± {spread['std']:.3f} "
+                     f"(min {spread['min']:.3f}, max {spread['max']:.3f})")
+    for label, d in report.get("oof_thresholds", {}).items():
+        lines.append(f"thresholds for {label} chosen on all out-of-fold scores: {d['threshold']:.3f}, review "
+                     f"from {d['review_threshold']:.3f} (recall {d['recall']:.3f}, with review "
+                     f"{d['recall_with_review']:.3f} on those same cells)")
     return "\n".join(lines)
 
 
 def main(config: TrainConfig) -> int:
     report = run_kfold(config)
     print(format_report(report))
-    print(json.dumps({"run": config.out, "oof": str(Path(config.out) / "oof.csv"),
+    print(json.dumps({"run": config.out, "oof": str(Path(config.out) / OOF),
                       "report": str(Path(config.out) / "kfold.json")}, indent=2))
     return 0

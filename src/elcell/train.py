@@ -41,7 +41,7 @@ from elcell.data import (
     stratified_split,
     write_split_csv,
 )
-from elcell.distill import distilled_table
+from elcell.distill import taught
 from elcell.errors import DataError
 from elcell.evaluate import evaluate
 from elcell.export import export_checkpoint
@@ -210,18 +210,6 @@ def build_module(config: TrainConfig, table: LabelTable, split: np.ndarray, imag
     return module
 
 
-def taught(config: TrainConfig, table: LabelTable, split: np.ndarray) -> LabelTable:
-    """With --teacher, the train cells learn the teacher's blended targets
-    (elcell.distill); val and test cells keep their own labels, so checkpoints,
-    thresholds and scores are judged on the truth."""
-    if not config.teacher:
-        return table
-    train = np.flatnonzero(split == "train")
-    targets = table.targets.copy()
-    targets[train] = distilled_table(table.subset(train), config.teacher, config.teacher_weight).targets
-    return replace(table, targets=targets)
-
-
 def _claim_run_folder(config: TrainConfig, may_hold: tuple[str, ...]) -> Path:
     run = _run_folder(config)
     if rank_zero_only.rank == 0 and not config.resume and run.exists() and \
@@ -287,8 +275,9 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
         if (split == part).any():
             held_out = replace(table.subset(np.flatnonzero(split == part)), source=f"{table.source} ({part} split)")
             tuning = recall_first_tuning(config) if part == "val" else {}
-            metrics = evaluate(open_model(run / onnx_path.name), held_out, run / "eval" / part, tta=config.tta,
-                               progress=show_progress(config.progress), **tuning)
+            # thresholds are tuned on plain probabilities: predict, inspect and serve run without TTA
+            metrics = evaluate(open_model(run / onnx_path.name), held_out, run / "eval" / part,
+                               tta=config.tta and not tuning, progress=show_progress(config.progress), **tuning)
             if "tuning" in metrics:  # the model carries the thresholds chosen on its validation cells
                 os.replace(metrics["tuning"]["model"], run / onnx_path.name)
                 summary["thresholds"] = {label: {k: d[k] for k in ("threshold", "review_threshold")}
@@ -400,6 +389,6 @@ def main(config: TrainConfig) -> int:
                 shown[part] = {label: {k: round(summary[part][label][k], 4)
                                        for k in ("accuracy", "f1", "recall_with_review")}
                                for label in summary["labels"]}
-                shown[part]["review_burden"] = round(summary[part]["review_burden"], 4)
+                shown[f"{part}_review_burden"] = round(summary[part]["review_burden"], 4)
         print(json.dumps(shown, indent=2))
     return 0
