@@ -1,0 +1,216 @@
+"""The parsers of the commands that use a model: predict, evaluate, compare,
+explain, inspect, segment, serve (and the options they share). Declared here,
+run by their own modules; torch-free, as those commands are.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from elcell.options import DefaultsHelpFormatter, fraction, non_negative_int, positive_int
+
+
+def command(commands, name: str, module: str, help: str, description: str,
+             usage: str | None = None) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description, usage=usage,
+                                 formatter_class=DefaultsHelpFormatter)
+    parser.set_defaults(module=module)
+    return parser
+
+
+# --------------------------------------------------------------------------- using a model
+def add_runtime_options(parser: argparse.ArgumentParser, workers: bool = True,
+                         threads: bool = True, progress: bool = True) -> None:
+    """The ONNX Runtime options that the commands using a model share."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--batch-size", type=positive_int, default=16, help="cells per ONNX Runtime call")
+    if workers:
+        group.add_argument("--workers", type=non_negative_int, default=None,
+                           help="image decoding threads (default: number of CPUs, at most 4; 0 decodes "
+                                "in the main thread)")
+    if threads:
+        group.add_argument("--threads", type=non_negative_int, default=0,
+                           help="ONNX Runtime intra-op threads (0: one per physical core)")
+    if progress:
+        group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                           help="a progress bar on stderr (default: when stderr is a terminal)")
+
+
+_MODEL_HELP = ("elcell ONNX model (from `elcell train`, `export` or `evaluate --tune-thresholds`), or a "
+               "run folder for its best model")
+_INPUTS_HELP = ("image files, folders (searched recursively) or CSVs whose first column holds image "
+                "paths (relative to the CSV's folder), e.g. a labels CSV")
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    """--threshold and --review-threshold, as predict, inspect and serve take them
+    (applied by runtime.chosen_thresholds)."""
+    parser.add_argument("--threshold", action="append", metavar="[LABEL=]P",
+                        help="decision threshold overriding the model's: 0.3 for every label or crack=0.3 "
+                             "for one (repeatable)")
+    parser.add_argument("--review-threshold", action="append", metavar="[LABEL=]P",
+                        help="lower edge of the review band (below it a cell is ok), as --threshold")
+
+
+def add_predict(commands) -> None:
+    parser = command(commands, "predict", "elcell.predict",
+                      "classify cell images with an ONNX model (no PyTorch needed)",
+                      "Run an elcell ONNX model on cell images with ONNX Runtime and write one CSV row per "
+                      "image: path, prob_<label>, decision_<label> (defect/review/ok), error, and the model "
+                      "and thresholds that judged it. Rows are appended and synced batch by batch, so an "
+                      "interrupted run loses nothing and --resume continues it. Unreadable images are "
+                      "listed in the error column and on stderr; the run goes on and exits with status 1.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+    parser.add_argument("--out", metavar="FILE.csv", help="output CSV (default: stdout)")
+    _add_threshold_options(parser)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the flips of each cell (and rotations for a "
+                             "model trained with them); prob_<label>_no_tta keeps the plain probabilities")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: skip images already in --out (failed ones are "
+                             "tried again); refused if another model or other thresholds wrote it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--heatmaps", metavar="DIR",
+                        help="write a heatmap overlay (<image>_<label>.png) for every cell and label not ok")
+    add_runtime_options(parser)
+
+
+def add_evaluate(commands) -> None:
+    parser = command(commands, "evaluate", "elcell.evaluate",
+                      "score an ONNX model on labelled cells; tune its thresholds",
+                      "Score an elcell ONNX model on labelled cells: per-label precision, recall, F1, "
+                      "ROC-AUC and average precision, confusion matrices, PR/ROC curves, predictions.csv "
+                      "and metrics.json in --out. With --tune-thresholds and/or --review-band the "
+                      "thresholds are tuned on these cells and written into OUT/<model>.tuned.onnx. Tune on "
+                      "validation cells (RUN/val.csv), not on the test set. Unreadable images are left out "
+                      "and listed; the command then exits with status 1.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--data", required=True, metavar="LABELS.csv",
+                        help="labels CSV (path;label1;...) or 'elpv'; a cell is positive where its label "
+                             "is >= 0.5 (soft labels such as ELPV's are read as they are)")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default: <model folder>/<model>-eval)")
+    parser.add_argument("--group", metavar="COLUMN",
+                        help="also report per group of this CSV column (e.g. cell type; --data elpv: type)")
+    parser.add_argument("--tune-thresholds", metavar="f1|recall=R",
+                        help="'f1': per label the threshold of maximum F1; 'recall=0.95': the highest "
+                             "threshold that keeps recall >= 0.95")
+    parser.add_argument("--review-band", metavar="P|recall=R",
+                        help="lower threshold below which a cell is ok; between it and the threshold the "
+                             "cell is 'review' (for a person): a probability such as 0.2, or recall=0.99")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation; reported with and without")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/report.html: one self-contained page with the metrics, curves "
+                             "and the most confident hits and mistakes with their heatmaps")
+    add_runtime_options(parser)
+
+
+def add_explain(commands) -> None:
+    parser = command(commands, "explain", "elcell.explain",
+                      "show where the model looked: heatmap overlays and boxes (no PyTorch needed)",
+                      "For each image and label write <image>_<label>.png (the cell with the label's "
+                      "heatmap on top), <image>_<label>.npy (the raw heatmap) and per image <image>.json "
+                      "with probabilities, decisions and a box per label in the image's pixels. "
+                      "Unreadable images are skipped and listed; the command then exits with status 1.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the overlays, heatmaps and boxes")
+    parser.add_argument("--label", action="append", metavar="LABEL",
+                        help="explain only this label (repeatable; default: every label)")
+    parser.add_argument("--box-threshold", type=fraction, default=0.5, metavar="F",
+                        help="a box surrounds the region where the heatmap is >= F x its peak")
+    add_runtime_options(parser, workers=False, progress=False)
+
+
+def add_inspect(commands) -> None:
+    parser = command(commands, "inspect", "elcell.inspection",
+                      "inspect whole module photos: cells, a map and a grade per module (no PyTorch needed)",
+                      "Find the module in each EL photo (dark surround, rotation, perspective), rectify it, find "
+                      "its cell grid from the dark gaps, cut and score every cell, and grade the module by "
+                      "rules. Writes OUT/cells.csv (per cell: module, row, col from 1, its corners in the photo, "
+                      "probabilities, decisions, dark area), OUT/modules.csv (per module: counts, dark area, "
+                      "grade and the rule that gave it), OUT/maps/<module>.png, the flagged cells' overlays "
+                      "and OUT/report.html. Rows are written module by module: --resume continues an "
+                      "interrupted run. A photo that cannot be used is named and the others go on; the "
+                      "command then exits with status 1.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE",
+                        help="module photos, folders of them or CSVs whose first column lists them")
+    parser.add_argument("--grid", required=True, metavar="ROWSxCOLS",
+                        help="cells as the module appears in the photo, e.g. 6x10 (landscape 60 cells), 10x6, "
+                             "6x24 (144 half-cells)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSVs, maps and report")
+    parser.add_argument("--rules", metavar="FILE.yaml",
+                        help="grading rules (default: elcell's grading.yaml; copy and edit it)")
+    _add_threshold_options(parser)
+    parser.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw each module's map and the flagged cells' overlays (heatmaps cost time)")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                        help="write OUT/report.html for the whole folder at the end")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_runtime_options(parser, workers=False, progress=False)
+
+
+def add_segment(commands) -> None:
+    parser = command(commands, "segment", "elcell.segment",
+                      "cut module photos into cell images and a labels CSV to fill in",
+                      "Cut every module photo into its cells (found as `inspect` finds them) at the photo's "
+                      "resolution and depth (16-bit stays 16-bit), named <module>_r<row>_c<col>.png, and "
+                      "write OUT/labels.csv in the training format: label columns empty, or with --model "
+                      "filled with its decisions (defect 1, ok 0, review empty), for `elcell train --data`.")
+    parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE", help="module photos, folders or CSVs")
+    parser.add_argument("--grid", required=True, metavar="ROWSxCOLS", help="as inspect's, e.g. 6x10")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the cells and labels.csv")
+    parser.add_argument("--model", metavar="MODEL", help="fill the labels with this model's decisions")
+    parser.add_argument("--labels", default="crack,inactive", metavar="A,B",
+                        help="label columns of labels.csv without --model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
+
+
+def add_compare(commands) -> None:
+    parser = command(commands, "compare", "elcell.compare",
+                      "is B better than A beyond chance? paired intervals on the same cells",
+                      "Compare two judgements of the same cells: k-fold folders (their oof.csv), scored "
+                      "CSVs (oof.csv, evaluate's predictions.csv), or two models scored here on --data. "
+                      "Per label ROC-AUC, F1, recall and recall counting review, and the review burden, "
+                      "each for A and B with the paired 95 % bootstrap interval of B - A: 'better' or "
+                      "'worse' only where the interval excludes 0. The interval covers the choice of "
+                      "cells, not of training seeds. Exits with 1 when B is worse on a --require "
+                      "figure, so a script can gate a model's promotion on it.",
+                      usage="elcell compare A B [--data LABELS.csv] [--require recall=crack] [--out DIR]")
+    parser.add_argument("a", metavar="A", help="the reference: a k-fold folder, a scored CSV, or a model")
+    parser.add_argument("b", metavar="B", help="the challenger: any of the same kinds (compared on the cells "
+                                               "both scored)")
+    parser.add_argument("--data", metavar="LABELS.csv", help="labelled cells to score two models on")
+    parser.add_argument("--group", metavar="COLUMN", help="with --data: a group column that is not a label")
+    parser.add_argument("--require", action="append", metavar="METRIC=LABEL",
+                        help="fail (exit 1) if B is worse than A beyond the interval on this figure "
+                             "(repeatable): METRIC=LABEL[,LABEL] with METRIC recall, recall_with_review, f1, "
+                             "precision (at each model's own thresholds), roc_auc or f1_at_0.5; or mean_f1, "
+                             "review_burden. Choose it beforehand: of dozens of figures shown, a few exclude "
+                             "0 by chance")
+    parser.add_argument("--out", metavar="DIR", help="write compare.json and disagreements.csv (the cells "
+                                                     "decided differently) here")
+    parser.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr while scoring models (default: on a terminal)")
+
+
+def add_serve(commands) -> None:
+    parser = command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
+                      "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
+                      "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
+                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`.")
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="TCP port")
+    parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default: $ELCELL_TOKEN)")
+    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
+    parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
+    _add_threshold_options(parser)
+    parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
+    parser.add_argument("--max-queue", type=positive_int, default=512, help="cells queued before 503 Busy")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_runtime_options(parser, workers=False, progress=False)
