@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from elcell.config import TrainConfig
+from elcell.config import TrainConfig, complete_run_record
 from elcell.errors import DataError
 from elcell.folds import assign_folds, fold_split
 from elcell.intervals import Scored, bootstrap, fmt, point_figures, read_scored
@@ -47,7 +47,9 @@ def fold_folder(run: Path, fold: int) -> Path:
 
 def _options(yaml_text: str, also: tuple[str, ...] = ()) -> dict:
     """The options that decide what a fold learns (not where or how fast)."""
-    return {k: v for k, v in yaml.safe_load(yaml_text).items() if k not in HOW and k not in also}
+    # a record written before an option existed holds what the run did without it
+    values = complete_run_record(yaml.safe_load(yaml_text))
+    return {k: v for k, v in values.items() if k not in HOW and k not in also}
 
 
 def _changed(started: dict, wanted: dict) -> list[str]:
