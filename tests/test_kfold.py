@@ -18,7 +18,7 @@ from elcell.modelinfo import read_info
 pytestmark = pytest.mark.slow
 
 TINY = ["--recipe", "spec", "--backbone", "resnet18", "--pretrained", "none", "--image-size", "64",
-        "--batch-size", "16", "--epochs", "2", "--lr", "1e-3", "--val-fraction", "0.25",
+        "--batch-size", "16", "--epochs", "1", "--lr", "1e-3", "--val-fraction", "0.25",
         "--threshold-recall", "0.95", "--review-recall", "0.99", "--no-progress"]
 
 
@@ -114,7 +114,7 @@ def test_other_options_are_refused_with_what_changed(protocol, seed_csv, capsys)
     code = main(["train", "--data", str(seed_csv), "--folds", "3", "--out", str(protocol),
                  *TINY[:-3], "--epochs", "3", "--no-progress"])
     err = capsys.readouterr().err
-    assert code != 0 and "epochs 2 (now 3)" in err and f"--config {protocol / 'kfold.yaml'}" in err
+    assert code != 0 and "epochs 1 (now 3)" in err and f"--config {protocol / 'kfold.yaml'}" in err
 
 
 def test_fold_and_test_fraction_need_a_protocol(seed_csv, tmp_path, capsys):
