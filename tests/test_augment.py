@@ -274,3 +274,52 @@ def test_finger_interruptions_are_short_thin_streaks_across_the_busbars(turned):
         _finger_interruptions(torch.rand(2, 32, 48))
     streak_lengths = rows[rows > 0].float()  # two spread streaks can share a column: rarely longer
     assert (streak_lengths > 0.3 * 96 + 2).float().mean() < 0.02 and streak_lengths.median() > 0.05 * 96
+
+
+def _elpv_batch(elpv, count: int = 8, size: int = 160) -> torch.Tensor:
+    from elcell.images import Decoding, load_cell
+
+    cells = np.stack([load_cell(p, Decoding(size)) for p in elpv.paths[:count]])
+    return torch.from_numpy(cells).float().div(255.0)[:, None]
+
+
+def test_module_path_distorts_real_cells_but_keeps_them_recognisable(elpv):
+    from elcell.linepath import ModulePath
+
+    torch.manual_seed(0)
+    cells = _elpv_batch(elpv)
+    assert torch.equal(ModulePath(0.0)(cells), cells)
+    out = ModulePath(1.0)(cells)
+    assert out.shape == cells.shape and out.min() >= 0 and out.max() <= 1
+    for before, after in zip(cells, out):
+        change = (after - before).abs().mean()
+        r = np.corrcoef(before.flatten().numpy(), after.flatten().numpy())[0, 1]
+        assert change > 0.005 and r > 0.5, (float(change), r)  # distorted, still the same cell
+
+
+def test_module_path_lights_cells_unevenly_and_resamples_them(elpv):
+    import kornia.augmentation as K
+
+    from elcell.linepath import NativeResolution
+
+    flat = torch.full((16, 1, 160, 160), 0.5)
+    lit = K.RandomLinearIllumination(gain=(0.05, 0.3), p=1.0)(flat)
+    # a gradient across each cell: one side brighter than the other, by rows or by columns
+    rows, cols = lit.mean(dim=3)[:, 0], lit.mean(dim=2)[:, 0]
+    spread = torch.maximum(rows.max(1).values - rows.min(1).values, cols.max(1).values - cols.min(1).values)
+    assert (spread > 0.02).all()
+    stripes = torch.zeros(4, 1, 160, 160)
+    stripes[..., ::2] = 1.0  # one-pixel detail that a camera with fewer pixels cannot keep
+    resampled = NativeResolution(1.0)(stripes)
+    assert (resampled[..., 1:] - resampled[..., :-1]).abs().mean() < 0.9
+    small = torch.rand(2, 1, 128, 128)  # at or below the lowest native size: nothing to resample
+    assert torch.equal(NativeResolution(1.0)(small), small)
+
+
+def test_module_path_adds_no_weights_to_a_checkpoint():
+    from elcell.module import ELCellModule
+
+    def keys(p):
+        return set(ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], module_path=p).state_dict())
+
+    assert keys(0.5) == keys(0.0)

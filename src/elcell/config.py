@@ -171,6 +171,11 @@ class TrainConfig:
                                      "augmentation", check=_NON_NEGATIVE)
     affine_scale: float = option(0.0, "small affine warp: zoom factor drawn from [1-s, 1+s]",
                                  "augmentation", check=_NON_NEGATIVE)
+    module_path: float = option(0.0, "probability per cell of each distortion the module path adds "
+                                "(elcell.linepath): residual perspective and rotation, a jittered border, a "
+                                "light gradient, defocus, a lower native resolution, sensor noise; for "
+                                "models that judge cells cut from module photos (not yet measured: off by "
+                                "default)", "augmentation", check=_PROBABILITY, metavar="P")
     synthetic_cracks: float = option(0.0, "probability that a clean training cell gets drawn cracks and is "
                                      "labelled a crack (its 'crack' label, or its only label)",
                                      "two stages", check=_PROBABILITY, metavar="P")

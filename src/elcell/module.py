@@ -16,6 +16,7 @@ from lightning import LightningModule
 from torch import nn
 
 from elcell.augment import BatchAugment, SyntheticCracks, normalise
+from elcell.linepath import ModulePath
 from elcell.model import build_model
 
 
@@ -94,6 +95,7 @@ class ELCellModule(LightningModule):
         synthetic_crack_shape: str = "line",
         crack_label: int = 0,
         inactive_label: int | None = None,
+        module_path: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +109,7 @@ class ELCellModule(LightningModule):
         self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32),
                                               reduction="none")
         self.val_scores = LabelF1(len(label_names))
+        self.module_path = ModulePath(module_path) if module_path > 0 else None
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if backbone_lr_scale == 0:  # frozen: no gradients, so no backward pass through the backbone
@@ -122,6 +125,8 @@ class ELCellModule(LightningModule):
             if self.synthetic_cracks is not None:  # first, so flips and jitter apply to the crack too
                 images, targets = self.synthetic_cracks(images, targets)
             images = self.augment(images)
+            if self.module_path is not None:  # after the jitter: light falls off on what the camera saw
+                images = self.module_path(images)
         images = normalise(images, self.hparams.mean, self.hparams.std)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
