@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
+import signal
+import stat
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -275,6 +280,9 @@ def test_reviews_become_training_rows(reviewing, model, cells, tmp_path):
     assert client.post(f"/api/v1/review/{second['id']}", json={"labels": {}}).status_code == 200  # ok
     table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
     assert table.names == ["crack", "inactive"] and table.targets.tolist() == [[1, 0], [0, 0]]
+    for path, item in zip(table.paths, [first, second], strict=True):  # every row's image is there, whole
+        original = next(p for p in cells if p.name == item["name"])
+        np.testing.assert_array_equal(read_pixels(path), read_pixels(original))
     by_name = {c["name"]: c for c in answer}
     original = next(p for p in cells if p.name == first["name"])
     np.testing.assert_array_equal(load_cell(table.paths[0], model.decoding), load_cell(original, model.decoding))
@@ -287,7 +295,7 @@ def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, cells):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: folder.add(pixels, f"cell{i}.png", {"crack": i % 2}), range(48)))
     table = read_labels_csv(folder.csv)
-    assert len(table) == 48 and all(p.is_file() for p in table.paths)
+    assert len(table) == 48 and all(np.array_equal(read_pixels(p), pixels) for p in table.paths)
     assert sorted(table.targets[:, 0].tolist()) == [0] * 24 + [1] * 24
     # a killed writer's partial last line: dropped when the folder is opened again
     with open(folder.csv, "ab") as handle:
@@ -300,6 +308,78 @@ def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, cells):
     assert len(read_labels_csv(folder.csv)) == 49
     with pytest.raises(DataError, match="columns"):
         LabelsFolder(tmp_path / "labels", ["defective"])
+
+
+def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, cells, monkeypatch):
+    """The order that survives a power cut: the image fsync'ed and renamed into
+    cells/, cells/ fsync'ed (the rename), and only then the row appended and fsync'ed."""
+    folder = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
+    events = []
+    fsync, replace, write = os.fsync, os.replace, os.write
+
+    def what(fd: int) -> tuple[str, int]:
+        info = os.fstat(fd)
+        return ("folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino)
+
+    def recorded_fsync(fd):
+        events.append(("fsync", *what(fd)))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        replace(source, target)
+        events.append(("rename", "file", os.stat(target).st_ino))
+
+    def recorded_write(fd, data):
+        events.append(("write", *what(fd)))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(os, "write", recorded_write)
+    saved = folder.add(read_pixels(cells[0]), "c.png", {"crack": 1})
+    monkeypatch.undo()
+    image = os.stat(tmp_path / "labels" / saved.path).st_ino
+    assert events == [("fsync", "file", image), ("rename", "file", image),
+                      ("fsync", "folder", os.stat(folder.cells).st_ino),
+                      ("write", "file", os.stat(folder.csv).st_ino), ("fsync", "file", os.stat(folder.csv).st_ino)]
+    assert read_labels_csv(folder.csv).targets.tolist() == [[1, 0]]
+
+
+KEEP_ANSWERING = """
+import sys
+import numpy as np
+from elcell.review import LabelsFolder
+folder = LabelsFolder(sys.argv[1], ["crack", "inactive"])
+pixels = np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7
+i = 0
+while True:
+    folder.add(pixels, f"cell{i}.png", {"crack": i % 2})
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_station_leaves_every_row_with_its_image(tmp_path):
+    """kill -9 at some moment while answers are being written: every row there names
+    an image that decodes to the cell, and the folder opens again and goes on."""
+    folder = tmp_path / "labels"
+    pixels = np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7
+    writer = subprocess.Popen([sys.executable, "-c", KEEP_ANSWERING, str(folder)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "labels.csv").is_file() or (folder / "labels.csv").read_bytes().count(b"\n") < 40:
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer did not get going"
+            time.sleep(0.01)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    again = LabelsFolder(folder, ["crack", "inactive"])
+    table = read_labels_csv(again.csv)
+    assert len(table) == again.rows >= 39
+    for path in table.paths:
+        np.testing.assert_array_equal(read_pixels(path), pixels)
+    again.add(pixels, "after.png", {"inactive": 1})
+    assert len(read_labels_csv(again.csv)) == len(table) + 1
 
 
 def test_review_queue_hands_each_cell_to_one_reviewer():

@@ -8,18 +8,21 @@ answer to DIR/labels.csv in the training format (`path;crack;inactive`, the
 path relative to DIR) with the cell image beside it in DIR/cells/, so that
 `elcell train --data DIR/labels.csv` trains on it.
 
-Crash safety: the image is written first (temporary file, fsync, rename), the
-row after it, so a row never names a missing image. A row is appended with one
-write() on a file opened for appending, under a lock (a thread lock for this
-process, an advisory file lock for other processes on the same folder), then
-fsync'ed: concurrent reviewers never interleave. A server killed in the
-middle of that write can leave a partial last line; the next start drops it,
-and a row is never appended after a partial line, so the file stays readable
-by `read_labels_csv`. A failed write (disk full) is cut back off.
+Crash safety: the image is written first (temporary file, fsync, rename, then
+an fsync of cells/ so that the rename itself is on disk), the row after it,
+so a row never names a missing image, not even after a power cut. A row is
+appended with one write() on a file opened for appending, under a lock (a
+thread lock for this process, an advisory file lock for other processes on
+the same folder), then fsync'ed: concurrent reviewers never interleave. A
+server killed in the middle of that write can leave a partial last line; the
+next start drops it, and a row is never appended after a partial line, so the
+file stays readable by `read_labels_csv`. A failed write (disk full) is cut
+back off.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import secrets
@@ -68,6 +71,7 @@ class LabelsFolder:
         if self.folder.exists() and not self.folder.is_dir():
             raise DataError(f"--labels-out {self.folder}: exists and is not a folder")
         self.cells.mkdir(parents=True, exist_ok=True)
+        _sync_folder(self.folder)  # cells/ itself survives a power cut
         self.separator = SEPARATOR
         self.dropped_partial_line = False
         with self._locked():
@@ -123,7 +127,8 @@ class LabelsFolder:
             raise DataError(f"labels {sorted(unknown)} are not this model's; its labels are {self.labels}")
         values = [str(int(answer.get(label, 0))) for label in self.labels]
         file = f"cells/{time.strftime('%Y%m%d-%H%M%S')}_{safe_name(Path(name).stem)[:80]}_{secrets.token_hex(4)}.png"
-        _write_synced(self.folder / file, png(pixels), atomic=True)
+        _write_synced(self.folder / file, png(pixels), atomic=True)  # written, fsync'ed, renamed
+        _sync_folder(self.cells)  # the rename on disk before a row names the file
         line = (self.separator.join([file, *values]) + "\n").encode("utf-8")
         with self._locked():
             self._append(line)
@@ -174,15 +179,18 @@ def _write_synced(path: Path, data: bytes, atomic: bool = False) -> None:
 
 
 def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so a rename in it survives a power cut (POSIX only)."""
+    """fsync a folder, so a rename in it survives a power cut. Where folders
+    cannot be opened (Windows) or synced (some network file systems: EINVAL)
+    this does nothing; any other failure (EIO) is raised, as a file's is."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
