@@ -1,0 +1,69 @@
+"""Single fold models, their ensemble and the distilled student on the same
+held-out cells (docs/accuracy.md, K03), with bootstrap intervals and paired
+differences.
+
+    python experiments/kfold/score_distill.py runs/kfold/K03-teacher runs/kfold/K03-student \
+        runs/data/distill/test.csv --out runs/kfold/K03-scores.json
+
+The ensemble averages the fold models' probabilities; its thresholds are the
+teacher protocol's `oof_thresholds` (chosen on its pooled out-of-fold scores,
+never on these cells). The student and each fold model use their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from elcell.distill import teacher_models, teacher_probs
+from elcell.intervals import Scored, bootstrap, fmt, paired_difference
+from elcell.io import atomic_write_json
+from elcell.labels import read_labels_csv
+from elcell.runtime import decide, open_model
+from elcell.scoring import score_table
+
+SHOWN = ("mean_f1/at_0.5", "mean_f1/own", "crack/roc_auc", "inactive/roc_auc", "crack/own_recall_with_review",
+         "inactive/own_recall_with_review", "review_burden")
+
+
+def ensemble(models: list[Path], table, oof: dict, labels: list[str]) -> Scored:
+    probs = teacher_probs(models, table)[:, [table.names.index(label) for label in labels]]
+    decisions = decide(probs, [oof[label]["threshold"] for label in labels],
+                       [oof[label]["review_threshold"] for label in labels])
+    truth = table.targets[:, [table.names.index(label) for label in labels]].astype(np.float64)
+    return Scored([str(p) for p in table.paths], labels, truth, probs, np.asarray(decisions))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", type=Path)
+    parser.add_argument("student", type=Path)
+    parser.add_argument("test", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    table = read_labels_csv(args.test, group="type")
+    models = teacher_models(str(args.teacher))
+    scored = {f"single fold{i}": score_table(open_model(m), table, progress=False) for i, m in enumerate(models)}
+    labels = scored["single fold0"].labels
+    oof = json.loads((args.teacher / "kfold.json").read_text())["oof_thresholds"]
+    scored["ensemble"] = ensemble(models, table, oof, labels)
+    scored["student"] = score_table(open_model(args.student), table, progress=False)
+    report = {"cells": len(table), "figures": {name: bootstrap(s) for name, s in scored.items()},
+              "differences": {f"{b} - {a}": paired_difference(scored[a], scored[b])["figures"]
+                              for a, b in (("single fold0", "ensemble"), ("single fold0", "student"),
+                                           ("ensemble", "student"))}}
+    atomic_write_json(args.out, report)
+    print(f"{'model':<16}" + "".join(f"{name:>24}" for name in SHOWN))
+    for name, figures in report["figures"].items():
+        print(f"{name:<16}" + "".join(f"{fmt(figures[k]['value']) + ' [' + fmt(figures[k]['low']) + ',' + fmt(figures[k]['high']) + ']':>24}"
+                                      for k in SHOWN))
+    for pair, figures in report["differences"].items():
+        print(f"{pair:<24}" + "  ".join(f"{k} {fmt(figures[k]['difference'], '+.3f')} [{fmt(figures[k]['low'], '+.3f')}, "
+                                        f"{fmt(figures[k]['high'], '+.3f')}] {figures[k]['verdict']}" for k in SHOWN[:4]))
+
+
+if __name__ == "__main__":
+    main()
