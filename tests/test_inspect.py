@@ -4,6 +4,7 @@ ELPV cells and on the real module photos, with the tiny trained model."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_geometry import POLY_X_AT_Y860
+from test_report import parse_report
 
 from elcell.assemble import assemble_module
 from elcell.cli import main
@@ -132,6 +134,34 @@ def test_bad_photos_are_named_and_the_others_go_on(tiny_onnx, originals, tmp_pat
     assert modules["good"]["grade"] and not modules["good"]["error"]
     assert {row["module"] for row in read_csv(out / "cells.csv")} == {"good"}
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["good.png"]  # nothing half-written
+
+
+def test_the_report_shows_file_names_and_errors_as_text_not_markup(tiny_onnx, tmp_path):
+    """Photos named like markup, two that cannot be read (a truncated real photo; a
+    file that is no image, whose error repeats its name) and a real one that can:
+    report.html shows their names and errors escaped, and holds no markup of theirs."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    truncated = photos / "<img src=x onerror=alert(1)>.jpg"
+    truncated.write_bytes((DATA / "mono-2x2-MMEL1.jpg").read_bytes()[:5000])
+    not_an_image = photos / "<svg onload=alert(2)>.png"
+    not_an_image.write_bytes(b"<script>alert(3)</script>")
+    readable = photos / "<b onmouseover=alert(4)>poly.jpg"
+    shutil.copy(DATA / "poly-6x10-A1.jpg", readable)
+    out = tmp_path / "out"
+    assert main(["inspect", str(tiny_onnx), str(photos), "--grid", "6x10", "--out", str(out)]) == 1
+    modules = {row["path"]: row for row in read_csv(out / "modules.csv")}
+    assert "not a readable image" in modules[str(truncated)]["error"]
+    assert str(not_an_image) in modules[str(not_an_image)]["error"]  # the error text names the file
+    assert modules[str(readable)]["grade"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for markup in ("<img src=x", "<svg onload", "<script>", "<b onmouseover"):
+        assert markup not in page
+    for path in (truncated, not_an_image, readable):
+        assert html.escape(str(path)) in page
+    assert html.escape(modules[str(not_an_image)]["error"]) in page
+    parser = parse_report(out / "report.html")  # tags nest, no scripts, every image embedded
+    assert not parser.tags & {"svg", "b"} and len(parser.images) >= 1
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ reason, the others go on, and the command exits with status 1.
 from __future__ import annotations
 
 import csv
+import html
 import shutil
 import sys
 from collections.abc import Sequence
@@ -197,10 +198,12 @@ def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
                     [(row["module"], [row["grade"] or "-", row["rule"] or row["error"], row["defect_cells"],
                                       row["review_cells"], row["dark_area"], row["seconds"]]) for row in rows])
     body = [table_html(summary)]
+    esc = html.escape  # names, paths and errors come from file names, which can hold markup
     for row in rows:
-        body.append(f"<h2>{row['module']}: {'grade ' + row['grade'] if row['grade'] else 'not inspected'}</h2>")
+        body.append(f"<h2>{esc(row['module'])}: "
+                    f"{esc('grade ' + row['grade']) if row['grade'] else 'not inspected'}</h2>")
         if row["error"]:
-            body.append(f'<p class="note">{row["error"]}</p>')
+            body.append(f'<p class="note">{esc(row["path"])}: {esc(row["error"])}</p>')
             continue
         if (out / "maps" / f"{row['module']}.png").is_file():
             body.append(figures_html([(row["path"], out / "maps" / f"{row['module']}.png")], css="figures maps"))
