@@ -72,7 +72,8 @@ def test_report_embeds_every_image_it_names(tmp_path):
         Gallery("inactive: <true> positives & more", [
             GalleryItem("odd <name> & 'quotes'.png", Image.fromarray(cell), "")]),
     ]
-    tables = [Table("Summary", [], [("cells", [64]), ("mean F1", [0.71234567]), ("weighted F1", [float("nan")])]),
+    tables = [Table("Summary", [], [("cells", [64]), ("mean F1", [0.71234567]), ("weighted F1", [float("nan")]),
+                                    ("data", ["<img src=x onerror=alert(1)>.csv"])]),
               Table("Per label", ["precision", "recall", "support"],
                     [("crack", [0.5, 1.0, 12]), ("inactive", [0.25, 0.5, 4])])]
     out = write_report(tmp_path / "report" / "report.html", tables,
@@ -84,6 +85,9 @@ def test_report_embeds_every_image_it_names(tmp_path):
     assert alts == ["PR curve, crack", "matplotlib", *named]
     text = out.read_text()
     assert "Test &lt;report&gt;" in text and "0.7123" in text and "precision" in text
+    # what the report did not write (file names, a CSV's name) is text, never markup
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;.csv" in text
+    assert "odd <name>" not in text and "odd &lt;name&gt; &amp; &#x27;quotes&#x27;.png" in text
     assert text.count("<h3>") >= 5 and ">none<" in text  # every gallery shown, the empty one too
 
 

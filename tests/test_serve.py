@@ -145,6 +145,22 @@ def test_model_and_health(client, model):
     assert client.get(script).status_code == 200
 
 
+def test_the_page_shows_names_and_errors_as_text(client):
+    """The page builds its DOM from the API's answers, which hold uploaded file names
+    and error texts: only as text nodes and attributes, never parsed as HTML."""
+    script = client.get("/static/app.js").text
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                 "createContextualFragment", "DOMParser"):
+        assert sink not in script, sink
+    assert "document.createElement(tag)" in script and "node.append(child)" in script  # el(): text children
+    name = "<img src=x onerror=alert(1)>.png"
+    answer = client.post("/api/v1/cells", files=[("files", (name, b"no image", "image/png")),
+                                                 ("files", ("ok.png", png_bytes(np.zeros((64, 64), np.uint8)),
+                                                            "image/png"))])
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    assert answer.json()["cells"][0]["name"] == name  # JSON, not HTML: the page escapes by using text nodes
+
+
 # --------------------------------------------------------------------------- status codes
 def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
     app = create_app(model, Settings(token="s3cret", max_upload_mb=0.5))
