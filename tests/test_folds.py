@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from elcell.data import fold_split
 from elcell.errors import DataError
-from elcell.folds import assign_folds, fold_split, strata
+from elcell.folds import assign_folds, strata
 from elcell.intervals import Scored, align, bootstrap, paired_difference, point_figures
 from elcell.labels import LabelTable
 
@@ -189,7 +190,8 @@ def test_a_label_no_cell_knows_gives_no_figure_rather_than_a_crash():
 def test_a_protocol_refuses_data_whose_cells_moved_between_folds(seed_csv, tmp_path):
     from elcell.config import TrainConfig
     from elcell.errors import DataError
-    from elcell.kfold import ASSIGNMENT, _assignment, _check_assignment
+    from elcell.folds import ASSIGNMENT
+    from elcell.kfold import _assignment, _check_assignment
     from elcell.labels import read_labels_csv
 
     config = TrainConfig(data=str(seed_csv), folds=3)

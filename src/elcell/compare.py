@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from elcell.errors import DataError
+from elcell.folds import OOF, PROTOCOL
 from elcell.intervals import Scored, align, fmt, paired_difference, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.kfold import OOF, PROTOCOL
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from elcell.errors import DataError, ImageError
+from elcell.folds import assign_folds
 from elcell.images import Decoding, load_cell
 from elcell.io import atomic_write_text
 from elcell.labels import LabelTable
@@ -68,6 +69,19 @@ def stratified_split(
 def _label_fields(targets: np.ndarray) -> list[str]:
     """A row's labels as the labels CSV writes them: empty where unknown (NaN)."""
     return ["" if np.isnan(t) else f"{t:g}" for t in targets]
+
+
+def fold_split(table: LabelTable, k: int, fold: int, val_fraction: float, seed: int) -> np.ndarray:
+    """The split of fold `fold`: its cells are `test`, and of the others a
+    stratified `val_fraction` is `val` (early stopping, the best checkpoint and
+    the thresholds are chosen on those), the rest `train`."""
+    if not 0 <= fold < k:
+        raise DataError(f"--fold {fold}: must be in 0..{k - 1} for --folds {k}")
+    folds = assign_folds(table, k, seed)
+    split = np.full(len(table), "test", dtype=object)
+    rest = np.flatnonzero(folds != fold)
+    split[rest] = stratified_split(table.subset(rest), val_fraction, seed + fold)
+    return split.astype(str)
 
 
 def write_split_csv(run: Path, table: LabelTable, split: np.ndarray) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from elcell.errors import DataError
-from elcell.kfold import PROTOCOL, finished_folds, fold_folder
+from elcell.folds import PROTOCOL, finished_folds, fold_folder
 from elcell.labels import LabelTable
 from elcell.runtime import default_workers, open_model, resolve_model_path, score_files
 

@@ -1,17 +1,32 @@
-"""K-fold assignment: which cells each model of a k-fold protocol holds out.
+"""K-fold assignment, and where a k-fold protocol keeps what it writes.
 
-Torch-free, so `evaluate`, `compare` and the k-fold report can recompute a
-protocol's folds without the training stack. The assignment depends on the
-table, K and the seed alone, so every fold of a protocol (run in one session
-or spread over several) agrees on it.
+Torch-free, so `compare` and `--teacher` read a protocol's folder without the
+training stack. The assignment depends on the table, K and the seed alone, so
+every fold of a protocol (run in one session or spread over several) agrees
+on it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from elcell.errors import DataError
 from elcell.labels import LabelTable
+
+PROTOCOL = "kfold.yaml"  # the options the protocol was started with
+OOF = "oof.csv"  # every cell scored by the fold model that did not train on it
+ASSIGNMENT = "folds.csv"  # each cell's fold: a later session must find the same
+
+
+def fold_folder(run: Path, fold: int) -> Path:
+    return run / f"fold{fold}"
+
+
+def finished_folds(run: Path, folds: int) -> list[int]:
+    """The folds with a summary.json: trained, exported and scored."""
+    return [i for i in range(folds) if (fold_folder(run, i) / "summary.json").is_file()]
 
 
 def strata(table: LabelTable) -> list[tuple]:
@@ -43,19 +58,3 @@ def assign_folds(table: LabelTable, k: int, seed: int) -> np.ndarray:
         folds[members] = (dealer + np.arange(len(members))) % k
         dealer = (dealer + len(members)) % k
     return folds
-
-
-def fold_split(table: LabelTable, k: int, fold: int, val_fraction: float, seed: int) -> np.ndarray:
-    """The split of fold `fold`: its cells are `test`, and of the others a
-    stratified `val_fraction` is `val` (early stopping, the best checkpoint and
-    the thresholds are chosen on those), the rest `train`."""
-    if not 0 <= fold < k:
-        raise DataError(f"--fold {fold}: must be in 0..{k - 1} for --folds {k}")
-    # imported here: elcell.data needs torch, and evaluate/compare import this module without it
-    from elcell.data import stratified_split
-
-    folds = assign_folds(table, k, seed)
-    split = np.full(len(table), "test", dtype=object)
-    rest = np.flatnonzero(folds != fold)
-    split[rest] = stratified_split(table.subset(rest), val_fraction, seed + fold)
-    return split.astype(str)

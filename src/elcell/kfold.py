@@ -26,23 +26,18 @@ import numpy as np
 import yaml
 
 from elcell.config import TrainConfig, complete_run_record
+from elcell.data import check_labels, fold_split, limit_table
 from elcell.errors import DataError
-from elcell.folds import assign_folds, fold_split
+from elcell.folds import ASSIGNMENT, OOF, PROTOCOL, assign_folds, finished_folds, fold_folder
 from elcell.intervals import Scored, bootstrap, fmt, point_figures, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.labels import LabelTable, load_table
 from elcell.metrics import tune
+from elcell.train import check_options, prepare, train, with_absolute_paths
 
-PROTOCOL = "kfold.yaml"  # the options the protocol was started with
-OOF = "oof.csv"  # every cell scored by the fold model that did not train on it
-ASSIGNMENT = "folds.csv"  # each cell's fold: a later session must find the same
 # options that say how, not what, a fold is trained: a later session may change them
 HOW = {"progress", "workers", "devices", "accelerator", "precision", "num_nodes", "cache_dir", "resume"}
 SPREAD = ("mean_f1/at_0.5", "mean_f1/own", "review_burden")
-
-
-def fold_folder(run: Path, fold: int) -> Path:
-    return run / f"fold{fold}"
 
 
 def _options(yaml_text: str, also: tuple[str, ...] = ()) -> dict:
@@ -75,9 +70,6 @@ def _start_protocol(run: Path, config: TrainConfig) -> None:
     """Check every fold's inputs (bad options, data or a label missing from a
     fold stop the protocol before its folder exists), then record the options
     and each cell's fold."""
-    from elcell.data import check_labels
-    from elcell.train import prepare  # imports torch
-
     table, _, _ = prepare(replace(config, fold=0))  # also decodes the cells into the cache the folds reuse
     for fold in range(1, config.folds):
         check_labels(table, fold_split(table, config.folds, fold, config.val_fraction, config.seed))
@@ -96,8 +88,6 @@ def _check_assignment(run: Path, config: TrainConfig) -> None:
     started: an edited CSV would mix folds that saw each other's test cells."""
     table = load_table(config.data, group=config.group)
     if config.limit:
-        from elcell.data import limit_table
-
         table = limit_table(table, config.limit, config.seed)
     if not (run / ASSIGNMENT).is_file():  # a protocol started before the record existed
         atomic_write_text(run / ASSIGNMENT, _assignment(table, config))
@@ -110,8 +100,6 @@ def _check_assignment(run: Path, config: TrainConfig) -> None:
 def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
     """Train fold `fold` unless it finished: resume it from its last epoch, or
     start it again if it stopped before finishing one."""
-    from elcell.train import train  # imports torch
-
     folder = fold_folder(run, fold)
     fold_config = replace(config, out=str(folder), fold=fold, resume=None)
     if (folder / "config.yaml").is_file():  # trained, or begun, by an earlier session: the same fold?
@@ -140,8 +128,6 @@ def run_fold(config: TrainConfig, run: Path, fold: int) -> None:
 
 def run_kfold(config: TrainConfig) -> dict:
     """Every fold of the protocol, then its report."""
-    from elcell.train import check_options, with_absolute_paths  # imports torch
-
     if not config.out:
         raise DataError("--folds needs --out: the protocol's folder, so that the same command "
                         "again continues it")
@@ -161,10 +147,6 @@ def run_kfold(config: TrainConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-def finished_folds(run: Path, folds: int) -> list[int]:
-    return [i for i in range(folds) if (fold_folder(run, i) / "summary.json").is_file()]
-
-
 def gather_oof(run: Path, folds: list[int]) -> Scored:
     """The finished folds' test predictions, one row per cell, with its fold."""
     parts = []

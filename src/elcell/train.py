@@ -35,6 +35,7 @@ from elcell.data import (
     CellDataModule,
     build_cache,
     check_labels,
+    fold_split,
     limit_table,
     pixel_stats,
     pos_weights,
@@ -45,7 +46,6 @@ from elcell.distill import taught
 from elcell.errors import DataError
 from elcell.evaluate import evaluate
 from elcell.export import export_checkpoint
-from elcell.folds import fold_split
 from elcell.hardware import check_devices, gpu_available, machine, resolve_precision
 from elcell.history import EpochLines, merge_session_logs, next_session, plot_losses
 from elcell.io import atomic_write_json, atomic_write_text
