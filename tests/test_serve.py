@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
-import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -359,43 +356,6 @@ def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, cells, mo
                       ("fsync", "folder", os.stat(folder.cells).st_ino),
                       ("write", "file", os.stat(folder.csv).st_ino), ("fsync", "file", os.stat(folder.csv).st_ino)]
     assert read_labels_csv(folder.csv).targets.tolist() == [[1, 0]]
-
-
-KEEP_ANSWERING = """
-import sys
-import numpy as np
-from elcell.review import LabelsFolder
-folder = LabelsFolder(sys.argv[1], ["crack", "inactive"])
-pixels = np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7
-i = 0
-while True:
-    folder.add(pixels, f"cell{i}.png", {"crack": i % 2})
-    i += 1
-"""
-
-
-@pytest.mark.slow
-def test_a_killed_station_leaves_every_row_with_its_image(tmp_path):
-    """kill -9 at some moment while answers are being written: every row there names
-    an image that decodes to the cell, and the folder opens again and goes on."""
-    folder = tmp_path / "labels"
-    pixels = np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7
-    writer = subprocess.Popen([sys.executable, "-c", KEEP_ANSWERING, str(folder)])
-    try:
-        deadline = time.monotonic() + 60
-        while not (folder / "labels.csv").is_file() or (folder / "labels.csv").read_bytes().count(b"\n") < 40:
-            assert writer.poll() is None and time.monotonic() < deadline, "the writer did not get going"
-            time.sleep(0.01)
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-    again = LabelsFolder(folder, ["crack", "inactive"])
-    table = read_labels_csv(again.csv)
-    assert len(table) == again.rows >= 39
-    for path in table.paths:
-        np.testing.assert_array_equal(read_pixels(path), pixels)
-    again.add(pixels, "after.png", {"inactive": 1})
-    assert len(read_labels_csv(again.csv)) == len(table) + 1
 
 
 def test_review_queue_hands_each_cell_to_one_reviewer():
