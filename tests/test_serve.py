@@ -13,11 +13,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from servehelp import bomb_png, png_bytes
+from servehelp import RunningServer, bomb_png, png_bytes
+from starlette.websockets import WebSocketDisconnect
 
 from elcell.batcher import Batcher, QueueFull
 from elcell.cli import build_parser, main
@@ -30,6 +32,7 @@ from elcell.runtime import open_model, score_cells
 from elcell.serve import Settings, create_app
 
 MODULES = Path(__file__).parent / "data" / "modules"
+STATION = "http://127.0.0.1:8000"  # the station's own address: TestClient's default host is refused
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -50,7 +53,7 @@ def cells(seed_csv) -> list[Path]:
 
 @pytest.fixture()
 def client(model, tmp_path):
-    with TestClient(create_app(model, Settings(labels_out=tmp_path / "reviewed"))) as client:
+    with TestClient(create_app(model, Settings(labels_out=tmp_path / "reviewed")), base_url=STATION) as client:
         yield client
 
 
@@ -162,7 +165,7 @@ def test_the_page_shows_names_and_errors_as_text(client):
 def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
     app = create_app(model, Settings(token="s3cret", max_upload_mb=0.5))
     auth = {"Authorization": "Bearer s3cret"}
-    with TestClient(app) as client:
+    with TestClient(app, base_url=STATION) as client:
         assert client.post("/api/v1/cells", files=upload(cells[:1])).status_code == 401
         wrong = client.get("/api/v1/model", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "token" in wrong.json()["detail"]
@@ -207,10 +210,46 @@ def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
         assert client.get("/api/v1/review/next", headers=auth).status_code == 404  # review loop off
 
 
+def test_requests_naming_other_hosts_are_refused(model, cells, tmp_path):
+    """DNS rebinding: a page at evil.example whose name now resolves to the station
+    sends Host: evil.example. Only the station's own names pass, with any port."""
+    settings = Settings(host="10.0.4.17", allowed_hosts=("Inspection-PC.plant.local", "[fd00::17]"),
+                        labels_out=tmp_path / "reviewed")
+    with TestClient(create_app(model, settings), base_url=STATION) as client:
+        for host in ("localhost", "localhost:8000", "127.0.0.1", "127.0.0.1:8000", "[::1]", "[::1]:8000",
+                     "10.0.4.17", "10.0.4.17:8000", "inspection-pc.plant.local:8000", "INSPECTION-PC.plant.local.",
+                     "[fd00::17]:8000"):
+            assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+            assert client.get("/api/v1/model", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
+                     "10.0.4.18", "[::2]:8000", "localhost:8000:8000", "[::1]x", "0.0.0.0:8000"):
+            for answer in (client.get("/", headers={"Host": host}), client.get("/healthz", headers={"Host": host}),
+                           client.post("/api/v1/cells", headers={"Host": host}, files=upload(cells[:1])),
+                           client.post("/api/v1/review/abc", headers={"Host": host}, json={"labels": {}})):
+                assert answer.status_code == 400, (host, answer.status_code)
+                detail = answer.json()["detail"]
+                assert repr(host) in detail and "--allowed-host" in detail and detail.count(". ") == 0, detail
+        assert client.get("/api/v1/review").json()["waiting"] == 0  # the refused upload reached nothing
+        no_host = client.get("/healthz", headers={"Host": ""})
+        assert no_host.status_code == 400 and "no Host header" in no_host.json()["detail"]
+        with pytest.raises(WebSocketDisconnect) as closed:  # a WebSocket is refused the same way
+            with client.websocket_connect("/ws", headers={"Host": "evil.example"}):
+                pass
+        assert closed.value.code == 1008 and "--allowed-host" in closed.value.reason
+    with pytest.raises(DataError, match="--allowed-host '\\*'"):  # a name, not a pattern
+        create_app(model, Settings(allowed_hosts=("*",)))
+    with RunningServer(create_app(model, Settings())) as server:  # through uvicorn as a browser would come
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        refused = httpx.get(f"{server.url}/healthz", headers={"Host": "evil.example"})
+        assert refused.status_code == 400 and "evil.example" in refused.json()["detail"]
+        port = server.url.rsplit(":", 1)[1]
+        assert httpx.get(f"{server.url}/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
 def test_a_full_queue_answers_503_with_retry_after(model, cells):
     app = create_app(model, Settings(max_queue=1))
     release = threading.Event()
-    with TestClient(app) as client:
+    with TestClient(app, base_url=STATION) as client:
         batcher = app.state.station.batcher
         blocker = threading.Thread(target=lambda: asyncio.run(batcher.call(release.wait)))
         blocker.start()
@@ -270,7 +309,7 @@ def reviewing(model, cells, tmp_path):
     probs = score_cells(model, [load_cell(p, model.decoding) for p in cells]).probs
     middle = float(np.median(probs[:, 0]))
     settings = Settings(labels_out=tmp_path / "reviewed", thresholds=[middle, 1.0], review_thresholds=[middle, 1.0])
-    with TestClient(create_app(model, settings)) as client:
+    with TestClient(create_app(model, settings), base_url=STATION) as client:
         yield client
 
 
@@ -375,3 +414,5 @@ def test_the_command_line():
     args = build_parser().parse_args(["serve", "m.onnx"])
     assert (args.host, args.port, args.max_upload_mb, args.labels_out, args.module) == \
         ("127.0.0.1", 8000, 50.0, None, "elcell.serve")
+    args = build_parser().parse_args(["serve", "m.onnx", "--allowed-host", "a", "--allowed-host", "b.lan"])
+    assert args.allowed_host == ["a", "b.lan"]

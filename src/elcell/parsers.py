@@ -201,10 +201,17 @@ def add_serve(commands) -> None:
     parser = command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
                       "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
                       "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
-                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`.")
+                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`. Requests are answered only "
+                      "when their Host header names localhost, 127.0.0.1, [::1], --host or an --allowed-host "
+                      "(others get 400, so a web page elsewhere cannot reach the station through DNS "
+                      "rebinding).")
     parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
     parser.add_argument("--port", type=positive_int, default=8000, help="TCP port")
+    parser.add_argument("--allowed-host", action="append", metavar="NAME",
+                        help="a host name or address clients use to reach the station, e.g. inspection-pc or "
+                             "10.0.4.17 (repeatable); requests naming other hosts get 400. Loopback names and "
+                             "--host are always allowed")
     parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default: $ELCELL_TOKEN)")
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
     parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")

@@ -1,7 +1,8 @@
 """`elcell serve`: an inspection station's web page and HTTP API, and the review
 loop that turns an operator's answers into training data. Torch-free.
 
-    elcell serve MODEL.onnx [--host 127.0.0.1] [--port 8000] [--labels-out DIR] [--token T]
+    elcell serve MODEL.onnx [--host 127.0.0.1] [--port 8000] [--labels-out DIR]
+                 [--token T] [--allowed-host NAME ...]
 
 The API (JSON, OpenAPI at /docs) scores cell images and inspects module
 photos with the numbers `elcell predict` and `elcell inspect` give; the page
@@ -9,7 +10,8 @@ at / is served by the app itself (no CDN: inspection PCs are often offline).
 Requests from concurrent clients are batched (elcell.batcher); results are
 kept for the page in a bounded store (elcell.results); answers to the review
 loop go to DIR/labels.csv (elcell.review). Bad input is a 4xx with one
-sentence naming the file or field, never a 500.
+sentence naming the file or field, never a 500. Requests naming a host the
+station does not serve are refused (elcell.guard).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from elcell import __version__
 from elcell.batcher import QueueFull
 from elcell.errors import DataError, ImageError
 from elcell.geometry import parse_grid
-from elcell.guard import Guard
+from elcell.guard import Guard, is_loopback, served_hosts
 from elcell.images import to_cell
 from elcell.inspect import inspect_module
 from elcell.io import safe_name
@@ -91,7 +93,8 @@ def create_app(model: Model, settings: Settings | None = None) -> FastAPI:
                          description="Cracks and inactive regions in EL images of solar cells and modules. "
                                      "Errors are JSON {\"detail\": ...}.")
     app.state.station = station
-    app.add_middleware(Guard, token=settings.token, max_body=int(settings.max_upload_mb * 2**20))
+    app.add_middleware(Guard, token=settings.token, max_body=int(settings.max_upload_mb * 2**20),
+                       hosts=served_hosts(settings.host, settings.allowed_hosts))
     _handlers(app)
     _routes(app, station)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -315,12 +318,15 @@ def main(args) -> int:
     to 30 s) and then the batcher's queue, and exit."""
     if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
         raise DataError("--max-upload-mb must be above 0 and --max-wait-ms at least 0")
+    token = args.token or os.environ.get("ELCELL_TOKEN") or None
+    hosts = served_hosts(args.host, args.allowed_host or ())
+    local = is_loopback(args.host)
     model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
     info = model.info
-    token = args.token or os.environ.get("ELCELL_TOKEN") or None
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     settings = Settings(
-        token=token, max_upload_mb=args.max_upload_mb, labels_out=Path(args.labels_out) if args.labels_out else None,
+        token=token, host=args.host, allowed_hosts=tuple(args.allowed_host or ()), max_upload_mb=args.max_upload_mb,
+        labels_out=Path(args.labels_out) if args.labels_out else None,
         batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         thresholds=thresholds, review_thresholds=review, rules=args.rules)
     app = create_app(model, settings)
@@ -331,7 +337,10 @@ def main(args) -> int:
         say += f"; reviews to {folder.csv} ({folder.rows} rows" + \
             (", a partial last line dropped)" if folder.dropped_partial_line else ")")
     print(say, file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+    if not local:
+        print(f"elcell: answering requests for {', '.join(sorted(hosts))}; others get 400 (add the names clients "
+              "use with --allowed-host NAME)", file=sys.stderr)
+    if not local and not token:
         print(f"elcell: warning: listening on {args.host} without a token: anyone who reaches this machine can "
               "use the API (set --token or ELCELL_TOKEN)", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=30,

@@ -27,6 +27,8 @@ class Settings:
     """How `elcell serve` runs (its command-line options)."""
 
     token: str | None = None
+    host: str = "127.0.0.1"  # the address it listens on: a name it answers to, as the loopback names are
+    allowed_hosts: tuple[str, ...] = ()  # further names it answers to (--allowed-host)
     max_upload_mb: float = 50.0
     labels_out: Path | None = None
     batch_size: int = 16
