@@ -414,5 +414,32 @@ def test_the_command_line():
     args = build_parser().parse_args(["serve", "m.onnx"])
     assert (args.host, args.port, args.max_upload_mb, args.labels_out, args.module) == \
         ("127.0.0.1", 8000, 50.0, None, "elcell.serve")
-    args = build_parser().parse_args(["serve", "m.onnx", "--allowed-host", "a", "--allowed-host", "b.lan"])
-    assert args.allowed_host == ["a", "b.lan"]
+    args = build_parser().parse_args(["serve", "m.onnx", "--allowed-host", "a", "--allowed-host", "b.lan",
+                                      "--token-file", "t.txt"])
+    assert (args.allowed_host, args.token_file, args.token) == (["a", "b.lan"], "t.txt", None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m.onnx", "--token", "x", "--token-file", "t.txt"])
+
+
+def test_serve_starts_with_a_token_file_and_its_hosts(tiny_onnx, tmp_path, monkeypatch):
+    """`elcell serve --token-file F --allowed-host N`, up to the app it would run."""
+    monkeypatch.delenv("ELCELL_TOKEN", raising=False)
+    started = []
+    monkeypatch.setattr("elcell.serve._Server.run", lambda server: started.append(server.config))
+    (tmp_path / "token.txt").write_text("  tok-from-file\n")
+    assert main(["serve", str(tiny_onnx), "--host", "0.0.0.0", "--labels-out", str(tmp_path / "reviewed"),
+                 "--token-file", str(tmp_path / "token.txt"), "--allowed-host", "inspection-pc"]) == 0
+    (config,) = started
+    assert config.host == "0.0.0.0"
+    with TestClient(config.app, base_url="http://inspection-pc:8000") as client:
+        assert client.get("/api/v1/model").status_code == 401
+        assert client.get("/api/v1/model", headers={"Authorization": "Bearer tok-from-file"}).status_code == 200
+        assert client.get("/api/v1/model", headers={"Host": "other-pc:8000"}).status_code == 400
+
+
+def test_a_token_file_must_hold_a_token(tiny_onnx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("elcell.serve._Server.run", lambda server: pytest.fail("the station started"))
+    (tmp_path / "empty.txt").write_text(" \n")
+    for file, why in (("missing.txt", "cannot read it"), ("empty.txt", "the file is empty")):
+        assert main(["serve", str(tiny_onnx), "--token-file", str(tmp_path / file)]) == 2
+        assert f"elcell: error: --token-file {tmp_path / file}: {why}" in capsys.readouterr().err

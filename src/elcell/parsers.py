@@ -201,7 +201,8 @@ def add_serve(commands) -> None:
     parser = command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
                       "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
                       "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
-                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`. Requests are answered only "
+                      "flagged cells on the page, into DIR/labels.csv for `elcell train --data`. A token "
+                      "(--token-file FILE, or $ELCELL_TOKEN) is required on the API when set. Requests are answered only "
                       "when their Host header names localhost, 127.0.0.1, [::1], --host or an --allowed-host "
                       "(others get 400, so a web page elsewhere cannot reach the station through DNS "
                       "rebinding).")
@@ -212,7 +213,12 @@ def add_serve(commands) -> None:
                         help="a host name or address clients use to reach the station, e.g. inspection-pc or "
                              "10.0.4.17 (repeatable); requests naming other hosts get 400. Loopback names and "
                              "--host are always allowed")
-    parser.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default: $ELCELL_TOKEN)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--token-file", metavar="FILE",
+                        help="require 'Authorization: Bearer TOKEN' on the API, TOKEN read from FILE (stripped); "
+                             "keeps it off the command line, which other users of the machine can see")
+    secret.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API; visible in the process "
+                                        "list, prefer --token-file or $ELCELL_TOKEN (the default)")
     parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
     parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
     _add_threshold_options(parser)

@@ -2,7 +2,7 @@
 loop that turns an operator's answers into training data. Torch-free.
 
     elcell serve MODEL.onnx [--host 127.0.0.1] [--port 8000] [--labels-out DIR]
-                 [--token T] [--allowed-host NAME ...]
+                 [--token-file FILE | --token T] [--allowed-host NAME ...]
 
 The API (JSON, OpenAPI at /docs) scores cell images and inspects module
 photos with the numbers `elcell predict` and `elcell inspect` give; the page
@@ -318,7 +318,7 @@ def main(args) -> int:
     to 30 s) and then the batcher's queue, and exit."""
     if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
         raise DataError("--max-upload-mb must be above 0 and --max-wait-ms at least 0")
-    token = args.token or os.environ.get("ELCELL_TOKEN") or None
+    token = _token(args)
     hosts = served_hosts(args.host, args.allowed_host or ())
     local = is_loopback(args.host)
     model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
@@ -342,12 +342,26 @@ def main(args) -> int:
               "use with --allowed-host NAME)", file=sys.stderr)
     if not local and not token:
         print(f"elcell: warning: listening on {args.host} without a token: anyone who reaches this machine can "
-              "use the API (set --token or ELCELL_TOKEN)", file=sys.stderr)
+              "use the API (set --token-file FILE or ELCELL_TOKEN)", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=30,
                             log_level=args.log_level, access_log=args.log_level == "debug", server_header=False)
     _Server(config).run()
     print("elcell: stopped; requests in flight were answered", file=sys.stderr)
     return 0
+
+
+def _token(args) -> str | None:
+    """The token: from --token-file (stripped), --token, or $ELCELL_TOKEN; None for none."""
+    if getattr(args, "token_file", None):
+        path = Path(args.token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"--token-file {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+        if not token:
+            raise DataError(f"--token-file {path}: the file is empty; write the token into it")
+        return token
+    return args.token or os.environ.get("ELCELL_TOKEN") or None
 
 
 class _Server(uvicorn.Server):
