@@ -443,3 +443,23 @@ def test_a_token_file_must_hold_a_token(tiny_onnx, tmp_path, monkeypatch, capsys
     for file, why in (("missing.txt", "cannot read it"), ("empty.txt", "the file is empty")):
         assert main(["serve", str(tiny_onnx), "--token-file", str(tmp_path / file)]) == 2
         assert f"elcell: error: --token-file {tmp_path / file}: {why}" in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_open_to_the_network(tiny_onnx, tmp_path, monkeypatch, capsys):
+    """Beyond loopback with --labels-out and no token: refused before the model is
+    opened (exit 2), not only warned about; on loopback, or with a token, it starts."""
+    monkeypatch.delenv("ELCELL_TOKEN", raising=False)
+    started = []
+    monkeypatch.setattr("elcell.serve._Server.run", lambda server: started.append(server.config.host))
+    labels = ["--labels-out", str(tmp_path / "reviewed")]
+    for host in ("0.0.0.0", "::", "192.168.1.20", "inspection-pc"):
+        assert main(["serve", str(tiny_onnx), "--host", host, *labels]) == 2
+        err = capsys.readouterr().err
+        assert f"elcell: error: --host {host} with --labels-out and no token" in err and "--token-file" in err
+    assert not started and not (tmp_path / "reviewed").exists()
+    assert main(["serve", str(tiny_onnx), "--host", "127.0.0.1", *labels]) == 0
+    assert main(["serve", str(tiny_onnx), "--host", "0.0.0.0"]) == 0  # no labels to write: a warning
+    assert "without a token" in capsys.readouterr().err
+    monkeypatch.setenv("ELCELL_TOKEN", "tok")
+    assert main(["serve", str(tiny_onnx), "--host", "0.0.0.0", *labels]) == 0
+    assert started == ["127.0.0.1", "0.0.0.0", "0.0.0.0"]

@@ -202,7 +202,8 @@ def add_serve(commands) -> None:
                       "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
                       "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
                       "flagged cells on the page, into DIR/labels.csv for `elcell train --data`. A token "
-                      "(--token-file FILE, or $ELCELL_TOKEN) is required on the API when set. Requests are answered only "
+                      "(--token-file FILE, or $ELCELL_TOKEN) is required on the API when set; listening beyond "
+                      "this machine (--host 0.0.0.0) with --labels-out needs one. Requests are answered only "
                       "when their Host header names localhost, 127.0.0.1, [::1], --host or an --allowed-host "
                       "(others get 400, so a web page elsewhere cannot reach the station through DNS "
                       "rebinding).")

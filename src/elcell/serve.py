@@ -321,6 +321,10 @@ def main(args) -> int:
     token = _token(args)
     hosts = served_hosts(args.host, args.allowed_host or ())
     local = is_loopback(args.host)
+    if not local and args.labels_out and not token:
+        raise DataError(f"--host {args.host} with --labels-out and no token: anyone on the network could write "
+                        "training labels; give a token (--token-file FILE or $ELCELL_TOKEN) or listen on "
+                        "127.0.0.1")
     model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
