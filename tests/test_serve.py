@@ -246,6 +246,22 @@ def test_requests_naming_other_hosts_are_refused(model, cells, tmp_path):
         assert httpx.get(f"{server.url}/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
 
 
+def test_the_schema_declares_the_token_so_docs_can_send_it(model):
+    with TestClient(create_app(model, Settings(token="s3cret")), base_url=STATION) as client:
+        schema = client.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["bearer"]["type"] == "http"
+        assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        api = [(path, op) for path, ops in schema["paths"].items() for op in ops.values()]
+        assert len(api) >= 12 and all(op.get("security") == [{"bearer": []}] for path, op in api
+                                      if path.startswith("/api/"))
+        assert "security" not in schema["paths"]["/healthz"]["get"]
+        # what /docs sends after "Authorize": the scheme's header, checked by the token
+        assert client.get("/api/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/api/v1/model", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+    with TestClient(create_app(model, Settings()), base_url=STATION) as client:
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
 def test_a_full_queue_answers_503_with_retry_after(model, cells):
     app = create_app(model, Settings(max_queue=1))
     release = threading.Event()

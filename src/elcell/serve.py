@@ -11,7 +11,8 @@ Requests from concurrent clients are batched (elcell.batcher); results are
 kept for the page in a bounded store (elcell.results); answers to the review
 loop go to DIR/labels.csv (elcell.review). Bad input is a 4xx with one
 sentence naming the file or field, never a 500. Requests naming a host the
-station does not serve are refused (elcell.guard).
+station does not serve are refused (elcell.guard); with a token the schema
+declares it as HTTP bearer, so /docs can send it ("Authorize").
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from elcell import __version__
 from elcell.batcher import QueueFull
 from elcell.errors import DataError, ImageError
 from elcell.geometry import parse_grid
-from elcell.guard import Guard, is_loopback, served_hosts
+from elcell.guard import PROTECTED, Guard, is_loopback, served_hosts
 from elcell.images import to_cell
 from elcell.inspect import inspect_module
 from elcell.io import safe_name
@@ -97,8 +98,31 @@ def create_app(model: Model, settings: Settings | None = None) -> FastAPI:
                        hosts=served_hosts(settings.host, settings.allowed_hosts))
     _handlers(app)
     _routes(app, station)
+    if settings.token:
+        _declare_bearer(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """Declare the token in the OpenAPI schema: an HTTP bearer scheme on every route
+    Guard protects, so that /docs offers "Authorize" and sends it. Guard still checks it."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer",
+                "description": "the station's token (elcell serve --token-file, $ELCELL_TOKEN or --token)"}
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith(PROTECTED):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _handlers(app: FastAPI) -> None:
