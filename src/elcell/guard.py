@@ -16,8 +16,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -168,3 +170,17 @@ async def _json(send: Send, status: int, detail: str, extra: list[tuple[bytes, b
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *extra]})
     await send({"type": "http.response.body", "body": body})
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    """The token: from --token-file (stripped), --token, or $ELCELL_TOKEN; None for none."""
+    if token_file:
+        path = Path(token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"--token-file {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+        if not token:
+            raise DataError(f"--token-file {path}: the file is empty; write the token into it")
+        return token
+    return token or os.environ.get("ELCELL_TOKEN") or None

@@ -17,7 +17,6 @@ declares it as HTTP bearer, so /docs can send it ("Authorize").
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,7 +36,7 @@ from elcell import __version__
 from elcell.batcher import QueueFull
 from elcell.errors import DataError, ImageError
 from elcell.geometry import parse_grid
-from elcell.guard import PROTECTED, Guard, is_loopback, served_hosts
+from elcell.guard import PROTECTED, Guard, is_loopback, read_token, served_hosts
 from elcell.images import to_cell
 from elcell.inspect import inspect_module
 from elcell.io import safe_name
@@ -342,7 +341,7 @@ def main(args) -> int:
     to 30 s) and then the batcher's queue, and exit."""
     if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
         raise DataError("--max-upload-mb must be above 0 and --max-wait-ms at least 0")
-    token = _token(args)
+    token = read_token(args.token, getattr(args, "token_file", None))
     hosts = served_hosts(args.host, args.allowed_host or ())
     local = is_loopback(args.host)
     if not local and args.labels_out and not token:
@@ -376,20 +375,6 @@ def main(args) -> int:
     _Server(config).run()
     print("elcell: stopped; requests in flight were answered", file=sys.stderr)
     return 0
-
-
-def _token(args) -> str | None:
-    """The token: from --token-file (stripped), --token, or $ELCELL_TOKEN; None for none."""
-    if getattr(args, "token_file", None):
-        path = Path(args.token_file)
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"--token-file {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
-        if not token:
-            raise DataError(f"--token-file {path}: the file is empty; write the token into it")
-        return token
-    return args.token or os.environ.get("ELCELL_TOKEN") or None
 
 
 class _Server(uvicorn.Server):
