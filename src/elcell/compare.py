@@ -22,6 +22,7 @@ from elcell.errors import DataError
 from elcell.folds import OOF, PROTOCOL
 from elcell.intervals import Scored, align, fmt, paired_difference, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
+from elcell.labels import label_fields
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
@@ -78,7 +79,7 @@ def write_disagreements(path: Path, a: Scored, b: Scored, rows: list[int]) -> No
                      *(f"prob_b_{n}" for n in labels), *(f"decision_a_{n}" for n in labels),
                      *(f"decision_b_{n}" for n in labels)])
     for i in rows:
-        truth = ["" if np.isnan(t) else f"{t:g}" for t in a.truth[i]]
+        truth = label_fields(a.truth[i])
         writer.writerow([a.paths[i], *truth, *(f"{p:.6f}" for p in a.probs[i]), *(f"{p:.6f}" for p in b.probs[i]),
                          *a.decisions[i], *b.decisions[i]])
     atomic_write_text(path, buffer.getvalue())

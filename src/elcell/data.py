@@ -26,7 +26,7 @@ from elcell.errors import DataError, ImageError
 from elcell.folds import assign_folds
 from elcell.images import Decoding, load_cell
 from elcell.io import atomic_write_text
-from elcell.labels import LabelTable
+from elcell.labels import LabelTable, label_fields
 
 SPLITS = ("train", "val", "test")
 
@@ -66,11 +66,6 @@ def stratified_split(
     return split.astype(str)
 
 
-def _label_fields(targets: np.ndarray) -> list[str]:
-    """A row's labels as the labels CSV writes them: empty where unknown (NaN)."""
-    return ["" if np.isnan(t) else f"{t:g}" for t in targets]
-
-
 def fold_split(table: LabelTable, k: int, fold: int, val_fraction: float, seed: int) -> np.ndarray:
     """The split of fold `fold`: its cells are `test`, and of the others a
     stratified `val_fraction` is `val` (early stopping, the best checkpoint and
@@ -91,13 +86,13 @@ def write_split_csv(run: Path, table: LabelTable, split: np.ndarray) -> None:
     `export --calibration` and tuning."""
     lines = [";".join(["path", "split", *table.names])]
     for image, part, targets in zip(table.paths, split, table.targets):
-        lines.append(";".join([str(image), part, *_label_fields(targets)]))
+        lines.append(";".join([str(image), part, *label_fields(targets)]))
     atomic_write_text(run / "split.csv", "\n".join(lines) + "\n")
     for part in ("val", "test"):
         rows = np.flatnonzero(split == part)
         if len(rows):
             lines = [";".join(["path", *table.names])] + [
-                ";".join([str(Path(table.paths[i]).resolve()), *_label_fields(table.targets[i])])
+                ";".join([str(Path(table.paths[i]).resolve()), *label_fields(table.targets[i])])
                 for i in rows]
             atomic_write_text(run / f"{part}.csv", "\n".join(lines) + "\n")
 

@@ -31,7 +31,7 @@ from elcell.errors import DataError
 from elcell.folds import ASSIGNMENT, OOF, PROTOCOL, assign_folds, finished_folds, fold_folder
 from elcell.intervals import Scored, bootstrap, fmt, point_figures, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.labels import LabelTable, load_table
+from elcell.labels import LabelTable, label_fields, load_table
 from elcell.metrics import tune
 from elcell.train import check_options, prepare, train, with_absolute_paths
 
@@ -170,7 +170,7 @@ def write_oof(path: Path, scored: Scored) -> None:
     writer.writerow(["path", "fold", *(f"true_{n}" for n in labels), *(f"prob_{n}" for n in labels),
                      *(f"decision_{n}" for n in labels)])
     for i, image in enumerate(scored.paths):
-        truth = ["" if np.isnan(t) else f"{t:g}" for t in scored.truth[i]]
+        truth = label_fields(scored.truth[i])
         writer.writerow([image, int(scored.folds[i]), *truth, *(f"{p:.6f}" for p in scored.probs[i]),
                          *scored.decisions[i]])
     atomic_write_text(path, buffer.getvalue())

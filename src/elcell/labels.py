@@ -153,6 +153,12 @@ def _label_value(value: str, name: str, where: str) -> float:
                     f"[0, 1]{hint}")
 
 
+def label_fields(targets: np.ndarray) -> list[str]:
+    """A row's labels as a labels CSV holds them (what read_labels_csv reads
+    back): empty where unknown (NaN)."""
+    return ["" if np.isnan(t) else f"{t:g}" for t in targets]
+
+
 def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
     """Read a labels CSV in the spec's format.
 
