@@ -1,6 +1,6 @@
 """Memory of elcell's training data path: 2,624 vs 26,240 cells through the real loader.
 
-The ELPV cells are decoded into elcell's uint8 cache with `elcell.data.build_cache`
+The ELPV cells are decoded into elcell's uint8 cache with `elcell.training.data.build_cache`
 twice, under a temporary folder: once as they are and once with the list of
 paths repeated --repeat times (the cache key hashes the whole ordered list, so
 the repeated list is a cache of its own with N x repeat rows; no copies of the
@@ -78,9 +78,9 @@ def epoch(args: argparse.Namespace) -> None:
     """One epoch over the cache at args.child; prints one JSON line."""
     import torch
 
-    from elcell.augment import BatchAugment, normalise
-    from elcell.data import CellDataModule
-    from elcell.labels import LabelTable
+    from elcell.cells.labels import LabelTable
+    from elcell.training.augment import BatchAugment, normalise
+    from elcell.training.data import CellDataModule
 
     torch.manual_seed(0)
     augment = BatchAugment()
@@ -128,8 +128,8 @@ def epoch(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parent
 def build(paths: list[Path], size: int, folder: Path) -> tuple[Path, float]:
-    from elcell.data import build_cache, cache_key
-    from elcell.images import Decoding
+    from elcell.cells.images import Decoding
+    from elcell.training.data import build_cache, cache_key
 
     started = time.perf_counter()
     images = build_cache(paths, Decoding(size), folder, progress=False)
@@ -167,7 +167,7 @@ def main() -> None:
 
     import torch
 
-    from elcell.labels import elpv_table
+    from elcell.cells.labels import elpv_table
 
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.platform()}")

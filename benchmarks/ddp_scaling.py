@@ -1,6 +1,6 @@
 """Training throughput with 1 vs N processes (Lightning DDP; gloo on CPU, NCCL on GPU).
 
-Runs the real `elcell.train.train` on ELPV cells once per process count, times
+Runs the real `elcell.training.train.train` on ELPV cells once per process count, times
 each training epoch on rank 0 (validation and export excluded), and prints
 cells/s for the whole world. The first epoch is a warm-up and is not counted.
 
@@ -23,8 +23,8 @@ WORKER = textwrap.dedent('''
     import json, sys, time
     import lightning as L
     import torch
-    from elcell.config import TrainConfig
-    from elcell.train import train
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     class EpochTimer(L.Callback):
         def __init__(self, path):

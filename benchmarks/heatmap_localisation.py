@@ -1,5 +1,5 @@
 """Do a model's heatmaps point at the defect? The pointing game, rotation and
-flip consistency, and corner bias (elcell.localisation) of a trained run's
+flip consistency, and corner bias (elcell.infer.localisation) of a trained run's
 heatmaps, for several ways of computing them, on the run's own held-out cells.
 
     python benchmarks/heatmap_localisation.py runs/quick
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elcell.augment import _realistic_cracks
-from elcell.images import Decoding, load_cell
-from elcell.localisation import SYMMETRIES, border_share, consistency, pointing_game
-from elcell.module import ELCellModule
+from elcell.cells.images import Decoding, load_cell
+from elcell.infer.localisation import SYMMETRIES, border_share, consistency, pointing_game
+from elcell.training.augment import _realistic_cracks
+from elcell.training.lightning_module import ELCellModule
 
 
 def load_run(run: Path) -> tuple[torch.nn.Module, dict]:

@@ -22,10 +22,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from elcell.export import InferenceGraph, _quiet_exporter, export_onnx
-from elcell.images import Decoding
-from elcell.model import ResNet
-from elcell.modelinfo import INPUT_NAME, ModelInfo
+from elcell.cells.images import Decoding
+from elcell.infer.modelinfo import INPUT_NAME, ModelInfo
+from elcell.training.export import InferenceGraph, _quiet_exporter, export_onnx
+from elcell.training.nets.build import ResNet
 
 
 class ProbsOnly(InferenceGraph):
@@ -39,14 +39,14 @@ class ProbsOnly(InferenceGraph):
 def export_probs_only(model: ResNet, size: int, out: Path) -> None:
     graph = ProbsOnly(model, 0.5, 0.25).eval()
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
-    with _quiet_exporter():  # the exporter's own narration, as in elcell.export
+    with _quiet_exporter():  # the exporter's own narration, as in elcell.training.export
         torch.onnx.export(graph, (example,), str(out), input_names=[INPUT_NAME],
                           output_names=["probs"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                           dynamo=True, external_data=False, verbose=False)
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()  # as elcell.runtime.open_model
+    options = ort.SessionOptions()  # as elcell.infer.runtime.open_model
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads

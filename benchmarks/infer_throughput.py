@@ -54,12 +54,12 @@ def build_model(args):
     """(InferenceGraph, ModelInfo, held-out LabelTable or None)."""
     import torch
 
-    from elcell.export import InferenceGraph, info_from_hparams
-    from elcell.labels import LabelTable
-    from elcell.model import ResNet
+    from elcell.cells.labels import LabelTable
+    from elcell.training.export import InferenceGraph, info_from_hparams
+    from elcell.training.nets.build import ResNet
 
     if args.checkpoint:
-        from elcell.module import ELCellModule
+        from elcell.training.lightning_module import ELCellModule
 
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         module = ELCellModule(**state["hyper_parameters"])
@@ -104,7 +104,7 @@ def timed(run, images: np.ndarray, batch_size: int, batches: int) -> float:
 
 
 def main() -> None:
-    from elcell.images import SHRINKS, load_cell
+    from elcell.cells.images import SHRINKS, load_cell
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
@@ -135,10 +135,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from elcell.export import export_onnx
-    from elcell.labels import load_table
-    from elcell.quantize import calibration_cells, compare, quantize
-    from elcell.runtime import decide, open_model, score_files
+    from elcell.cells.labels import load_table
+    from elcell.infer.quantize import calibration_cells, compare, quantize
+    from elcell.infer.runtime import decide, open_model, score_files
+    from elcell.training.export import export_onnx
 
     torch.set_num_threads(args.threads)
     print(f"threads: {args.threads}; spin-waiting: {'on' if args.spin else 'off'} "

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import cv2
 
-from elcell.assemble import assemble_module
-from elcell.geometry import parse_grid
-from elcell.grading import load_rules
-from elcell.images import read_pixels
-from elcell.inspection import inspect_paths
-from elcell.labels import elpv_table
-from elcell.predict import predict
-from elcell.runtime import open_model
-from elcell.segment import save_cell, segment_module
+from elcell.cells.images import read_pixels
+from elcell.cells.labels import elpv_table
+from elcell.infer.predict import predict
+from elcell.infer.runtime import open_model
+from elcell.pvmodules.geometry import parse_grid
+from elcell.pvmodules.grading import load_rules
+from elcell.pvmodules.inspect import inspect_paths
+from elcell.pvmodules.segment import save_cell, segment_module
+from elcell.pvmodules.synthetic import assemble_module
 
 POLY = Path(__file__).resolve().parents[1] / "tests" / "data" / "modules" / "poly-6x10-A1.jpg"
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from elcell.labels import elpv_table
-from elcell.predict import predict
-from elcell.runtime import open_model
+from elcell.cells.labels import elpv_table
+from elcell.infer.predict import predict
+from elcell.infer.runtime import open_model
 
 
 def offline_rate(model_path: str, paths: list[Path], batch_size: int, threads: int) -> float:

@@ -3,7 +3,7 @@
 What is compared (same backbone, image size, batch size, ELPV cells, loss, Adam):
 
 * elcell: the library's own path. The ELPV cells are decoded once into the
-  memory-mapped uint8 cache (`elcell.data.build_cache`), batches come from
+  memory-mapped uint8 cache (`elcell.training.data.build_cache`), batches come from
   `CellDataModule`'s train loader, and a Lightning Trainer runs
   `ELCellModule` (uint8 batch -> device -> `on_after_batch_transfer`: kornia
   flips + brightness/contrast jitter + normalisation -> 1-channel-conv1 ResNet
@@ -151,9 +151,9 @@ class Data:
     """The ELPV cells: table, split, the elcell cache and the train-split statistics."""
 
     def __init__(self, size: int, cache_dir: str | None, limit: int | None):
-        from elcell.data import build_cache, pixel_stats, stratified_split
-        from elcell.images import Decoding
-        from elcell.labels import elpv_table
+        from elcell.cells.images import Decoding
+        from elcell.cells.labels import elpv_table
+        from elcell.training.data import build_cache, pixel_stats, stratified_split
 
         table = elpv_table()
         if limit:
@@ -196,7 +196,7 @@ class ReferenceCells(Dataset):
 
 
 def reference_model(backbone: str, num_labels: int) -> nn.Module:
-    from elcell.model import ResNet
+    from elcell.training.nets.build import ResNet
 
     model = ResNet(backbone, num_labels)
     model.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -239,8 +239,8 @@ class Reference:
 # --------------------------------------------------------------------------- elcell
 def resolve_config(args: argparse.Namespace) -> tuple[str, bool, int]:
     """(precision, channels_last, loader workers) as `elcell train` would choose them here."""
-    import elcell.train as train
-    from elcell.config import TrainConfig
+    import elcell.training.train as train
+    from elcell.training.config import TrainConfig
 
     gpu = args.device == "cuda"
     config = TrainConfig.from_recipe("spec", accelerator="gpu" if gpu else "cpu", precision=args.precision)
@@ -259,8 +259,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[str, bool, int]:
 class Elcell:
     def __init__(self, data: Data, args: argparse.Namespace, device: torch.device,
                  workers: int | None = None):
-        from elcell.data import CellDataModule
-        from elcell.module import ELCellModule
+        from elcell.training.data import CellDataModule
+        from elcell.training.lightning_module import ELCellModule
 
         self.args, self.device = args, device
         self.precision, self.channels_last, default_workers = resolve_config(args)
@@ -366,7 +366,7 @@ class ModelStep:
 
     def __init__(self, args, device, data: Data, precision: str, channels_last: bool,
                  in_channels: int = 1, augment: nn.Module | None = None, compile_model: bool = False):
-        from elcell.model import build_model
+        from elcell.training.nets.build import build_model
 
         torch.manual_seed(0)
         model = build_model(args.backbone, len(data.table.names))
@@ -430,7 +430,7 @@ class ModelStep:
 
 
 class TorchAugment(nn.Module):
-    """Pure-torch twin of elcell.augment.BatchAugment (same distributions, no kornia)."""
+    """Pure-torch twin of elcell.training.augment.BatchAugment (same distributions, no kornia)."""
 
     def __init__(self, flip_p: float = 0.4, brightness: float = 0.2, contrast: float = 0.2):
         super().__init__()
@@ -546,7 +546,7 @@ def _layout_name(channels_last: bool) -> str:
 
 
 def lever_precision_layout(args, device, data, precision, channels_last) -> None:
-    from elcell.augment import BatchAugment
+    from elcell.training.augment import BatchAugment
 
     low = precision if precision != "32-true" else "bf16-mixed"
     print("\n[1] precision x memory format (model step on an augmented uint8 batch, 1-ch conv1)")
@@ -559,7 +559,7 @@ def lever_precision_layout(args, device, data, precision, channels_last) -> None
 
 
 def lever_conv1(args, device, data, precision, channels_last) -> None:
-    from elcell.augment import BatchAugment
+    from elcell.training.augment import BatchAugment
 
     desc = f"{precision}, {_layout_name(channels_last)}"
     print(f"\n[2] conv1: gray in one channel vs gray copied to RGB ({desc})")
@@ -571,7 +571,7 @@ def lever_conv1(args, device, data, precision, channels_last) -> None:
 
 
 def lever_augmentation(args, device, data, precision, channels_last) -> None:
-    from elcell.augment import BatchAugment, normalise
+    from elcell.training.augment import BatchAugment, normalise
 
     batch = args.batch_size
     print(f"\n[3] augmentation alone on a uint8 batch of {batch} (float, /255, augment, normalise)")
@@ -598,7 +598,7 @@ def lever_augmentation(args, device, data, precision, channels_last) -> None:
 
 
 def lever_compile(args, device, data, precision, channels_last) -> None:
-    from elcell.augment import BatchAugment
+    from elcell.training.augment import BatchAugment
 
     desc = f"{precision}, {_layout_name(channels_last)}"
     print(f"\n[4] torch.compile of the model ({desc}); the first call compiles")
@@ -649,7 +649,7 @@ def allocator_lever(args) -> None:
 
 def child_step(args, device, data: Data) -> None:
     """Internal (--child-step): time the plain step once, print 'img/s peak-RSS-MiB'."""
-    from elcell.augment import BatchAugment
+    from elcell.training.augment import BatchAugment
 
     precision, channels_last, _ = resolve_config(args)
     step = ModelStep(args, device, data, precision, channels_last, augment=BatchAugment().to(device))

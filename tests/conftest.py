@@ -19,7 +19,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def elpv():
-    from elcell.labels import elpv_table
+    from elcell.cells.labels import elpv_table
 
     return elpv_table()
 
@@ -58,8 +58,8 @@ def tiny_run(tmp_path_factory, seed_csv) -> Path:
 
     Shared by every test that needs a trained model or its ONNX file.
     """
-    from elcell.config import TrainConfig
-    from elcell.train import train
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
@@ -76,7 +76,7 @@ def tiny_onnx(tiny_run) -> Path:
 @pytest.fixture(scope="session")
 def model(tiny_onnx):
     """The tiny model open in ONNX Runtime."""
-    from elcell.runtime import open_model
+    from elcell.infer.runtime import open_model
 
     return open_model(tiny_onnx)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from elcell.augment import (
+from elcell.training.augment import (
     BatchAugment,
     SyntheticCracks,
     _branch,
@@ -243,7 +243,7 @@ def test_realistic_cracks_without_an_inactive_label_mark_only_the_crack_label():
 
 
 def test_busbars_are_found_horizontal_in_elpv_cells_and_vertical_once_turned(elpv):
-    from elcell.images import Decoding, load_cell
+    from elcell.cells.images import Decoding, load_cell
 
     cells = torch.stack([torch.from_numpy(load_cell(path, Decoding(128))).float() / 255
                          for path in elpv.paths[::300]])  # mono and poly cells
@@ -277,14 +277,14 @@ def test_finger_interruptions_are_short_thin_streaks_across_the_busbars(turned):
 
 
 def _elpv_batch(elpv, count: int = 8, size: int = 160) -> torch.Tensor:
-    from elcell.images import Decoding, load_cell
+    from elcell.cells.images import Decoding, load_cell
 
     cells = np.stack([load_cell(p, Decoding(size)) for p in elpv.paths[:count]])
     return torch.from_numpy(cells).float().div(255.0)[:, None]
 
 
 def test_module_path_distorts_real_cells_but_keeps_them_recognisable(elpv):
-    from elcell.linepath import ModulePath
+    from elcell.training.linepath import ModulePath
 
     torch.manual_seed(0)
     cells = _elpv_batch(elpv)
@@ -300,7 +300,7 @@ def test_module_path_distorts_real_cells_but_keeps_them_recognisable(elpv):
 def test_module_path_lights_cells_unevenly_and_resamples_them(elpv):
     import kornia.augmentation as K
 
-    from elcell.linepath import NativeResolution
+    from elcell.training.linepath import NativeResolution
 
     flat = torch.full((16, 1, 160, 160), 0.5)
     lit = K.RandomLinearIllumination(gain=(0.05, 0.3), p=1.0)(flat)
@@ -317,7 +317,7 @@ def test_module_path_lights_cells_unevenly_and_resamples_them(elpv):
 
 
 def test_module_path_adds_no_weights_to_a_checkpoint():
-    from elcell.module import ELCellModule
+    from elcell.training.lightning_module import ELCellModule
 
     def keys(p):
         return set(ELCellModule("resnet18", ["crack"], 0.5, 0.2, [1.0], module_path=p).state_dict())

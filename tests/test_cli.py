@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from elcell.cli import main
-from elcell.config import TrainConfig
+from elcell.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--backbone", "resnet18", "--image-size", "32", "--epochs", "1", "--pretrained", "none",
@@ -35,13 +35,13 @@ def test_help_explains_every_option(capsys):
 def test_python_train_py_is_elcell_train():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--print-config", "--lr", "0.5"],
                             capture_output=True, text=True, check=True)
-    from elcell.config import default_recipe
+    from elcell.training.config import default_recipe
 
     assert "lr: 0.5" in result.stdout and f"recipe: {default_recipe()}" in result.stdout
 
 
 def test_train_without_options_is_train_config_and_spec_keeps_the_original_settings(capsys):
-    from elcell.config import RUN_RECORD_KEY, default_recipe, recipe_defaults
+    from elcell.training.config import RUN_RECORD_KEY, default_recipe, recipe_defaults
 
     code, out, _ = run_cli(["train", "--print-config"], capsys)
     config = yaml.safe_load(out)
@@ -98,7 +98,7 @@ def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
     """The default must stay the configuration whose figures docs/accuracy.md
     shows: E48, which is E33's settings, then E35's fine-tuning of E33's
     backbone, on cells shrunk through a minimum filter."""
-    from elcell.config import two_stage_configs
+    from elcell.training.config import two_stage_configs
 
     full, e48 = TrainConfig.from_recipe("full"), measured("E48-full-min-downscale")
     assert {k: getattr(full, k) for k in e48} == e48 and full.shrink == "min"
@@ -278,13 +278,13 @@ def test_train_help_is_grouped(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     sections = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    from elcell.config import GROUPS
+    from elcell.training.config import GROUPS
 
     assert [s for s in sections if s in GROUPS] == list(GROUPS)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import elcell.train
+    import elcell.training.train
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -293,7 +293,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(elcell.train, "main", interrupted)
+    monkeypatch.setattr(elcell.training.train, "main", interrupted)
     assert main(["train", "--recipe", "quick", "--out", str(run)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"elcell: interrupted; continue with: elcell train --resume {run / 'checkpoints' / 'last.ckpt'}"

@@ -6,8 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import elcell.data as data
-from elcell.data import (
+import elcell.training.data as data
+from elcell.cells.images import Decoding, load_cell
+from elcell.cells.labels import read_labels_csv
+from elcell.errors import DataError
+from elcell.training.data import (
     CachedCells,
     build_cache,
     cache_key,
@@ -17,9 +20,6 @@ from elcell.data import (
     stratified_split,
     write_split_csv,
 )
-from elcell.errors import DataError
-from elcell.images import Decoding, load_cell
-from elcell.labels import read_labels_csv
 
 
 def test_split_is_stratified_by_label_combination_and_group(elpv):

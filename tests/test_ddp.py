@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent('''
     import hashlib, json, sys
     from pathlib import Path
     import lightning as L
-    from elcell.config import TrainConfig
-    from elcell.train import train
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     class RecordCells(L.Callback):
         """Writes a hash of every training cell this rank saw to seen-rank{N}.json."""
@@ -77,7 +77,7 @@ def test_validation_f1_counts_are_summed_across_ranks():
     """LabelF1 keeps counts as summed states: a 2-rank sync equals one process over all cells."""
     import torch
 
-    from elcell.module import LabelF1
+    from elcell.training.lightning_module import LabelF1
 
     rng = np.random.default_rng(0)
     probs, targets = torch.tensor(rng.random((40, 2))), torch.tensor(rng.random((40, 2)) > 0.6).float()
@@ -102,9 +102,9 @@ def test_more_gpus_than_the_machine_has_is_one_sentence_before_any_work(tmp_path
     GPU machine: Lightning's own answer was a traceback after the cells were loaded)."""
     import torch
 
-    from elcell.config import TrainConfig
     from elcell.errors import DataError
-    from elcell.train import train
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

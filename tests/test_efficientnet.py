@@ -17,12 +17,12 @@ from captum.attr import LayerGradCam
 from helpers import randomise_batchnorm
 from torch import nn
 
-import elcell.weights
-from elcell.efficientnet import VARIANTS, EfficientNetLite, block_specs, drop_connect
+import elcell.training.weights
+from elcell.cells.images import Decoding, load_cell
 from elcell.errors import PretrainedError
-from elcell.images import Decoding, load_cell
-from elcell.model import BACKBONES, ResNet, build_model, load_pretrained
-from elcell.weights import WEIGHT_PACKAGES, imagenet_installed, imagenet_source
+from elcell.training.nets.build import BACKBONES, ResNet, build_model, load_pretrained
+from elcell.training.nets.efficientnet import VARIANTS, EfficientNetLite, block_specs, drop_connect
+from elcell.training.weights import WEIGHT_PACKAGES, imagenet_installed, imagenet_source
 
 TOLERANCE = 1e-4
 ODD = 65  # 32 * 2 + 1: odd before every stride-2 step (65 -> 33 -> 17 -> 9 -> 5 -> 3)
@@ -80,7 +80,7 @@ def test_weight_file_loads_with_every_key_matched(backbone):
 @pytest.mark.parametrize("backbone", LITES)
 def test_features_equal_the_reference_at_an_odd_size(backbone):
     """TF "same" padding is symmetric when every stride-2 step sees an odd size:
-    our k//2 padding computes the same convolutions (elcell.efficientnet)."""
+    our k//2 padding computes the same convolutions (elcell.training.nets.efficientnet)."""
     state = imagenet_state(backbone)
     ref = reference(backbone, state)
     model = build_model(backbone, 2, pretrained="imagenet").eval()
@@ -166,7 +166,7 @@ def test_head_and_interface_are_the_resnets():
 
 
 def test_backbones_are_the_clis_choices():
-    from elcell.config import BACKBONES as CLI_BACKBONES
+    from elcell.training.config import BACKBONES as CLI_BACKBONES
 
     assert set(BACKBONES) == set(CLI_BACKBONES)
 
@@ -189,7 +189,7 @@ def test_drop_connect_is_stochastic_depth():
 
 
 def test_missing_weights_package_gives_one_clear_sentence(monkeypatch):
-    monkeypatch.setattr(elcell.weights, "find_spec", lambda name: None)  # as if not installed
+    monkeypatch.setattr(elcell.training.weights, "find_spec", lambda name: None)  # as if not installed
     assert not imagenet_installed("efficientnet_lite0")
     with pytest.raises(PretrainedError) as err:
         build_model("efficientnet_lite0", 2, pretrained="imagenet")
@@ -199,7 +199,7 @@ def test_missing_weights_package_gives_one_clear_sentence(monkeypatch):
 
 def test_installed_helper_is_torch_free(tmp_path):
     """The CLI asks it to choose a default recipe before importing the training stack."""
-    code = ("import sys; from elcell.weights import imagenet_installed, imagenet_source; "
+    code = ("import sys; from elcell.training.weights import imagenet_installed, imagenet_source; "
             "print(imagenet_installed('efficientnet_lite0'), imagenet_installed('resnet18')); "
             "imagenet_source('efficientnet_lite0') if imagenet_installed('efficientnet_lite0') else None; "
             "assert 'torch' not in sys.modules")
@@ -251,8 +251,8 @@ def test_elcell_checkpoint_backbone_starts_a_model_with_other_labels(tmp_path):
 @pytest.fixture(scope="module")
 def exported(elpv, tmp_path_factory):
     """efficientnet_lite0 with ImageNet weights and a fresh head, exported as `elcell export` does."""
-    from elcell.export import export_onnx
-    from elcell.modelinfo import ModelInfo
+    from elcell.infer.modelinfo import ModelInfo
+    from elcell.training.export import export_onnx
 
     needs_weights("efficientnet_lite0")
     torch.manual_seed(0)
@@ -267,8 +267,8 @@ def exported(elpv, tmp_path_factory):
 
 @pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_onnx_export_matches_torch(exported):
-    from elcell.export import InferenceGraph
-    from elcell.runtime import open_model
+    from elcell.infer.runtime import open_model
+    from elcell.training.export import InferenceGraph
 
     model, info, cells, path, error = exported
     assert error <= TOLERANCE
@@ -288,8 +288,8 @@ def test_onnx_export_matches_torch(exported):
 
 @pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_int8_runs_and_agrees_with_float(exported, tmp_path):
-    from elcell.quantize import quantize
-    from elcell.runtime import open_model
+    from elcell.infer.quantize import quantize
+    from elcell.infer.runtime import open_model
 
     _, _, cells, path, _ = exported
     int8_path = quantize(path, tmp_path / "lite0.int8.onnx", cells[:24], source="test")
@@ -304,7 +304,7 @@ def test_int8_runs_and_agrees_with_float(exported, tmp_path):
 
 @pytest.mark.slow  # exports and quantises a Lite0 (the fixture: 11 s)
 def test_int8_quantises_relu6(exported, tmp_path):
-    from elcell.quantize import quantize
+    from elcell.infer.quantize import quantize
 
     _, _, cells, path, _ = exported
     int8_path = quantize(path, tmp_path / "lite0.int8.onnx", cells[:8], source="test")

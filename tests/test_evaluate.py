@@ -15,10 +15,10 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 from test_report import parse_report
 
+from elcell.cells.labels import load_table
 from elcell.cli import main
-from elcell.labels import load_table
-from elcell.modelinfo import read_info
-from elcell.runtime import decide
+from elcell.infer.modelinfo import read_info
+from elcell.infer.runtime import decide
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -254,7 +254,7 @@ def test_a_label_column_left_empty_is_not_scored_and_keeps_its_threshold(tiny_on
 
 
 def test_int8_comparison_scores_the_known_cells(model, partly_unknown_csv):
-    from elcell.quantize import compare, format_comparison
+    from elcell.infer.quantize import compare, format_comparison
 
     comparison = compare(model, model, load_table(partly_unknown_csv), progress=False)
     assert comparison["per_label"]["crack"]["unknown"] == 22

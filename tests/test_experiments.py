@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from elcell.config import TrainConfig
-from elcell.train import train
+from elcell.training.config import TrainConfig
+from elcell.training.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "experiments" / "accuracy"
 
@@ -120,8 +120,8 @@ def test_every_experiment_config_is_a_valid_train_config(config):
 
 def test_elpv_csv_all_gives_the_protocol_split_with_hard_labels(tmp_path):
     """E23 trains on this CSV and must hold out exactly the test quarter of --data elpv."""
-    from elcell.data import stratified_split
-    from elcell.labels import load_table
+    from elcell.cells.labels import load_table
+    from elcell.training.data import stratified_split
 
     run_script("elpv_csv.py", "all", tmp_path / "all.csv")
     soft, hard = load_table("elpv"), load_table(str(tmp_path / "all.csv"), group="type")

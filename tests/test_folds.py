@@ -1,4 +1,4 @@
-"""K-fold assignment (elcell.folds) and the intervals of elcell.intervals, on
+"""K-fold assignment (elcell.judging.folds) and the intervals of elcell.judging.intervals, on
 real ELPV labels and on scored cells whose figures are known by hand."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elcell.data import fold_split
+from elcell.cells.labels import LabelTable
 from elcell.errors import DataError
-from elcell.folds import assign_folds, strata
-from elcell.intervals import Scored, align, bootstrap, paired_difference, point_figures
-from elcell.labels import LabelTable
+from elcell.judging.folds import assign_folds, strata
+from elcell.judging.intervals import Scored, align, bootstrap, paired_difference, point_figures
+from elcell.training.data import fold_split
 
 
 def test_folds_cover_every_cell_once_and_spread_each_stratum(elpv):
@@ -119,7 +119,7 @@ def test_align_matches_cells_by_path_and_refuses_disjoint_sets():
 
 def _fake_protocol(run, seed=0, shift=0.0):
     """Three finished folds whose test predictions are made up (no training)."""
-    from elcell.config import TrainConfig
+    from elcell.training.config import TrainConfig
 
     rng = np.random.default_rng(seed)
     run.mkdir(parents=True, exist_ok=True)
@@ -139,9 +139,9 @@ def _fake_protocol(run, seed=0, shift=0.0):
 
 
 def test_kfold_report_pools_the_finished_folds(tmp_path):
-    from elcell.config import TrainConfig
-    from elcell.intervals import read_scored
-    from elcell.kfold import format_report, write_report
+    from elcell.judging.intervals import read_scored
+    from elcell.training.config import TrainConfig
+    from elcell.training.kfold import format_report, write_report
 
     _fake_protocol(tmp_path)
     report = write_report(tmp_path, TrainConfig(folds=4, threshold_recall=0.95, review_recall=0.99))
@@ -164,8 +164,8 @@ def test_compare_exits_1_when_b_is_worse_on_a_required_figure(tmp_path, capsys):
     _fake_protocol(tmp_path / "a", shift=0.3)
     _fake_protocol(tmp_path / "b", shift=0.0)
     for name in ("a", "b"):
-        from elcell.config import TrainConfig
-        from elcell.kfold import write_report
+        from elcell.training.config import TrainConfig
+        from elcell.training.kfold import write_report
 
         write_report(tmp_path / name, TrainConfig(folds=3))
     code = main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--require", "roc_auc=crack",
@@ -188,11 +188,11 @@ def test_a_label_no_cell_knows_gives_no_figure_rather_than_a_crash():
 
 
 def test_a_protocol_refuses_data_whose_cells_moved_between_folds(seed_csv, tmp_path):
-    from elcell.config import TrainConfig
+    from elcell.cells.labels import read_labels_csv
     from elcell.errors import DataError
-    from elcell.folds import ASSIGNMENT
-    from elcell.kfold import _assignment, _check_assignment
-    from elcell.labels import read_labels_csv
+    from elcell.judging.folds import ASSIGNMENT
+    from elcell.training.config import TrainConfig
+    from elcell.training.kfold import _assignment, _check_assignment
 
     config = TrainConfig(data=str(seed_csv), folds=3)
     (tmp_path / ASSIGNMENT).write_text(_assignment(read_labels_csv(seed_csv), config))

@@ -10,10 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from elcell.assemble import assemble_module
-from elcell.cellgrid import GridMismatchError
 from elcell.errors import DataError, ImageError
-from elcell.geometry import (
+from elcell.pvmodules.cellgrid import GridMismatchError
+from elcell.pvmodules.geometry import (
     ImageTooSmallError,
     ModuleCutOffError,
     NoModuleError,
@@ -22,6 +21,7 @@ from elcell.geometry import (
     parse_grid,
     rectify,
 )
+from elcell.pvmodules.synthetic import assemble_module
 
 MODULES = Path(__file__).parent / "data" / "modules"
 

@@ -14,9 +14,9 @@ from captum.attr import LayerGradCam
 from helpers import randomise_batchnorm
 from torch import nn
 
-from elcell.heatmaps import heatmap_peak, upsample_heatmap
-from elcell.images import Decoding, load_cell
-from elcell.model import ResNet
+from elcell.cells.images import Decoding, load_cell
+from elcell.infer.heatmaps import heatmap_peak, upsample_heatmap
+from elcell.training.nets.build import ResNet
 
 TOLERANCE = 1e-4
 
@@ -67,7 +67,7 @@ def test_forward_with_cam_equals_captum_random_model(backbone, pooling):
 
 
 def trained_tiny_model(tiny_run):
-    from elcell.module import ELCellModule
+    from elcell.training.lightning_module import ELCellModule
 
     summary = json.loads((tiny_run / "summary.json").read_text())
     state = torch.load(tiny_run / summary["best_checkpoint"], map_location="cpu", weights_only=False)
@@ -95,8 +95,8 @@ def test_forward_with_cam_equals_captum_trained_model(tiny_run, seed_csv):
 
 
 def test_onnx_heatmap_equals_torch(tiny_run, tiny_onnx, seed_csv):
-    from elcell.export import InferenceGraph
-    from elcell.runtime import open_model
+    from elcell.infer.runtime import open_model
+    from elcell.training.export import InferenceGraph
 
     model, hparams = trained_tiny_model(tiny_run)
     onnx_model = open_model(tiny_onnx, providers=["CPUExecutionProvider"])

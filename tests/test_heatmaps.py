@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from elcell.heatmaps import heatmap_box, heatmap_peak, overlay_image, overlay_png, upsample_heatmap
+from elcell.infer.heatmaps import (
+    heatmap_box,
+    heatmap_peak,
+    overlay_image,
+    overlay_png,
+    upsample_heatmap,
+)
 
 
 def test_upsampling_is_torchs_bilinear():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from elcell.cells.images import Decoding, find_images, load_cell, min_filter_size
 from elcell.errors import ImageError
-from elcell.images import Decoding, find_images, load_cell, min_filter_size
 
 
 def test_8bit_gray_is_read_as_is(tmp_path, elpv):
@@ -27,9 +27,9 @@ def test_16bit_is_scaled_by_its_real_depth_not_255(tmp_path):
 
 def test_16bit_file_holding_12bit_data_is_named_once(tmp_path, monkeypatch, capsys):
     """A 12-bit camera's values read as 0..65535 keep 17 grey levels (0..16): the user is told, once."""
-    import elcell.images
+    import elcell.cells.images
 
-    monkeypatch.setattr(elcell.images, "_warned_low_range", False)
+    monkeypatch.setattr(elcell.cells.images, "_warned_low_range", False)
     paths = []
     for name, top in (("full.png", 65535), ("twelve_bit.png", 4095), ("another.png", 4000)):
         paths.append(tmp_path / name)
@@ -46,9 +46,9 @@ def test_16bit_file_holding_12bit_data_is_named_once(tmp_path, monkeypatch, caps
 def test_bit_depth_reads_a_12bit_camera_over_the_full_grey_range(tmp_path, elpv, monkeypatch, capsys):
     """The 8-bit ELPV cell stored as 12-bit values (0..4095) in a 16-bit PNG is read
     back exactly with bit_depth=12, without a warning; values above 4095 are refused."""
-    import elcell.images
+    import elcell.cells.images
 
-    monkeypatch.setattr(elcell.images, "_warned_low_range", False)
+    monkeypatch.setattr(elcell.cells.images, "_warned_low_range", False)
     original = np.asarray(Image.open(elpv.paths[0]))
     path = tmp_path / "twelve_bit.png"
     Image.fromarray(np.round(original * (4095 / 255)).astype(np.uint16)).save(path)

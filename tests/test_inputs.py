@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elcell.cells.images import Decoding, find_images
+from elcell.cells.inputs import collect_inputs, decode_batches
 from elcell.errors import DataError
-from elcell.images import Decoding, find_images
-from elcell.inputs import collect_inputs, decode_batches
 
 
 def test_decoding_streams_with_bounded_look_ahead(elpv):

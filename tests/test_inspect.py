@@ -16,12 +16,12 @@ from PIL import Image
 from test_geometry import POLY_X_AT_Y860
 from test_report import parse_report
 
-from elcell.assemble import assemble_module
+from elcell.cells.images import Decoding, to_cell
 from elcell.cli import main
-from elcell.grading import load_rules
-from elcell.images import Decoding, to_cell
-from elcell.inspect import inspect_module
-from elcell.runtime import open_model
+from elcell.infer.runtime import open_model
+from elcell.pvmodules.grading import load_rules
+from elcell.pvmodules.judge import inspect_module
+from elcell.pvmodules.synthetic import assemble_module
 
 DATA = Path(__file__).parent / "data" / "modules"
 
@@ -117,9 +117,9 @@ def test_bad_photos_are_named_and_the_others_go_on(tiny_onnx, originals, tmp_pat
     cv2.imwrite(str(cut_off), picture[:, picture.shape[1] // 3:])
     huge = tmp_path / "huge.png"
     Image.new("L", (4000, 3000)).save(huge)
-    import elcell.images
+    import elcell.cells.images
 
-    monkeypatch.setattr(elcell.images, "MAX_PIXELS", 10_000_000)
+    monkeypatch.setattr(elcell.cells.images, "MAX_PIXELS", 10_000_000)
     out = tmp_path / "out"
     inputs = [black, noise, truncated, cut_off, DATA / "mono-2x2-MMEL1.jpg", huge, good]
     assert main(["inspect", str(tiny_onnx), *map(str, inputs), "--grid", "6x10", "--out", str(out)]) == 1
@@ -169,9 +169,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
     clean = tmp_path / "clean"
     assert main(["inspect", str(tiny_onnx), *map(str, photos), "--grid", "6x10", "--out", str(clean),
                  "--no-map"]) == 0
-    import elcell.inspection
+    import elcell.pvmodules.inspect
 
-    real, calls = elcell.inspection.inspect_module, []
+    real, calls = elcell.pvmodules.inspect.inspect_module, []
 
     def stop_at_third(*args, **kwargs):
         calls.append(1)
@@ -179,7 +179,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(elcell.inspection, "inspect_module", stop_at_third)
+    monkeypatch.setattr(elcell.pvmodules.inspect, "inspect_module", stop_at_third)
     out = tmp_path / "out"
     args = ["inspect", str(tiny_onnx), *map(str, photos), "--grid", "6x10", "--out", str(out), "--no-map"]
     assert main(args) == 130

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import elcell.runtime as runtime
-from elcell.quantize import lost_and_gained, recall_drops
+import elcell.infer.runtime as runtime
+from elcell.infer.quantize import lost_and_gained, recall_drops
 
 
 def _runs(lost: int, gained: int, kept: int):

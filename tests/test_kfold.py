@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
+from elcell.cells.labels import read_labels_csv
 from elcell.cli import main
-from elcell.intervals import point_figures, read_scored
-from elcell.labels import read_labels_csv
-from elcell.modelinfo import read_info
+from elcell.infer.modelinfo import read_info
+from elcell.judging.intervals import point_figures, read_scored
 
 pytestmark = pytest.mark.slow
 
@@ -153,8 +153,8 @@ def test_compare_of_protocols_reads_their_out_of_fold_scores(protocol, capsys):
 
 
 def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed_csv, tmp_path, capsys):
-    from elcell.distill import teacher_models, teacher_probs
-    from elcell.runtime import open_model
+    from elcell.infer.runtime import open_model
+    from elcell.training.distill import teacher_models, teacher_probs
 
     cells = read_labels_csv(seed_csv)
     models = teacher_models(str(protocol))
@@ -163,8 +163,8 @@ def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed
     one = np.array([open_model(m).run(_cell(cells.paths[0], m))[0] for m in models])
     assert np.allclose(mean[0], one.mean(axis=0), atol=1e-5)
 
-    from elcell.config import TrainConfig
-    from elcell.distill import taught
+    from elcell.training.config import TrainConfig
+    from elcell.training.distill import taught
 
     split = np.where(np.arange(len(cells)) % 4 == 0, "val", "train")
     blended = taught(TrainConfig(teacher=str(protocol), teacher_weight=0.25), cells, split)
@@ -186,7 +186,7 @@ def test_a_student_learns_the_fold_models_mean_on_its_train_cells(protocol, seed
 
 
 def _cell(path, model_path):
-    from elcell.images import load_cell
-    from elcell.runtime import open_model
+    from elcell.cells.images import load_cell
+    from elcell.infer.runtime import open_model
 
     return load_cell(path, open_model(model_path).decoding)[None]

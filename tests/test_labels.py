@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elcell.data import limit_table, stratified_split
+from elcell.cells.labels import LabelTable, load_table, read_labels_csv
 from elcell.errors import DataError
-from elcell.labels import LabelTable, load_table, read_labels_csv
+from elcell.training.data import limit_table, stratified_split
 
 
 def write(folder: Path, text: str, name: str = "data.csv") -> Path:

@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from elcell.augment import _realistic_cracks
+from elcell.cells.images import Decoding, load_cell
 from elcell.cli import main
-from elcell.images import Decoding, load_cell
-from elcell.localisation import (
+from elcell.infer.localisation import (
     SYMMETRIES,
     border_share,
     consistency,
@@ -20,7 +19,8 @@ from elcell.localisation import (
     pointing_game,
     widen,
 )
-from elcell.runtime import open_model, score_cells
+from elcell.infer.runtime import open_model, score_cells
+from elcell.training.augment import _realistic_cracks
 
 
 def test_a_map_with_no_evidence_has_no_peak_not_the_top_left_corner():

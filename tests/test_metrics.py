@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from elcell.metrics import label_metrics, summary, threshold_for_f1, threshold_for_recall, tune
+from elcell.infer.metrics import (
+    label_metrics,
+    summary,
+    threshold_for_f1,
+    threshold_for_recall,
+    tune,
+)
 
 
 def test_threshold_search_is_exact():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elcell.errors import PretrainedError
-from elcell.model import ResNet, build_model, load_pretrained
+from elcell.training.nets.build import ResNet, build_model, load_pretrained
 
 # Facts about torchvision's models (torchvision cannot be installed here): the
 # number of state_dict entries, and a few names with their shapes.

@@ -9,8 +9,8 @@ import torch
 from helpers import write_partly_unknown_csv
 from torch import nn
 
-from elcell.augment import SyntheticCracks
-from elcell.module import ELCellModule, LabelF1
+from elcell.training.augment import SyntheticCracks
+from elcell.training.lightning_module import ELCellModule, LabelF1
 
 NAN = math.nan
 POS_WEIGHT = [2.0, 3.0]
@@ -95,9 +95,9 @@ def test_a_run_on_partly_unknown_labels_trains_and_reports_them(tmp_path, seed_c
     """End to end: split, pos_weight, masked loss, validation F1, val.csv and the
     evaluation of the exported model, with crack unknown on a third of the cells
     and inactive on the rest."""
-    from elcell.config import TrainConfig
-    from elcell.labels import read_labels_csv
-    from elcell.train import train
+    from elcell.cells.labels import read_labels_csv
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     data = write_partly_unknown_csv(tmp_path, seed_csv)
     out = tmp_path / "run"

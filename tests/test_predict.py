@@ -14,11 +14,11 @@ import pytest
 from helpers import read_rows, seed_rows, write_partly_unknown_csv
 from PIL import Image
 
+from elcell.cells.images import Decoding, find_images, load_cell
+from elcell.cells.labels import load_table
 from elcell.cli import main
 from elcell.errors import DataError
-from elcell.images import Decoding, find_images, load_cell
-from elcell.labels import load_table
-from elcell.runtime import Model, decide, parse_thresholds
+from elcell.infer.runtime import Model, decide, parse_thresholds
 
 
 def test_predict_labels_csv_schema_and_probabilities(tiny_onnx, model, seed_csv, tmp_path, capsys):
@@ -137,7 +137,7 @@ def test_resume_refuses_another_model_or_other_thresholds(tiny_onnx, model, cell
     threshold or a retrained model are refused, and the file is left as it was."""
     import onnx
 
-    from elcell.modelinfo import write_info
+    from elcell.infer.modelinfo import write_info
 
     first, rest = tmp_path / "first", tmp_path / "rest"
     first.mkdir(), rest.mkdir()

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from elcell.cli import main as cli
-from elcell.config import PretrainConfig
-from elcell.data import stratified_split
 from elcell.errors import DataError
-from elcell.model import ResNet, load_pretrained
-from elcell.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
+from elcell.training.config import PretrainConfig
+from elcell.training.data import stratified_split
+from elcell.training.nets.build import ResNet, load_pretrained
+from elcell.training.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
 
 pytestmark = pytest.mark.slow  # trains models
 

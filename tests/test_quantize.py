@@ -8,13 +8,13 @@ import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
-import elcell.quantize as quantize_module
+import elcell.infer.quantize as quantize_module
+from elcell.cells.images import Decoding, load_cell
+from elcell.cells.labels import load_table
 from elcell.cli import main
-from elcell.cpuinfo import cpu_flags, has_vnni
-from elcell.images import Decoding, load_cell
-from elcell.labels import load_table
-from elcell.modelinfo import INPUT_NAME, read_info
-from elcell.runtime import decide, open_model
+from elcell.infer.cpuinfo import cpu_flags, has_vnni
+from elcell.infer.modelinfo import INPUT_NAME, read_info
+from elcell.infer.runtime import decide, open_model
 
 pytestmark = pytest.mark.slow  # trains models
 
@@ -108,8 +108,8 @@ def test_recall_drop_refused_unless_allowed(exported, seed_csv, tmp_path, monkey
 def test_int8_keeps_the_per_cell_standardisation_in_float(seed_csv, elpv, tmp_path):
     """--input-norm cell divides by the cell's standard deviation: quantised, a
     blank cell's zero deviation (and the floor that guards it) would round away."""
-    from elcell.config import TrainConfig
-    from elcell.train import train
+    from elcell.training.config import TrainConfig
+    from elcell.training.train import train
 
     summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(tmp_path / "run"), backbone="resnet18",
                                 pretrained="none", image_size=64, batch_size=16, epochs=1, input_norm="cell",

@@ -11,9 +11,9 @@ import numpy as np
 from helpers import seed_rows
 from PIL import Image
 
-from elcell.heatmaps import overlay_png
-from elcell.images import Decoding, load_cell
-from elcell.report import Gallery, GalleryItem, Table, build_galleries, write_report
+from elcell.cells.images import Decoding, load_cell
+from elcell.infer.heatmaps import overlay_png
+from elcell.infer.report import Gallery, GalleryItem, Table, build_galleries, write_report
 
 
 class ReportParser(HTMLParser):
@@ -124,7 +124,7 @@ def test_galleries_never_show_a_cell_whose_label_is_unknown():
 
 
 def test_report_on_real_cells_from_the_onnx_model(tiny_onnx, seed_csv, tmp_path):
-    from elcell.runtime import open_model
+    from elcell.infer.runtime import open_model
 
     model = open_model(tiny_onnx)
     rows = seed_rows(seed_csv)[:24]

@@ -10,10 +10,10 @@ import numpy as np
 from helpers import read_rows
 from PIL import Image
 
+from elcell.cells.images import Decoding, load_cell
 from elcell.cli import main
-from elcell.images import Decoding, load_cell
-from elcell.predict import csv_header
-from elcell.runtime import open_model
+from elcell.infer.predict import csv_header
+from elcell.infer.runtime import open_model
 
 
 def test_tta_averages_flips(tiny_onnx, model, cell_folder, tmp_path):
@@ -50,7 +50,7 @@ def test_sixteen_bit_cells_scaled_by_their_depth(tiny_onnx, elpv, tmp_path):
 
 def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx, cell_folder, tmp_path):
 
-    from elcell.modelinfo import read_info, write_info
+    from elcell.infer.modelinfo import read_info, write_info
 
     assert read_info(tiny_onnx).extra["rotate90"] is False  # trained without rotations
     rotated = tmp_path / "rotate90.onnx"

@@ -21,15 +21,15 @@ from PIL import Image
 from servehelp import RunningServer, bomb_png, png_bytes
 from starlette.websockets import WebSocketDisconnect
 
-from elcell.batcher import Batcher, QueueFull
+from elcell.cells.images import load_cell, read_pixels
+from elcell.cells.labels import read_labels_csv
 from elcell.cli import build_parser, main
 from elcell.errors import DataError
-from elcell.images import load_cell, read_pixels
-from elcell.labels import read_labels_csv
-from elcell.results import decode_cell
-from elcell.review import LabelsFolder, ReviewItem, ReviewQueue
-from elcell.runtime import open_model, score_cells
-from elcell.serve import Settings, create_app
+from elcell.infer.runtime import open_model, score_cells
+from elcell.station.app import Settings, create_app
+from elcell.station.batcher import Batcher, QueueFull
+from elcell.station.results import decode_cell
+from elcell.station.review import LabelsFolder, ReviewItem, ReviewQueue
 
 MODULES = Path(__file__).parent / "data" / "modules"
 STATION = "http://127.0.0.1:8000"  # the station's own address: TestClient's default host is refused
@@ -429,7 +429,7 @@ def test_review_queue_hands_each_cell_to_one_reviewer():
 def test_the_command_line():
     args = build_parser().parse_args(["serve", "m.onnx"])
     assert (args.host, args.port, args.max_upload_mb, args.labels_out, args.module) == \
-        ("127.0.0.1", 8000, 50.0, None, "elcell.serve")
+        ("127.0.0.1", 8000, 50.0, None, "elcell.station.app")
     args = build_parser().parse_args(["serve", "m.onnx", "--allowed-host", "a", "--allowed-host", "b.lan",
                                       "--token-file", "t.txt"])
     assert (args.allowed_host, args.token_file, args.token) == (["a", "b.lan"], "t.txt", None)
@@ -441,7 +441,7 @@ def test_serve_starts_with_a_token_file_and_its_hosts(tiny_onnx, tmp_path, monke
     """`elcell serve --token-file F --allowed-host N`, up to the app it would run."""
     monkeypatch.delenv("ELCELL_TOKEN", raising=False)
     started = []
-    monkeypatch.setattr("elcell.serve._Server.run", lambda server: started.append(server.config))
+    monkeypatch.setattr("elcell.station.app._Server.run", lambda server: started.append(server.config))
     (tmp_path / "token.txt").write_text("  tok-from-file\n")
     assert main(["serve", str(tiny_onnx), "--host", "0.0.0.0", "--labels-out", str(tmp_path / "reviewed"),
                  "--token-file", str(tmp_path / "token.txt"), "--allowed-host", "inspection-pc"]) == 0
@@ -454,7 +454,7 @@ def test_serve_starts_with_a_token_file_and_its_hosts(tiny_onnx, tmp_path, monke
 
 
 def test_a_token_file_must_hold_a_token(tiny_onnx, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("elcell.serve._Server.run", lambda server: pytest.fail("the station started"))
+    monkeypatch.setattr("elcell.station.app._Server.run", lambda server: pytest.fail("the station started"))
     (tmp_path / "empty.txt").write_text(" \n")
     for file, why in (("missing.txt", "cannot read it"), ("empty.txt", "the file is empty")):
         assert main(["serve", str(tiny_onnx), "--token-file", str(tmp_path / file)]) == 2
@@ -466,7 +466,7 @@ def test_serve_refuses_to_start_open_to_the_network(tiny_onnx, tmp_path, monkeyp
     opened (exit 2), not only warned about; on loopback, or with a token, it starts."""
     monkeypatch.delenv("ELCELL_TOKEN", raising=False)
     started = []
-    monkeypatch.setattr("elcell.serve._Server.run", lambda server: started.append(server.config.host))
+    monkeypatch.setattr("elcell.station.app._Server.run", lambda server: started.append(server.config.host))
     labels = ["--labels-out", str(tmp_path / "reviewed")]
     for host in ("0.0.0.0", "::", "192.168.1.20", "inspection-pc"):
         assert main(["serve", str(tiny_onnx), "--host", host, *labels]) == 2

@@ -23,11 +23,11 @@ from fastapi.testclient import TestClient
 from schemathesis.generation.modes import GenerationMode
 from servehelp import RunningServer
 
-from elcell.images import read_pixels
-from elcell.labels import read_labels_csv
-from elcell.review import LabelsFolder
-from elcell.runtime import open_model
-from elcell.serve import Settings, create_app
+from elcell.cells.images import read_pixels
+from elcell.cells.labels import read_labels_csv
+from elcell.infer.runtime import open_model
+from elcell.station.app import Settings, create_app
+from elcell.station.review import LabelsFolder
 
 MODULES = Path(__file__).parent / "data" / "modules"
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def cells(seed_csv) -> list[Path]:
 
 
 def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, cells):
-    script = (f"import numpy as np\nfrom elcell.images import read_pixels\nfrom elcell.review import LabelsFolder\n"
+    script = (f"import numpy as np\nfrom elcell.cells.images import read_pixels\nfrom elcell.station.review import LabelsFolder\n"
               f"f = LabelsFolder({str(tmp_path / 'k')!r}, ['crack', 'inactive'])\np = read_pixels({str(cells[0])!r})\n"
               "print('ready', flush=True)\nfor i in range(100000):\n    f.add(p, f'c{i}.png', {'crack': i % 2})\n")
     for delay in (0.3, 0.55, 0.8):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from servehelp import RunningServer
 
-from elcell.images import load_cell
-from elcell.labels import read_labels_csv
-from elcell.runtime import open_model, score_cells
-from elcell.serve import Settings, create_app
+from elcell.cells.images import load_cell
+from elcell.cells.labels import read_labels_csv
+from elcell.infer.runtime import open_model, score_cells
+from elcell.station.app import Settings, create_app
 
 MODULE = Path(__file__).parent / "data" / "modules" / "poly-6x10-A1.jpg"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

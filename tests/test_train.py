@@ -14,16 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
+from elcell.cells.images import Decoding, load_cell
+from elcell.cells.labels import read_labels_csv
 from elcell.cli import main
-from elcell.config import TrainConfig
-from elcell.data import pos_weights
 from elcell.errors import DataError
-from elcell.export import InferenceGraph, heatmap_difference
-from elcell.images import Decoding, load_cell
-from elcell.labels import read_labels_csv
-from elcell.modelinfo import read_info
-from elcell.module import ELCellModule
-from elcell.train import train
+from elcell.infer.modelinfo import read_info
+from elcell.training.config import TrainConfig
+from elcell.training.data import pos_weights
+from elcell.training.export import InferenceGraph, heatmap_difference
+from elcell.training.lightning_module import ELCellModule
+from elcell.training.train import train
 
 
 def test_run_folder_holds_every_output(tiny_run):
@@ -168,7 +168,7 @@ def test_pos_weight_balances_classes():
 
 
 def test_resumed_sessions_keep_earlier_epochs_in_metrics_csv(tmp_path):
-    from elcell.history import merge_session_logs
+    from elcell.training.history import merge_session_logs
 
     for session, text in (("0", "epoch,step,val_f1\n0,2,0.5\n1,5,0.6\n"),
                           ("1", "epoch,step,val_f1,train_loss\n2,8,0.7,0.3\n"),
@@ -202,7 +202,7 @@ def test_pos_weight_none_leaves_the_loss_unweighted():
 
 
 def test_warmup_cosine_rises_linearly_then_decays_to_zero():
-    from elcell.module import warmup_cosine
+    from elcell.training.lightning_module import warmup_cosine
 
     assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert warmup_cosine(4, 4, 20) == 1.0
@@ -285,7 +285,7 @@ def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
 
 def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     from elcell.errors import DataError
-    from elcell.train import crack_label, label_index
+    from elcell.training.train import crack_label, label_index
 
     with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
         train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))
@@ -439,7 +439,7 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     it do not."""
     import onnx
 
-    from elcell.export import export_onnx, info_from_hparams
+    from elcell.training.export import export_onnx, info_from_hparams
 
     out = tmp_path / "run"
     summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
@@ -467,9 +467,9 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
 
 @pytest.mark.slow
 def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike(tmp_path, elpv):
-    from elcell.explain import write_explanations
-    from elcell.modelinfo import ModelInfo
-    from elcell.runtime import open_model, score_files
+    from elcell.infer.explain import write_explanations
+    from elcell.infer.modelinfo import ModelInfo
+    from elcell.infer.runtime import open_model, score_files
 
     out = tmp_path / "run"
     config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
@@ -504,9 +504,9 @@ def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_ever
     cells they were made from, not as the near-black cells 0..65535 would give."""
     from conftest import write_seed_csv
 
-    from elcell.explain import write_explanations
-    from elcell.modelinfo import ModelInfo
-    from elcell.runtime import open_model, score_files
+    from elcell.infer.explain import write_explanations
+    from elcell.infer.modelinfo import ModelInfo
+    from elcell.infer.runtime import open_model, score_files
 
     labels = write_seed_csv(tmp_path / "twelve-bit", elpv, count=32)
     originals = {}
@@ -616,7 +616,7 @@ def test_an_unfinished_first_stage_is_resumed_then_the_command_rerun(tmp_path, s
 
 
 def test_losses_plot_marks_the_kept_epoch_on_whole_epochs(tiny_run, tmp_path):
-    from elcell.history import plot_losses
+    from elcell.training.history import plot_losses
 
     figure = plot_losses(tiny_run / "metrics.csv", tmp_path / "losses.png", best_epoch=1)
     loss, f1 = figure.axes
@@ -644,22 +644,22 @@ def test_without_a_terminal_training_prints_a_line_per_epoch_not_progress_bars(t
 
 
 def test_a_busy_machine_is_named_once_at_the_start(monkeypatch, capsys):
-    import elcell.train
+    import elcell.training.train
 
-    monkeypatch.setattr(elcell.train, "_noted_busy", False)
-    monkeypatch.setattr(elcell.train.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-    elcell.train.note_busy_machine()
+    monkeypatch.setattr(elcell.training.train, "_noted_busy", False)
+    monkeypatch.setattr(elcell.training.train.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    elcell.training.train.note_busy_machine()
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(elcell.train.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
-    monkeypatch.setattr(elcell.train.os, "cpu_count", lambda: 2)
-    elcell.train.note_busy_machine()
-    elcell.train.note_busy_machine()
+    monkeypatch.setattr(elcell.training.train.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
+    monkeypatch.setattr(elcell.training.train.os, "cpu_count", lambda: 2)
+    elcell.training.train.note_busy_machine()
+    elcell.training.train.note_busy_machine()
     assert capsys.readouterr().err == ("elcell: note: this machine is busy (load 4.0 on 2 cores): training will "
                                        "take longer than the times given for an idle machine\n")
 
 
 def test_a_run_record_stores_paths_absolute_so_it_works_from_any_folder(tmp_path, seed_csv, monkeypatch):
-    from elcell.train import with_absolute_paths
+    from elcell.training.train import with_absolute_paths
 
     monkeypatch.chdir(seed_csv.parent)
     config = TrainConfig.from_recipe("quick", data=seed_csv.name, cache_dir=".", pretrained="none")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from elcell.cells.labels import elpv_table
 from elcell.io import atomic_write_text
-from elcell.labels import elpv_table
 
 
 def main() -> None:

@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from elcell.images import Decoding, load_cell
+from elcell.cells.images import Decoding, load_cell
+from elcell.infer.runtime import open_model, score_files
 from elcell.io import atomic_path
-from elcell.runtime import open_model, score_files
 
 EXPERT_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)
 

@@ -21,8 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from elcell.images import SHRINKS, Decoding, load_cell
-from elcell.model import ResNet, load_pretrained
+from elcell.cells.images import SHRINKS, Decoding, load_cell
+from elcell.training.nets.build import ResNet, load_pretrained
 
 
 def read_split(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -23,9 +23,9 @@ import yaml
 
 
 def score_test_with_tta(run: Path, summary: dict, config: dict) -> dict:
-    from elcell.evaluate import evaluate, headline
-    from elcell.labels import load_table
-    from elcell.runtime import open_model
+    from elcell.cells.labels import load_table
+    from elcell.infer.evaluate import evaluate, headline
+    from elcell.infer.runtime import open_model
 
     table = load_table(config["data"], group=config.get("group"))
     parts = {line.split(";")[0]: line.split(";")[1] for line in (run / "split.csv").read_text().splitlines()[1:]}

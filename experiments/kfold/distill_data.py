@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from elcell.folds import assign_folds
+from elcell.cells.labels import read_labels_csv
 from elcell.io import atomic_write_text
-from elcell.labels import read_labels_csv
+from elcell.judging.folds import assign_folds
 
 
 def main() -> None:

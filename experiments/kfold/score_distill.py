@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from elcell.distill import teacher_models, teacher_probs
-from elcell.intervals import Scored, bootstrap, fmt, paired_difference
+from elcell.cells.labels import read_labels_csv
+from elcell.infer.runtime import decide, open_model
 from elcell.io import atomic_write_json
-from elcell.labels import read_labels_csv
-from elcell.runtime import decide, open_model
-from elcell.scoring import score_table
+from elcell.judging.intervals import Scored, bootstrap, fmt, paired_difference
+from elcell.judging.scoring import score_table
+from elcell.training.distill import teacher_models, teacher_probs
 
 SHOWN = ("mean_f1/at_0.5", "mean_f1/own", "crack/roc_auc", "inactive/roc_auc", "crack/own_recall_with_review",
          "inactive/own_recall_with_review", "review_burden")

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from elcell.cells.labels import elpv_table, read_labels_csv
 from elcell.io import atomic_write_text
-from elcell.labels import elpv_table, read_labels_csv
 
 
 def _crack_inactive(labels_csv: Path) -> dict[str, list[float]]:

@@ -17,10 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from elcell.evaluate import evaluate, predict_table
-from elcell.labels import load_table
-from elcell.metrics import summary, tune
-from elcell.runtime import open_model, resolve_model_path
+from elcell.cells.labels import load_table
+from elcell.infer.evaluate import evaluate, predict_table
+from elcell.infer.metrics import summary, tune
+from elcell.infer.runtime import open_model, resolve_model_path
 
 
 def model_of(run: Path) -> Path:

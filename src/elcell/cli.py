@@ -2,7 +2,7 @@
 
 Each command's module is imported only when the command runs, so `elcell
 predict` on an inspection PC never imports PyTorch, and `elcell --help` is quick.
-Training options come from their one declaration (elcell.config); the other
+Training options come from their one declaration (elcell.training.config); the other
 commands' options are declared here.
 """
 
@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 
 from elcell import __version__
-from elcell.config import GROUPS, PretrainConfig, TrainConfig, two_stage_comment
-from elcell.config import train_defaults as config_defaults
 from elcell.errors import DataError, ElcellError
 from elcell.io import output_mode
 from elcell.options import (
@@ -34,6 +32,8 @@ from elcell.parsers import (
     add_serve,
     command,
 )
+from elcell.training.config import GROUPS, PretrainConfig, TrainConfig, two_stage_comment
+from elcell.training.config import train_defaults as config_defaults
 
 # what `pip install .` leaves out and training and exporting need (the [train] extra)
 TRAINING_PACKAGES = {"torch", "lightning", "kornia", "torchmetrics", "tensorboard", "onnxscript"}
@@ -50,7 +50,7 @@ def train_defaults(argv: list[str]) -> dict:
 
 
 def _add_train(commands, defaults: dict | None) -> None:
-    parser = command(commands, "train", "elcell.train", "train a model and export it to ONNX",
+    parser = command(commands, "train", "elcell.training.train", "train a model and export it to ONNX",
                       "Train a multi-label classifier on labelled EL cells; write checkpoints, logs, "
                       "losses.png and best_model_epoch{N}.onnx to the run folder. Defaults shown are "
                       "those of the recipe chosen (--recipe) and of --config/--resume.",
@@ -65,7 +65,7 @@ def _add_train(commands, defaults: dict | None) -> None:
 
 
 def _add_pretrain(commands) -> None:
-    parser = command(commands, "pretrain", "elcell.pretrain",
+    parser = command(commands, "pretrain", "elcell.training.pretrain",
                       "self-supervised pretraining on unlabelled cells (SimCLR)",
                       "Learn a backbone from unlabelled cells by contrasting two random views of each "
                       "(SimCLR); write RUN/backbone.pth, the starting point of "
@@ -81,14 +81,16 @@ def _run_train(args) -> int:
         print(config.to_yaml() + two_stage_comment(config), end="")
         return 0
     if config.folds:
-        from elcell.kfold import main  # the protocol: K trainings, then out-of-fold figures
+        from elcell.training.kfold import (
+            main,  # the protocol: K trainings, then out-of-fold figures
+        )
     else:
-        from elcell.train import main  # imports torch: only when really training
+        from elcell.training.train import main  # imports torch: only when really training
     return main(config)
 
 
 def _run_pretrain(args) -> int:
-    from elcell.pretrain import main  # imports torch
+    from elcell.training.pretrain import main  # imports torch
 
     return main(PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__}))
 
@@ -148,7 +150,7 @@ def _run_export(args) -> int:
         output_mode(args.int8_out, "--int8-out", overwrite=args.overwrite)
     source = args.checkpoint
     if Path(source).is_dir():  # a run folder stands for its best model, as in predict
-        from elcell.runtime import resolve_model_path
+        from elcell.infer.runtime import resolve_model_path
 
         source = str(resolve_model_path(source))
     if source.lower().endswith(".onnx"):
@@ -160,13 +162,13 @@ def _run_export(args) -> int:
                             "ONNX: name its int8 model with --int8-out")
         out = Path(source)
     else:
-        from elcell.export import export_checkpoint  # imports torch
+        from elcell.training.export import export_checkpoint  # imports torch
 
         out, error = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
                                        tolerance=args.parity_tolerance)
         print(f"wrote {out} (batch of 4 checked against PyTorch: max |probs diff| {error:.2e})")
     if args.int8:
-        from elcell.quantize import main  # ONNX Runtime's quantiser: only when asked for
+        from elcell.infer.quantize import main  # ONNX Runtime's quantiser: only when asked for
 
         return main(args, out)
     return 0

@@ -53,7 +53,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_predict(commands) -> None:
-    parser = command(commands, "predict", "elcell.predict",
+    parser = command(commands, "predict", "elcell.infer.predict",
                       "classify cell images with an ONNX model (no PyTorch needed)",
                       "Run an elcell ONNX model on cell images with ONNX Runtime and write one CSV row per "
                       "image: path, prob_<label>, decision_<label> (defect/review/ok), error, and the model "
@@ -77,7 +77,7 @@ def add_predict(commands) -> None:
 
 
 def add_evaluate(commands) -> None:
-    parser = command(commands, "evaluate", "elcell.evaluate",
+    parser = command(commands, "evaluate", "elcell.infer.evaluate",
                       "score an ONNX model on labelled cells; tune its thresholds",
                       "Score an elcell ONNX model on labelled cells: per-label precision, recall, F1, "
                       "ROC-AUC and average precision, confusion matrices, PR/ROC curves, predictions.csv "
@@ -106,7 +106,7 @@ def add_evaluate(commands) -> None:
 
 
 def add_explain(commands) -> None:
-    parser = command(commands, "explain", "elcell.explain",
+    parser = command(commands, "explain", "elcell.infer.explain",
                       "show where the model looked: heatmap overlays and boxes (no PyTorch needed)",
                       "For each image and label write <image>_<label>.png (the cell with the label's "
                       "heatmap on top), <image>_<label>.npy (the raw heatmap) and per image <image>.json "
@@ -123,7 +123,7 @@ def add_explain(commands) -> None:
 
 
 def add_inspect(commands) -> None:
-    parser = command(commands, "inspect", "elcell.inspection",
+    parser = command(commands, "inspect", "elcell.pvmodules.inspect",
                       "inspect whole module photos: cells, a map and a grade per module (no PyTorch needed)",
                       "Find the module in each EL photo (dark surround, rotation, perspective), rectify it, find "
                       "its cell grid from the dark gaps, cut and score every cell, and grade the module by "
@@ -153,7 +153,7 @@ def add_inspect(commands) -> None:
 
 
 def add_segment(commands) -> None:
-    parser = command(commands, "segment", "elcell.segment",
+    parser = command(commands, "segment", "elcell.pvmodules.segment",
                       "cut module photos into cell images and a labels CSV to fill in",
                       "Cut every module photo into its cells (found as `inspect` finds them) at the photo's "
                       "resolution and depth (16-bit stays 16-bit), named <module>_r<row>_c<col>.png, and "
@@ -169,7 +169,7 @@ def add_segment(commands) -> None:
 
 
 def add_compare(commands) -> None:
-    parser = command(commands, "compare", "elcell.compare",
+    parser = command(commands, "compare", "elcell.judging.compare",
                       "is B better than A beyond chance? paired intervals on the same cells",
                       "Compare two judgements of the same cells: k-fold folders (their oof.csv), scored "
                       "CSVs (oof.csv, evaluate's predictions.csv), or two models scored here on --data. "
@@ -198,7 +198,7 @@ def add_compare(commands) -> None:
 
 
 def add_serve(commands) -> None:
-    parser = command(commands, "serve", "elcell.serve", "an inspection station: web page and HTTP API",
+    parser = command(commands, "serve", "elcell.station.app", "an inspection station: web page and HTTP API",
                       "Serve a model over HTTP (FastAPI on uvicorn, no PyTorch): the page at / scores cells and "
                       "modules; the JSON API is documented at /docs. With --labels-out an operator labels the "
                       "flagged cells on the page, into DIR/labels.csv for `elcell train --data`. A token "

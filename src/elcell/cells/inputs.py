@@ -20,9 +20,9 @@ from typing import TextIO
 
 import numpy as np
 
+from elcell.cells.images import IMAGE_SUFFIXES, Decoding, find_images, load_cell
+from elcell.cells.labels import file_key, guess_separator
 from elcell.errors import DataError
-from elcell.images import IMAGE_SUFFIXES, Decoding, find_images, load_cell
-from elcell.labels import file_key, guess_separator
 
 MODEL_SUFFIXES = (".onnx", ".ckpt")
 

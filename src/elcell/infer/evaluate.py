@@ -1,9 +1,9 @@
 """`elcell evaluate`: how good a model is on labelled cells, and which
 thresholds it should use. Torch-free.
 
-Writes metrics.json (elcell.metrics), predictions.csv, PR/ROC curves and
+Writes metrics.json (elcell.infer.metrics), predictions.csv, PR/ROC curves and
 confusion matrices to one folder, optionally the HTML report
-(elcell.report), and with threshold tuning a copy of the model carrying the
+(elcell.infer.report), and with threshold tuning a copy of the model carrying the
 tuned thresholds, which `elcell predict` then uses.
 """
 
@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from elcell.cells.images import load_cell, read_gray
+from elcell.cells.inputs import Unreadable, report_unreadable
+from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError
-from elcell.images import load_cell, read_gray
-from elcell.inputs import Unreadable, report_unreadable
+from elcell.infer.metrics import parse_review_band, parse_tuning, summary, tune
+from elcell.infer.modelinfo import write_info
+from elcell.infer.plots import plot_curves
+from elcell.infer.predict import CSV_SEPARATOR
+from elcell.infer.report import Table, build_galleries, write_report
+from elcell.infer.runtime import Model, decide, default_workers, open_model, score_files
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.labels import LabelTable, load_table
-from elcell.metrics import parse_review_band, parse_tuning, summary, tune
-from elcell.modelinfo import write_info
 from elcell.options import show_progress
-from elcell.plots import plot_curves
-from elcell.predict import CSV_SEPARATOR
-from elcell.report import Table, build_galleries, write_report
-from elcell.runtime import Model, decide, default_workers, open_model, score_files
 
 
 @dataclass

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from elcell.cells.images import read_gray, to_cell
+from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
 from elcell.errors import DataError
-from elcell.heatmaps import BOX_THRESHOLD, heatmap_box, heatmap_note, overlay_png
-from elcell.images import read_gray, to_cell
-from elcell.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
+from elcell.infer.heatmaps import BOX_THRESHOLD, heatmap_box, heatmap_note, overlay_png
+from elcell.infer.runtime import Model, open_model, score_cells
 from elcell.io import atomic_path, atomic_write_json, safe_name, unique_names
-from elcell.runtime import Model, open_model, score_cells
 
 
 def explain_cell(out_dir: str | Path, name: str, cell: np.ndarray, heatmaps: np.ndarray,

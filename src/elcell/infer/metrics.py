@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from elcell.errors import DataError
-from elcell.runtime import DEFECT, OK, REVIEW, decide
+from elcell.infer.runtime import DEFECT, OK, REVIEW, decide
 
 
 def _ratio(num: float, den: float) -> float:

@@ -2,8 +2,8 @@
 
 Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = decoding.size);
 outputs `probs` float [batch, N] (sigmoid applied) and `heatmap` float
-[batch, N, h, w] (Grad-CAM of each label; see elcell.model). Normalisation
-happens inside the graph, so a caller only decodes (`elcell.images.load_cell`
+[batch, N, h, w] (Grad-CAM of each label; see elcell.training.nets.build). Normalisation
+happens inside the graph, so a caller only decodes (`elcell.cells.images.load_cell`
 with the model's `decoding`).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from elcell.images import SHRINKS, Decoding
+from elcell.cells.images import SHRINKS, Decoding
 from elcell.io import atomic_path
 
 INPUT_NAME = "images"

@@ -16,8 +16,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from elcell.infer.metrics import _ratio, known_cells, label_metrics
 from elcell.io import atomic_path
-from elcell.metrics import _ratio, known_cells, label_metrics
 
 DECISIONS = ("ok", "review", "defect")
 

@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from elcell.cells.images import read_gray
+from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable
 from elcell.errors import DataError
-from elcell.explain import explain_cell
-from elcell.images import read_gray
-from elcell.inputs import Unreadable, collect_inputs, report_unreadable
-from elcell.io import atomic_path, output_mode, unique_names
-from elcell.options import show_progress
-from elcell.runtime import (
+from elcell.infer.explain import explain_cell
+from elcell.infer.runtime import (
     DEFECT,
     OK,
     REVIEW,
@@ -39,6 +37,8 @@ from elcell.runtime import (
     open_model,
     score_files,
 )
+from elcell.io import atomic_path, output_mode, unique_names
+from elcell.options import show_progress
 
 CSV_SEPARATOR = ";"  # as the spec's labels CSV and split.csv
 TRAILER = ("error", "model", "thresholds")  # the last columns of every row

@@ -5,7 +5,7 @@ on the inspection PC. Activations are calibrated on real cells decoded exactly
 as `predict` decodes them; weights are quantised per output channel to 7 bits
 (QDQ format, uint8 activations, int8 weights in [-64, 63]): one file that
 holds on every x86 CPU, since full 8-bit weights saturate ONNX Runtime's
-kernels on CPUs without VNNI (elcell.cpuinfo). The int8 file is only written
+kernels on CPUs without VNNI (elcell.infer.cpuinfo). The int8 file is only written
 when recall, the figure a plant cares about, holds up against the float model
 beyond chance.
 """
@@ -29,23 +29,23 @@ from onnxruntime.quantization import (
 )
 from scipy.stats import binomtest
 
+from elcell.cells.images import Decoding
+from elcell.cells.inputs import Unreadable, decode_batches
+from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError, ExportError
-from elcell.evaluate import known_labels, predict_table
-from elcell.images import Decoding
-from elcell.inputs import Unreadable, decode_batches
+from elcell.infer.evaluate import known_labels, predict_table
+from elcell.infer.metrics import summary
+from elcell.infer.modelinfo import INPUT_NAME, read_info, write_info
+from elcell.infer.runtime import Model, decide, default_workers, open_model
 from elcell.io import atomic_path, output_mode
-from elcell.labels import LabelTable, load_table
-from elcell.metrics import summary
-from elcell.modelinfo import INPUT_NAME, read_info, write_info
 from elcell.options import show_progress
-from elcell.runtime import Model, decide, default_workers, open_model
 
 # The backbone is where the time goes. The head's weights are shared by its
 # Gemm layers and by the in-graph Grad-CAM MatMuls, which ONNX Runtime's
 # per-channel quantiser cannot give two channel axes; the head is well under 1%
 # of the work, so it stays float. Clip is EfficientNet-Lite's ReLU6; quantised,
 # it folds into the Conv's output range as Relu does. ConvTranspose is the
-# heatmap's backward pass through the last stages (elcell.vjp): left float, its
+# heatmap's backward pass through the last stages (elcell.training.nets.vjp): left float, its
 # weights would be a float copy of those stages, and the int8 file larger than
 # the float one (on Lite0: 20.2 MB vs 17.3 MB; quantised, 10.5 MB, with the
 # heatmaps 1.3% of their peak from the float model's instead of 1.0%).

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from elcell.errors import DataError
-from elcell.heatmaps import heatmap_box, overlay_png, png_bytes
+from elcell.infer.heatmaps import heatmap_box, overlay_png, png_bytes
 from elcell.io import atomic_write_text
 
 

@@ -3,8 +3,8 @@ imports torch.
 
 `score_cells` is the one in-memory API: decoded cells (arrays) in;
 probabilities, `defect` / `review` / `ok` decisions and heatmaps out. Files
-(`score_files`), module photos (elcell.inspect) and HTTP uploads
-(elcell.serve) are only different ways of getting arrays to it.
+(`score_files`), module photos (elcell.pvmodules.judge) and HTTP uploads
+(elcell.station.app) are only different ways of getting arrays to it.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import onnx
 import onnx.utils
 import onnxruntime as ort
 
-from elcell.cpuinfo import has_vnni
+from elcell.cells.images import Decoding, to_cell, to_uint8
+from elcell.cells.inputs import decode_batches
 from elcell.errors import DataError
-from elcell.images import Decoding, to_cell, to_uint8
-from elcell.inputs import decode_batches
-from elcell.modelinfo import INPUT_NAME, ModelInfo, info_from_model
+from elcell.infer.cpuinfo import has_vnni
+from elcell.infer.modelinfo import INPUT_NAME, ModelInfo, info_from_model
 
 DEFECT, REVIEW, OK = "defect", "review", "ok"
 

@@ -4,7 +4,7 @@ A and B are k-fold protocol folders (their oof.csv), scored-cell CSVs
 (oof.csv, evaluate's predictions.csv), or, with --data, two models (ONNX
 files or run folders) scored here on the same labelled cells. Every figure is
 given for both with the paired 95 % bootstrap interval of B - A
-(elcell.intervals); `--require` turns chosen figures into an exit status a
+(elcell.judging.intervals); `--require` turns chosen figures into an exit status a
 script can gate a model's promotion on. Torch-free.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from elcell.cells.labels import label_fields
 from elcell.errors import DataError
-from elcell.folds import OOF, PROTOCOL
-from elcell.intervals import Scored, align, fmt, paired_difference, read_scored
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.labels import label_fields
+from elcell.judging.folds import OOF, PROTOCOL
+from elcell.judging.intervals import Scored, align, fmt, paired_difference, read_scored
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
@@ -61,7 +61,7 @@ def load_scored(source: str, data: str | None, group: str | None, tta: bool, pro
     if data is None:
         raise DataError(f"{source}: a model is compared on labelled cells: give --data LABELS.csv "
                         "(or compare k-fold folders or scored CSVs)")
-    from elcell.scoring import score_model  # ONNX Runtime: only when models are compared
+    from elcell.judging.scoring import score_model  # ONNX Runtime: only when models are compared
 
     return score_model(source, data, group=group, tta=tta, progress=progress)
 

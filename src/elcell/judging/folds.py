@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from elcell.cells.labels import LabelTable
 from elcell.errors import DataError
-from elcell.labels import LabelTable
 
 PROTOCOL = "kfold.yaml"  # the options the protocol was started with
 OOF = "oof.csv"  # every cell scored by the fold model that did not train on it

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from elcell.errors import DataError
-from elcell.runtime import DEFECT, OK
+from elcell.infer.runtime import DEFECT, OK
 
 LABEL_FIGURES = ("at_0.5_precision", "at_0.5_recall", "at_0.5_f1", "at_0.5_accuracy", "own_precision",
                  "own_recall", "own_f1", "own_recall_with_review", "roc_auc")

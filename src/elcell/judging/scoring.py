@@ -1,6 +1,6 @@
-"""A model's judgement of labelled cells as `Scored` rows (elcell.intervals):
+"""A model's judgement of labelled cells as `Scored` rows (elcell.judging.intervals):
 probabilities, the decisions at the model's own thresholds, and the truth
-(NaN where a label is unknown). Torch-free: ONNX Runtime through elcell.runtime.
+(NaN where a label is unknown). Torch-free: ONNX Runtime through elcell.infer.runtime.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from elcell.evaluate import known_labels, predict_table
-from elcell.intervals import Scored
-from elcell.labels import LabelTable, load_table
-from elcell.runtime import Model, decide, open_model
+from elcell.cells.labels import LabelTable, load_table
+from elcell.infer.evaluate import known_labels, predict_table
+from elcell.infer.runtime import Model, decide, open_model
+from elcell.judging.intervals import Scored
 
 
 def score_table(model: Model, table: LabelTable, tta: bool = False, progress: bool = True) -> Scored:

@@ -14,7 +14,7 @@ image's own levels, so a 16-bit camera using 0..4095 works as well as 0..65535.
 Rows run top to bottom and columns left to right as the module appears in the
 photo: a landscape 60-cell module is 6x10, portrait 10x6; a 144 half-cell module
 is 6x24. Failures raise an ImageError subclass (NoModuleError, ModuleCutOffError,
-GridMismatchError (elcell.cellgrid), ImageTooSmallError) with one sentence.
+GridMismatchError (elcell.pvmodules.cellgrid), ImageTooSmallError) with one sentence.
 
 Method. The module is the bright active area on a dark frame and background.
 On a copy about 800 px long, Otsu's threshold separates it; the convex hull of
@@ -24,7 +24,7 @@ cells do not move them. Each side is then refined at full resolution: cv2.remap
 samples short profiles across it, an edge point is where a profile first rises
 half-way from dark to bright, and the line through most of the points is the side.
 getPerspectiveTransform maps the quad onto an upright rectangle as large as the
-module is in the photo. Cell borders come from the dark gaps (elcell.cellgrid).
+module is in the photo. Cell borders come from the dark gaps (elcell.pvmodules.cellgrid).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from elcell.cellgrid import check_fit, find_borders
 from elcell.errors import DataError, ImageError
+from elcell.pvmodules.cellgrid import check_fit, find_borders
 
 _FIND_SIDE = 800  # long side (px) of the copy the module is found on
 _MIN_CELL_PX = 16  # fewer pixels a cell and its gaps cannot be seen

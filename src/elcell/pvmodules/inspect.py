@@ -21,17 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from elcell.cells.images import read_pixels, to_uint8
+from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
 from elcell.errors import DataError, ImageError
-from elcell.explain import explain_cell
-from elcell.geometry import parse_grid
-from elcell.grading import Rule, check_names, load_rules
-from elcell.images import read_pixels, to_uint8
-from elcell.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
-from elcell.inspect import ModuleInspection, inspect_module
-from elcell.io import atomic_path, output_mode, unique_names
-from elcell.modulemap import encode_png
-from elcell.predict import CSV_SEPARATOR, RowWriter, model_column, thresholds_column
-from elcell.report import (
+from elcell.infer.explain import explain_cell
+from elcell.infer.predict import CSV_SEPARATOR, RowWriter, model_column, thresholds_column
+from elcell.infer.report import (
     Gallery,
     GalleryItem,
     Table,
@@ -40,7 +35,12 @@ from elcell.report import (
     table_html,
     write_page,
 )
-from elcell.runtime import OK, Model, chosen_thresholds, open_model
+from elcell.infer.runtime import OK, Model, chosen_thresholds, open_model
+from elcell.io import atomic_path, output_mode, unique_names
+from elcell.pvmodules.geometry import parse_grid
+from elcell.pvmodules.grading import Rule, check_names, load_rules
+from elcell.pvmodules.judge import ModuleInspection, inspect_module
+from elcell.pvmodules.modulemap import encode_png
 
 OUTPUTS = ("cells.csv", "modules.csv", "maps", "flagged", "report.html")
 CORNERS = ["x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"]  # TL, TR, BR, BL in the photo's pixels

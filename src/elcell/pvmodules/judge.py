@@ -1,12 +1,12 @@
 """Whole modules in memory: a module photo in; its geometry, each cell's corners,
 probabilities, decisions and dark area, the module's counts and grade, and
-its map out. Torch-free: the batch command (elcell.inspection) and the service
-(elcell.serve) both call `inspect_module`.
+its map out. Torch-free: the batch command (elcell.pvmodules.inspect) and the service
+(elcell.station.app) both call `inspect_module`.
 
 How a cell reaches the model: cut at the photo's own resolution and depth
-(elcell.geometry), read as the model's decoding says (its bit depth), and
+(elcell.pvmodules.geometry), read as the model's decoding says (its bit depth), and
 resized to the model's square input. A rectangular half-cell is stretched to
-the square, as any cell that is not square is (elcell.images.to_cell): the
+the square, as any cell that is not square is (elcell.cells.images.to_cell): the
 model sees the whole cell, and boxes and heatmaps map back onto it directly.
 """
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from elcell.geometry import ModuleGeometry, cut_cells, locate_module, rectify
-from elcell.grading import Rule, grade
-from elcell.modulemap import draw_map
-from elcell.runtime import DEFECT, OK, REVIEW, Model, score_cells
+from elcell.infer.runtime import DEFECT, OK, REVIEW, Model, score_cells
+from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, locate_module, rectify
+from elcell.pvmodules.grading import Rule, grade
+from elcell.pvmodules.modulemap import draw_map
 
 DARK = 0.5  # a pixel darker than this share of the module's typical cell brightness is dark
 
@@ -64,7 +64,7 @@ def dark_areas(cells: list[list[np.ndarray]]) -> np.ndarray:
 
 
 def module_counts(labels: list[str], decisions: np.ndarray, dark: np.ndarray) -> dict[str, float]:
-    """The names grading rules use (elcell.grading)."""
+    """The names grading rules use (elcell.pvmodules.grading)."""
     flat = decisions.reshape(-1, len(labels))
     any_defect = (flat == DEFECT).any(axis=1)
     counts: dict[str, float] = {}
@@ -83,7 +83,7 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
                    review_thresholds: list[float] | None = None) -> ModuleInspection:
     """Find, rectify and cut the module in `image` (2-D gray, uint8 or uint16),
     score its cells in one batch, grade it and (want_map) draw its map.
-    Raises ImageError subclasses (elcell.geometry) for a photo it cannot use."""
+    Raises ImageError subclasses (elcell.pvmodules.geometry) for a photo it cannot use."""
     started = time.perf_counter()
     geometry = locate_module(image, rows, cols)
     flat = rectify(image, geometry)

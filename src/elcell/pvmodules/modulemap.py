@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from elcell.geometry import ModuleGeometry
-from elcell.heatmaps import VISIBLE
-from elcell.runtime import DEFECT, OK, REVIEW
+from elcell.infer.heatmaps import VISIBLE
+from elcell.infer.runtime import DEFECT, OK, REVIEW
+from elcell.pvmodules.geometry import ModuleGeometry
 
 COLOURS = {OK: (90, 170, 90), REVIEW: (0, 165, 255), DEFECT: (40, 40, 230)}  # BGR: green, orange, red
 MAX_WIDTH = 2000  # wider maps are drawn smaller: still readable on a screen, quick to write

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from elcell.cells.images import read_pixels
+from elcell.cells.inputs import collect_inputs, report_unreadable, unreadable
 from elcell.errors import DataError, ImageError
-from elcell.geometry import cut_cells, locate_module, parse_grid, rectify
-from elcell.images import read_pixels
-from elcell.inputs import collect_inputs, report_unreadable, unreadable
-from elcell.inspection import as_gray
+from elcell.infer.runtime import DEFECT, OK, Model, open_model, score_cells
 from elcell.io import atomic_path, atomic_write_text, output_mode, unique_names
-from elcell.runtime import DEFECT, OK, Model, open_model, score_cells
+from elcell.pvmodules.geometry import cut_cells, locate_module, parse_grid, rectify
+from elcell.pvmodules.inspect import as_gray
 
 ANSWER = {DEFECT: "1", OK: "0"}  # review stays empty
 

@@ -7,11 +7,11 @@ loop that turns an operator's answers into training data. Torch-free.
 The API (JSON, OpenAPI at /docs) scores cell images and inspects module
 photos with the numbers `elcell predict` and `elcell inspect` give; the page
 at / is served by the app itself (no CDN: inspection PCs are often offline).
-Requests from concurrent clients are batched (elcell.batcher); results are
-kept for the page in a bounded store (elcell.results); answers to the review
-loop go to DIR/labels.csv (elcell.review). Bad input is a 4xx with one
+Requests from concurrent clients are batched (elcell.station.batcher); results are
+kept for the page in a bounded store (elcell.station.results); answers to the review
+loop go to DIR/labels.csv (elcell.station.review). Bad input is a 4xx with one
 sentence naming the file or field, never a 500. Requests naming a host the
-station does not serve are refused (elcell.guard); with a token the schema
+station does not serve are refused (elcell.station.guard); with a token the schema
 declares it as HTTP bearer, so /docs can send it ("Authorize").
 """
 
@@ -33,15 +33,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elcell import __version__
-from elcell.batcher import QueueFull
+from elcell.cells.images import to_cell
 from elcell.errors import DataError, ImageError
-from elcell.geometry import parse_grid
-from elcell.guard import PROTECTED, Guard, is_loopback, read_token, served_hosts
-from elcell.images import to_cell
-from elcell.inspect import inspect_module
+from elcell.infer.predict import model_column
+from elcell.infer.runtime import Model, chosen_thresholds, open_model
 from elcell.io import safe_name
-from elcell.predict import model_column
-from elcell.results import (
+from elcell.pvmodules.geometry import parse_grid
+from elcell.pvmodules.judge import inspect_module
+from elcell.station.batcher import QueueFull
+from elcell.station.guard import PROTECTED, Guard, is_loopback, read_token, served_hosts
+from elcell.station.results import (
     API,
     CellResult,
     ModuleResult,
@@ -54,8 +55,7 @@ from elcell.results import (
     module_record,
     overlay,
 )
-from elcell.runtime import Model, chosen_thresholds, open_model
-from elcell.schemas import (
+from elcell.station.schemas import (
     ERRORS,
     CellOut,
     CellsOut,
@@ -67,7 +67,7 @@ from elcell.schemas import (
     ReviewSaved,
     ReviewStatus,
 )
-from elcell.station import Settings, Station, decode_module, module_result
+from elcell.station.state import Settings, Station, decode_module, module_result
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILES = 256  # cells in one request

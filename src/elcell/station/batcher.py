@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from elcell.runtime import CellScores, Model, score_cells
+from elcell.infer.runtime import CellScores, Model, score_cells
 
 CALL = ("call",)  # the key of a job that is a function call, not cells to score
 

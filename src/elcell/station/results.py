@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elcell.cells.images import Decoding, read_pixels, to_cell, to_uint8
 from elcell.errors import ImageError
-from elcell.heatmaps import heatmap_box, overlay_png, png_bytes
-from elcell.images import Decoding, read_pixels, to_cell, to_uint8
-from elcell.inspect import ModuleInspection
-from elcell.modulemap import MAX_WIDTH, encode_png
-from elcell.runtime import OK
+from elcell.infer.heatmaps import heatmap_box, overlay_png, png_bytes
+from elcell.infer.runtime import OK
+from elcell.pvmodules.judge import ModuleInspection
+from elcell.pvmodules.modulemap import MAX_WIDTH, encode_png
 
 API = "/api/v1"
 MAX_CELL_PIXELS = 25_000_000  # an uploaded cell larger than this (5000 x 5000) is refused from its header

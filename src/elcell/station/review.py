@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elcell.cells.labels import guess_separator
 from elcell.errors import DataError
 from elcell.io import safe_name
-from elcell.labels import guess_separator
 
 try:  # advisory locks between processes (POSIX); a thread lock alone elsewhere
     import fcntl

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 from fastapi import HTTPException
 
-from elcell.batcher import Batcher
+from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
-from elcell.grading import load_rules
-from elcell.images import read_pixels
-from elcell.inspection import as_gray
-from elcell.results import CellResult, ModuleResult, ResultStore, clean
-from elcell.review import LabelsFolder, ReviewItem, ReviewQueue
-from elcell.runtime import Model
+from elcell.infer.runtime import Model
+from elcell.pvmodules.grading import load_rules
+from elcell.pvmodules.inspect import as_gray
+from elcell.station.batcher import Batcher
+from elcell.station.results import CellResult, ModuleResult, ResultStore, clean
+from elcell.station.review import LabelsFolder, ReviewItem, ReviewQueue
 
 
 @dataclass

@@ -10,7 +10,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from elcell.config import CRACK_SHAPES
+from elcell.training.config import CRACK_SHAPES
 
 
 class RandomRotate90(nn.Module):

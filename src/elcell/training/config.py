@@ -1,6 +1,6 @@
 """Every option of `elcell train` and `elcell pretrain`, declared once (name, type,
 base value, help, group, choices, check), and the recipes, which are data files
-(elcell/recipes/*.yaml). Torch-free, so the CLI builds its parser and
+(elcell/training/recipes/*.yaml). Torch-free, so the CLI builds its parser and
 --print-config without importing the training stack.
 
 Precedence, weakest first: an option's base value (the original
@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
+from elcell.cells.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.errors import DataError
-from elcell.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.options import above, at_least, base_values, defaults_from, option, within
-from elcell.weights import BACKBONES, RESNETS
+from elcell.training.weights import BACKBONES, RESNETS
 
 # Choices of the training stack, declared here so the CLI and validation need no torch.
 POOLINGS = ("avg", "max")
@@ -39,7 +39,7 @@ GROUPS = ("data", "decoding", "model", "optimisation", "augmentation", "two stag
 
 @functools.cache
 def recipes() -> dict[str, dict]:
-    """name -> {description, use, options} from elcell/recipes/*.yaml."""
+    """name -> {description, use, options} from elcell/training/recipes/*.yaml."""
     return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(RECIPE_DIR.glob("*.yaml"))}
 
 
@@ -79,7 +79,7 @@ _OPEN_FRACTION = lambda v: None if 0 < v < 1 else "must be in (0, 1)"  # noqa: E
 class TrainConfig:
     """Every option of `elcell train`; the CLI and --config YAML files map onto it."""
 
-    recipe: str = option("spec", "named set of defaults, a data file of elcell/recipes (see README: "
+    recipe: str = option("spec", "named set of defaults, a data file of elcell/training/recipes (see README: "
                          "Recipes); options given here or in --config still win", "data", metavar="NAME")
     data: str = option("elpv", "labels CSV (path;label1;label2..., header required; labels 0/1 or soft "
                        "values in [0, 1]) or 'elpv' for the embedded ELPV cells", "data", metavar="CSV")
@@ -172,7 +172,7 @@ class TrainConfig:
     affine_scale: float = option(0.0, "small affine warp: zoom factor drawn from [1-s, 1+s]",
                                  "augmentation", check=_NON_NEGATIVE)
     module_path: float = option(0.0, "probability per cell of each distortion the module path adds "
-                                "(elcell.linepath): residual perspective and rotation, a jittered border, a "
+                                "(elcell.training.linepath): residual perspective and rotation, a jittered border, a "
                                 "light gradient, defocus, a lower native resolution, sensor noise; for "
                                 "models that judge cells cut from module photos (not yet measured: off by "
                                 "default)", "augmentation", check=_PROBABILITY, metavar="P")

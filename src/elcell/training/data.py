@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from elcell.cells.images import Decoding, load_cell
+from elcell.cells.labels import LabelTable, label_fields
 from elcell.errors import DataError, ImageError
-from elcell.folds import assign_folds
-from elcell.images import Decoding, load_cell
 from elcell.io import atomic_write_text
-from elcell.labels import LabelTable, label_fields
+from elcell.judging.folds import assign_folds
 
 SPLITS = ("train", "val", "test")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from elcell.cells.labels import LabelTable
 from elcell.errors import DataError
-from elcell.folds import PROTOCOL, finished_folds, fold_folder
-from elcell.labels import LabelTable
-from elcell.runtime import default_workers, open_model, resolve_model_path, score_files
+from elcell.infer.runtime import default_workers, open_model, resolve_model_path, score_files
+from elcell.judging.folds import PROTOCOL, finished_folds, fold_folder
 
 
 def teacher_models(teacher: str) -> list[Path]:

@@ -14,12 +14,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from elcell.cellnet import CellNet, heatmap_settings
+from elcell.cells.images import Decoding
 from elcell.errors import ExportError
-from elcell.images import Decoding
+from elcell.infer.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
 from elcell.io import atomic_path, output_mode
-from elcell.modelinfo import INPUT_NAME, OUTPUT_NAMES, ModelInfo, write_info
-from elcell.module import ELCellModule
+from elcell.training.lightning_module import ELCellModule
+from elcell.training.nets.cellnet import CellNet, heatmap_settings
 
 # How far ONNX Runtime may differ from PyTorch on the same cells. Probabilities:
 # float kernels of different CPUs agree to about 1e-6. Heatmaps (mean |diff| as

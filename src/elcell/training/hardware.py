@@ -8,8 +8,8 @@ import platform
 
 import torch
 
-from elcell.config import TrainConfig
 from elcell.errors import DataError
+from elcell.training.config import TrainConfig
 
 
 def gpu_available(config: TrainConfig) -> bool:

@@ -1,10 +1,10 @@
 """`elcell train --folds K`: the k-fold protocol that tells recipes apart.
 
 K models, each trained with one K-th of the cells held out as its test set
-(elcell.folds), into RUN/fold0 .. RUN/fold{K-1}, each an ordinary run folder.
+(elcell.judging.folds), into RUN/fold0 .. RUN/fold{K-1}, each an ordinary run folder.
 Every cell is then scored once by the model that never saw it: RUN/oof.csv,
 pooled over all cells, gives figures on 1,600 cells instead of 160, with
-bootstrap intervals (elcell.intervals) and the spread between folds.
+bootstrap intervals (elcell.judging.intervals) and the spread between folds.
 
 A protocol run can span sessions: the same command again skips the folds
 with a summary.json, resumes one with a last.ckpt, and refuses to mix folds
@@ -25,15 +25,22 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from elcell.config import TrainConfig, complete_run_record
-from elcell.data import check_labels, fold_split, limit_table
+from elcell.cells.labels import LabelTable, label_fields, load_table
 from elcell.errors import DataError
-from elcell.folds import ASSIGNMENT, OOF, PROTOCOL, assign_folds, finished_folds, fold_folder
-from elcell.intervals import Scored, bootstrap, fmt, point_figures, read_scored
+from elcell.infer.metrics import tune
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.labels import LabelTable, label_fields, load_table
-from elcell.metrics import tune
-from elcell.train import check_options, prepare, train, with_absolute_paths
+from elcell.judging.folds import (
+    ASSIGNMENT,
+    OOF,
+    PROTOCOL,
+    assign_folds,
+    finished_folds,
+    fold_folder,
+)
+from elcell.judging.intervals import Scored, bootstrap, fmt, point_figures, read_scored
+from elcell.training.config import TrainConfig, complete_run_record
+from elcell.training.data import check_labels, fold_split, limit_table
+from elcell.training.train import check_options, prepare, train, with_absolute_paths
 
 # options that say how, not what, a fold is trained: a later session may change them
 HOW = {"progress", "workers", "devices", "accelerator", "precision", "num_nodes", "cache_dir", "resume"}

@@ -15,9 +15,9 @@ import torchmetrics
 from lightning import LightningModule
 from torch import nn
 
-from elcell.augment import BatchAugment, SyntheticCracks, normalise
-from elcell.linepath import ModulePath
-from elcell.model import build_model
+from elcell.training.augment import BatchAugment, SyntheticCracks, normalise
+from elcell.training.linepath import ModulePath
+from elcell.training.nets.build import build_model
 
 
 class LabelF1(torchmetrics.Metric):

@@ -26,18 +26,24 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from elcell.augment import BatchAugment, normalise
-from elcell.config import PretrainConfig
-from elcell.data import build_cache, cell_loader, limit_table, pixel_stats, stratified_split
+from elcell.cells.inputs import collect_inputs
+from elcell.cells.labels import load_table
 from elcell.errors import DataError
-from elcell.hardware import gpu_available, machine, resolve_precision
-from elcell.history import merge_session_logs
-from elcell.inputs import collect_inputs
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
-from elcell.labels import load_table
-from elcell.module import cosine_schedule
 from elcell.options import show_progress, validate
-from elcell.resnet import ResNet
+from elcell.training.augment import BatchAugment, normalise
+from elcell.training.config import PretrainConfig
+from elcell.training.data import (
+    build_cache,
+    cell_loader,
+    limit_table,
+    pixel_stats,
+    stratified_split,
+)
+from elcell.training.hardware import gpu_available, machine, resolve_precision
+from elcell.training.history import merge_session_logs
+from elcell.training.lightning_module import cosine_schedule
+from elcell.training.nets.resnet import ResNet
 
 MIN_CELLS = 8
 

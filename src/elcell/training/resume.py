@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from elcell.config import TrainConfig, checkpoint_run
 from elcell.errors import DataError
+from elcell.training.config import TrainConfig, checkpoint_run
 
 
 def resume_checkpoint(path: str) -> dict:

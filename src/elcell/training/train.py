@@ -29,9 +29,22 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from elcell.augment import NOT_ONLY_CRACKS
-from elcell.config import PRETEXT_STAGE, TrainConfig, checkpoint_run, recipe_name, two_stage_configs
-from elcell.data import (
+from elcell.cells.labels import LabelTable, load_table
+from elcell.errors import DataError
+from elcell.infer.evaluate import evaluate
+from elcell.infer.metrics import headline
+from elcell.infer.runtime import open_model
+from elcell.io import atomic_write_json, atomic_write_text
+from elcell.options import show_progress, validate
+from elcell.training.augment import NOT_ONLY_CRACKS
+from elcell.training.config import (
+    PRETEXT_STAGE,
+    TrainConfig,
+    checkpoint_run,
+    recipe_name,
+    two_stage_configs,
+)
+from elcell.training.data import (
     CellDataModule,
     build_cache,
     check_labels,
@@ -42,20 +55,13 @@ from elcell.data import (
     stratified_split,
     write_split_csv,
 )
-from elcell.distill import taught
-from elcell.errors import DataError
-from elcell.evaluate import evaluate
-from elcell.export import export_checkpoint
-from elcell.hardware import check_devices, gpu_available, machine, resolve_precision
-from elcell.history import EpochLines, merge_session_logs, next_session, plot_losses
-from elcell.io import atomic_write_json, atomic_write_text
-from elcell.labels import LabelTable, load_table
-from elcell.metrics import headline
-from elcell.model import load_pretrained
-from elcell.module import ELCellModule
-from elcell.options import show_progress, validate
-from elcell.resume import check_resumable, resume_checkpoint
-from elcell.runtime import open_model
+from elcell.training.distill import taught
+from elcell.training.export import export_checkpoint
+from elcell.training.hardware import check_devices, gpu_available, machine, resolve_precision
+from elcell.training.history import EpochLines, merge_session_logs, next_session, plot_losses
+from elcell.training.lightning_module import ELCellModule
+from elcell.training.nets.build import load_pretrained
+from elcell.training.resume import check_resumable, resume_checkpoint
 
 
 def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:

@@ -1,5 +1,5 @@
-"""Networks by name: build_model picks the family (elcell.resnet,
-elcell.efficientnet) and load_pretrained reads ImageNet files, URLs and elcell
+"""Networks by name: build_model picks the family (elcell.training.nets.resnet,
+elcell.training.nets.efficientnet) and load_pretrained reads ImageNet files, URLs and elcell
 checkpoints in each family's own parameter names.
 """
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from elcell.cellnet import CellNet, seed_head
-from elcell.efficientnet import VARIANTS, EfficientNetLite
 from elcell.errors import PretrainedError
-from elcell.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet
-from elcell.weights import BACKBONES, imagenet_source
+from elcell.training.nets.cellnet import CellNet, seed_head
+from elcell.training.nets.efficientnet import VARIANTS, EfficientNetLite
+from elcell.training.nets.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet
+from elcell.training.weights import BACKBONES, imagenet_source
 
 __all__ = ["BACKBONES", "BasicBlock", "Bottleneck", "CellNet", "EfficientNetLite", "ResNet", "build_model",
            "load_pretrained", "seed_head"]

@@ -1,11 +1,11 @@
 """What every network of elcell shares: one gray input channel, the spec's head,
 the pooling, the per-cell input standardisation and Grad-CAM in closed form.
-A family (elcell.resnet, elcell.efficientnet) subclasses CellNet.
+A family (elcell.training.nets.resnet, elcell.training.nets.efficientnet) subclasses CellNet.
 
 * The stem takes one gray channel. The spec copies gray to RGB and normalises
   each copy with the same mean/std; a convolution over three identical
   channels equals one over a single channel with the three kernels summed, so
-  ImageNet kernels are summed when loading (elcell.model.load_pretrained).
+  ImageNet kernels are summed when loading (elcell.training.nets.build.load_pretrained).
 * fc is the spec's head: features -> 512 -> 256 -> N labels, ReLU between.
 * The last feature map is pooled by its average or, with pooling="max", by
   its maximum: a crack covers a few of the map's positions, and an average
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from elcell.config import INPUT_NORMS, POOLINGS
+from elcell.training.config import INPUT_NORMS, POOLINGS
 
 
 def seed_head(in_features: int, num_labels: int) -> nn.Sequential:
@@ -90,7 +90,7 @@ class CellNet(nn.Module):
     imagenet_classifier = "fc."
     num_features: int
     fc: nn.Sequential
-    # What the heatmap explains, fixed when a model is exported (elcell.export):
+    # What the heatmap explains, fixed when a model is exported (elcell.training.export):
     # the feature map of this stride (8, 16 or 32, the last), by this method.
     cam_stride: int = 32
     cam_method: str = "gradcam"
@@ -192,7 +192,7 @@ class CellNet(nn.Module):
           gradient, summed (Jiang et al. 2021): sharper on an earlier map.
 
         The gradient comes from the head in closed form and, for an earlier map,
-        through the layers after it by elcell.vjp: no autograd, so it exports to
+        through the layers after it by elcell.training.nets.vjp: no autograd, so it exports to
         ONNX as a plain output.
         """
         units = self.units()

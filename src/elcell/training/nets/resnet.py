@@ -1,6 +1,6 @@
 """ResNet-18/34/50 with torchvision's parameter names (ResNet v1.5: the stride
 sits on the 3x3 convolution), so torchvision/timm ImageNet files load as
-they are, on one gray channel with the spec's head (elcell.cellnet).
+they are, on one gray channel with the spec's head (elcell.training.nets.cellnet).
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elcell import vjp
-from elcell.cellnet import CellNet, seed_head
+from elcell.training.nets import vjp
+from elcell.training.nets.cellnet import CellNet, seed_head
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -21,7 +21,7 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class _Residual(nn.Module):
-    """What both blocks share for the heatmap's backward pass (elcell.vjp): the
+    """What both blocks share for the heatmap's backward pass (elcell.training.nets.vjp): the
     shortcut's gradient, through the downsampling convolution where there is one."""
 
     downsample: nn.Module | None

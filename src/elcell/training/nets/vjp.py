@@ -1,6 +1,6 @@
 """Vector-Jacobian products of the few layers a heatmap is backpropagated through.
 
-The heatmap explains a feature map earlier than the last one (elcell.cellnet),
+The heatmap explains a feature map earlier than the last one (elcell.training.nets.cellnet),
 so it needs d(logit)/d(map) through the layers after it. ONNX export cannot
 trace autograd, so the backward pass is written out here with plain
 operations (transposed convolutions, per-channel scales, masks) that export
