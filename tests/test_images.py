@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from elcell.cells.images import Decoding, find_images, load_cell, min_filter_size
+from elcell.cells.images import (
+    Decoding,
+    find_images,
+    load_cell,
+    min_filter_size,
+    read_pixels,
+    to_uint8,
+)
 from elcell.errors import ImageError
 
 
@@ -62,6 +69,32 @@ def test_bit_depth_reads_a_12bit_camera_over_the_full_grey_range(tmp_path, elpv,
         load_cell(path, Decoding(16, bit_depth=12))
     with pytest.raises(ValueError, match="bit depth 17"):
         load_cell(path, Decoding(16, bit_depth=17))
+
+
+def test_deep_images_reach_8_bits_with_no_float64_copy(tmp_path, elpv):
+    """16-bit values (a real cell's, scaled to the depths a camera stores) map to 8
+    bits as round(v * 255 / top) did in float64, without a float64 temporary: the
+    largest allocation is the uint8 result (a 4900 x 4900 16-bit image would need
+    190 MB for one). Float images stay float32, as Pillow holds them."""
+    import tracemalloc
+
+    cell = read_pixels(elpv.paths[0]).astype(np.uint16)
+    for depth in (16, 14, 12):
+        values = np.round(cell * ((2**depth - 1) / 255)).astype(np.uint16)
+        values[0, 0] = 2**depth - 1  # the top of the range is used, so no low-range warning
+        reference = np.round(values.astype(np.float64) * (255.0 / (2**depth - 1))).astype(np.uint8)
+        np.testing.assert_array_equal(to_uint8(values, depth), reference)
+    large = np.tile(values, (8, 8))  # 2400 x 2400
+    tracemalloc.start()
+    try:
+        to_uint8(large, 12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * large.size, peak  # uint8 result (1 byte a pixel); float64 would be 8
+    Image.fromarray(cell.astype(np.float32) / 255, mode="F").save(tmp_path / "f.tif")
+    floats = read_pixels(tmp_path / "f.tif")
+    assert floats.dtype == np.float32 and np.array_equal(to_uint8(floats), read_pixels(elpv.paths[0]))
 
 
 def test_rgb_becomes_gray(tmp_path):

@@ -8,6 +8,7 @@ identically on the GPU box, on the inspection PC and in the service.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -35,7 +36,8 @@ BIT_DEPTHS = range(8, 17)
 
 def _pixels(image: Image.Image, path: Path) -> np.ndarray:
     """The image's gray values as stored: uint8 (8-bit gray, RGB converted to
-    gray), uint16 (16-bit), or float64 in [0, 1] (float images)."""
+    gray), uint16 (16-bit), or float32 in [0, 1] (float images, which PIL holds
+    as float32: a float64 copy would double a large image for no precision)."""
     mode = image.mode
     if mode in ("L", "P", "1", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8)
@@ -47,7 +49,7 @@ def _pixels(image: Image.Image, path: Path) -> np.ndarray:
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
         return pixels.astype(np.uint16)
     if mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image, dtype=np.float32)
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
             raise ImageError(f"{path}: float images must hold values in [0, 1]")
         return pixels
@@ -70,7 +72,17 @@ def to_uint8(pixels: np.ndarray, bit_depth: int = 16, where: str | Path = "image
                          f"{bit_depth}-bit range it is read in (train --bit-depth, stored in the model)")
     if bit_depth == 16 and top < 2**14:  # with a --bit-depth given, a dark cell is just dark
         _warn_low_range(where, top)
-    return np.round(pixels.astype(np.float64) * (255.0 / full)).astype(np.uint8)
+    return _scale_table(full)[pixels]
+
+
+@functools.lru_cache(maxsize=len(BIT_DEPTHS))
+def _scale_table(full: int) -> np.ndarray:
+    """uint8 of every value 0..full, rounded as round(v * 255 / full): indexing it maps
+    a 16-bit image to 8 bits with no temporary larger than the uint8 result (a
+    float64 copy of a 4900 x 4900 image would take 190 MB)."""
+    table = np.round(np.arange(full + 1, dtype=np.float64) * (255.0 / full)).astype(np.uint8)
+    table.flags.writeable = False
+    return table
 
 
 _warned_low_range = False
