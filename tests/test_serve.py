@@ -263,7 +263,7 @@ def test_the_schema_declares_the_token_so_docs_can_send_it(model):
 
 
 def test_a_full_queue_answers_503_with_retry_after(model, cells):
-    app = create_app(model, Settings(max_queue=1))
+    app = create_app(model, Settings(max_queue_mb=0.003))  # 3 kB: one cell when the queue is empty
     release = threading.Event()
     with TestClient(app, base_url=STATION) as client:
         batcher = app.state.station.batcher
@@ -299,9 +299,9 @@ def test_concurrent_requests_are_batched_and_answered_alike(model, cells):
 
 
 def test_the_batcher_refuses_past_its_bound(model, cells):
-    batcher = Batcher(model, max_queue=2)
-    release = threading.Event()
     cell = load_cell(cells[0], model.decoding)[None]
+    batcher = Batcher(model, max_queue_bytes=2 * cell.nbytes)  # bytes held, not jobs
+    release = threading.Event()
 
     async def crowd():
         held = asyncio.ensure_future(batcher.call(release.wait))

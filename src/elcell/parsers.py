@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import argparse
 
-from elcell.options import DefaultsHelpFormatter, fraction, non_negative_int, positive_int
+from elcell.options import (
+    DefaultsHelpFormatter,
+    add_options,
+    base_values,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
+from elcell.station.budget import GROUP as BUDGET
+from elcell.station.budget import Budget
 
 
 def command(commands, name: str, module: str, help: str, description: str,
@@ -220,11 +229,10 @@ def add_serve(commands) -> None:
                              "keeps it off the command line, which other users of the machine can see")
     secret.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API; visible in the process "
                                         "list, prefer --token-file or $ELCELL_TOKEN (the default)")
-    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body accepted")
     parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
     _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
-    parser.add_argument("--max-queue", type=positive_int, default=512, help="cells queued before 503 Busy")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_options(parser, Budget, [BUDGET], base_values(Budget))  # elcell.station.budget: what each bounds
     add_runtime_options(parser, workers=False, progress=False)

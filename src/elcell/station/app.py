@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -33,24 +33,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elcell import __version__
-from elcell.cells.images import to_cell
-from elcell.errors import DataError, ImageError
+from elcell.cells.images import MAX_PIXELS, to_cell
+from elcell.errors import DataError
 from elcell.infer.predict import model_column
 from elcell.infer.runtime import Model, chosen_thresholds, open_model
 from elcell.io import safe_name
+from elcell.options import validate
 from elcell.pvmodules.geometry import parse_grid
-from elcell.pvmodules.judge import inspect_module
-from elcell.station.batcher import QueueFull
+from elcell.station.budget import Budget, Busy, TooManyPixels, decoded_bytes
 from elcell.station.guard import PROTECTED, Guard, is_loopback, read_token, served_hosts
 from elcell.station.results import (
     API,
+    MAX_CELL_PIXELS,
     CellResult,
     ModuleResult,
-    Upload,
     cell_png,
     cell_record,
-    decode_cell,
-    error_record,
     module_png,
     module_record,
     overlay,
@@ -67,7 +65,8 @@ from elcell.station.schemas import (
     ReviewSaved,
     ReviewStatus,
 )
-from elcell.station.state import Settings, Station, decode_module, module_result
+from elcell.station.state import Settings, Station, module_result
+from elcell.station.uploads import inspect_photo, score_uploads
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILES = 256  # cells in one request
@@ -137,9 +136,13 @@ def _handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(QueueFull)
-    async def busy(request: Request, exc: QueueFull) -> JSONResponse:
+    @app.exception_handler(Busy)  # the model's queue (QueueFull) or the decoded pixels held
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(TooManyPixels)
+    async def too_many_pixels(request: Request, exc: TooManyPixels) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
 
 
 def _png(data: bytes) -> Response:
@@ -186,24 +189,8 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
             raise HTTPException(422, f"files: {len(files)} files; send at most {MAX_FILES} per request")
         names = [file.filename or f"file{i + 1}" for i, file in enumerate(files)]
         data = [await file.read() for file in files]
-        uploads: list[Upload] = await run_in_threadpool(
-            lambda: [decode_cell(d, n, model.decoding) for d, n in zip(data, names, strict=True)])
-        good = [u for u in uploads if u.error is None]
-        if not good:
-            raise HTTPException(400, "no upload is a readable image: " + "; ".join(u.error for u in uploads))
-        cells = np.stack([u.cell for u in good])
-        scores = await batcher.score(cells, tta=tta)
-        results = [CellResult(u.name, u.pixels, model.decoding.bit_depth, scores.probs[k], scores.decisions[k],
-                              cell=u.cell) for k, u in enumerate(good)]
-        wanted = [k for k, r in enumerate(results) if heatmaps == "all" or (heatmaps == "flagged" and r.flagged)]
-        if wanted:
-            maps = (await batcher.score(cells[wanted], heatmaps=True)).heatmaps
-            for k, heat in zip(wanted, maps, strict=True):
-                results[k].heatmaps = heat
-        kept = iter([(station.keep(r), r) for r in results])
-        records = [error_record(u.name, u.error) if u.error else cell_record(*next(kept), labels, heatmaps)
-                   for u in uploads]
-        return {"cells": records}
+        with station.pixels.hold([decoded_bytes(d, MAX_CELL_PIXELS) for d in data], names):
+            return await score_uploads(station, data, names, heatmaps, tta)
 
     @app.get(f"{API}/results/{{key}}", response_model=CellOut, responses=ERRORS, tags=["cells"])
     async def result(key: str) -> dict:
@@ -244,16 +231,9 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
             raise HTTPException(422, f"grid: {grid} is {rows * cols} cells; at most {MAX_GRID_CELLS}")
         filename = file.filename or "module"
         data = await file.read()
-        image = await run_in_threadpool(decode_module, data, filename)
         name = safe_name(Path(filename).stem)
-        try:
-            found = await batcher.call(lambda: inspect_module(
-                model, image, rows, cols, station.rules, name, True, station.thresholds,
-                station.review_thresholds))
-        except ImageError as err:  # no module, cut off, grid does not fit
-            raise HTTPException(422, f"{filename}: {err}") from None
-        except MemoryError:
-            raise HTTPException(413, f"{filename}: too large to inspect in this service's memory") from None
+        with station.pixels.hold([decoded_bytes(data, MAX_PIXELS)], [filename]):
+            found = await inspect_photo(station, data, filename, name, rows, cols)
         module = ModuleResult(name, f"{rows}x{cols}", found)
         for r in range(rows):
             for c in range(cols):
@@ -339,8 +319,10 @@ def main(args) -> int:
     """`elcell serve` (options: elcell.cli): run the app on uvicorn until Ctrl-C or
     SIGTERM, which stop taking connections, finish the requests in flight (up
     to 30 s) and then the batcher's queue, and exit."""
-    if not args.max_upload_mb > 0 or not args.max_wait_ms >= 0:
-        raise DataError("--max-upload-mb must be above 0 and --max-wait-ms at least 0")
+    if not args.max_wait_ms >= 0:
+        raise DataError("--max-wait-ms must be at least 0")
+    budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
+    validate(budget)
     token = read_token(args.token, getattr(args, "token_file", None))
     hosts = served_hosts(args.host, args.allowed_host or ())
     local = is_loopback(args.host)
@@ -352,9 +334,9 @@ def main(args) -> int:
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     settings = Settings(
-        token=token, host=args.host, allowed_hosts=tuple(args.allowed_host or ()), max_upload_mb=args.max_upload_mb,
+        **vars(budget), token=token, host=args.host, allowed_hosts=tuple(args.allowed_host or ()),
         labels_out=Path(args.labels_out) if args.labels_out else None,
-        batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
         thresholds=thresholds, review_thresholds=review, rules=args.rules)
     app = create_app(model, settings)
     folder = app.state.station.folder

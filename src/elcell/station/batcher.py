@@ -9,10 +9,13 @@ oldest request has waited `max_wait` seconds, whichever comes first. While
 the worker is busy the queue fills, so under load batches are full and
 nobody waits for the timer.
 
-The queue is bounded (`max_queue` cells): past it `submit` raises QueueFull
-at once, which the service answers with 503 and Retry-After, instead of
-letting latency and memory grow without limit. A request larger than the
-whole queue is still taken when the queue is empty.
+The queue is bounded in bytes (`max_queue_bytes`): a job counts what it
+holds (its cells, or for a call the bytes its caller says it holds, such as
+the module photo it inspects), not one per job, so a few large module photos
+fill it as surely as many cells. Past it `submit` raises QueueFull at once,
+which the service answers with 503 and Retry-After, instead of letting
+latency and memory grow without limit. A job larger than the whole queue is
+still taken when the queue is empty.
 
 The model is only ever called from the worker thread (runtime.Model is safe
 from one thread); other work that uses the model, such as inspecting a
@@ -32,22 +35,20 @@ from typing import Any
 import numpy as np
 
 from elcell.infer.runtime import CellScores, Model, score_cells
+from elcell.station.budget import Busy
 
 CALL = ("call",)  # the key of a job that is a function call, not cells to score
 
 
-class QueueFull(Exception):
-    """The queue holds `max_queue` cells already: come back in `retry_after` s."""
-
-    def __init__(self, queued: int, retry_after: int):
-        super().__init__(f"the service is busy: {queued} cells are queued; try again in {retry_after} s")
-        self.retry_after = retry_after
+class QueueFull(Busy):
+    """The model's queue holds `max_queue_bytes` of work already (503, Retry-After)."""
 
 
 @dataclass
 class _Job:
     key: tuple  # jobs with the same key can share a batch
     size: int  # cells (1 for a call)
+    nbytes: int  # what the job holds while it waits: the queue's bound counts these
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     cells: np.ndarray | None = None  # uint8 [k, S, S] for scoring
@@ -60,6 +61,7 @@ class BatcherStats:
     batches: int = 0
     cells: int = 0
     calls: int = 0
+    nbytes: int = 0  # of the jobs done, for Retry-After
     largest: int = 0
 
     @property
@@ -71,17 +73,18 @@ class Batcher:
     """Queue in front of one model. `score` and `call` are awaited from the event
     loop; the work runs in the batcher's thread, started on first use."""
 
-    def __init__(self, model: Model, batch_size: int = 16, max_wait: float = 0.005, max_queue: int = 512,
+    def __init__(self, model: Model, batch_size: int = 16, max_wait: float = 0.005, max_queue_bytes: int = 64 * 2**20,
                  thresholds: Sequence[float] | None = None, review_thresholds: Sequence[float] | None = None):
         self.model = model
         self.batch_size = max(1, batch_size)
         self.max_wait = max(0.0, max_wait)
-        self.max_queue = max(1, max_queue)
+        self.max_queue_bytes = max(1, max_queue_bytes)
         self.thresholds = thresholds
         self.review_thresholds = review_thresholds
         self.stats = BatcherStats()
         self._pending: deque[_Job] = deque()
         self._queued_cells = 0
+        self._queued_bytes = 0
         self._busy = False
         self._cond = threading.Condition()
         self._stopping = False
@@ -91,7 +94,12 @@ class Batcher:
     # ------------------------------------------------------------------ front (event loop)
     @property
     def queued(self) -> int:
+        """Cells waiting to be scored."""
         return self._queued_cells
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     @property
     def busy(self) -> bool:
@@ -110,31 +118,36 @@ class Batcher:
         if len(cells) == 0:
             return score_cells(self.model, cells, thresholds=self.thresholds,
                                review_thresholds=self.review_thresholds)
-        return await self._submit(("score", bool(heatmaps), bool(tta)), len(cells), cells=cells)
+        return await self._submit(("score", bool(heatmaps), bool(tta)), len(cells), cells.nbytes, cells=cells)
 
-    async def call(self, function: Callable[[], Any]) -> Any:
-        """Run `function()` (which may use the model) in the worker thread, in turn."""
-        return await self._submit(CALL, 1, call=function)
+    async def call(self, function: Callable[[], Any], nbytes: int = 0) -> Any:
+        """Run `function()` (which may use the model) in the worker thread, in turn.
+        nbytes: what the call holds while it waits (e.g. the photo it inspects)."""
+        return await self._submit(CALL, 1, max(0, int(nbytes)), call=function)
 
-    async def _submit(self, key: tuple, size: int, **work) -> Any:
+    async def _submit(self, key: tuple, size: int, nbytes: int, **work) -> Any:
         loop = asyncio.get_running_loop()
-        job = _Job(key, size, loop, loop.create_future(), **work)
+        job = _Job(key, size, nbytes, loop, loop.create_future(), **work)
         self.start()
         with self._cond:
             if self._stopping:
-                raise QueueFull(self._queued_cells, 5)
-            if self._pending and self._queued_cells + size > self.max_queue:
-                raise QueueFull(self._queued_cells, self._retry_after())
+                raise QueueFull("the service is stopping; try again in 5 s", 5)
+            if self._pending and self._queued_bytes + nbytes > self.max_queue_bytes:
+                wait = self._retry_after()
+                raise QueueFull(f"the service is busy: {self._queued_bytes / 2**20:.1f} MB of work is queued for "
+                                f"the model ({self._queued_cells} cells; --max-queue-mb "
+                                f"{self.max_queue_bytes / 2**20:g}); try again in {wait} s", wait)
             self._pending.append(job)
-            self._queued_cells += size
+            self._queued_cells += size if key != CALL else 0
+            self._queued_bytes += nbytes
             self._cond.notify()
         return await job.future
 
     def _retry_after(self) -> int:
         """Seconds to come back after: the time the queue takes to drain, from
-        the batches done so far (at least 1)."""
-        rate = self.stats.cells / self._seconds if self._seconds else 0
-        return max(1, min(60, int(self._queued_cells / rate) + 1 if rate else 1))
+        the bytes of work done so far (at least 1)."""
+        rate = self.stats.nbytes / self._seconds if self._seconds else 0
+        return max(1, min(60, int(self._queued_bytes / rate) + 1 if rate else 1))
 
     async def stop(self) -> None:
         """Finish every queued job, then end the worker thread."""
@@ -180,7 +193,9 @@ class Batcher:
     def _pop(self, jobs: list[_Job]) -> list[_Job]:
         for job in jobs:
             self._pending.remove(job)
-            self._queued_cells -= job.size
+            self._queued_cells -= job.size if job.key != CALL else 0
+            self._queued_bytes -= job.nbytes
+            self.stats.nbytes += job.nbytes
         self._busy = True
         return jobs
 

@@ -6,9 +6,13 @@ Torch-free."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import HTTPException
 
@@ -18,22 +22,24 @@ from elcell.infer.runtime import Model
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray
 from elcell.station.batcher import Batcher
+from elcell.station.budget import MB, Budget, PixelBudget
 from elcell.station.results import CellResult, ModuleResult, ResultStore, clean
 from elcell.station.review import LabelsFolder, ReviewItem, ReviewQueue
 
+T = TypeVar("T")
+
 
 @dataclass
-class Settings:
-    """How `elcell serve` runs (its command-line options)."""
+class Settings(Budget):
+    """How `elcell serve` runs (its command-line options; the memory budget's are
+    declared in Budget, elcell.station.budget)."""
 
     token: str | None = None
     host: str = "127.0.0.1"  # the address it listens on: a name it answers to, as the loopback names are
     allowed_hosts: tuple[str, ...] = ()  # further names it answers to (--allowed-host)
-    max_upload_mb: float = 50.0
     labels_out: Path | None = None
     batch_size: int = 16
     max_wait_ms: float = 5.0
-    max_queue: int = 512
     thresholds: list[float] | None = None
     review_thresholds: list[float] | None = None
     rules: str | None = None
@@ -50,8 +56,10 @@ class Station:
         self.thresholds = settings.thresholds or model.info.thresholds
         self.review_thresholds = settings.review_thresholds or model.info.review_thresholds
         self.rules = load_rules(settings.rules)
-        self.batcher = Batcher(model, settings.batch_size, settings.max_wait_ms / 1000, settings.max_queue,
+        self.batcher = Batcher(model, settings.batch_size, settings.max_wait_ms / 1000, int(settings.max_queue_mb * MB),
                                self.thresholds, self.review_thresholds)
+        self.pixels = PixelBudget(settings)
+        self._decoders: anyio.CapacityLimiter | None = None
         self.store = ResultStore(max_bytes=settings.max_results_mb * 2**20)
         self.folder = LabelsFolder(settings.labels_out, self.labels) if settings.labels_out else None
         self.queue = ReviewQueue()
@@ -66,6 +74,18 @@ class Station:
             self.queue.add(item)
             return item.result
         return self.store.put(result)
+
+    @property
+    def decoders(self) -> anyio.CapacityLimiter:
+        """The threads that may decode images at once (--decoders), over all requests;
+        made on first use, inside the event loop that uses it."""
+        if self._decoders is None:
+            self._decoders = anyio.CapacityLimiter(self.settings.decoders)
+        return self._decoders
+
+    async def decode(self, function: Callable[[], T]) -> T:
+        """`function()` (which decodes images, one at a time) in a thread, when a decoder is free."""
+        return await anyio.to_thread.run_sync(function, limiter=self.decoders)
 
     def cell(self, key: str) -> CellResult:
         result = self.store.get(key, CellResult)
