@@ -99,3 +99,28 @@ def test_the_page_scores_inspects_and_reviews(browser, tiny_onnx, seed_csv, tmp_
     table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
     assert len(table) == 1 and table.targets.tolist() == [[1.0, 0.0]]
     assert Path(name).stem in table.paths[0].name and table.paths[0].is_file()
+
+
+def test_the_page_shows_markup_in_names_and_errors_as_text(browser, tiny_onnx, seed_csv, tmp_path):
+    """Issue 34: a file named like markup, and an error message that repeats that
+    name, come back from the API verbatim; the page shows them as text, and the
+    markup neither becomes elements nor runs."""
+    from selenium.webdriver.common.by import By
+
+    model = open_model(tiny_onnx, spin=False)
+    broken = tmp_path / "<img src=x onerror=window.pwned=1>.png"
+    broken.write_bytes(b"not an image at all")
+    cell = tmp_path / "<b id=bold>cell.png"  # no "/": it is a file name
+    cell.write_bytes(read_labels_csv(seed_csv).paths[24].read_bytes())
+    with RunningServer(create_app(model, Settings())) as server:
+        browser.get(server.url + "/")
+        wait(browser, lambda d: model.path.name in d.find_element(By.ID, "model-info").text)
+        browser.find_element(By.ID, "files").send_keys(f"{broken}\n{cell}")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 2)
+        names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .card .name")]
+        assert sorted(names) == sorted([broken.name, cell.name])
+        error = browser.find_element(By.CSS_SELECTOR, "#results .card.failed .error-text").text
+        assert error.startswith(f"{broken.name}: not a readable image")  # the server's message, markup and all
+        assert browser.execute_script(
+            "return [document.querySelectorAll('#results img[src=\"x\"], #bold, #results b').length,"
+            " typeof window.pwned]") == [0, "undefined"]
