@@ -83,22 +83,38 @@ def test_a_request_decoding_past_its_budget_is_refused_unread(model, cells, unif
 
 
 def test_requests_together_hold_at_most_the_decoded_budget():
-    budget = PixelBudget(Budget(max_request_mb=100, max_decoded_mb=150))
+    """Past --max-decoded-mb a request waits until others give back theirs, or
+    until --budget-wait-s has passed (503); alone it always goes."""
     mb = 2**20
-    with budget.hold([60 * mb, 20 * mb], ["a.png", "b.png"]):
-        with pytest.raises(Busy, match="--max-decoded-mb") as busy:
-            with budget.hold([80 * mb], ["c.png"]):
-                pass
-        assert busy.value.retry_after >= 1
-        with budget.hold([70 * mb], ["d.png"]):  # exactly up to the budget
-            assert budget.held == 150 * mb
-    assert budget.held == 0 and budget.largest == 150 * mb
-    with pytest.raises(TooManyPixels, match="c.png: decodes to 101 MB"):
-        with budget.hold([101 * mb], ["c.png"]):
-            pass
-    alone = PixelBudget(Budget(max_request_mb=100, max_decoded_mb=50))
-    with alone.hold([90 * mb], ["e.png"]):  # nothing else held: a request under its limit gets its turn
-        assert alone.held == 90 * mb
+
+    async def requests():
+        budget = PixelBudget(Budget(max_request_mb=100, max_decoded_mb=150, budget_wait_s=0.2))
+        order = []
+
+        async def request(name: str, size: int, seconds: float) -> None:
+            async with budget.hold([size * mb], [name]):
+                order.append(f"{name} in")
+                assert budget.held <= 150 * mb
+                await asyncio.sleep(seconds)
+            order.append(f"{name} out")
+
+        first = asyncio.ensure_future(request("a.png", 80, 0.1))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(first, request("b.png", 80, 0))  # b waits for a to finish
+        assert order == ["a.png in", "a.png out", "b.png in", "b.png out"]
+        async with budget.hold([60 * mb, 20 * mb], ["c.png", "d.png"]):
+            with pytest.raises(Busy, match="requests hold 80 MB of decoded pixels and this one needs 80 MB") as busy:
+                await request("e.png", 80, 0)  # waited 0.2 s in vain
+            assert busy.value.retry_after >= 1
+            await request("f.png", 70, 0)  # up to the budget exactly: at once
+        assert budget.held == 0 and budget.largest == 150 * mb
+        with pytest.raises(TooManyPixels, match="g.png: decodes to 101 MB of pixels; this station accepts 100 MB"):
+            await request("g.png", 101, 0)
+        alone = PixelBudget(Budget(max_request_mb=100, max_decoded_mb=50, budget_wait_s=0))
+        async with alone.hold([90 * mb], ["h.png"]):  # nothing else held: under its own limit, it goes
+            assert alone.held == 90 * mb
+
+    asyncio.run(requests())
 
 
 def test_images_are_decoded_a_few_at_a_time(model, cells, monkeypatch):

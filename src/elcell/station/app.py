@@ -189,7 +189,7 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
             raise HTTPException(422, f"files: {len(files)} files; send at most {MAX_FILES} per request")
         names = [file.filename or f"file{i + 1}" for i, file in enumerate(files)]
         data = [await file.read() for file in files]
-        with station.pixels.hold([decoded_bytes(d, MAX_CELL_PIXELS) for d in data], names):
+        async with station.pixels.hold([decoded_bytes(d, MAX_CELL_PIXELS) for d in data], names):
             return await score_uploads(station, data, names, heatmaps, tta)
 
     @app.get(f"{API}/results/{{key}}", response_model=CellOut, responses=ERRORS, tags=["cells"])
@@ -232,7 +232,7 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
         filename = file.filename or "module"
         data = await file.read()
         name = safe_name(Path(filename).stem)
-        with station.pixels.hold([decoded_bytes(data, MAX_PIXELS)], [filename]):
+        async with station.pixels.hold([decoded_bytes(data, MAX_PIXELS)], [filename]):
             found = await inspect_photo(station, data, filename, name, rows, cols)
         module = ModuleResult(name, f"{rows}x{cols}", found)
         for r in range(rows):

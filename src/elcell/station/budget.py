@@ -10,9 +10,10 @@ height x the bytes per pixel of its mode), and
 * a request whose images together decode to more than --max-request-mb is
   refused with 413 and a sentence naming the limit;
 * requests hold what they decode until they are answered, and all of them
-  together at most --max-decoded-mb: a request that would pass it gets 503
-  with Retry-After (as a full queue does), unless nothing else is held, so a
-  request under the per-request limit always gets its turn;
+  together at most --max-decoded-mb: a request that would pass it waits for
+  others to finish, up to --budget-wait-s, then gets 503 with Retry-After (as
+  a full queue does); with nothing else held it goes at once, so a request
+  under the per-request limit always gets its turn;
 * a request decodes its images one at a time, and at most --decoders images
   are decoded at once over all requests (not one per web thread).
 
@@ -23,9 +24,9 @@ photo it inspects), not one per job.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from elcell.options import above, at_least, option
@@ -60,7 +61,10 @@ class Budget:
         GROUP, check=above(0))
     max_decoded_mb: float = option(
         512.0, "decoded pixels all requests together may hold at once, in MB; a request that would pass it "
-               "gets 503 Busy with Retry-After", GROUP, check=above(0))
+               "waits for others to finish (--budget-wait-s)", GROUP, check=above(0))
+    budget_wait_s: float = option(
+        30.0, "longest a request waits for --max-decoded-mb to free up, in seconds; then 503 Busy with "
+              "Retry-After", GROUP, check=at_least(0))
     max_queue_mb: float = option(
         64.0, "bytes of work queued for the model, in MB (cells, module photos waiting to be inspected); "
               "503 Busy with Retry-After past it", GROUP, check=above(0))
@@ -96,35 +100,46 @@ def decoded_bytes(data: bytes, max_pixels: int) -> int:
 
 class PixelBudget:
     """Bytes of decoded pixels held by requests, against the per-request and the
-    station-wide limit. `hold` is entered from the event loop, before decoding."""
+    station-wide limit. `hold` is entered from the event loop (one loop: the counts
+    need no lock), before decoding."""
 
     def __init__(self, budget: Budget):
         self.per_request = int(budget.max_request_mb * MB)
         self.total = int(budget.max_decoded_mb * MB)
+        self.wait = budget.budget_wait_s
         self.held = 0
-        self.largest = 0  # the most held at once, for tests and /healthz-style figures
-        self._lock = threading.Lock()
+        self.largest = 0  # the most held at once, for tests and figures
+        self._freed: asyncio.Condition | None = None
 
-    @contextmanager
-    def hold(self, sizes: Sequence[int], names: Sequence[str]) -> Iterator[int]:
+    @asynccontextmanager
+    async def hold(self, sizes: Sequence[int], names: Sequence[str]) -> AsyncIterator[int]:
         """Reserve the bytes `sizes` (one per image named in `names`) until the block
-        ends. TooManyPixels (413) past the per-request limit, Busy (503) when the
-        station holds too much already."""
+        ends. TooManyPixels (413) past the per-request limit; when the station holds
+        too much, wait up to `wait` s for others to give theirs back, then Busy (503)."""
         need = int(sum(sizes))
         if need > self.per_request:
             raise TooManyPixels(self._too_large(need, sizes, names))
-        with self._lock:
-            if self.held and self.held + need > self.total:
-                raise Busy(f"the service is busy: requests hold {size_text(self.held)} of decoded pixels and "
-                           f"this one needs {size_text(need)}, past the {size_text(self.total)} of "
-                           "--max-decoded-mb; try again in 2 s", 2)
+        self._freed = self._freed or asyncio.Condition()
+        async with self._freed:
+            try:
+                if not self.fits(need):  # (wait_for with no time left would not even look)
+                    await asyncio.wait_for(self._freed.wait_for(lambda: self.fits(need)), self.wait)
+            except asyncio.TimeoutError:
+                raise Busy(f"the service is busy: requests hold {size_text(self.held)} of decoded pixels and this "
+                           f"one needs {size_text(need)}, past the {size_text(self.total)} of --max-decoded-mb; "
+                           f"try again in {max(1, round(self.wait))} s", max(1, round(self.wait))) from None
             self.held += need
             self.largest = max(self.largest, self.held)
         try:
             yield need
         finally:
-            with self._lock:
+            async with self._freed:
                 self.held -= need
+                self._freed.notify_all()
+
+    def fits(self, need: int) -> bool:
+        """Whether a request needing `need` bytes may decode now (alone, it always may)."""
+        return not self.held or self.held + need <= self.total
 
     def _too_large(self, need: int, sizes: Sequence[int], names: Sequence[str]) -> str:
         limit = size_text(self.per_request)
