@@ -262,3 +262,25 @@ def test_int8_comparison_scores_the_known_cells(model, partly_unknown_csv):
     assert comparison["cells"] == 64 and comparison["decision_agreement"] == 1.0  # same model twice
     comparison.update(calibration="cal.csv", calibration_cells=8, calibration_failed=[])
     assert "unk" in format_comparison(comparison)
+
+
+def test_evaluate_report_keeps_markup_in_names_and_errors_as_text(tiny_onnx, seed_csv, tmp_path):
+    """Issue 34: a data file and an unreadable image named like markup (the image's
+    error message repeats its name) appear in report.html as text, never as tags."""
+    cells = [seed_csv.parent / line.split(";")[0] for line in seed_csv.read_text().splitlines()[1:9]]
+    broken = tmp_path / "<img src=x onerror=alert(1)>.png"
+    broken.write_bytes(b"<script>alert(2)</script> is no image")
+    data = tmp_path / "<b>shift 3.csv"  # no "/": it is a file name
+    data.write_text("path;crack;inactive\n" + "".join(f"{p};0;0\n" for p in [*cells, broken]))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_onnx), "--data", str(data), "--out", str(out), "--report",
+                 "--no-progress"]) == 1  # an unreadable image: not whole metrics
+    text = (out / "report.html").read_text()
+    for markup in ("<img src=x", "<b>shift", "<script>"):
+        assert markup not in text, markup
+    assert "Images that could not be read" in text and "&lt;b&gt;shift 3.csv" in text
+    row = re.search(r"<tr><th>([^<]*onerror[^<]*)</th><td>([^<]*)</td></tr>", text)
+    assert row and row.group(1).endswith("&lt;img src=x onerror=alert(1)&gt;.png")
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in row.group(2)  # the error names the file, escaped
+    report = parse_report(out / "report.html")  # tags nest; no script, link or iframe
+    assert "b" not in report.tags and all(image["src"].startswith("data:") for image in report.images)

@@ -248,6 +248,9 @@ def _unknown_note(block: dict) -> str:
             + "".join(f"; {label}: {m['note']}" for label, m in block["per_label"].items() if "note" in m))
 
 
+MAX_FAILED_SHOWN = 20  # unreadable images listed in report.html; metrics.json lists all
+
+
 def report_tables(metrics: dict) -> list[Table]:
     """The metrics as tables a person reads: a summary, per label, per group,
     and what tuning changed."""
@@ -265,6 +268,12 @@ def report_tables(metrics: dict) -> list[Table]:
     tables = [Table("Summary", [], [(name, [value]) for name, value in summary],
                     note=f"Labels of the model not in the data, not scored: {', '.join(missing)}" if missing else ""),
               _label_table("Per label", metrics)]
+    failed = metrics["failed"]
+    if failed:  # which files, and why: paths and messages are the data's, escaped as every value is
+        tables.append(Table("Images that could not be read", ["why"],
+                            [(f["path"], [f["error"]]) for f in failed[:MAX_FAILED_SHOWN]],
+                            note=f"{len(failed) - MAX_FAILED_SHOWN} more in metrics.json"
+                            if len(failed) > MAX_FAILED_SHOWN else ""))
     if "without_tta" in metrics:
         tables.append(_label_table("Per label, without test-time augmentation", metrics["without_tta"]))
     tables += [_label_table(f"Per label, {name} cells", block) for name, block in metrics.get("groups", {}).items()]
