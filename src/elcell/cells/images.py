@@ -47,7 +47,7 @@ def _pixels(image: Image.Image, path: Path) -> np.ndarray:
         pixels = np.asarray(image)
         if pixels.size and (int(pixels.min()) < 0 or int(pixels.max()) > 65535):
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        return pixels.astype(np.uint16)
+        return pixels.astype(np.uint16, copy=False)  # 16-bit modes already are: no second copy
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float32)
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
