@@ -8,6 +8,7 @@ from elcell.cells.images import (
     Decoding,
     find_images,
     load_cell,
+    min_filter,
     min_filter_size,
     read_pixels,
     to_uint8,
@@ -142,6 +143,28 @@ def test_min_shrink_is_pils_min_filter_then_bilinear(tmp_path, elpv):
             width = min_filter_size(min(image.size), size)
             expected = image.filter(ImageFilter.MinFilter(width)).resize((size, size), Image.BILINEAR)
         assert width > 1 and np.array_equal(load_cell(path, Decoding(size, shrink="min")), np.asarray(expected))
+
+
+def numpy_min_filter(gray: np.ndarray, width: int) -> np.ndarray:
+    """The hand-written separable minimum cv2.erode replaced: edges replicated."""
+    height, wide = gray.shape
+    padded = np.pad(gray, width // 2, mode="edge")
+    rows = padded[:, :wide].copy()
+    for shift in range(1, width):
+        np.minimum(rows, padded[:, shift : shift + wide], out=rows)
+    out = rows[:height].copy()
+    for shift in range(1, width):
+        np.minimum(out, rows[shift : shift + height], out=out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_min_filter_is_the_hand_written_minimum_it_replaced(dtype):
+    rng = np.random.default_rng(3)
+    for shape, width in [((301, 287), 3), ((64, 90), 5), ((40, 33), 7), ((20, 20), 1), ((5, 9), 3)]:
+        gray = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+        ours = min_filter(gray, width)
+        assert ours.dtype == dtype and np.array_equal(ours, numpy_min_filter(gray, width))
 
 
 @pytest.mark.parametrize("height", [100, 128, 200, 255])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -112,17 +113,9 @@ def min_filter_size(source: int, size: int) -> int:
 
 def min_filter(gray: np.ndarray, width: int) -> np.ndarray:
     """The minimum over a `width` x `width` square around each pixel, edges
-    replicated: PIL's MinFilter, about 50x faster. Separable: the minimum
-    along each row, then along each column."""
-    height, wide = gray.shape
-    padded = np.pad(gray, width // 2, mode="edge")
-    rows = padded[:, :wide].copy()
-    for shift in range(1, width):
-        np.minimum(rows, padded[:, shift : shift + wide], out=rows)
-    out = rows[:height].copy()
-    for shift in range(1, width):
-        np.minimum(out, rows[shift : shift + height], out=out)
-    return out
+    replicated: PIL's MinFilter to the byte, as OpenCV's erosion (about 50x faster)."""
+    kernel = np.ones((width, width), dtype=np.uint8)
+    return cv2.erode(gray, kernel, borderType=cv2.BORDER_REPLICATE)
 
 
 @dataclass(frozen=True)
