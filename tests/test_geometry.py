@@ -17,6 +17,7 @@ from elcell.pvmodules.geometry import (
     ModuleCutOffError,
     NoModuleError,
     cut_cells,
+    find_module,
     locate_module,
     parse_grid,
     rectify,
@@ -161,6 +162,30 @@ def test_the_grid_of_the_real_mono_minimodule_is_where_its_gaps_are(mono):
             assert 0.8 * cell_width < cell.shape[1] < 0.95 * cell_width
             edge = np.concatenate([cell[:, :5].ravel(), cell[:, -5:].ravel()])
             assert np.median(edge) > 0.6 * np.median(cell)  # no dark gap inside the cut
+
+
+def count_warps(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image cv2.warpPerspective is asked to make, from here on."""
+    sizes, real = [], cv2.warpPerspective
+
+    def counted(image, matrix, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real(image, matrix, size, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "warpPerspective", counted)
+    return sizes
+
+
+def test_a_module_photo_is_warped_once_for_its_grid_and_its_cells(mono, monkeypatch):
+    from elcell.pvmodules.segment import segment_module
+
+    geometry, flat = find_module(mono, 2, 2)
+    assert np.array_equal(flat, rectify(mono, geometry))  # the very image the cells are cut from
+    sizes = count_warps(monkeypatch)
+    cut = segment_module(mono, 2, 2)
+    assert sizes == [geometry.size]  # one warp of the photo, not one to find the grid and one to cut
+    assert all(np.array_equal(a, b) for ra, rb in zip(cut, cut_cells(flat, geometry), strict=True)
+               for a, b in zip(ra, rb, strict=True))
 
 
 def test_16_bit_in_gives_16_bit_cells_out(cells):

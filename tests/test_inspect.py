@@ -194,12 +194,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
     assert read_csv(out / "cells.csv") == read_csv(clean / "cells.csv")
 
 
-def test_half_cells_are_found_and_stretched_to_the_models_square(tiny_onnx, originals):
+def test_half_cells_are_found_and_stretched_to_the_models_square(tiny_onnx, originals, monkeypatch):
     cells = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in originals]
     image, truth = assemble_module(cells, 6, 24, split_gap=True, rotation_deg=-4, perspective=0.02, seed=5)
     model = open_model(tiny_onnx)
+    warps, real_warp = [], cv2.warpPerspective
+    monkeypatch.setattr(cv2, "warpPerspective", lambda *a, **k: warps.append(a[2]) or real_warp(*a, **k))
     found = inspect_module(model, image, 6, 24, load_rules(), want_map=True)
     assert found.probs.shape == (6, 24, 2) and found.map is not None
+    assert warps == [found.geometry.size]  # the photo is warped once: grid, cells and map share it
     half = found.cells[0][0]
     assert half.shape[0] > 1.6 * half.shape[1]  # rectangular: twice as tall as wide
     square = to_cell(half, Decoding(64))

@@ -3,8 +3,9 @@
 Torch-free, on OpenCV:
 
     rows, cols = parse_grid("6x10")
-    geometry = locate_module(image, rows, cols)   # ModuleGeometry
-    flat = rectify(image, geometry)               # upright module, the image's dtype
+    geometry, flat = find_module(image, rows, cols)  # ModuleGeometry, upright module in the image's dtype
+    geometry = locate_module(image, rows, cols)      # the geometry alone
+    flat = rectify(image, geometry)                  # warp again (another image of the same module)
     cells = cut_cells(flat, geometry)             # rows x cols lists of arrays
     geometry.cell_box(r, c)       # (x0, y0, x1, y1) of a cell in `flat`
     geometry.cell_corners(r, c)   # float [4, 2] TL, TR, BR, BL in the original image
@@ -112,6 +113,13 @@ class ModuleGeometry:
 def locate_module(image: np.ndarray, rows: int, cols: int) -> ModuleGeometry:
     """The module's outline, its homography to an upright rectangle, and its cell borders.
     Raises NoModuleError, ModuleCutOffError, GridMismatchError or ImageTooSmallError."""
+    return find_module(image, rows, cols)[0]
+
+
+def find_module(image: np.ndarray, rows: int, cols: int) -> tuple[ModuleGeometry, np.ndarray]:
+    """`locate_module` and the rectified module it found the cell borders on, which
+    is `rectify(image, geometry)`: callers that cut cells use it rather than warp
+    a large photo a second time."""
     image = _check_image(image, rows, cols)
     scale = min(1.0, _FIND_SIDE / max(image.shape))
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
@@ -130,10 +138,12 @@ def locate_module(image: np.ndarray, rows: int, cols: int) -> ModuleGeometry:
                                  f"grid (cells need at least {_MIN_CELL_PX} pixels a side)")
     target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
     homography = cv2.getPerspectiveTransform(quad.astype(np.float32), target)
-    flat = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR)
+    geometry = ModuleGeometry(quad, homography, (width, height), np.empty(0), np.empty(0))
+    flat = rectify(image, geometry)
     xs, ys = find_borders(flat, cols, rows, axis=1), find_borders(flat, rows, cols, axis=0)
     check_fit(xs, ys, rows, cols, min(width / cols, height / rows))
-    return ModuleGeometry(quad, homography, (width, height), xs.at, ys.at, xs.widths, ys.widths)
+    geometry.xs, geometry.ys, geometry.gaps_x, geometry.gaps_y = xs.at, ys.at, xs.widths, ys.widths
+    return geometry, flat
 
 
 def rectify(image: np.ndarray, geometry: ModuleGeometry) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from elcell.infer.runtime import DEFECT, OK, REVIEW, Model, score_cells
-from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, locate_module, rectify
+from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, find_module
 from elcell.pvmodules.grading import Rule, grade
 from elcell.pvmodules.modulemap import draw_map
 
@@ -85,8 +85,7 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
     score its cells in one batch, grade it and (want_map) draw its map.
     Raises ImageError subclasses (elcell.pvmodules.geometry) for a photo it cannot use."""
     started = time.perf_counter()
-    geometry = locate_module(image, rows, cols)
-    flat = rectify(image, geometry)
+    geometry, flat = find_module(image, rows, cols)
     cells = cut_cells(flat, geometry)
     labels = model.info.labels
     scores = score_cells(model, [cell for row in cells for cell in row], thresholds=thresholds,

@@ -21,7 +21,7 @@ from elcell.cells.inputs import collect_inputs, report_unreadable, unreadable
 from elcell.errors import DataError, ImageError
 from elcell.infer.runtime import DEFECT, OK, Model, open_model, score_cells
 from elcell.io import atomic_path, atomic_write_text, output_mode, unique_names
-from elcell.pvmodules.geometry import cut_cells, locate_module, parse_grid, rectify
+from elcell.pvmodules.geometry import cut_cells, find_module, parse_grid
 from elcell.pvmodules.inspect import as_gray
 
 ANSWER = {DEFECT: "1", OK: "0"}  # review stays empty
@@ -35,8 +35,8 @@ def save_cell(cell: np.ndarray, path: Path) -> None:
 
 def segment_module(pixels: np.ndarray, rows: int, cols: int) -> list[list[np.ndarray]]:
     image = as_gray(pixels)
-    geometry = locate_module(image, rows, cols)
-    return cut_cells(rectify(image, geometry), geometry)
+    geometry, flat = find_module(image, rows, cols)
+    return cut_cells(flat, geometry)
 
 
 def label_columns(cells: list[np.ndarray], labels: list[str], model: Model | None) -> list[list[str]]:
