@@ -29,6 +29,26 @@ def test_upsampling_is_torchs_bilinear():
     assert np.abs(ours - theirs).max() < 1e-5
 
 
+def numpy_bilinear(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The hand-written upsampling cv2.resize replaced: half-pixel centres, clamped borders."""
+    def along(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+        m = a.shape[axis]
+        pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) * (m / n) - 0.5, 0, m - 1)
+        lo = np.floor(pos).astype(np.intp)
+        frac = np.expand_dims((pos - lo).astype(np.float32), 1 - axis)
+        return np.take(a, lo, axis=axis) * (1 - frac) + np.take(a, np.minimum(lo + 1, m - 1), axis=axis) * frac
+    return along(along(heat, height, 0), width, 1)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((3, 5), (17, 40)), ((4, 4), (300, 300)), ((19, 19), (256, 240)),
+                                              ((8, 8), (64, 64)), ((2, 2), (5, 3)), ((10, 7), (4, 6))])
+def test_upsampling_is_the_hand_written_bilinear_it_replaced(shape, size):
+    heat = np.random.default_rng(sum(size)).random(shape).astype(np.float32)
+    ours = upsample_heatmap(heat, size)
+    assert ours.shape == size and ours.dtype == np.float32
+    assert np.abs(ours - numpy_bilinear(heat, *size)).max() < 1e-6
+
+
 def test_box_surrounds_the_hot_cell_in_image_pixels():
     heat = np.zeros((4, 4), dtype=np.float32)
     heat[1, 2] = 2.0  # feature cell covering rows 50..100, columns 50..75 of a 200x100 image

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 
+import cv2
 import numpy as np
 from matplotlib import colormaps  # the registry only: no pyplot, no figure per image
 from PIL import Image, ImageDraw, ImageFont
@@ -45,26 +46,14 @@ def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.nda
     """Bilinear upsampling of one [h, w] heatmap to `size` (int or (height, width)).
 
     Pixel centres are aligned and borders clamped, as torch's
-    interpolate(mode="bilinear", align_corners=False): a heatmap cell covers
-    the patch of image it was computed from.
+    interpolate(mode="bilinear", align_corners=False) and cv2.resize's
+    INTER_LINEAR: a heatmap cell covers the patch of image it was computed from.
     """
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.ndim != 2:
         raise ValueError(f"expected one [h, w] heatmap, got shape {heat.shape}")
     height, width = _size2(size)
-    return _resize_axis(_resize_axis(heat, height, 0), width, 1)
-
-
-def _resize_axis(a: np.ndarray, n: int, axis: int) -> np.ndarray:
-    m = a.shape[axis]
-    pos = np.clip((np.arange(n, dtype=np.float64) + 0.5) * (m / n) - 0.5, 0, m - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, m - 1)
-    frac = (pos - lo).astype(np.float32)
-    shape = [1, 1]
-    shape[axis] = n
-    frac = frac.reshape(shape)
-    return np.take(a, lo, axis=axis) * (1 - frac) + np.take(a, hi, axis=axis) * frac
+    return cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def heatmap_peak(heat: np.ndarray) -> tuple[int, int]:
