@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from elcell.infer.heatmaps import (
+    colorize,
     heatmap_box,
     heatmap_peak,
     overlay_image,
@@ -47,6 +48,19 @@ def test_upsampling_is_the_hand_written_bilinear_it_replaced(shape, size):
     ours = upsample_heatmap(heat, size)
     assert ours.shape == size and ours.dtype == np.float32
     assert np.abs(ours - numpy_bilinear(heat, *size)).max() < 1e-6
+
+
+def test_overlays_and_module_maps_share_one_colour_scale():
+    from elcell.pvmodules.modulemap import _blend
+
+    heat = np.ones((2, 2), dtype=np.float32)  # every pixel at the peak: the scale's hot end
+    black = np.zeros((32, 32), dtype=np.uint8)
+    overlay = cell_area(overlay_image(black, heat), 256)[128, 128]
+    module_cell = np.zeros((32, 32, 3), dtype=np.uint8)
+    _blend(module_cell, heat)  # BGR, drawn by OpenCV
+    assert tuple(module_cell[16, 16, ::-1]) == tuple(overlay)
+    assert tuple(colorize(np.array([1.0]))[0]) == (128, 0, 0)  # jet's hot end: dark red
+    assert colorize(np.zeros((3, 4))).shape == (3, 4, 3)
 
 
 def test_box_surrounds_the_hot_cell_in_image_pixels():

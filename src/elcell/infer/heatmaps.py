@@ -14,11 +14,12 @@ import math
 
 import cv2
 import numpy as np
-from matplotlib import colormaps  # the registry only: no pyplot, no figure per image
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-COLORMAP = "jet"
+# One colour scale for every heatmap elcell draws (overlays here, module maps in
+# elcell.pvmodules.modulemap), so a colour means the same share of a cell's peak in both.
+COLORMAP = cv2.COLORMAP_JET
 MIN_DISPLAY = 256  # a smaller cell is enlarged (by a whole factor) so that text on it reads
 BOX_THRESHOLD = 0.5
 VISIBLE = 0.25  # heat below this share of the cell's peak is not drawn: the cell shows through
@@ -54,6 +55,13 @@ def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.nda
         raise ValueError(f"expected one [h, w] heatmap, got shape {heat.shape}")
     height, width = _size2(size)
     return cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def colorize(relative: np.ndarray) -> np.ndarray:
+    """RGB uint8 [..., 3] of values in [0, 1] (a heatmap relative to its peak) on COLORMAP."""
+    levels = np.round(np.clip(relative, 0, 1) * 255).astype(np.uint8)
+    coloured = cv2.applyColorMap(levels.reshape(levels.shape[0], -1), COLORMAP)  # BGR
+    return coloured[..., ::-1].reshape(*relative.shape, 3)
 
 
 def heatmap_peak(heat: np.ndarray) -> tuple[int, int]:
@@ -128,7 +136,7 @@ def _legend(width: int, height: int) -> Image.Image:
     draw = ImageDraw.Draw(band)
     left, right = width // 4, width - width // 4
     ramp = np.linspace(0, 1, right - left)
-    colours = (colormaps[COLORMAP](ramp)[:, :3] * 255).astype(np.uint8)
+    colours = colorize(ramp)
     colours[ramp < VISIBLE] = 90  # below VISIBLE the cell shows through
     bar = np.repeat(colours[None], max(4, height // 3), axis=0)
     band.paste(Image.fromarray(bar, "RGB"), (left, height // 6))
@@ -159,7 +167,7 @@ def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = No
     heat = upsample_heatmap(heatmap, (height, width))
     peak = float(heat.max())
     relative = heat / peak if math.isfinite(peak) and peak > 0 else np.zeros_like(heat)
-    colour = colormaps[COLORMAP](relative)[..., :3].astype(np.float32) * 255
+    colour = colorize(relative).astype(np.float32)
     weight = alpha * np.where(relative >= VISIBLE, 0.4 + 0.6 * relative, 0.0)[..., None]
     base = np.asarray(gray, dtype=np.float32)[..., None]
     tinted = Image.fromarray(np.clip(base * (1 - weight) + colour * weight + 0.5, 0, 255).astype(np.uint8), "RGB")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from elcell.infer.heatmaps import VISIBLE
+from elcell.infer.heatmaps import VISIBLE, colorize
 from elcell.infer.runtime import DEFECT, OK, REVIEW
 from elcell.pvmodules.geometry import ModuleGeometry
 
@@ -65,7 +65,7 @@ def _blend(cell: np.ndarray, heatmap: np.ndarray) -> None:
     if not np.isfinite(peak) or peak <= 0:
         return
     relative = heat / peak
-    colour = cv2.applyColorMap((relative * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    colour = colorize(relative)[..., ::-1].astype(np.float32)  # the overlays' scale, as BGR
     weight = (0.55 * np.where(relative >= VISIBLE, 0.4 + 0.6 * relative, 0.0))[..., None]
     cell[:] = np.clip(cell * (1 - weight) + colour * weight, 0, 255).astype(np.uint8)
 
