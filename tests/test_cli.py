@@ -189,6 +189,47 @@ def test_config_file_sets_defaults_and_command_line_wins(tmp_path, capsys):
     assert code == 2 and "unknown option(s) ['colour']" in err
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ("epochs: 2.5", "epochs: 2.5 is not a whole number"),
+    ('rotate90: "no"', "rotate90: 'no' is not true or false"),
+    ("batch-size: '8'", "batch_size: '8' is not a whole number"),
+    ("lr: fast", "lr: 'fast' is not a number"),
+    ("limit: [1, 2]", "limit: [1, 2] is not a whole number (or empty)"),
+])
+def test_config_values_of_the_wrong_type_are_refused_naming_file_and_key(tmp_path, capsys, line, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"backbone: resnet34\n{line}\n")
+    code, out, err = run_cli(["train", "--config", str(config), "--print-config"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"elcell: error: --config {config}: {message}"]
+
+
+def test_config_values_read_as_the_command_line_reads_them(tmp_path, capsys):
+    config = tmp_path / "c.yaml"  # YAML 1.1 reads 3e-4 as text and `no` as false; devices is text
+    config.write_text("lr: 3e-4\nrotate90: no\ndevices: 2\nepochs: 7\nlimit: null\n")
+    code, out, _ = run_cli(["train", "--config", str(config), "--print-config"], capsys)
+    printed = yaml.safe_load(out)
+    assert code == 0 and printed["lr"] == 3e-4 and printed["rotate90"] is False
+    assert printed["devices"] == "2" and printed["epochs"] == 7 and printed["limit"] is None
+
+
+def test_a_recipe_with_a_value_of_the_wrong_type_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    from elcell.training import config
+
+    for path in config.RECIPE_DIR.glob("*.yaml"):
+        shutil.copy(path, tmp_path)
+    recipe = yaml.safe_load((tmp_path / "quick.yaml").read_text())
+    recipe["options"]["epochs"] = 2.5
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(config, "RECIPE_DIR", tmp_path)
+    config.recipes.cache_clear()
+    try:
+        code, _, err = run_cli(["train", "--recipe", "quick", "--print-config"], capsys)
+    finally:
+        config.recipes.cache_clear()  # the shipped recipes again for the other tests
+    assert code == 2 and err.splitlines() == [f"elcell: error: {tmp_path / 'quick.yaml'}: epochs: 2.5 is not a whole number"]
+
+
 def make_cells(tmp_path, elpv, count=16):
     (tmp_path / "cells").mkdir()
     lines = ["path;crack;inactive"]

@@ -9,6 +9,7 @@ Also the argparse types the other commands use for their own options, so that
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import typing
@@ -100,6 +101,54 @@ def option_types(config_class: type) -> dict[str, type]:
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         plain[f.name] = args[0] if args else hints[f.name]
     return plain
+
+
+# --------------------------------------------------------------------------- values from files
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+@functools.cache
+def _adapter(hint: Any):
+    # strict: YAML already typed the value, so 2.5 for a count or "no" for a flag is a
+    # mistake to name, not a value to round or to read as false. pydantic comes with
+    # FastAPI in the core; imported here, only when files are read.
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(hint, config=ConfigDict(strict=True))
+
+
+def _as_on_command_line(kind: type, value: Any) -> Any:
+    """What a value of the wrong YAML type means where the command line would read it
+    alike: PyYAML reads `lr: 3e-4` as text (YAML 1.1 floats need a dot), and
+    `devices: 2` or `precision: 32` as numbers of options that are text."""
+    if kind is float and isinstance(value, str):
+        return float(value)
+    if kind is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(value)
+
+
+def typed_values(config_class: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` (option: value, read from `source`, a YAML file) checked against
+    each option's annotation with pydantic; DataError naming the source, the key
+    and the value for the first that does not fit. Unknown keys pass through
+    (the config class refuses them with their own message)."""
+    hints = typing.get_type_hints(config_class)
+    plain = option_types(config_class)
+    typed = dict(values)
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        try:
+            typed[key] = _adapter(hints[key]).validate_python(value)
+        except ValueError:  # pydantic's ValidationError is a ValueError
+            try:
+                typed[key] = _adapter(hints[key]).validate_python(_as_on_command_line(plain[key], value))
+            except ValueError:
+                kind = _KINDS.get(plain[key], plain[key].__name__)
+                empty = " (or empty)" if type(None) in typing.get_args(hints[key]) else ""
+                raise DataError(f"{source}: {key}: {value!r} is not {kind}{empty}") from None
+    return typed
 
 
 # --------------------------------------------------------------------------- command line

@@ -20,7 +20,7 @@ import yaml
 
 from elcell.cells.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.errors import DataError
-from elcell.options import above, at_least, base_values, defaults_from, option, within
+from elcell.options import above, at_least, base_values, defaults_from, option, typed_values, within
 from elcell.training.weights import BACKBONES, RESNETS
 
 # Choices of the training stack, declared here so the CLI and validation need no torch.
@@ -39,8 +39,14 @@ GROUPS = ("data", "decoding", "model", "optimisation", "augmentation", "two stag
 
 @functools.cache
 def recipes() -> dict[str, dict]:
-    """name -> {description, use, options} from elcell/training/recipes/*.yaml."""
-    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(RECIPE_DIR.glob("*.yaml"))}
+    """name -> {description, use, options} from elcell/training/recipes/*.yaml,
+    each option's value checked against its type (a DataError names the file)."""
+    found = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
+        recipe["options"] = typed_values(TrainConfig, dict(recipe.get("options") or {}), str(path))
+        found[path.stem] = recipe
+    return found
 
 
 def recipe_name(name: str) -> str:
@@ -221,7 +227,7 @@ class TrainConfig:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise DataError(f"{source}: unknown option(s) {unknown}")
-        return cls(**values)
+        return cls(**typed_values(cls, values, source))
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, **overrides) -> TrainConfig:
@@ -371,7 +377,7 @@ def _read_yaml(path: str | Path, source: str) -> dict:
         raise DataError(f"{source}: cannot read ({err})") from None
     if not isinstance(values, dict):
         raise DataError(f"{source}: expected a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    return typed_values(TrainConfig, {str(k).replace("-", "_"): v for k, v in values.items()}, source)
 
 
 def train_defaults(recipe: str | None, config: str | None, resume: str | None) -> dict:
