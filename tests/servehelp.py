@@ -13,6 +13,25 @@ import uvicorn
 from PIL import Image
 
 
+def wait_until(condition, what: str, timeout: float = 60.0, pause: float = 0.01) -> None:
+    """Poll `condition()` until it holds; AssertionError naming `what` after `timeout`
+    seconds, so a test whose condition never comes fails instead of hanging."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(pause)
+
+
+async def async_wait_until(condition, what: str, timeout: float = 60.0, pause: float = 0.01) -> None:
+    """`wait_until` inside an event loop: sleeps without blocking the loop."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        await asyncio.sleep(pause)
+
+
 class RunningServer:
     """`app` on uvicorn at 127.0.0.1 on a free port, in a thread, for a `with` block."""
 

@@ -9,7 +9,6 @@ import csv
 import os
 import stat
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from servehelp import RunningServer, bomb_png, png_bytes
+from servehelp import RunningServer, async_wait_until, bomb_png, png_bytes, wait_until
 from starlette.websockets import WebSocketDisconnect
 
 from elcell.cells.images import load_cell, read_pixels
@@ -269,16 +268,14 @@ def test_a_full_queue_answers_503_with_retry_after(model, cells):
         batcher = app.state.station.batcher
         blocker = threading.Thread(target=lambda: asyncio.run(batcher.call(release.wait)))
         blocker.start()
-        while not batcher.busy:
-            time.sleep(0.01)
+        wait_until(lambda: batcher.busy, "the blocking call to start")
         waiting = threading.Thread(target=lambda: client.post("/api/v1/cells", files=upload(cells[:1])))
         waiting.start()
-        while batcher.queued < 1:
-            time.sleep(0.01)
+        wait_until(lambda: batcher.queued >= 1, "the second request to queue")
         busy = client.post("/api/v1/cells", files=upload(cells[1:2]))
         release.set()
-        blocker.join()
-        waiting.join()
+        blocker.join(timeout=60)
+        waiting.join(timeout=60)
     assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1 and "busy" in busy.json()["detail"]
 
 
@@ -305,8 +302,7 @@ def test_the_batcher_refuses_past_its_bound(model, cells):
 
     async def crowd():
         held = asyncio.ensure_future(batcher.call(release.wait))
-        while not batcher.busy:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: batcher.busy, "the blocking call to start")
         queued = [asyncio.ensure_future(batcher.score(cell)) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):

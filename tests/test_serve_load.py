@@ -5,6 +5,7 @@ SIGTERM with a request in flight. With the tiny trained model on real cells."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from schemathesis.generation.modes import GenerationMode
-from servehelp import RunningServer
+from servehelp import RunningServer, wait_until
 
 from elcell.cells.images import read_pixels
 from elcell.cells.labels import read_labels_csv
@@ -49,10 +50,13 @@ def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, cells):
               "print('ready', flush=True)\nfor i in range(100000):\n    f.add(p, f'c{i}.png', {'crack': i % 2})\n")
     for delay in (0.3, 0.55, 0.8):
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-        writer.stdout.readline()
-        time.sleep(delay)
-        writer.kill()
-        writer.wait()
+        try:
+            ready, _, _ = select.select([writer.stdout], [], [], 60)  # a bounded wait for its first line
+            assert ready and writer.stdout.readline() == b"ready\n", "the writer did not start in 60 s"
+            time.sleep(delay)
+        finally:
+            writer.kill()
+            writer.wait(timeout=60)
         table = read_labels_csv(tmp_path / "k" / "labels.csv")  # readable as the kill left it
         assert len(table) > 0  # a row never names a missing or half-written image:
         assert all(np.array_equal(read_pixels(p), read_pixels(cells[0])) for p in table.paths)
@@ -155,8 +159,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tiny_onnx):
             f"{url}/api/v1/modules", headers=auth, files={"file": ("poly.jpg", photo, "image/jpeg")},
             data={"grid": "6x10"}, timeout=120)))
         request.start()
-        while httpx.get(f"{url}/healthz").json()["in_flight"] < 1:
-            time.sleep(0.005)
+        wait_until(lambda: httpx.get(f"{url}/healthz").json()["in_flight"] >= 1, "the request to arrive",
+                   pause=0.005)
         server.send_signal(signal.SIGTERM)
         request.join(timeout=120)
         assert result["answer"].status_code == 200 and result["answer"].json()["grade"]
@@ -164,4 +168,4 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tiny_onnx):
     finally:
         if server.poll() is None:
             server.kill()
-        server.wait()
+        server.wait(timeout=60)
