@@ -19,6 +19,7 @@ from elcell.errors import DataError, ElcellError
 from elcell.io import output_mode
 from elcell.options import (
     add_options,
+    base_values,
     positive_int,
 )
 from elcell.parsers import (
@@ -61,7 +62,9 @@ def _add_train(commands, defaults: dict | None) -> None:
                              "RUN/two-stage.yaml or RUN/config.yaml repeats that run from the start")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective options as YAML and exit")
-    add_options(parser, TrainConfig, GROUPS, defaults or TrainConfig().__dict__)
+    # another command only needs the parser to exist: the base values spare it reading
+    # (and type-checking) the recipes on every start
+    add_options(parser, TrainConfig, GROUPS, defaults or base_values(TrainConfig))
 
 
 def _add_pretrain(commands) -> None:
