@@ -75,10 +75,31 @@ def tiny_onnx(tiny_run) -> Path:
 
 @pytest.fixture(scope="session")
 def model(tiny_onnx):
-    """The tiny model open in ONNX Runtime."""
+    """The tiny model open in ONNX Runtime, its idle threads not spin-waiting: tests
+    share a few cores with each other (the service's threads too) and with other work."""
     from elcell.infer.runtime import open_model
 
-    return open_model(tiny_onnx)
+    return open_model(tiny_onnx, spin=False)
+
+
+@pytest.fixture(scope="session")
+def seed_cells(seed_csv) -> list[Path]:
+    """16 real ELPV cells of the seed CSV, half of them defective."""
+    from elcell.cells.labels import read_labels_csv
+
+    return list(read_labels_csv(seed_csv).paths[24:40])
+
+
+@pytest.fixture()
+def one_thread():
+    """Small PyTorch models on one thread: reproducible sums, and no OpenMP stalls on a
+    shared machine (two threads there made the Grad-CAM tests up to 40x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

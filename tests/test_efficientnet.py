@@ -30,13 +30,8 @@ LITES = sorted(VARIANTS)
 FILE_KEYS = {"efficientnet_lite0": 296, "efficientnet_lite1": 386, "efficientnet_lite2": 386}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on one thread: reproducible sums, no OpenMP stalls on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small models on one thread (conftest.one_thread): reproducible sums, no OpenMP stalls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def needs_weights(backbone: str) -> None:

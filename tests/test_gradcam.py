@@ -21,14 +21,8 @@ from elcell.training.nets.build import ResNet
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on one thread: reproducible sums, and no OpenMP stalls on a
-    shared machine (two threads there made these tests up to 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small models on one thread (conftest.one_thread): reproducible sums, no OpenMP stalls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captum_cams(model: ResNet, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from elcell.cells.images import load_cell, read_pixels
 from elcell.cells.labels import read_labels_csv
 from elcell.cli import build_parser, main
 from elcell.errors import DataError
-from elcell.infer.runtime import open_model, score_cells
+from elcell.infer.runtime import score_cells
 from elcell.station.app import Settings, create_app
 from elcell.station.batcher import Batcher, QueueFull
 from elcell.station.results import decode_cell
@@ -39,15 +39,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle, delimiter=";"))
 
 
-@pytest.fixture(scope="module")
-def model(tiny_onnx):
-    return open_model(tiny_onnx, spin=False)
-
-
-@pytest.fixture(scope="module")
-def cells(seed_csv) -> list[Path]:
-    """16 real ELPV cells, half of them defective."""
-    return [p for p in read_labels_csv(seed_csv).paths][24:40]
 
 
 @pytest.fixture()
@@ -61,14 +52,14 @@ def upload(paths) -> list:
 
 
 # --------------------------------------------------------------------------- same answers as the CLI
-def test_cells_answer_as_predict_does(client, model, tiny_onnx, cells, tmp_path):
-    answer = client.post("/api/v1/cells?heatmaps=all", files=upload(cells) + [
+def test_cells_answer_as_predict_does(client, model, tiny_onnx, seed_cells, tmp_path):
+    answer = client.post("/api/v1/cells?heatmaps=all", files=upload(seed_cells) + [
         ("files", ("notes.txt", b"not an image", "text/plain"))])
     assert answer.status_code == 200
     got = answer.json()["cells"]
-    assert [c["name"] for c in got] == [p.name for p in cells] + ["notes.txt"]
+    assert [c["name"] for c in got] == [p.name for p in seed_cells] + ["notes.txt"]
     assert got[-1]["error"].startswith("notes.txt: not a readable image") and got[-1]["probs"] == {}
-    assert main(["predict", str(tiny_onnx), *map(str, cells), "--out", str(tmp_path / "p.csv"),
+    assert main(["predict", str(tiny_onnx), *map(str, seed_cells), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
     for cell, row in zip(got, read_csv(tmp_path / "p.csv"), strict=False):
         assert cell["error"] is None
@@ -83,14 +74,14 @@ def test_cells_answer_as_predict_does(client, model, tiny_onnx, cells, tmp_path)
     assert client.get(got[0]["overlays"]["crack"].replace("crack", "nolabel")).status_code == 404
 
 
-def test_uploads_decode_as_files_do(model, cells, tmp_path):
+def test_uploads_decode_as_files_do(model, seed_cells, tmp_path):
     """An upload becomes the model input `elcell predict` makes of the same file:
     8-bit PNG, 16-bit PNG (12-bit camera values too), JPEG."""
-    pixels = read_pixels(cells[0])
+    pixels = read_pixels(seed_cells[0])
     (tmp_path / "c16.png").write_bytes(png_bytes(pixels.astype(np.uint16) * 257))
     (tmp_path / "c12.png").write_bytes(png_bytes(pixels.astype(np.uint16) * 16))
     Image.fromarray(pixels).save(tmp_path / "c.jpg", quality=90)
-    for path in [cells[0], tmp_path / "c16.png", tmp_path / "c12.png", tmp_path / "c.jpg"]:
+    for path in [seed_cells[0], tmp_path / "c16.png", tmp_path / "c12.png", tmp_path / "c.jpg"]:
         decoded = decode_cell(path.read_bytes(), path.name, model.decoding)
         assert decoded.error is None
         np.testing.assert_array_equal(decoded.cell, load_cell(path, model.decoding))
@@ -161,16 +152,16 @@ def test_the_page_shows_names_and_errors_as_text(client):
 
 
 # --------------------------------------------------------------------------- status codes
-def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
+def test_status_codes_a_client_can_act_on(model, seed_cells, tmp_path):
     app = create_app(model, Settings(token="s3cret", max_upload_mb=0.5))
     auth = {"Authorization": "Bearer s3cret"}
     with TestClient(app, base_url=STATION) as client:
-        assert client.post("/api/v1/cells", files=upload(cells[:1])).status_code == 401
+        assert client.post("/api/v1/cells", files=upload(seed_cells[:1])).status_code == 401
         wrong = client.get("/api/v1/model", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "token" in wrong.json()["detail"]
         assert wrong.headers["www-authenticate"].startswith("Bearer")
         assert client.get("/healthz").status_code == 200  # no token needed to see it is alive
-        assert client.post("/api/v1/cells", files=upload(cells[:1]), headers=auth).status_code == 200
+        assert client.post("/api/v1/cells", files=upload(seed_cells[:1]), headers=auth).status_code == 200
         # none readable: 400 naming each file; a decompression bomb's header is refused unread
         bad = client.post("/api/v1/cells", headers=auth, files=[
             ("files", ("a.png", b"", "image/png")), ("files", ("b.png", bomb_png(8000, 8000), "image/png"))])
@@ -190,7 +181,7 @@ def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
         assert streamed.status_code == 413
         # malformed: 422 naming the field
         for answer in (client.post("/api/v1/cells", headers=auth),
-                       client.post("/api/v1/cells?heatmaps=some", headers=auth, files=upload(cells[:1])),
+                       client.post("/api/v1/cells?heatmaps=some", headers=auth, files=upload(seed_cells[:1])),
                        client.post("/api/v1/modules", headers=auth, data={"grid": "6by10"},
                                    files={"file": ("m.jpg", b"x", "image/jpeg")})):
             assert answer.status_code == 422 and answer.json()["detail"].startswith("malformed request")
@@ -209,7 +200,7 @@ def test_status_codes_a_client_can_act_on(model, cells, tmp_path):
         assert client.get("/api/v1/review/next", headers=auth).status_code == 404  # review loop off
 
 
-def test_requests_naming_other_hosts_are_refused(model, cells, tmp_path):
+def test_requests_naming_other_hosts_are_refused(model, seed_cells, tmp_path):
     """DNS rebinding: a page at evil.example whose name now resolves to the station
     sends Host: evil.example. Only the station's own names pass, with any port."""
     settings = Settings(host="10.0.4.17", allowed_hosts=("Inspection-PC.plant.local", "[fd00::17]"),
@@ -223,7 +214,7 @@ def test_requests_naming_other_hosts_are_refused(model, cells, tmp_path):
         for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io",
                      "10.0.4.18", "[::2]:8000", "localhost:8000:8000", "[::1]x", "0.0.0.0:8000"):
             for answer in (client.get("/", headers={"Host": host}), client.get("/healthz", headers={"Host": host}),
-                           client.post("/api/v1/cells", headers={"Host": host}, files=upload(cells[:1])),
+                           client.post("/api/v1/cells", headers={"Host": host}, files=upload(seed_cells[:1])),
                            client.post("/api/v1/review/abc", headers={"Host": host}, json={"labels": {}})):
                 assert answer.status_code == 400, (host, answer.status_code)
                 detail = answer.json()["detail"]
@@ -261,7 +252,7 @@ def test_the_schema_declares_the_token_so_docs_can_send_it(model):
         assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
 
 
-def test_a_full_queue_answers_503_with_retry_after(model, cells):
+def test_a_full_queue_answers_503_with_retry_after(model, seed_cells):
     app = create_app(model, Settings(max_queue_mb=0.003))  # 3 kB: one cell when the queue is empty
     release = threading.Event()
     with TestClient(app, base_url=STATION) as client:
@@ -269,10 +260,10 @@ def test_a_full_queue_answers_503_with_retry_after(model, cells):
         blocker = threading.Thread(target=lambda: asyncio.run(batcher.call(release.wait)))
         blocker.start()
         wait_until(lambda: batcher.busy, "the blocking call to start")
-        waiting = threading.Thread(target=lambda: client.post("/api/v1/cells", files=upload(cells[:1])))
+        waiting = threading.Thread(target=lambda: client.post("/api/v1/cells", files=upload(seed_cells[:1])))
         waiting.start()
         wait_until(lambda: batcher.queued >= 1, "the second request to queue")
-        busy = client.post("/api/v1/cells", files=upload(cells[1:2]))
+        busy = client.post("/api/v1/cells", files=upload(seed_cells[1:2]))
         release.set()
         blocker.join(timeout=60)
         waiting.join(timeout=60)
@@ -280,23 +271,23 @@ def test_a_full_queue_answers_503_with_retry_after(model, cells):
 
 
 # --------------------------------------------------------------------------- batching
-def test_concurrent_requests_are_batched_and_answered_alike(model, cells):
-    decoded = np.stack([load_cell(p, model.decoding) for p in cells])
+def test_concurrent_requests_are_batched_and_answered_alike(model, seed_cells):
+    decoded = np.stack([load_cell(p, model.decoding) for p in seed_cells])
     alone = score_cells(model, decoded)
     batcher = Batcher(model, batch_size=8, max_wait=0.05)
 
     async def many():
-        return await asyncio.gather(*(batcher.score(decoded[i:i + 1]) for i in range(len(cells))))
+        return await asyncio.gather(*(batcher.score(decoded[i:i + 1]) for i in range(len(seed_cells))))
 
     got = asyncio.run(many())
     asyncio.run(batcher.stop())
     np.testing.assert_allclose(np.concatenate([g.probs for g in got]), alone.probs, atol=2e-6)
     assert [list(g.decisions[0]) for g in got] == [list(d) for d in alone.decisions]
-    assert batcher.stats.batches < len(cells) and batcher.stats.largest <= 8
+    assert batcher.stats.batches < len(seed_cells) and batcher.stats.largest <= 8
 
 
-def test_the_batcher_refuses_past_its_bound(model, cells):
-    cell = load_cell(cells[0], model.decoding)[None]
+def test_the_batcher_refuses_past_its_bound(model, seed_cells):
+    cell = load_cell(seed_cells[0], model.decoding)[None]
     batcher = Batcher(model, max_queue_bytes=2 * cell.nbytes)  # bytes held, not jobs
     release = threading.Event()
 
@@ -316,18 +307,18 @@ def test_the_batcher_refuses_past_its_bound(model, cells):
 
 # --------------------------------------------------------------------------- the review loop
 @pytest.fixture()
-def reviewing(model, cells, tmp_path):
+def reviewing(model, seed_cells, tmp_path):
     """A service whose crack threshold flags about half of `cells` (the tiny model is unsure of them all)."""
-    probs = score_cells(model, [load_cell(p, model.decoding) for p in cells]).probs
+    probs = score_cells(model, [load_cell(p, model.decoding) for p in seed_cells]).probs
     middle = float(np.median(probs[:, 0]))
     settings = Settings(labels_out=tmp_path / "reviewed", thresholds=[middle, 1.0], review_thresholds=[middle, 1.0])
     with TestClient(create_app(model, settings), base_url=STATION) as client:
         yield client
 
 
-def test_reviews_become_training_rows(reviewing, model, cells, tmp_path):
+def test_reviews_become_training_rows(reviewing, model, seed_cells, tmp_path):
     client = reviewing
-    answer = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+    answer = client.post("/api/v1/cells", files=upload(seed_cells)).json()["cells"]
     flagged = [c for c in answer if set(c["decisions"].values()) != {"ok"}]
     assert len(flagged) >= 2 and all(c["review"] for c in flagged)
     assert not any(c["review"] for c in answer if c not in flagged)
@@ -345,17 +336,17 @@ def test_reviews_become_training_rows(reviewing, model, cells, tmp_path):
     table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
     assert table.names == ["crack", "inactive"] and table.targets.tolist() == [[1, 0], [0, 0]]
     for path, item in zip(table.paths, [first, second], strict=True):  # every row's image is there, whole
-        original = next(p for p in cells if p.name == item["name"])
+        original = next(p for p in seed_cells if p.name == item["name"])
         np.testing.assert_array_equal(read_pixels(path), read_pixels(original))
     by_name = {c["name"]: c for c in answer}
-    original = next(p for p in cells if p.name == first["name"])
+    original = next(p for p in seed_cells if p.name == first["name"])
     np.testing.assert_array_equal(load_cell(table.paths[0], model.decoding), load_cell(original, model.decoding))
     assert by_name[first["name"]]["review"] == first["id"]
 
 
-def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, cells):
+def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, seed_cells):
     folder = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
-    pixels = read_pixels(cells[0])
+    pixels = read_pixels(seed_cells[0])
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: folder.add(pixels, f"cell{i}.png", {"crack": i % 2}), range(48)))
     table = read_labels_csv(folder.csv)
@@ -374,7 +365,7 @@ def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, cells):
         LabelsFolder(tmp_path / "labels", ["defective"])
 
 
-def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, cells, monkeypatch):
+def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, seed_cells, monkeypatch):
     """The order that survives a power cut: the image fsync'ed and renamed into
     cells/, cells/ fsync'ed (the rename), and only then the row appended and fsync'ed."""
     folder = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
@@ -400,7 +391,7 @@ def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, cells, mo
     monkeypatch.setattr(os, "fsync", recorded_fsync)
     monkeypatch.setattr(os, "replace", recorded_replace)
     monkeypatch.setattr(os, "write", recorded_write)
-    saved = folder.add(read_pixels(cells[0]), "c.png", {"crack": 1})
+    saved = folder.add(read_pixels(seed_cells[0]), "c.png", {"crack": 1})
     monkeypatch.undo()
     image = os.stat(tmp_path / "labels" / saved.path).st_ino
     assert events == [("fsync", "file", image), ("rename", "file", image),

@@ -26,7 +26,6 @@ from servehelp import RunningServer, wait_until
 
 from elcell.cells.images import read_pixels
 from elcell.cells.labels import read_labels_csv
-from elcell.infer.runtime import open_model
 from elcell.station.app import Settings, create_app
 from elcell.station.review import LabelsFolder
 
@@ -34,19 +33,11 @@ MODULES = Path(__file__).parent / "data" / "modules"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model(tiny_onnx):
-    return open_model(tiny_onnx, spin=False)
 
 
-@pytest.fixture(scope="module")
-def cells(seed_csv) -> list[Path]:
-    return read_labels_csv(seed_csv).paths[24:40]
-
-
-def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, cells):
+def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, seed_cells):
     script = (f"import numpy as np\nfrom elcell.cells.images import read_pixels\nfrom elcell.station.review import LabelsFolder\n"
-              f"f = LabelsFolder({str(tmp_path / 'k')!r}, ['crack', 'inactive'])\np = read_pixels({str(cells[0])!r})\n"
+              f"f = LabelsFolder({str(tmp_path / 'k')!r}, ['crack', 'inactive'])\np = read_pixels({str(seed_cells[0])!r})\n"
               "print('ready', flush=True)\nfor i in range(100000):\n    f.add(p, f'c{i}.png', {'crack': i % 2})\n")
     for delay in (0.3, 0.55, 0.8):
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
@@ -59,11 +50,11 @@ def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, cells):
             writer.wait(timeout=60)
         table = read_labels_csv(tmp_path / "k" / "labels.csv")  # readable as the kill left it
         assert len(table) > 0  # a row never names a missing or half-written image:
-        assert all(np.array_equal(read_pixels(p), read_pixels(cells[0])) for p in table.paths)
+        assert all(np.array_equal(read_pixels(p), read_pixels(seed_cells[0])) for p in table.paths)
         assert LabelsFolder(tmp_path / "k", ["crack", "inactive"]).rows == len(table)
 
 
-def test_no_route_answers_5xx_to_anything_its_schema_allows(model, cells, tmp_path):
+def test_no_route_answers_5xx_to_anything_its_schema_allows(model, seed_cells, tmp_path):
     """Every operation in the OpenAPI schema, with inputs drawn from it and
     inputs that break it (random uploads, grids, ids, labels, query values),
     and with the ids of a real cell and module: never a 5xx."""
@@ -72,7 +63,7 @@ def test_no_route_answers_5xx_to_anything_its_schema_allows(model, cells, tmp_pa
                                      allowed_hosts=("testserver",)))
     failures, refused = [], []
     with TestClient(app) as client:  # lifespan: the batcher runs
-        cell = client.post("/api/v1/cells", files=[("files", (cells[0].name, cells[0].read_bytes(), "image/png"))])
+        cell = client.post("/api/v1/cells", files=[("files", (seed_cells[0].name, seed_cells[0].read_bytes(), "image/png"))])
         module = client.post("/api/v1/modules", data={"grid": "2x2"}, files={
             "file": ("m.jpg", (MODULES / "mono-2x2-MMEL1.jpg").read_bytes(), "image/jpeg")})
         real = {"key": cell.json()["cells"][0]["id"], "item_id": cell.json()["cells"][0]["review"]}
@@ -106,9 +97,9 @@ def test_no_route_answers_5xx_to_anything_its_schema_allows(model, cells, tmp_pa
     assert not refused, refused[:5]
 
 
-def test_sixteen_clients_lose_nothing(model, cells, tmp_path):
+def test_sixteen_clients_lose_nothing(model, seed_cells, tmp_path):
     app = create_app(model, Settings(labels_out=tmp_path / "load", review_thresholds=[0.0, 1.0]))  # all flagged
-    files = [(p.name, p.read_bytes()) for p in cells]
+    files = [(p.name, p.read_bytes()) for p in seed_cells]
     statuses, answered = [], []
 
     def client_loop(k: int) -> None:
