@@ -54,16 +54,18 @@ def seed_csv(tmp_path_factory, elpv) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, seed_csv) -> Path:
-    """A run folder from `elcell train` on 64 real cells: resnet18, 64 px, 2 epochs.
+    """A run folder from `elcell train` on 64 real cells: resnet18, 32 px, 2 epochs.
 
-    Shared by every test that needs a trained model or its ONNX file.
+    Shared by every test that needs a trained model or its ONNX file. 32 px, the
+    smallest size with a heatmap of more than one position a side (4 x 4 at
+    stride 8), because almost every command the fast tier runs scores cells with it.
     """
     from elcell.training.config import TrainConfig
     from elcell.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
-                      image_size=64, batch_size=16, epochs=2, lr=1e-3, val_fraction=0.25,
+                      image_size=32, batch_size=16, epochs=2, lr=1e-3, val_fraction=0.25,
                       progress=False))
     return out
 

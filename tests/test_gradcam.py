@@ -98,7 +98,7 @@ def test_onnx_heatmap_equals_torch(tiny_run, tiny_onnx, seed_csv):
     cells = real_cells(seed_csv, 8, size)
     probs, heatmap = onnx_model.run(cells, heatmaps=True)
     settings = onnx_model.info.extra["heatmap"]
-    assert settings == {"method": "layercam", "stride": 8, "views": 4}  # 64 px: the finest map kept, 8 x 8
+    assert settings == {"method": "layercam", "stride": 8, "views": 4}  # 32 px: the finest map kept, 4 x 4
     h = math.ceil(size / settings["stride"])
     assert probs.shape == (8, len(labels)) and heatmap.shape == (8, len(labels), h, h)
     assert np.isfinite(heatmap).all() and (heatmap >= 0).all() and heatmap.max() > 0

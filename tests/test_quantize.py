@@ -168,7 +168,7 @@ import numpy as np
 from elcell.cells.images import Decoding, load_cell
 from elcell.infer.quantize import quantize
 from elcell.infer.runtime import open_model
-cells = np.stack([load_cell(p, Decoding(64)) for p in {[str(p) for p in elpv.paths[:16]]!r}])
+cells = np.stack([load_cell(p, Decoding({read_info(float_path).decoding.size})) for p in {[str(p) for p in elpv.paths[:16]]!r}])
 path = quantize({str(float_path)!r}, {str(tmp_path / "model.int8.onnx")!r}, cells, source="test")
 print(open_model(path).run(cells[:2]).shape, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sympy")
                                                    and sys.modules[m] is not None))

@@ -54,19 +54,19 @@ def test_metrics_csv_has_losses_and_f1_per_epoch(tiny_run):
 def test_onnx_file_is_uint8_in_probs_out_with_metadata(tiny_onnx, tiny_run):
     session = ort.InferenceSession(str(tiny_onnx))
     (inp,) = session.get_inputs()
-    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 64, 64]
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 32, 32]
     assert isinstance(inp.shape[0], str)  # dynamic batch
     assert [o.name for o in session.get_outputs()] == ["probs", "heatmap"]
     info = read_info(tiny_onnx)
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert info.labels == ["crack", "inactive"] and info.decoding.size == 64
+    assert info.labels == ["crack", "inactive"] and info.decoding.size == 32
     assert info.mean == pytest.approx(summary["mean"]) and info.thresholds == [0.5, 0.5]
 
 
 def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, seed_csv):
     seen = {line.split(";")[0].split("/")[-1] for line in seed_csv.read_text().splitlines()[1:]}
     unseen = [p for p in elpv.paths if p.name not in seen][:7]
-    cells = np.stack([load_cell(p, Decoding(64)) for p in unseen])[:, None]
+    cells = np.stack([load_cell(p, Decoding(32)) for p in unseen])[:, None]
     probs, heatmap = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": cells})
     assert probs.shape == (7, 2) and ((probs >= 0) & (probs <= 1)).all()
     summary = json.loads((tiny_run / "summary.json").read_text())
