@@ -19,6 +19,9 @@ from elcell.training.augment import (
     normalise,
 )
 
+# PyTorch on one thread (conftest.one_thread): no OpenMP stalls on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_each_flip_happens_with_probability_04():
     torch.manual_seed(0)

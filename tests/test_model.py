@@ -6,6 +6,9 @@ import torch
 from elcell.errors import PretrainedError
 from elcell.training.nets.build import ResNet, build_model, load_pretrained
 
+# PyTorch on one thread (conftest.one_thread): no OpenMP stalls on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Facts about torchvision's models (torchvision cannot be installed here): the
 # number of state_dict entries, and a few names with their shapes.
 TORCHVISION_KEYS = {"resnet18": 122, "resnet34": 218, "resnet50": 320}
@@ -95,7 +98,11 @@ def test_wrong_weight_files_are_refused(tmp_path):
     assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("backbone, features", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("backbone, features", [
+    ("resnet18", 512),
+    pytest.param("resnet34", 512, marks=pytest.mark.slow),  # resnet18's blocks, more of them: the slow tier's
+    ("resnet50", 2048),
+])
 def test_head_is_the_seeds(backbone, features):
     model = ResNet(backbone, 3).eval()
     sizes = [(m.in_features, m.out_features) for m in model.fc if isinstance(m, torch.nn.Linear)]

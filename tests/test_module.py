@@ -12,6 +12,9 @@ from torch import nn
 from elcell.training.augment import SyntheticCracks
 from elcell.training.lightning_module import ELCellModule, LabelF1
 
+# PyTorch on one thread (conftest.one_thread): no OpenMP stalls on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAN = math.nan
 POS_WEIGHT = [2.0, 3.0]
 
