@@ -41,12 +41,10 @@ GROUPS = ("data", "decoding", "model", "optimisation", "augmentation", "two stag
 def recipes() -> dict[str, dict]:
     """name -> {description, use, options} from elcell/training/recipes/*.yaml,
     each option's value checked against its type (a DataError names the file)."""
-    found = {}
-    for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        recipe = yaml.safe_load(path.read_text())
+    found = {path: yaml.safe_load(path.read_text()) for path in sorted(RECIPE_DIR.glob("*.yaml"))}
+    for path, recipe in found.items():
         recipe["options"] = typed_values(TrainConfig, dict(recipe.get("options") or {}), str(path))
-        found[path.stem] = recipe
-    return found
+    return {path.stem: recipe for path, recipe in found.items()}
 
 
 def recipe_name(name: str) -> str:
