@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from elcell.infer.heatmaps import (
+    _legend,
     colorize,
     heatmap_box,
     heatmap_peak,
@@ -93,7 +94,7 @@ def test_peak_of_a_border_plateau_is_its_centre():
 def cell_area(image: Image.Image, width: int) -> np.ndarray:
     """The cell part of an overlay: between the title band above and the legend below."""
     pixels = np.asarray(image).astype(int)
-    band = (pixels.shape[0] - width) // 2
+    band = max(18, pixels.shape[1] // 14)  # the title band's height
     return pixels[band:band + width]
 
 
@@ -122,6 +123,27 @@ def test_overlay_is_drawn_on_the_cell_at_its_own_resolution_with_the_box():
     assert (cold[..., 0] == cell[200:, :100]).all()  # not resampled: the cell's own pixels, sharp
     assert (pixels[box["y"] + box["height"] // 2, box["x"] - 3:box["x"] + 3] == 255).all(axis=-1).any()  # box edge
     assert pixels[box["peak_y"], box["peak_x"], 0] != cell[box["peak_y"], box["peak_x"]]  # tinted at the peak
+
+
+def test_an_ok_cell_gets_no_box_and_the_legend_text_clears_its_bar():
+    cell = np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)
+    heat = np.zeros((19, 19), dtype=np.float32)
+    heat[3, 12] = 1.0
+    box = heatmap_box(heat, cell.shape)
+    with_box = cell_area(overlay_image(cell, heat, 0.9, "crack", "defect", box), 300)
+    ok = cell_area(overlay_image(cell, heat, 0.1, "crack", "ok", box), 300)
+    edge = (box["y"] + box["height"] // 2, box["x"])
+    assert (with_box[edge] == 255).all() and not (ok[edge] == 255).all()
+    for width in (64, 300, 1200):
+        legend = np.asarray(_legend(width, max(9, max(18, width // 14) // 2))).astype(int)
+        colour = legend.max(axis=-1) - legend.min(axis=-1) > 60  # the bar: saturated colours
+        bar_rows, bar_cols = np.nonzero(colour)
+        text = (legend.min(axis=-1) > 120) & ~colour  # white or light gray letters
+        text_rows, text_cols = np.nonzero(text)
+        beside = text_rows <= bar_rows.max()
+        assert not ((text_cols[beside] >= bar_cols.min()) & (text_cols[beside] <= bar_cols.max())).any()
+        below = text_rows[~beside]
+        assert below.size and below.min() > bar_rows.max()  # the caption under the bar, not on it
 
 
 def test_overlay_of_an_all_zero_heatmap_is_the_gray_cell():

@@ -130,21 +130,37 @@ def _display(cell: np.ndarray) -> Image.Image:
     return gray.resize((cell.shape[1] * factor, cell.shape[0] * factor), Image.NEAREST) if factor > 1 else gray
 
 
-def _legend(width: int, height: int) -> Image.Image:
-    """A colour bar: transparent (no evidence) up to this cell's strongest evidence."""
+def _legend(width: int, size: int) -> Image.Image:
+    """A colour bar, transparent (no evidence) up to this cell's strongest
+    evidence, with "none" and "most" beside it and a caption under it. Laid
+    out from the font's own measures, so no text touches the bar whatever the
+    cell's width."""
+    font = _font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    caption = "evidence, relative to this cell's peak"
+    if measure.textlength(caption, font=font) > width - 8:
+        caption = "relative to this cell's peak"
+    gap = max(3, size // 3)
+    ends = [measure.textbbox((0, 0), word, font=font) for word in ("none", "most")]
+    left, right = ends[0][2] - ends[0][0] + 2 * gap, width - (ends[1][2] - ends[1][0]) - 2 * gap
+    bar_height = max(4, size * 2 // 3)
+    text_height = max(box[3] - box[1] for box in ends)
+    row = max(bar_height, text_height)
+    caption_box = measure.textbbox((0, 0), caption, font=font)
+    height = gap + row + gap + (caption_box[3] - caption_box[1]) + gap
     band = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(band)
-    left, right = width // 4, width - width // 4
-    ramp = np.linspace(0, 1, right - left)
-    colours = colorize(ramp)
-    colours[ramp < VISIBLE] = 90  # below VISIBLE the cell shows through
-    bar = np.repeat(colours[None], max(4, height // 3), axis=0)
-    band.paste(Image.fromarray(bar, "RGB"), (left, height // 6))
-    size = max(9, height // 3)
-    draw.text((left - 4, height // 6), "none", font=_font(size), fill=(255, 255, 255), anchor="ra")
-    draw.text((right + 4, height // 6), "most", font=_font(size), fill=(255, 255, 255), anchor="la")
-    draw.text((width // 2, height - 2), "evidence, relative to this cell's peak", font=_font(size),
-              fill=(200, 200, 200), anchor="md")
+    if right - left >= 8:
+        ramp = np.linspace(0, 1, right - left)
+        colours = colorize(ramp)
+        colours[ramp < VISIBLE] = 90  # below VISIBLE the cell shows through
+        band.paste(Image.fromarray(np.repeat(colours[None], bar_height, axis=0), "RGB"),
+                   (left, gap + (row - bar_height) // 2))
+    middle = gap + row // 2
+    draw.text((left - gap, middle), "none", font=font, fill=(255, 255, 255), anchor="rm")
+    draw.text((right + gap, middle), "most", font=font, fill=(255, 255, 255), anchor="lm")
+    draw.text((width // 2, gap + row + gap - caption_box[1]), caption, font=font, fill=(200, 200, 200),
+              anchor="ma")
     return band
 
 
@@ -153,7 +169,8 @@ def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = No
                   alpha: float = 0.55) -> Image.Image:
     """The cell at its own resolution with the heatmap (bilinear upsampled to it)
     blended on top, a title band (label, probability, decision), the box around
-    the hot region (`heatmap_box` in the cell's pixels) and a colour legend.
+    the hot region (`heatmap_box` in the cell's pixels; none when the decision
+    is ok) and a colour legend.
 
     Colours run from the heatmap's weakest shown value to its peak; below
     VISIBLE x the peak the cell shows through untinted. Returns RGB.
@@ -171,14 +188,15 @@ def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = No
     weight = alpha * np.where(relative >= VISIBLE, 0.4 + 0.6 * relative, 0.0)[..., None]
     base = np.asarray(gray, dtype=np.float32)[..., None]
     tinted = Image.fromarray(np.clip(base * (1 - weight) + colour * weight + 0.5, 0, 255).astype(np.uint8), "RGB")
-    if box is not None:
+    if box is not None and decision != "ok":  # a box says "the defect is here": not on a cell judged ok
         ImageDraw.Draw(tinted).rectangle(
             (box["x"] * scale, box["y"] * scale, (box["x"] + box["width"]) * scale - 1,
              (box["y"] + box["height"]) * scale - 1), outline=(255, 255, 255), width=max(1, width // 150))
     band = max(18, width // 14)
-    image = Image.new("RGB", (width, height + 2 * band), (0, 0, 0))
+    legend = _legend(width, max(9, band // 2))
+    image = Image.new("RGB", (width, height + band + legend.height), (0, 0, 0))
     image.paste(tinted, (0, band))
-    image.paste(_legend(width, band), (0, height + band))
+    image.paste(legend, (0, height + band))
     title = " ".join(part for part in (label, "" if prob is None else f"{float(prob):.2f}", decision) if part)
     if title:
         ImageDraw.Draw(image).text((6, band // 2), title, font=_font(max(10, band * 2 // 3)),
