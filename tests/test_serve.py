@@ -28,7 +28,7 @@ from elcell.infer.runtime import score_cells
 from elcell.station.app import Settings, create_app
 from elcell.station.batcher import Batcher, QueueFull
 from elcell.station.results import decode_cell
-from elcell.station.review import LabelsFolder, ReviewItem, ReviewQueue
+from elcell.station.review import LabelsFolder
 
 MODULES = Path(__file__).parent / "data" / "modules"
 STATION = "http://127.0.0.1:8000"  # the station's own address: TestClient's default host is refused
@@ -181,10 +181,14 @@ def test_status_codes_a_client_can_act_on(model, seed_cells, tmp_path):
         assert streamed.status_code == 413
         # malformed: 422 naming the field
         for answer in (client.post("/api/v1/cells", headers=auth),
-                       client.post("/api/v1/cells?heatmaps=some", headers=auth, files=upload(seed_cells[:1])),
-                       client.post("/api/v1/modules", headers=auth, data={"grid": "6by10"},
-                                   files={"file": ("m.jpg", b"x", "image/jpeg")})):
+                       client.post("/api/v1/cells?heatmaps=some", headers=auth, files=upload(seed_cells[:1]))):
             assert answer.status_code == 422 and answer.json()["detail"].startswith("malformed request")
+        # a grid in words, not a pattern or a command-line option
+        for grid, words in (("6by10", "is not a grid"), ("abc", "is not a grid"), ("0x0", "has no cells")):
+            answer = client.post("/api/v1/modules", headers=auth, data={"grid": grid},
+                                 files={"file": ("m.jpg", b"x", "image/jpeg")})
+            assert answer.status_code == 422 and words in answer.json()["detail"]
+            assert "--grid" not in answer.json()["detail"] and "\\d" not in answer.json()["detail"]
         assert "files" in client.post("/api/v1/cells", headers=auth).json()["detail"]
         # a module photo that is not an image: 400; an image without a module: 422 with the reason
         assert client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
@@ -305,50 +309,12 @@ def test_the_batcher_refuses_past_its_bound(model, seed_cells):
     asyncio.run(crowd())
 
 
-# --------------------------------------------------------------------------- the review loop
-@pytest.fixture()
-def reviewing(model, seed_cells, tmp_path):
-    """A service whose crack threshold flags about half of `cells` (the tiny model is unsure of them all)."""
-    probs = score_cells(model, [load_cell(p, model.decoding) for p in seed_cells]).probs
-    middle = float(np.median(probs[:, 0]))
-    settings = Settings(labels_out=tmp_path / "reviewed", thresholds=[middle, 1.0], review_thresholds=[middle, 1.0])
-    with TestClient(create_app(model, settings), base_url=STATION) as client:
-        yield client
-
-
-def test_reviews_become_training_rows(reviewing, model, seed_cells, tmp_path):
-    client = reviewing
-    answer = client.post("/api/v1/cells", files=upload(seed_cells)).json()["cells"]
-    flagged = [c for c in answer if set(c["decisions"].values()) != {"ok"}]
-    assert len(flagged) >= 2 and all(c["review"] for c in flagged)
-    assert not any(c["review"] for c in answer if c not in flagged)
-    status = client.get("/api/v1/review").json()
-    assert status["enabled"] and status["waiting"] == len(flagged)
-    first = client.get("/api/v1/review/next").json()["item"]
-    second = client.get("/api/v1/review/next").json()["item"]
-    assert first["id"] != second["id"]  # two reviewers never get the same cell
-    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {"bogus": 1}}).status_code == 422
-    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {"crack": 2}}).status_code == 422
-    saved = client.post(f"/api/v1/review/{first['id']}", json={"labels": {"crack": 1}})
-    assert saved.status_code == 200 and saved.json()["labels"] == {"crack": 1, "inactive": 0}
-    assert client.post(f"/api/v1/review/{first['id']}", json={"labels": {}}).status_code == 404  # answered
-    assert client.post(f"/api/v1/review/{second['id']}", json={"labels": {}}).status_code == 200  # ok
-    table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
-    assert table.names == ["crack", "inactive"] and table.targets.tolist() == [[1, 0], [0, 0]]
-    for path, item in zip(table.paths, [first, second], strict=True):  # every row's image is there, whole
-        original = next(p for p in seed_cells if p.name == item["name"])
-        np.testing.assert_array_equal(read_pixels(path), read_pixels(original))
-    by_name = {c["name"]: c for c in answer}
-    original = next(p for p in seed_cells if p.name == first["name"])
-    np.testing.assert_array_equal(load_cell(table.paths[0], model.decoding), load_cell(original, model.decoding))
-    assert by_name[first["name"]]["review"] == first["id"]
-
-
+# --------------------------------------------------------------------------- the labels folder (tests/test_review.py: the loop)
 def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, seed_cells):
     folder = LabelsFolder(tmp_path / "labels", ["crack", "inactive"])
     pixels = read_pixels(seed_cells[0])
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: folder.add(pixels, f"cell{i}.png", {"crack": i % 2}), range(48)))
+        list(pool.map(lambda i: folder.add(pixels, f"cell{i}.png", {"crack": i % 2}, key=f"{i:016x}"), range(48)))
     table = read_labels_csv(folder.csv)
     assert len(table) == 48 and all(np.array_equal(read_pixels(p), pixels) for p in table.paths)
     assert sorted(table.targets[:, 0].tolist()) == [0] * 24 + [1] * 24
@@ -359,7 +325,7 @@ def test_the_labels_file_survives_concurrency_and_a_kill(tmp_path, seed_cells):
     assert again.dropped_partial_line and again.rows == 48 and len(read_labels_csv(folder.csv)) == 48
     with open(folder.csv, "ab") as handle:  # and before appending, by a writer that did not restart
         handle.write(b"cells/half")
-    again.add(pixels, "after.png", {"inactive": 1})
+    again.add(pixels, "after.png", {"inactive": 1}, key=f"{99:016x}")
     assert len(read_labels_csv(folder.csv)) == 49
     with pytest.raises(DataError, match="columns"):
         LabelsFolder(tmp_path / "labels", ["defective"])
@@ -398,19 +364,6 @@ def test_an_answer_reaches_the_disk_image_first_then_its_row(tmp_path, seed_cell
                       ("fsync", "folder", os.stat(folder.cells).st_ino),
                       ("write", "file", os.stat(folder.csv).st_ino), ("fsync", "file", os.stat(folder.csv).st_ino)]
     assert read_labels_csv(folder.csv).targets.tolist() == [[1, 0]]
-
-
-def test_review_queue_hands_each_cell_to_one_reviewer():
-    queue = ReviewQueue(max_items=3, lease=10)
-    items = [ReviewItem(f"c{i}", np.zeros((8, 8), np.uint8), {}, {}) for i in range(4)]
-    for item in items:
-        queue.add(item)
-    assert len(queue) == 3 and queue.dropped == 1  # the oldest went
-    a, b = queue.next(now=0), queue.next(now=0)
-    assert (a.name, b.name) == ("c1", "c2") and queue.next(now=0).name == "c3" and queue.next(now=0) is None
-    assert queue.next(now=11).name == "c1"  # a lease runs out
-    assert queue.take(a.id) is a and queue.take(a.id) is None
-    assert queue.skip(b.id) and not queue.skip("nope")
 
 
 def test_the_command_line():

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 def test_a_writer_killed_at_any_moment_leaves_a_readable_file(tmp_path, seed_cells):
     script = (f"import numpy as np\nfrom elcell.cells.images import read_pixels\nfrom elcell.station.review import LabelsFolder\n"
               f"f = LabelsFolder({str(tmp_path / 'k')!r}, ['crack', 'inactive'])\np = read_pixels({str(seed_cells[0])!r})\n"
-              "print('ready', flush=True)\nfor i in range(100000):\n    f.add(p, f'c{i}.png', {'crack': i % 2})\n")
+              "print('ready', flush=True)\nfor i in range(100000):\n    f.add(p, f'c{i}.png', {'crack': i % 2}, key=f'{i:016x}')\n")
     for delay in (0.3, 0.55, 0.8):
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
         try:

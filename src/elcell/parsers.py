@@ -19,6 +19,17 @@ from elcell.station.budget import GROUP as BUDGET
 from elcell.station.budget import Budget
 
 
+def share(text: str) -> float:
+    """argparse type: a share in [0, 1] (0: none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g}: need a share from 0 (none) to 1 (all)")
+    return value
+
+
 def command(commands, name: str, module: str, help: str, description: str,
              usage: str | None = None) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help, description=description, usage=usage,
@@ -229,7 +240,11 @@ def add_serve(commands) -> None:
                              "keeps it off the command line, which other users of the machine can see")
     secret.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API; visible in the process "
                                         "list, prefer --token-file or $ELCELL_TOKEN (the default)")
-    parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/")
+    parser.add_argument("--labels-out", metavar="DIR", help="review loop: answers to DIR/labels.csv, cells to DIR/cells/; "
+                                                            "the waiting cells in DIR/queue/ (a restart resumes them)")
+    parser.add_argument("--review-random", type=share, default=0.1, metavar="SHARE",
+                        help="share of the cells handed out for review drawn at random among those the model "
+                             "decided ok (finds misses, estimates the error rate); the rest go most uncertain first")
     _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")

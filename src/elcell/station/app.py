@@ -39,7 +39,6 @@ from elcell.infer.predict import model_column
 from elcell.infer.runtime import Model, chosen_thresholds, open_model
 from elcell.io import safe_name
 from elcell.options import validate
-from elcell.pvmodules.geometry import parse_grid
 from elcell.station.budget import Budget, Busy, TooManyPixels, decoded_bytes
 from elcell.station.guard import PROTECTED, Guard, is_loopback, read_token, served_hosts
 from elcell.station.results import (
@@ -53,6 +52,7 @@ from elcell.station.results import (
     module_record,
     overlay,
 )
+from elcell.station.review_api import review_routes
 from elcell.station.schemas import (
     ERRORS,
     CellOut,
@@ -60,18 +60,13 @@ from elcell.station.schemas import (
     Health,
     ModelOut,
     ModuleOut,
-    ReviewAnswer,
-    ReviewNext,
-    ReviewSaved,
-    ReviewStatus,
 )
-from elcell.station.state import Settings, Station, module_result
+from elcell.station.state import Settings, Station, module_result, read_grid
 from elcell.station.uploads import inspect_photo, score_uploads
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILES = 256  # cells in one request
 MAX_GRID_CELLS = 1000  # cells in one module
-GRID_PATTERN = r"^\s*[0-9]{1,3}\s*[xX×]\s*[0-9]{1,3}\s*$"
 PNG = {"content": {"image/png": {}}, "description": "PNG image"}
 
 
@@ -218,15 +213,11 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
     @app.post(f"{API}/modules", response_model=ModuleOut, responses=ERRORS, tags=["modules"])
     async def inspect(
         file: Annotated[UploadFile, File(description="an EL photo of a whole module")],
-        grid: Annotated[str, Form(pattern=GRID_PATTERN, description="cells as the module appears in the photo, "
-                                                                    "ROWSxCOLS, e.g. 6x10")],
+        grid: Annotated[str, Form(description="cells as the module appears in the photo, ROWSxCOLS, e.g. 6x10")],
     ) -> dict:
         """Inspect a module photo: grade, rule, and per cell its row, col, corners, probabilities,
         decisions and dark area, as `elcell inspect` gives; its map as PNG at `map`."""
-        try:
-            rows, cols = parse_grid(grid)
-        except DataError as err:
-            raise HTTPException(422, f"grid: {err}") from None
+        rows, cols = read_grid(grid)
         if rows * cols > MAX_GRID_CELLS:
             raise HTTPException(422, f"grid: {grid} is {rows * cols} cells; at most {MAX_GRID_CELLS}")
         filename = file.filename or "module"
@@ -235,11 +226,11 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
         async with station.pixels.hold([decoded_bytes(data, MAX_PIXELS)], [filename]):
             found = await inspect_photo(station, data, filename, name, rows, cols)
         module = ModuleResult(name, f"{rows}x{cols}", found)
-        for r in range(rows):
-            for c in range(cols):
-                module.cells[r, c] = station.keep(CellResult(
-                    f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c], model.decoding.bit_depth,
-                    found.probs[r, c], found.decisions[r, c], found.heatmaps.get((r, c))))
+        places = [(r, c) for r in range(rows) for c in range(cols)]
+        kept = station.keep([CellResult(f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c],
+                                        model.decoding.bit_depth, found.probs[r, c], found.decisions[r, c],
+                                        found.heatmaps.get((r, c))) for r, c in places])
+        module.cells.update(zip(places, kept, strict=True))
         return module_record(station.store.put(module), module, station.store)
 
     @app.get(f"{API}/modules/{{key}}", response_model=ModuleOut, responses=ERRORS, tags=["modules"])
@@ -253,57 +244,7 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
         """The module's map: each cell outlined in its decision's colour, flagged cells' heatmaps."""
         return _png(await run_in_threadpool(module_png, module_result(station, key)))
 
-    _review_routes(app, station)
-
-
-def _review_routes(app: FastAPI, station: Station) -> None:
-    labels, queue = station.labels, station.queue
-
-    @app.get(f"{API}/review", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
-    async def review_status() -> dict:
-        """Whether the review loop is on, and how many cells wait."""
-        folder = station.folder
-        return {"enabled": folder is not None, "labels": labels, **queue.counts(),
-                "rows": folder.rows if folder else 0, "csv": str(folder.csv) if folder else None}
-
-    @app.get(f"{API}/review/next", response_model=ReviewNext, responses=ERRORS, tags=["review"])
-    async def review_next() -> dict:
-        """The next cell for a person to label (held for you for two minutes), or null."""
-        station.review_folder()
-        item = queue.next()
-        counts = queue.counts()
-        if item is None:
-            return {"item": None, **counts}
-        base = f"{API}/results/{item.result}"
-        return {"item": {"id": item.id, "name": item.name, "probs": item.probs, "decisions": item.decisions,
-                         "result": item.result, "image": f"{base}/image.png",
-                         "overlays": {label: f"{base}/overlay/{label}.png" for label in labels}}, **counts}
-
-    @app.post(f"{API}/review/{{item_id}}", response_model=ReviewSaved, responses=ERRORS, tags=["review"])
-    async def review_answer(item_id: str, answer: ReviewAnswer) -> dict:
-        """Label a cell: 1 for each label it has (none: ok). Appends a row to labels.csv."""
-        folder = station.review_folder()
-        unknown = sorted(set(answer.labels) - set(labels))
-        if unknown:
-            raise HTTPException(422, f"labels: {unknown} are not this model's labels {labels}")
-        item = queue.take(item_id)
-        if item is None:
-            raise HTTPException(404, f"no cell {item_id!r} waits for review (answered already, or unknown)")
-        try:
-            saved = await run_in_threadpool(folder.add, item.pixels, item.name, answer.labels)
-        except OSError as err:
-            queue.put_back(item)
-            raise HTTPException(503, f"could not save the answer in {folder.folder}: {err}") from None
-        return {"id": item_id, "path": saved.path, "labels": dict(zip(labels, map(int, saved.values))),
-                "rows": saved.rows, "waiting": len(queue)}
-
-    @app.post(f"{API}/review/{{item_id}}/skip", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
-    async def review_skip(item_id: str) -> dict:
-        """Send a cell to the back of the line without labelling it."""
-        folder = station.review_folder()
-        if not queue.skip(item_id):
-            raise HTTPException(404, f"no cell {item_id!r} waits for review")
-        return {"enabled": True, "labels": labels, **queue.counts(), "rows": folder.rows, "csv": str(folder.csv)}
+    review_routes(app, station)
 
 
 def _guard(app: FastAPI) -> Guard | None:
@@ -337,7 +278,8 @@ def main(args) -> int:
         **vars(budget), token=token, host=args.host, allowed_hosts=tuple(args.allowed_host or ()),
         labels_out=Path(args.labels_out) if args.labels_out else None,
         batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-        thresholds=thresholds, review_thresholds=review, rules=args.rules)
+        thresholds=thresholds, review_thresholds=review, rules=args.rules,
+        review_random=args.review_random)
     app = create_app(model, settings)
     folder = app.state.station.folder
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -1,9 +1,7 @@
 """The review loop: cells a model flagged, answered by a person, become training
 data. Torch-free.
 
-`ReviewQueue` holds, in memory, the cells waiting for an operator (the
-service's `review` and `defect` cells) and hands them out one at a time, so
-two reviewers never get the same cell at once. `LabelsFolder` writes each
+`elcell.station.queue` holds the cells waiting for an operator. `LabelsFolder` writes each
 answer to DIR/labels.csv in the training format (`path;crack;inactive`, the
 path relative to DIR) with the cell image beside it in DIR/cells/, so that
 `elcell train --data DIR/labels.csv` trains on it.
@@ -18,22 +16,28 @@ server killed in the middle of that write can leave a partial last line; the
 next start drops it, and a row is never appended after a partial line, so the
 file stays readable by `read_labels_csv`. A failed write (disk full) is cut
 back off.
+
+One row per cell: a cell is known by the hash of its decoded pixels
+(`pixel_key`), which its image's file name carries (`..._h<key>.png`), so the
+answers given survive a restart with labels.csv itself and nothing beside it
+can disagree with it. The same answer again adds nothing; a different one
+replaces the row (labels.csv rewritten atomically) and says what it replaced.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
+import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,6 +52,17 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 SEPARATOR = ";"  # as the spec's labels CSV
+KEY = re.compile(r"_h([0-9a-f]{16})\.png$")  # a reviewed cell's file name carries its pixel key
+
+
+def pixel_key(pixels: np.ndarray) -> str:
+    """A cell's identity: 16 hex digits of the SHA-256 of its decoded pixels (with
+    their shape and type), so the same cell uploaded twice, under any name or
+    file format, is one cell."""
+    pixels = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode())
+    digest.update(pixels.data)
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -57,6 +72,8 @@ class Saved:
     path: str
     values: list[str]
     rows: int  # rows in labels.csv after this one
+    replaced: list[str] | None = None  # the values of the row this answer replaced
+    same: bool = False  # the cell had this answer already: nothing written
 
 
 class LabelsFolder:
@@ -74,6 +91,7 @@ class LabelsFolder:
         _sync_folder(self.folder)  # cells/ itself survives a power cut
         self.separator = SEPARATOR
         self.dropped_partial_line = False
+        self.answered: dict[str, tuple[str, list[str]]] = {}  # pixel key -> (path, values) of its row
         with self._locked():
             self.rows = self._prepare()
 
@@ -111,6 +129,11 @@ class LabelsFolder:
         if header[1:] != self.labels:
             raise DataError(f"--labels-out {self.folder}: its labels.csv has the columns {header}, this model "
                             f"gives {['path', *self.labels]}; use another folder for this model's labels")
+        for line in lines[1:]:
+            fields = [part.strip() for part in line.split(self.separator)]
+            found = KEY.search(fields[0])
+            if found:
+                self.answered[found[1]] = (fields[0], fields[1:])
         return len(lines) - 1
 
     def _write_whole(self, text: str) -> None:
@@ -119,21 +142,46 @@ class LabelsFolder:
         os.replace(tmp, self.csv)
         _sync_folder(self.folder)
 
-    def add(self, pixels: np.ndarray, name: str, answer: Mapping[str, int]) -> Saved:
-        """Save the cell (at its own resolution and depth) and append its row.
+    def add(self, pixels: np.ndarray, name: str, answer: Mapping[str, int], key: str | None = None,
+            image: bytes | None = None) -> Saved:
+        """Save the cell (at its own resolution and depth; `image`: its PNG bytes
+        when at hand) and append its row; or, for a cell answered before, keep
+        its row if the answer is the same and replace it if not.
         `answer`: 0 or 1 per label (a label left out is 0)."""
         unknown = set(answer) - set(self.labels)
         if unknown:
             raise DataError(f"labels {sorted(unknown)} are not this model's; its labels are {self.labels}")
         values = [str(int(answer.get(label, 0))) for label in self.labels]
-        file = f"cells/{time.strftime('%Y%m%d-%H%M%S')}_{safe_name(Path(name).stem)[:80]}_{secrets.token_hex(4)}.png"
-        _write_synced(self.folder / file, png(pixels), atomic=True)  # written, fsync'ed, renamed
+        key = key or pixel_key(pixels)
+        with self._locked():
+            if key in self.answered:
+                return self._again(key, values)
+        file = f"cells/{time.strftime('%Y%m%d-%H%M%S')}_{safe_name(Path(name).stem)[:80]}_h{key}.png"
+        _write_synced(self.folder / file, image or png(pixels), atomic=True)  # written, fsync'ed, renamed
         _sync_folder(self.cells)  # the rename on disk before a row names the file
         line = (self.separator.join([file, *values]) + "\n").encode("utf-8")
         with self._locked():
+            if key in self.answered:  # another reviewer answered it meanwhile
+                (self.folder / file).unlink(missing_ok=True)
+                return self._again(key, values)
             self._append(line)
             self.rows += 1
+            self.answered[key] = (file, values)
             return Saved(file, values, self.rows)
+
+    def _again(self, key: str, values: list[str]) -> Saved:
+        """A second answer for a cell (under the lock): the same one changes
+        nothing; a different one replaces its row, by rewriting labels.csv whole."""
+        path, before = self.answered[key]
+        if before == values:
+            return Saved(path, values, self.rows, same=True)
+        lines = self.csv.read_text(encoding="utf-8").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if i and line.split(self.separator, 1)[0].strip() == path:
+                lines[i] = self.separator.join([path, *values]) + "\n"
+        self._write_whole("".join(lines))
+        self.answered[key] = (path, values)
+        return Saved(path, values, self.rows, replaced=before)
 
     def _append(self, line: bytes) -> None:
         fd = os.open(self.csv, os.O_RDWR | os.O_APPEND)
@@ -205,81 +253,3 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------- the queue
-@dataclass
-class ReviewItem:
-    """A cell waiting for a person: what the model said and the pixels to save."""
-
-    name: str
-    pixels: np.ndarray  # at its own resolution and depth
-    probs: dict[str, float]
-    decisions: dict[str, str]
-    result: str = ""  # the result id its images are served under
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
-    leased_until: float = 0.0
-
-
-class ReviewQueue:
-    """Cells waiting for review, oldest first, each handed to one reviewer at a
-    time for `lease` seconds. Bounded: past `max_items` the oldest waiting
-    cell is dropped (and counted), so a line that outruns its operator keeps
-    the newest cells. Thread-safe."""
-
-    def __init__(self, max_items: int = 1000, lease: float = 120.0):
-        self.max_items = max_items
-        self.lease = lease
-        self.dropped = 0
-        self.answered = 0
-        self._items: OrderedDict[str, ReviewItem] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: ReviewItem) -> None:
-        with self._lock:
-            self._items[item.id] = item
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-                self.dropped += 1
-
-    def next(self, now: float | None = None) -> ReviewItem | None:
-        """The oldest cell nobody holds, now held by the caller for `lease` s."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            for item in self._items.values():
-                if item.leased_until <= now:
-                    item.leased_until = now + self.lease
-                    return item
-        return None
-
-    def take(self, item_id: str) -> ReviewItem | None:
-        """Remove a cell to save its answer; None when unknown or answered already."""
-        with self._lock:
-            item = self._items.pop(item_id, None)
-            self.answered += item is not None
-            return item
-
-    def put_back(self, item: ReviewItem) -> None:
-        """An answer that could not be saved: the cell waits again, first in line."""
-        with self._lock:
-            self.answered -= 1
-            item.leased_until = 0.0
-            self._items[item.id] = item
-            self._items.move_to_end(item.id, last=False)
-
-    def skip(self, item_id: str) -> bool:
-        """Send a cell to the back of the line (nobody holds it)."""
-        with self._lock:
-            item = self._items.get(item_id)
-            if item is None:
-                return False
-            item.leased_until = 0.0
-            self._items.move_to_end(item_id)
-            return True
-
-    def counts(self) -> dict[str, Any]:
-        with self._lock:
-            return {"waiting": len(self._items), "answered": self.answered, "dropped": self.dropped}

@@ -18,8 +18,10 @@ ERRORS = {
     400: {"model": Error, "description": "no upload is a readable image"},
     401: {"model": Error, "description": "missing or wrong token (when the service has one)"},
     404: {"model": Error, "description": "unknown id or label, or the review loop is off"},
+    410: {"model": Error, "description": "the review cell is no longer known (the answer was not saved)"},
     413: {"model": Error, "description": "request body over the upload limit"},
-    422: {"model": Error, "description": "malformed request, or a module photo that cannot be inspected"},
+    422: {"model": Error, "description": "malformed request (a grid that is not ROWSxCOLS), or a module photo "
+                                        "that cannot be inspected"},
     503: {"model": Error, "description": "queue full: retry after the Retry-After header's seconds"},
 }
 
@@ -37,7 +39,8 @@ class CellOut(BaseModel):
     error: str | None = Field(description="why this file could not be scored; null when it was")
     image: str | None = Field(None, description="URL of the cell as PNG")
     overlays: dict[str, str] = Field(default_factory=dict, description="per label, URL of its heatmap overlay")
-    review: str | None = Field(None, description="review item id, when the cell waits for an operator")
+    review: str | None = Field(None, description="review item id, when the cell waits for an operator or was "
+                                                 "answered")
 
 
 class CellsOut(BaseModel):
@@ -106,18 +109,20 @@ class ReviewStatus(BaseModel):
     enabled: bool
     labels: list[str]
     waiting: int = 0
-    answered: int = 0
+    answered: int = Field(0, description="cells answered: rows in labels.csv")
     dropped: int = 0
     rows: int = Field(0, description="rows in labels.csv")
     csv: str | None = None
 
 
 class ReviewItemOut(BaseModel):
-    id: str
+    id: str = Field(description="the cell's key: a hash of its pixels, the same however often it is scored")
     name: str
     probs: dict[str, Probability]
     decisions: dict[str, str]
-    result: str
+    reason: str = Field(description="why it was chosen, e.g. 'uncertain: crack 0.47 near 0.50' or "
+                                    "'random check of an ok cell'")
+    random: bool = Field(description="drawn at random among the cells the model decided ok")
     image: str
     overlays: dict[str, str]
 
@@ -140,3 +145,5 @@ class ReviewSaved(BaseModel):
     labels: dict[str, int]
     rows: int
     waiting: int
+    replaced: dict[str, int] | None = Field(None, description="the earlier, different answer this one replaced")
+    same: bool = Field(False, description="the cell had this answer already: nothing was written")

@@ -6,6 +6,7 @@ Torch-free."""
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray
 from elcell.station.batcher import Batcher
 from elcell.station.budget import MB, Budget, PixelBudget
+from elcell.station.queue import ReviewQueue, Scored
 from elcell.station.results import CellResult, ModuleResult, ResultStore, clean
-from elcell.station.review import LabelsFolder, ReviewItem, ReviewQueue
+from elcell.station.review import LabelsFolder
 
 T = TypeVar("T")
 
@@ -44,6 +46,8 @@ class Settings(Budget):
     review_thresholds: list[float] | None = None
     rules: str | None = None
     max_results_mb: int = 512
+    review_random: float = 0.1  # share of the cells handed out for review that are random `ok` ones
+    review_seed: int | None = None  # for the random draws (tests)
 
 
 class Station:
@@ -62,18 +66,19 @@ class Station:
         self._decoders: anyio.CapacityLimiter | None = None
         self.store = ResultStore(max_bytes=settings.max_results_mb * 2**20)
         self.folder = LabelsFolder(settings.labels_out, self.labels) if settings.labels_out else None
-        self.queue = ReviewQueue()
+        self.queue = ReviewQueue(self.folder, list(self.thresholds), random_share=settings.review_random,
+                                 seed=settings.review_seed) if self.folder else None
 
-    def keep(self, result: CellResult) -> str:
-        """Store a scored cell; queue it for review when flagged and reviews are on."""
-        if self.folder is not None and result.flagged:
-            item = ReviewItem(result.name, result.pixels, dict(zip(self.labels, map(float, result.probs))),
-                              dict(zip(self.labels, map(str, result.decisions))))
-            result.review = item.id
-            item.result = self.store.put(result)
-            self.queue.add(item)
-            return item.result
-        return self.store.put(result)
+    def keep(self, results: list[CellResult]) -> list[str]:
+        """Store scored cells (their result ids, in order); with reviews on, offer
+        them to the review queue, which takes the flagged, borderline and some
+        random `ok` ones, each once however often it is scored."""
+        keys = [self.store.put(result) for result in results]
+        if self.queue is not None:
+            offered = [Scored(r.name, r.pixels, r.probs, r.decisions) for r in results]
+            for result, review in zip(results, self.queue.offer(offered), strict=True):
+                result.review = review
+        return keys
 
     @property
     def decoders(self) -> anyio.CapacityLimiter:
@@ -97,6 +102,35 @@ class Station:
         if self.folder is None:
             raise HTTPException(404, "the review loop is off: start elcell serve with --labels-out DIR")
         return self.folder
+
+
+def read_grid(text: str) -> tuple[int, int]:
+    """A module's grid as a person types it ("6x10"), or a 422 saying in words what
+    is wrong (not a pattern, not a command-line option)."""
+    found = re.fullmatch(r"\s*(\d{1,4})\s*[xX×*]\s*(\d{1,4})\s*", text or "")
+    if not found:
+        raise HTTPException(422, f"grid: {text!r} is not a grid; write the cells as the module appears in the "
+                                 "photo, rows x columns, e.g. 6x10")
+    rows, cols = int(found[1]), int(found[2])
+    if rows < 1 or cols < 1:
+        raise HTTPException(422, f"grid: {text!r} has no cells; a module has at least 1 row and 1 column, "
+                                 "e.g. 6x10")
+    return rows, cols
+
+
+def looks_like_module(shape: tuple[int, ...], size: int) -> str | None:
+    """Why an upload to /cells looks like a photo of a whole module, else None.
+    A cell is about square (a half-cut cell 2:1); a module of 6 x 10 cells is
+    about 5:3 and, at any camera resolution, several cells' worth of pixels
+    on its long side: refused only when it is both off-square (not a half
+    cell) and larger than three of the model's cells."""
+    height, width = shape[:2]
+    aspect = max(height, width) / max(1, min(height, width))
+    half_cell = 1.8 <= aspect <= 2.2
+    if aspect >= 1.3 and not half_cell and max(height, width) >= 3 * size:
+        return (f"{width}x{height} pixels ({aspect:.2f}:1) looks like a photo of a whole module, not a cell; "
+                "inspect it in Modules mode (POST /api/v1/modules with its grid)")
+    return None
 
 
 def module_result(station: Station, key: str) -> ModuleResult:

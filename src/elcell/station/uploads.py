@@ -10,7 +10,7 @@ from fastapi import HTTPException
 from elcell.errors import ImageError
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
 from elcell.station.results import CellResult, Upload, cell_record, decode_cell, error_record
-from elcell.station.state import Station, decode_module
+from elcell.station.state import Station, decode_module, looks_like_module
 
 
 async def inspect_photo(station: Station, data: bytes, filename: str, name: str, rows: int,
@@ -30,10 +30,15 @@ async def inspect_photo(station: Station, data: bytes, filename: str, name: str,
 
 async def score_uploads(station: Station, data: list[bytes], names: list[str], heatmaps: str, tta: bool) -> dict:
     """POST /cells once its pixels are reserved: decode the uploads one at a time,
-    score the readable ones, keep them (queued for review when flagged)."""
+    refuse module photos, score the readable cells, keep them (offered to the
+    review queue when reviews are on)."""
     model, batcher, labels = station.model, station.batcher, station.labels
     uploads: list[Upload] = await station.decode(
         lambda: [decode_cell(d, n, model.decoding) for d, n in zip(data, names, strict=True)])
+    for u in uploads:  # a module photo sent as a cell: refused in words, pointing at Modules mode
+        why = None if u.error else looks_like_module(u.pixels.shape, model.decoding.size)
+        if why:
+            u.error, u.pixels, u.gray, u.cell = f"{u.name}: {why}", None, None, None
     good = [u for u in uploads if u.error is None]
     if not good:
         raise HTTPException(400, "no upload is a readable image: " + "; ".join(u.error for u in uploads))
@@ -46,7 +51,7 @@ async def score_uploads(station: Station, data: list[bytes], names: list[str], h
         maps = (await batcher.score(cells[wanted], heatmaps=True)).heatmaps
         for k, heat in zip(wanted, maps, strict=True):
             results[k].heatmaps = heat
-    kept = iter([(station.keep(r), r) for r in results])
+    kept = iter(zip(station.keep(results), results, strict=True))
     records = [error_record(u.name, u.error) if u.error else cell_record(*next(kept), labels, heatmaps)
                for u in uploads]
     return {"cells": records}

@@ -1,0 +1,258 @@
+"""The review queue: cells waiting for an operator, kept on disk beside the
+answers so that a restart resumes it. Torch-free.
+
+What enters: every cell the model flagged, every borderline one (within
+`UNCERTAIN_MARGIN` log-odds of a threshold: with a review threshold equal to
+the threshold nothing is `review`, yet a crack at 0.41 should reach a
+person), and a share (`random_share`) of the `ok` ones drawn at random
+(uniformly, borderline or not, so that their answers estimate the line's
+error rate), so that misses are found. A cell is
+known by the hash of its pixels: scored again, it is not queued again, and
+once answered it is not queued at all.
+
+What leaves first: the order of `elcell.infer.review_order`: most uncertain
+first, every 1/random_share-th cell handed out a random `ok` one. Each is
+leased to one reviewer's page session for `lease` seconds (renewed while the
+page polls), so two reviewers never get the same cell; the same session asks
+again (a reload) and gets its cell back at once; `release` returns it (a
+closed tab).
+
+On disk, in the --labels-out folder: queue/<key>.png, the cell at its own
+resolution and depth (written and fsync'ed before it is listed), and
+queue.json, the list with what the model said (rewritten atomically on each
+change). Leases are not kept: after a restart every cell is free. Bounded:
+past `max_items` the most certain cell is dropped (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from elcell.infer.review_order import UNCERTAIN_MARGIN, margins, random_turn, reason
+from elcell.station.review import LabelsFolder, _sync_folder, _write_synced, pixel_key, png
+
+
+@dataclass
+class ReviewItem:
+    """A cell waiting for a person: what the model said, and why it was chosen."""
+
+    id: str  # the pixel key
+    name: str
+    probs: dict[str, float]
+    decisions: dict[str, str]
+    margin: float
+    random: bool
+    reason: str
+    seq: int = 0  # arrival order, for ties and skips
+    skips: int = 0
+    holder: str | None = None  # the page session holding it
+    leased_until: float = 0.0
+
+    def saved(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("holder", "leased_until")}
+
+
+@dataclass
+class Scored:
+    """A scored cell offered to the queue."""
+
+    name: str
+    pixels: np.ndarray
+    probs: np.ndarray
+    decisions: np.ndarray
+
+
+class ReviewQueue:
+    """The waiting cells of one --labels-out folder. Thread-safe."""
+
+    def __init__(self, folder: LabelsFolder, thresholds: list[float], max_items: int = 1000, lease: float = 60.0,
+                 random_share: float = 0.0, seed: int | None = None):
+        self.folder = folder
+        self.labels = folder.labels
+        self.thresholds = list(thresholds)
+        self.max_items = max_items
+        self.lease = lease
+        self.random_share = random_share
+        self.dropped = 0
+        self.handed = 0
+        self.files = folder.folder / "queue"
+        self.state = folder.folder / "queue.json"
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._items: dict[str, ReviewItem] = {}
+        self.files.mkdir(exist_ok=True)
+        self._load()
+
+    # ------------------------------------------------------------------ disk
+    def _load(self) -> None:
+        """The queue as the last run left it, less cells answered since (a crash
+        between a row and the queue's update) and cells whose image is gone."""
+        if self.state.is_file():
+            try:
+                saved = json.loads(self.state.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = {}
+            for entry in saved.get("items", []):
+                item = ReviewItem(**entry)
+                if item.id not in self.folder.answered and self._file(item.id).is_file():
+                    self._items[item.id] = item
+            self.dropped = int(saved.get("dropped", 0))
+        for file in self.files.glob("*.png"):  # images written but never listed
+            if file.stem not in self._items:
+                file.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        """Rewrite queue.json atomically (under the lock)."""
+        data = json.dumps({"labels": self.labels, "dropped": self.dropped,
+                           "items": [item.saved() for item in self._items.values()]})
+        tmp = self.state.with_name(f".{self.state.name}.{secrets.token_hex(4)}.tmp")
+        _write_synced(tmp, data.encode("utf-8"))
+        os.replace(tmp, self.state)
+        _sync_folder(self.state.parent)
+
+    def _file(self, key: str) -> Path:
+        return self.files / f"{key}.png"
+
+    def image(self, key: str) -> bytes | None:
+        """The queued cell's PNG (its own resolution and depth), None once it has gone."""
+        try:
+            return self._file(key).read_bytes()
+        except OSError:
+            return None
+
+    def pixels(self, key: str) -> np.ndarray | None:
+        try:
+            with Image.open(self._file(key)) as image:
+                return np.asarray(image)
+        except OSError:
+            return None
+
+    # ------------------------------------------------------------------ in
+    def offer(self, cells: list[Scored]) -> list[str | None]:
+        """Queue those of `cells` that should be reviewed; per cell its key when it
+        waits (now or from before) or has been answered, else None."""
+        keys: list[str | None] = []
+        added = []
+        for cell in cells:
+            key = pixel_key(cell.pixels)
+            known = key in self._items or key in self.folder.answered
+            item = None if known else self._choose(key, cell)
+            if item is not None:
+                _write_synced(self._file(key), png(cell.pixels), atomic=True)
+                added.append(item)
+            keys.append(key if known or item is not None else None)
+        if added:
+            _sync_folder(self.files)  # the images on disk before the list names them
+            with self._lock:
+                for item in added:
+                    item.seq = max((i.seq for i in self._items.values()), default=0) + 1
+                    self._items.setdefault(item.id, item)
+                self._bound()
+                self._save()
+        return keys
+
+    def _choose(self, key: str, cell: Scored) -> ReviewItem | None:
+        """The item for a cell that should be reviewed, else None."""
+        probs = np.asarray(cell.probs, dtype=np.float64)
+        margin = float(margins(probs[None], self.thresholds)[0][0])
+        flagged = bool((np.asarray(cell.decisions) != "ok").any())
+        drawn = not flagged and self._rng.random() < self.random_share  # uniform over ok cells: an error rate
+        if not (flagged or margin < UNCERTAIN_MARGIN or drawn):
+            return None
+        return ReviewItem(key, cell.name, dict(zip(self.labels, map(float, probs), strict=True)),
+                          dict(zip(self.labels, map(str, cell.decisions), strict=True)), margin, drawn,
+                          reason(probs, self.thresholds, self.labels, drawn, flagged))
+
+    def _bound(self) -> None:
+        while len(self._items) > self.max_items:
+            now = time.monotonic()
+            free = [i for i in self._items.values() if i.leased_until <= now] or list(self._items.values())
+            gone = max(free, key=lambda i: (not i.random, i.margin, -i.seq))
+            self._forget(gone.id)
+            self.dropped += 1
+
+    def _forget(self, key: str) -> None:
+        self._items.pop(key, None)
+        self._file(key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ out
+    def next(self, session: str, now: float | None = None) -> ReviewItem | None:
+        """The cell `session` holds or last returned (a reload gets it back), else the
+        next free one in the review order, now held by `session` for `lease` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            free = [i for i in self._items.values() if i.leased_until <= now]
+            mine = self._held(session, now) or next((i for i in free if i.holder == session), None)
+            if mine is not None:
+                mine.leased_until = now + self.lease
+                return mine
+            if not free:
+                return None
+            randoms = [i for i in free if i.random]
+            pool = randoms if randoms and random_turn(self.handed, self.random_share) else free
+            item = min(pool, key=lambda i: (i.skips, i.seq) if pool is randoms else (i.skips, i.margin, i.seq))
+            self.handed += 1
+            item.holder, item.leased_until = session, now + self.lease
+            return item
+
+    def _held(self, session: str, now: float) -> ReviewItem | None:
+        return next((i for i in self._items.values() if i.holder == session and i.leased_until > now), None)
+
+    def renew(self, session: str, now: float | None = None) -> None:
+        """A page that polls keeps its cell."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            held = self._held(session, now)
+            if held is not None:
+                held.leased_until = now + self.lease
+
+    def release(self, session: str) -> int:
+        """Free the cells a page session holds (its tab closes or reloads): anyone
+        may take them at once, and the same session asking again gets them back
+        first. Returns how many."""
+        with self._lock:
+            held = [i for i in self._items.values() if i.holder == session and i.leased_until > 0]
+            for item in held:
+                item.leased_until = 0.0
+            return len(held)
+
+    def get(self, key: str) -> ReviewItem | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def done(self, key: str) -> None:
+        """The cell's answer is in labels.csv: it leaves the queue."""
+        with self._lock:
+            if key in self._items:
+                self._forget(key)
+                self._save()
+
+    def skip(self, key: str) -> bool:
+        """Send a cell behind those not skipped as often (nobody holds it)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return False
+            item.skips += 1
+            item.holder, item.leased_until = None, 0.0  # not handed back to the page that skipped it
+            self._save()
+            return True
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def counts(self) -> dict[str, Any]:
+        with self._lock:
+            return {"waiting": len(self._items), "answered": self.folder.rows,
+                    "dropped": self.dropped}

@@ -1,0 +1,167 @@
+"""The review loop of `elcell serve` on real ELPV cells scored by the tiny
+trained model: the order cells are offered in (most uncertain first, a share
+of random `ok` ones, the reason said), one queue entry per cell however often
+it is scored, one row per cell however often it is answered, and a queue that
+survives a restart of the station."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from elcell.cells.images import load_cell, read_pixels
+from elcell.cells.labels import read_labels_csv
+from elcell.infer.review_order import margins, random_turn, review_order
+from elcell.infer.runtime import OK, open_model, score_cells
+from elcell.station.app import Settings, create_app
+
+STATION = "http://127.0.0.1:8000"
+LABELS = ["crack", "inactive"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_onnx):
+    return open_model(tiny_onnx, spin=False)
+
+
+@pytest.fixture(scope="module")
+def cells(seed_csv) -> list[Path]:
+    """16 real ELPV cells, half of them defective."""
+    return read_labels_csv(seed_csv).paths[24:40]
+
+
+@pytest.fixture(scope="module")
+def probs(model, cells) -> np.ndarray:
+    return score_cells(model, [load_cell(p, model.decoding) for p in cells]).probs
+
+
+def upload(paths) -> list:
+    return [("files", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in paths]
+
+
+def station(model, folder: Path, probs: np.ndarray, **settings) -> TestClient:
+    """A station whose crack threshold sits at the cells' median (the tiny model
+    is unsure of them all), review threshold equal to it: no `review` band."""
+    middle = float(np.median(probs[:, 0]))
+    return TestClient(create_app(model, Settings(labels_out=folder, thresholds=[middle, 1.0],
+                                                 review_thresholds=[middle, 1.0], **settings)), base_url=STATION)
+
+
+# --------------------------------------------------------------------------- the order
+def test_the_order_puts_the_most_uncertain_first_and_mixes_in_random_ok_cells(probs):
+    thresholds = [float(np.median(probs[:, 0])), 0.5]
+    ok = (probs < np.asarray(thresholds)).all(axis=1)
+    order = review_order(probs, thresholds, ok, LABELS, random_share=0.25, seed=3)
+    assert sorted(c.index for c in order) == list(range(len(probs)))  # every cell once
+    distance, nearest = margins(probs, thresholds)
+    chosen = [c for c in order if not c.random]
+    assert [c.margin for c in chosen] == sorted(c.margin for c in chosen)  # most uncertain first
+    assert chosen[0].index == int(np.argmin(distance))
+    label = LABELS[int(nearest[chosen[0].index])]
+    assert chosen[0].reason.startswith(f"uncertain: {label} ")
+    randoms = [k for k, c in enumerate(order) if c.random]
+    assert randoms and all(ok[order[k].index] for k in randoms)  # drawn among the ok cells only
+    assert randoms[:2] == [3, 7]  # every fourth place while ok cells last
+    assert all(order[k].reason == "random check of an ok cell" for k in randoms)
+    assert review_order(probs, thresholds, ok, LABELS, 0.25, seed=3) == order  # a seed repeats it
+    assert [random_turn(k, 0.1) for k in range(20)].count(True) == 2
+    assert not any(c.random for c in review_order(probs, thresholds, ok, LABELS, 0.0))
+
+
+# --------------------------------------------------------------------------- the queue
+def test_borderline_cells_reach_the_operator_once_however_often_they_are_scored(model, cells, probs, tmp_path):
+    with station(model, tmp_path / "reviewed", probs, review_random=0.0) as client:
+        answer = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+        flagged = [c for c in answer if set(c["decisions"].values()) != {OK}]
+        assert flagged and all(c["review"] for c in flagged)
+        borderline = [c for c in answer if c not in flagged and c["review"]]
+        assert borderline  # ok, but near the threshold: queued although there is no review band
+        waiting = client.get("/api/v1/review").json()["waiting"]
+        assert waiting == len(flagged) + len(borderline)
+        # the same cells again, and one under another name and format: no new entry
+        again = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+        assert [c["review"] for c in again] == [c["review"] for c in answer]
+        tiff = io.BytesIO()
+        Image.fromarray(read_pixels(cells[0])).save(tiff, format="TIFF")
+        renamed = client.post("/api/v1/cells", files=[("files", ("other.tif", tiff.getvalue(), "image/tiff"))])
+        assert renamed.json()["cells"][0]["review"] == answer[0]["review"]
+        assert client.get("/api/v1/review").json()["waiting"] == waiting
+        # handed out most uncertain first, with the reason in words
+        item = client.get("/api/v1/review/next", params={"session": "a"}).json()["item"]
+        nearest = min((c for c in answer if c["review"]), key=lambda c: abs(
+            np.log(c["probs"]["crack"] / (1 - c["probs"]["crack"]))
+            - np.log(client.get("/api/v1/model").json()["thresholds"]["crack"]
+                     / (1 - client.get("/api/v1/model").json()["thresholds"]["crack"]))))
+        assert item["id"] == nearest["review"] and item["reason"].startswith("uncertain: crack")
+        assert not item["random"]
+
+
+def test_a_share_of_random_ok_cells_is_offered_and_says_so(model, cells, probs, tmp_path):
+    with station(model, tmp_path / "reviewed", probs, review_random=1.0, review_seed=0) as client:
+        answer = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+        assert all(c["review"] for c in answer)  # share 1: every ok cell is a candidate
+        seen = [client.get("/api/v1/review/next", params={"session": f"s{k}"}).json()["item"] for k in range(4)]
+        randoms = [item for item in seen if item["random"]]
+        assert randoms and all(item["reason"] == "random check of an ok cell" for item in randoms)
+        assert all(set(item["decisions"].values()) == {OK} for item in randoms)
+
+
+def test_a_page_session_keeps_its_cell_and_returns_it(model, cells, probs, tmp_path):
+    with station(model, tmp_path / "reviewed", probs) as client:
+        client.post("/api/v1/cells", files=upload(cells))
+        first = client.get("/api/v1/review/next", params={"session": "tab1"}).json()["item"]
+        reload = client.get("/api/v1/review/next", params={"session": "tab1"}).json()["item"]
+        other = client.get("/api/v1/review/next", params={"session": "tab2"}).json()["item"]
+        assert reload["id"] == first["id"] != other["id"]  # a reload gets its cell back, others do not
+        assert client.post("/api/v1/review/release", params={"session": "tab1"}).status_code == 200
+        assert client.get("/api/v1/review/next", params={"session": "tab3"}).json()["item"]["id"] == first["id"]
+        assert client.get(first["image"]).status_code == 200
+        assert client.get(first["overlays"]["crack"]).headers["content-type"] == "image/png"
+        assert client.get("/api/v1/review/next", params={"session": "<x>"}).status_code == 422
+
+
+# --------------------------------------------------------------------------- answers and restarts
+def test_one_row_per_cell_and_a_different_answer_replaces_it(model, cells, probs, tmp_path):
+    with station(model, tmp_path / "reviewed", probs) as client:
+        client.post("/api/v1/cells", files=upload(cells))
+        item = client.get("/api/v1/review/next").json()["item"]
+        assert client.post(f"/api/v1/review/{item['id']}", json={"labels": {"bogus": 1}}).status_code == 422
+        first = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"crack": 1}}).json()
+        same = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"crack": 1}}).json()
+        assert same["same"] and same["rows"] == first["rows"] == 1
+        other = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"inactive": 1}}).json()
+        assert other["replaced"] == {"crack": 1, "inactive": 0} and other["rows"] == 1
+        client.post("/api/v1/cells", files=upload(cells))  # scored again after its answer: not queued again
+        handed = [client.get("/api/v1/review/next").json()["item"] for _ in range(len(cells) + 1)]
+        assert handed[-1] is None and item["id"] not in {h["id"] for h in handed if h}
+    table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")
+    assert len(table) == 1 and table.targets.tolist() == [[0, 1]]
+    original = next(p for p in cells if p.name == item["name"])
+    np.testing.assert_array_equal(read_pixels(table.paths[0]), read_pixels(original))
+
+
+def test_the_queue_and_its_counts_survive_a_restart(model, cells, probs, tmp_path):
+    folder = tmp_path / "reviewed"
+    with station(model, folder, probs) as client:
+        client.post("/api/v1/cells", files=upload(cells))
+        before = client.get("/api/v1/review").json()
+        held = client.get("/api/v1/review/next", params={"session": "tab"}).json()["item"]
+        answered = client.get("/api/v1/review/next").json()["item"]
+        client.post(f"/api/v1/review/{answered['id']}", json={"labels": {}})
+    with station(model, folder, probs) as client:  # a new station on the same folder
+        after = client.get("/api/v1/review").json()
+        assert (after["waiting"], after["answered"]) == (before["waiting"] - 1, 1)
+        assert client.get(held["image"]).content  # the pixels were on disk, not only in memory
+        saved = client.post(f"/api/v1/review/{held['id']}", json={"labels": {"crack": 1}})  # the stale page's answer
+        assert saved.status_code == 200 and saved.json()["rows"] == 2
+        lost = client.post("/api/v1/review/0123456789abcdef", json={"labels": {}})
+        assert lost.status_code == 410 and "no longer waits for review" in lost.json()["detail"]
+        assert client.get("/api/v1/review").json()["answered"] == 2
+    table = read_labels_csv(folder / "labels.csv")
+    assert len(table) == 2 and all(p.is_file() for p in table.paths)
+    assert not (folder / "queue" / f"{held['id']}.png").exists()  # answered cells leave the queue's folder
