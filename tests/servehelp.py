@@ -33,10 +33,10 @@ async def async_wait_until(condition, what: str, timeout: float = 60.0, pause: f
 
 
 class RunningServer:
-    """`app` on uvicorn at 127.0.0.1 on a free port, in a thread, for a `with` block."""
+    """`app` on uvicorn at 127.0.0.1 on a free port (or `port`), in a thread, for a `with` block."""
 
-    def __init__(self, app, **config):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
+    def __init__(self, app, port: int = 0, **config):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> RunningServer:

@@ -7,6 +7,7 @@ is then a row of labels.csv."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,88 @@ def test_the_page_shows_markup_in_names_and_errors_as_text(browser, tiny_onnx, s
         assert browser.execute_script(
             "return [document.querySelectorAll('#results img[src=\"x\"], #bold, #results b').length,"
             " typeof window.pwned]") == [0, "undefined"]
+
+
+def test_the_review_loop_survives_a_reload_a_restart_and_a_repeated_upload(browser, tiny_onnx, seed_csv, tmp_path):
+    """As an operator's shift goes: cells in, a review started, the page reloaded
+    (its cell comes back at once), the same cells scored again (no second queue
+    entry), keys after typing the grid and after a click on the drop zone, the
+    station restarted on the same folder (the page carries on, counts right),
+    and an answer to a cell the station lost (said in words, not saved)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    model = open_model(tiny_onnx, spin=False)
+    cells = read_labels_csv(seed_csv).paths[24:32]
+    probs = score_cells(model, [load_cell(p, model.decoding) for p in cells]).probs
+    middle = float(np.median(probs[:, 0]))
+    folder = tmp_path / "reviewed"
+
+    def station():
+        return create_app(model, Settings(labels_out=folder, thresholds=[middle, 1.0],
+                                          review_thresholds=[middle, 1.0], review_random=0.0))
+
+    def text(element_id: str) -> str:
+        return browser.find_element(By.ID, element_id).text
+
+    def key(keys: str) -> None:  # typed wherever the focus is, as a person types
+        ActionChains(browser).send_keys(keys).perform()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    first = station()
+    with RunningServer(first, port=port) as server:
+        browser.get(server.url + "/")
+        wait(browser, lambda d: model.path.name in text("model-info"))
+        browser.find_element(By.ID, "files").send_keys("\n".join(map(str, cells)))
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == len(cells))
+        ranks = [{"defect": 0, "review": 1, "queued": 2, "ok": 3}[card.get_attribute("data-flag")]
+                 for card in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+        assert ranks == sorted(ranks) and ranks[0] == 0  # flagged cells first
+        wait(browser, lambda d: d.find_element(By.ID, "review-item").is_displayed())
+        held = text("review-name")
+        assert text("review-reason").startswith("why: uncertain: crack")
+        waiting = first.state.station.queue.counts()["waiting"]
+        wait(browser, lambda d: text("review-count").startswith(f"{waiting} waiting"))
+        # a reload: the same cell, at once (not after its lease)
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.ID, "review-item").is_displayed(), timeout=10)
+        assert text("review-name") == held
+        # the same cells scored again mid-review: no second queue entry
+        browser.find_element(By.ID, "files").send_keys("\n".join(map(str, cells)))
+        wait(browser, lambda d: text("status").startswith("scored"))  # the reload emptied the cards
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == len(cells)
+        assert first.state.station.queue.counts()["waiting"] == waiting
+        assert text("review-count").startswith(f"{waiting} waiting") and text("review-name") == held
+        # keys after typing the grid (Enter leaves it) and after a click on the drop zone
+        grid = browser.find_element(By.ID, "grid")
+        grid.click()
+        grid.send_keys(Keys.CONTROL, "a")
+        grid.send_keys("6x10", Keys.ENTER)
+        key("1")
+        wait(browser, lambda d: "row 1 of labels.csv" in text("review-saved"))
+        assert grid.get_attribute("value") == "6x10" and held in text("review-saved")
+        wait(browser, lambda d: text("review-name") not in ("", held))
+        browser.execute_script("document.getElementById('files').focus()")  # what a click on it does
+        assert browser.execute_script("return document.activeElement.id") == "files"
+        before = text("review-name")
+        key("s")  # skip
+        wait(browser, lambda d: text("review-name") != before)
+        stale = browser.execute_script("return state.review.id")
+    # the station restarts on the same folder; the open page carries on
+    second = station()
+    with RunningServer(second, port=port):
+        wait(browser, lambda d: text("review-count") == f"{waiting - 1} waiting · 1 answered")
+        key(Keys.NUMPAD0)  # the stale page's cell is still known: saved as ok
+        wait(browser, lambda d: "row 2 of labels.csv" in text("review-saved"))
+        wait(browser, lambda d: browser.execute_script("return state.review && state.review.id") not in (None, stale))
+        lost = browser.execute_script("return state.review.id")
+        second.state.station.queue.done(lost)  # as if dropped from a full queue
+        key("2")
+        wait(browser, lambda d: "not saved" in text("review-saved"))
+        assert "no longer waits for review" in text("review-saved")
+    table = read_labels_csv(folder / "labels.csv")
+    assert len(table) == 2 and table.targets.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert all(p.is_file() for p in table.paths)

@@ -3,7 +3,19 @@
 
 const API = "/api/v1";
 const $ = (id) => document.getElementById(id);
-const state = { model: null, labels: [], review: null, ticked: new Set(), busy: false };
+const state = { model: null, labels: [], review: null, ticked: new Set(), busy: false, poll: null };
+const FLAG_RANK = { defect: 0, review: 1, queued: 2, ok: 3 };
+
+// One id per tab, kept across reloads (sessionStorage): the review cell this tab
+// holds comes back to it after a reload, and is returned when the tab closes.
+function session() {
+  let id = sessionStorage.getItem("elcell-session");
+  if (!id) {
+    id = Array.from(crypto.getRandomValues(new Uint8Array(12)), (b) => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("elcell-session", id);
+  }
+  return id;
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -32,7 +44,9 @@ async function api(path, options = {}) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
     if (response.status === 503) detail += " (the station is busy)";
-    throw new Error(detail);
+    const error = new Error(detail);
+    error.status = response.status;
+    throw error;
   }
   return response;
 }
@@ -40,10 +54,13 @@ async function api(path, options = {}) {
 const json = async (path, options) => (await api(path, options)).json();
 
 // Images come through fetch too, so that a token travels with them.
+// The last one asked for wins: a slow heatmap never replaces a view chosen after it.
 async function show(img, url) {
   if (!url) return;
+  img.dataset.want = url;
   try {
     const blob = await (await api(url)).blob();
+    if (img.dataset.want !== url) return;
     if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
     img.dataset.url = URL.createObjectURL(blob);
     img.src = img.dataset.url;
@@ -69,7 +86,7 @@ async function loadModel() {
   const bands = m.labels.map((l) => `${l} ≥ ${m.thresholds[l]} (review ≥ ${m.review_thresholds[l]})`).join(", ");
   $("model-info").textContent = `${m.model} · ${m.size} px · ${bands} · elcell ${m.version}`;
   $("review-panel").hidden = !m.review;
-  if (m.review) nextReview();
+  if (m.review) { nextReview(); pollReview(); }
 }
 
 function worst(decisions) {
@@ -85,21 +102,25 @@ function labelRows(probs, decisions) {
     el("span", { class: "bar" }, el("i", { style: `width:${(100 * (probs[label] || 0)).toFixed(1)}%` }))));
 }
 
-function cellCard(cell) {
-  if (cell.error) {
-    return el("div", { class: "card failed", "data-name": cell.name },
-      el("div", { class: "name" }, cell.name), el("div", { class: "error-text" }, cell.error));
-  }
+function flagOf(cell) {
   const flag = worst(cell.decisions);
+  return flag === "ok" && cell.review ? "queued" : flag;
+}
+
+function cellCard(cell, file) {
+  if (cell.error) {
+    const card = el("div", { class: "card failed", "data-name": cell.name, "data-flag": "failed" },
+      el("div", { class: "name" }, cell.name), el("div", { class: "error-text" }, cell.error));
+    if (file && isModuleError(cell.error)) card.append(moduleOffer(file));
+    return card;
+  }
+  const flag = flagOf(cell);
   const img = el("img", { alt: cell.name });
-  // the overlay of the label the model is surest about among the flagged ones, else the plain cell
-  const flagged = state.labels.filter((l) => cell.decisions[l] !== "ok");
-  const first = flagged.sort((a, b) => cell.probs[b] - cell.probs[a])[0];
-  show(img, first ? cell.overlays[first] : cell.image);
+  show(img, cell.image);
   const tabs = el("div", { class: "tabs" });
   const views = [["cell", cell.image], ...state.labels.map((l) => [l, cell.overlays[l]])];
   for (const [name, url] of views) {
-    const button = el("button", { type: "button", class: (first ? name === first : name === "cell") ? "on" : "",
+    const button = el("button", { type: "button", class: name === "cell" ? "on" : "", "data-view": name,
       onclick: (event) => {
         event.stopPropagation();
         tabs.querySelectorAll("button").forEach((b) => b.classList.remove("on"));
@@ -108,19 +129,74 @@ function cellCard(cell) {
       } }, name);
     tabs.append(button);
   }
-  return el("div", { class: `card flag-${flag}`, "data-name": cell.name, "data-flag": flag,
+  const card = el("div", { class: `card flag-${flag}`, "data-name": cell.name, "data-flag": flag,
     onclick: () => enlarge(cell.name, cell) },
     img, el("div", { class: "name" }, cell.name), ...labelRows(cell.probs, cell.decisions), tabs);
+  if (cell.review) card.append(el("div", { class: "muted queued" }, "in the review queue"));
+  // the overlay to show when heatmaps are asked for: the surest of the flagged labels, else the likeliest
+  const ranked = state.labels.slice().sort((a, b) => cell.probs[b] - cell.probs[a]);
+  const flagged = ranked.filter((l) => cell.decisions[l] !== "ok");
+  const label = flagged[0] || ranked[0];
+  card.heatmap = { label, url: cell.overlays[label], img, tabs, flagged: flagged.length > 0 };
+  return card;
+}
+
+// Flagged cells first, then those queued for review, then the rest (each group newest first).
+function sortCards() {
+  const results = $("results");
+  const cards = [...results.children];
+  cards.sort((a, b) => (FLAG_RANK[a.dataset.flag] ?? -1) - (FLAG_RANK[b.dataset.flag] ?? -1));
+  results.replaceChildren(...cards);
+}
+
+// Heatmaps cost a model pass each: asked for the flagged cells (or all, with the
+// toggle), one after the other, with progress in the status line.
+async function heatmaps(cards) {
+  const all = $("heat-all").checked;
+  const wanted = cards.filter((card) => card.heatmap && (all || card.heatmap.flagged));
+  for (const [k, card] of wanted.entries()) {
+    $("progress").textContent = `heatmaps: ${k + 1} of ${wanted.length}…`;
+    const { label, url, img, tabs } = card.heatmap;
+    tabs.querySelectorAll("button").forEach((b) => b.classList.toggle("on", b.dataset.view === label));
+    await show(img, url);
+    card.dataset.heatmap = label;
+  }
+  $("progress").textContent = wanted.length ? `heatmaps: ${wanted.length} drawn` +
+    (all ? "" : " (flagged cells; tick \u201cheatmaps for every cell\u201d for all)") : "";
+}
+
+function isModuleError(text) { return /photo of a whole module/.test(text || ""); }
+
+function moduleOffer(file) {
+  return el("button", { type: "button", class: "offer", onclick: (event) => {
+    event.stopPropagation();
+    $("mode-module").checked = true;
+    upload([file]);
+  } }, `Inspect ${file.name} as a module (grid ${$("grid").value})`);
+}
+
+function checkGrid() {
+  const text = $("grid").value;
+  const found = /^\s*(\d{1,4})\s*[xX×*]\s*(\d{1,4})\s*$/.exec(text);
+  if (!found) throw new Error(`the grid "${text}" is not rows x columns; type it as the module appears in the photo, e.g. 6x10`);
+  if (Number(found[1]) < 1 || Number(found[2]) < 1) throw new Error(`the grid "${text}" has no cells; a module has at least 1 row and 1 column, e.g. 6x10`);
 }
 
 async function upload(files) {
-  if (!files.length || state.busy) return;
+  if (!files.length) return;
+  if (state.busy) {
+    say("still scoring the previous upload: drop these again when it is done", true);
+    return;
+  }
   const module = $("mode-module").checked;
   const form = new FormData();
   state.busy = true;
+  if (document.activeElement === $("grid")) $("grid").blur();  // the grid is set: keys review again
+  let cards = [];
   try {
     if (module) {
       if (files.length > 1) throw new Error("a module is one photo: drop one file, or switch to Cells");
+      checkGrid();
       form.append("file", files[0]);
       form.append("grid", $("grid").value);
       say(`inspecting ${files[0].name} (${$("grid").value})…`);
@@ -130,18 +206,21 @@ async function upload(files) {
     } else {
       for (const file of files) form.append("files", file);
       say(`scoring ${files.length} cell${files.length > 1 ? "s" : ""}…`);
-      const answer = await json(`${API}/cells?heatmaps=all`, { method: "POST", body: form });
-      const results = $("results");
-      for (const cell of answer.cells.slice().reverse()) results.prepend(cellCard(cell));
+      const answer = await json(`${API}/cells?heatmaps=none`, { method: "POST", body: form });
+      cards = answer.cells.map((cell, i) => cellCard(cell, files[i]));
+      $("results").prepend(...cards);
+      sortCards();
       const failed = answer.cells.filter((c) => c.error).length;
       say(`scored ${answer.cells.length - failed} cell(s)` + (failed ? `, ${failed} could not be read` : ""), failed > 0);
     }
-    if (state.model && state.model.review && !state.review) nextReview();
   } catch (err) {
     say(String(err.message || err), true);
+    if (!module && files.length === 1 && isModuleError(err.message)) $("status").append(" ", moduleOffer(files[0]));
   } finally {
     state.busy = false;
   }
+  refreshReview().catch(() => {});  // the counter after every upload (the poll retries on failure)
+  await heatmaps(cards);  // after: a next upload need not wait for them
 }
 
 // ------------------------------------------------------------------ modules
@@ -193,30 +272,67 @@ function enlarge(title, cell, dark) {
 function closeModal() { $("modal").hidden = true; }
 
 // ------------------------------------------------------------------ the review loop
+function counts(status) {
+  $("review-count").textContent = `${status.waiting} waiting · ${status.answered} answered`;
+}
+
+function showReview(item) {
+  state.review = item;
+  state.ticked.clear();
+  $("review-item").hidden = !item;
+  $("review-empty").hidden = !!item;
+  if (!item) return;
+  const flagged = state.labels.filter((l) => item.decisions[l] !== "ok")
+    .sort((a, b) => item.probs[b] - item.probs[a]);
+  show($("review-image"), flagged.length ? item.overlays[flagged[0]] : item.image);
+  $("review-name").textContent = item.name;
+  $("review-reason").textContent = `why: ${item.reason}`;
+  $("review-probs").replaceChildren(...labelRows(item.probs, item.decisions));
+  const buttons = state.labels.map((label, i) => el("button", {
+    type: "button", "data-label": label, onclick: () => answer([label]) }, el("kbd", {}, String(i + 1)), label));
+  buttons.push(el("button", { type: "button", class: "ok", "data-label": "ok", onclick: () => answer([]) },
+    el("kbd", {}, "0"), "ok"));
+  buttons.push(el("button", { type: "button", "data-label": "skip", onclick: skip }, el("kbd", {}, "S"), "skip"));
+  $("review-buttons").replaceChildren(...buttons);
+}
+
 async function nextReview() {
   try {
-    const next = await json(`${API}/review/next`);
-    state.review = next.item;
-    state.ticked.clear();
-    $("review-count").textContent = `${next.waiting} waiting · ${next.answered} answered`;
-    $("review-item").hidden = !next.item;
-    $("review-empty").hidden = !!next.item;
-    if (!next.item) return;
-    const item = next.item;
-    const flagged = state.labels.filter((l) => item.decisions[l] !== "ok")
-      .sort((a, b) => item.probs[b] - item.probs[a]);
-    show($("review-image"), flagged.length ? item.overlays[flagged[0]] : item.image);
-    $("review-name").textContent = item.name;
-    $("review-probs").replaceChildren(...labelRows(item.probs, item.decisions));
-    const buttons = state.labels.map((label, i) => el("button", {
-      type: "button", "data-label": label, onclick: () => answer([label]) }, el("kbd", {}, String(i + 1)), label));
-    buttons.push(el("button", { type: "button", class: "ok", "data-label": "ok", onclick: () => answer([]) },
-      el("kbd", {}, "0"), "ok"));
-    buttons.push(el("button", { type: "button", "data-label": "skip", onclick: skip }, el("kbd", {}, "S"), "skip"));
-    $("review-buttons").replaceChildren(...buttons);
+    const next = await json(`${API}/review/next?session=${session()}`);
+    counts(next);
+    showReview(next.item);
   } catch (err) {
-    $("review-saved").textContent = String(err.message || err);
+    saved(String(err.message || err), true);
   }
+}
+
+async function refreshReview() {
+  if (!state.model || !state.model.review) return;
+  const status = await json(`${API}/review?session=${session()}`);
+  counts(status);
+  if (!state.review && status.waiting > 0) await nextReview();
+}
+
+// The page notices new work (and a restarted station) without a reload: it polls,
+// backing off while the station does not answer, and never stops.
+function pollReview(delay = 4000) {
+  clearTimeout(state.poll);
+  state.poll = setTimeout(async () => {
+    try {
+      await refreshReview();
+      $("review-offline").hidden = true;
+      pollReview(4000);
+    } catch (err) {
+      $("review-offline").hidden = false;
+      $("review-offline").textContent = `the station does not answer (${err.message || err}); trying again`;
+      pollReview(Math.min(2 * delay, 30000));
+    }
+  }, delay);
+}
+
+function saved(text, error = false) {
+  $("review-saved").textContent = text;
+  $("review-saved").className = error ? "error" : "muted";
 }
 
 async function answer(present) {
@@ -224,13 +340,15 @@ async function answer(present) {
   if (!item) return;
   state.review = null;
   const labels = Object.fromEntries(state.labels.map((l) => [l, present.includes(l) ? 1 : 0]));
+  const said = present.length ? present.join(" + ") : "ok";
   try {
-    const saved = await json(`${API}/review/${item.id}`, {
+    const done = await json(`${API}/review/${item.id}`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ labels }) });
-    const said = present.length ? present.join(" + ") : "ok";
-    $("review-saved").textContent = `${item.name}: ${said} → ${saved.path} (row ${saved.rows} of labels.csv)`;
+    const before = done.replaced ? Object.keys(done.replaced).filter((l) => done.replaced[l]).join(" + ") || "ok" : "";
+    saved(`${item.name}: ${said} → ${done.path} (` + (done.same ? "answered so before, nothing changed" :
+      before ? `replaced the earlier answer ${before}` : `row ${done.rows} of labels.csv`) + ")");
   } catch (err) {
-    $("review-saved").textContent = String(err.message || err);
+    saved(`${item.name}: ${said} not saved: ${err.message || err}`, true);
   }
   nextReview();
 }
@@ -243,29 +361,48 @@ async function skip() {
   nextReview();
 }
 
+// Keys answer wherever focus is, except while the operator types text.
+function typing(target) {
+  if (!target || !target.tagName) return false;
+  if (target.isContentEditable || target.tagName === "TEXTAREA") return true;
+  const textual = ["text", "search", "email", "url", "tel", "password", "number"];
+  return target.tagName === "INPUT" && textual.includes((target.getAttribute("type") || "text").toLowerCase());
+}
+
 function onKey(event) {
   if (!$("modal").hidden && event.key === "Escape") { closeModal(); return; }
-  if (!state.review || event.target.tagName === "INPUT" || event.ctrlKey || event.metaKey || event.altKey) return;
-  const key = event.key.toLowerCase();
-  const digit = /^Digit([1-9])$/.exec(event.code);
-  if (digit && Number(digit[1]) <= state.labels.length) {
-    const label = state.labels[Number(digit[1]) - 1];
+  if (typing(event.target)) {
+    if (event.key === "Escape" || (event.key === "Enter" && event.target === $("grid"))) event.target.blur();
+    return;
+  }
+  if (!state.review || event.ctrlKey || event.metaKey || event.altKey) return;
+  const digit = /^(?:Digit|Numpad)([0-9])$/.exec(event.code);
+  const number = digit ? Number(digit[1]) : null;
+  if (number && number <= state.labels.length) {
+    const label = state.labels[number - 1];
     if (event.shiftKey) {
       state.ticked.has(label) ? state.ticked.delete(label) : state.ticked.add(label);
       document.querySelector(`#review-buttons button[data-label="${label}"]`).classList.toggle("ticked");
     } else {
       answer([label]);
     }
-  } else if (key === "0" || key === "o") {
+  } else if (number === 0 || event.code === "KeyO") {
     answer([]);
-  } else if (key === "enter" && state.ticked.size) {
+  } else if ((event.code === "Enter" || event.code === "NumpadEnter") && state.ticked.size) {
     answer([...state.ticked]);
-  } else if (key === "s") {
+  } else if (event.code === "KeyS") {
     skip();
   } else {
     return;
   }
   event.preventDefault();
+}
+
+// A closing or reloading tab returns its cell at once (a reload gets it back: same session).
+function release() {
+  if (!state.review) return;
+  fetch(`${API}/review/release?session=${session()}`, { method: "POST", keepalive: true, headers: headers() })
+    .catch(() => {});
 }
 
 // ------------------------------------------------------------------ wiring
@@ -282,6 +419,8 @@ function init() {
   $("modal-close").addEventListener("click", closeModal);
   $("modal").addEventListener("click", (event) => { if (event.target === $("modal")) closeModal(); });
   document.addEventListener("keydown", onKey);
+  window.addEventListener("pagehide", release);
+  $("grid").addEventListener("change", () => $("grid").blur());
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem("elcell-token", $("token").value.trim());
