@@ -264,9 +264,12 @@ def test_segment_cuts_cells_keeping_their_depth_and_the_labels_train(tiny_onnx, 
     assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(inspected),
                  "--no-map"]) == 0
     answer = {"defect": "1", "ok": "0", "review": ""}
-    for row, cell in zip(read_csv(filled / "labels.csv"), read_csv(inspected / "cells.csv"), strict=True):
-        assert row["path"] == f"deep_r{int(cell['row']):02d}_c{int(cell['col']):02d}.png"
+    by_path = {row["path"]: row for row in read_csv(filled / "labels.csv")}  # in review order, with a reason
+    assert len(by_path) == 60
+    for cell in read_csv(inspected / "cells.csv"):
+        row = by_path[f"deep_r{int(cell['row']):02d}_c{int(cell['col']):02d}.png"]
         assert [row["crack"], row["inactive"]] == [answer[cell["decision_crack"]], answer[cell["decision_inactive"]]]
+        assert row["reason"]
 
 
 def _source_name(copy: Path, elpv) -> str:

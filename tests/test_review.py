@@ -73,6 +73,28 @@ def test_the_order_puts_the_most_uncertain_first_and_mixes_in_random_ok_cells(pr
     assert not any(c.random for c in review_order(probs, thresholds, ok, LABELS, 0.0))
 
 
+def test_segment_writes_its_labels_in_the_review_order(tiny_onnx, model, tmp_path):
+    from elcell.cli import main
+
+    photo = Path(__file__).parent / "data" / "modules" / "poly-6x10-A1.jpg"
+    assert main(["segment", str(photo), "--grid", "6x10", "--out", str(tmp_path / "cut"), "--model", str(tiny_onnx),
+                 "--review-random", "0.1"]) == 0
+    lines = (tmp_path / "cut" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "path;crack;inactive;reason" and len(lines) == 61
+    rows = [line.split(";") for line in lines[1:]]
+    probs = score_cells(model, [load_cell(tmp_path / "cut" / row[0], model.decoding) for row in rows]).probs
+    distance, _ = margins(probs, model.info.thresholds)
+    chosen = [k for k, row in enumerate(rows) if row[3] != "random check of an ok cell"]
+    assert np.all(np.diff(distance[chosen]) >= -1e-6)  # most uncertain first
+    randoms = [k for k, row in enumerate(rows) if row[3] == "random check of an ok cell"]
+    assert randoms == [9, 19, 29, 39, 49, 59][:len(randoms)] and randoms
+    assert all(row[1:3] == ["0", "0"] for row in (rows[k] for k in randoms))
+    known = [line for line in lines[1:] if line.split(";")[1:3] != ["", ""]]
+    (tmp_path / "cut" / "known.csv").write_text("\n".join([lines[0], *known]) + "\n")
+    table = read_labels_csv(tmp_path / "cut" / "known.csv")  # the reason is a note, not a label
+    assert table.names == LABELS and len(table) == len(known)
+
+
 # --------------------------------------------------------------------------- the queue
 def test_borderline_cells_reach_the_operator_once_however_often_they_are_scored(model, cells, probs, tmp_path):
     with station(model, tmp_path / "reviewed", probs, review_random=0.0) as client:

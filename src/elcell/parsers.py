@@ -178,13 +178,18 @@ def add_segment(commands) -> None:
                       "Cut every module photo into its cells (found as `inspect` finds them) at the photo's "
                       "resolution and depth (16-bit stays 16-bit), named <module>_r<row>_c<col>.png, and "
                       "write OUT/labels.csv in the training format: label columns empty, or with --model "
-                      "filled with its decisions (defect 1, ok 0, review empty), for `elcell train --data`.")
+                      "filled with its decisions (defect 1, ok 0, review empty), for `elcell train --data`; "
+                      "with --model its rows come in the order to label them (most uncertain first, a share "
+                      "of random ok cells), with a `reason` column saying why.")
     parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE", help="module photos, folders or CSVs")
     parser.add_argument("--grid", required=True, metavar="ROWSxCOLS", help="as inspect's, e.g. 6x10")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the cells and labels.csv")
     parser.add_argument("--model", metavar="MODEL", help="fill the labels with this model's decisions")
     parser.add_argument("--labels", default="crack,inactive", metavar="A,B",
                         help="label columns of labels.csv without --model")
+    parser.add_argument("--review-random", type=share, default=0.1, metavar="SHARE",
+                        help="with --model: share of the rows, spread evenly, that are random ok cells")
+    parser.add_argument("--seed", type=int, default=0, help="for the random ok cells")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
 
 

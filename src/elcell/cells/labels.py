@@ -122,6 +122,9 @@ def _read_text(csv_path: Path) -> str:
     return text
 
 
+NOTE = "reason"  # a column of words beside the labels (why `segment --model` put a cell where it is), not a label
+
+
 def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path, group: str | None) -> list[int]:
     """The label columns of a header, or DataError saying what is wrong with it."""
     if any(_is_number(name) for name in header[1:]):
@@ -134,7 +137,7 @@ def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path,
         raise DataError(f"{csv_path}: duplicate column names in header {header}")
     if group is not None and group not in header[1:]:
         raise DataError(f"{csv_path}: no column {group!r} for groups; columns are {header}")
-    label_columns = [i for i, name in enumerate(header) if i > 0 and name != group]
+    label_columns = [i for i, name in enumerate(header) if i > 0 and name not in (group, NOTE)]
     if not label_columns:
         raise DataError(f"{csv_path}: no label columns; expected e.g. 'path;crack;inactive'")
     return label_columns
@@ -166,7 +169,7 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
     Every other column is a label, 0/1 or soft in [0, 1] (positive from 0.5),
     or empty for unknown (NaN in targets; each row needs one known label),
     except `group` (e.g. cell type), which is kept as a group name for stratified
-    splits and per-group reports.
+    splits and per-group reports, and `reason` (words, ignored).
     """
     csv_path = Path(csv_path)
     text = _read_text(csv_path)
