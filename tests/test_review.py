@@ -187,3 +187,18 @@ def test_the_queue_and_its_counts_survive_a_restart(model, cells, probs, tmp_pat
     table = read_labels_csv(folder / "labels.csv")
     assert len(table) == 2 and all(p.is_file() for p in table.paths)
     assert not (folder / "queue" / f"{held['id']}.png").exists()  # answered cells leave the queue's folder
+
+
+def test_reviewers_answering_one_cell_at_once_leave_one_row_and_its_image(cells, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from elcell.station.review import LabelsFolder
+
+    folder = LabelsFolder(tmp_path / "labels", LABELS)
+    pixels = read_pixels(cells[0])
+    with ThreadPoolExecutor(8) as pool:
+        saved = list(pool.map(lambda i: folder.add(pixels, "same.png", {"crack": i % 2}), range(16)))
+    table = read_labels_csv(folder.csv)
+    assert len(table) == 1 and {s.path for s in saved} == {folder.answered[saved[0].path[-20:-4]][0]}
+    np.testing.assert_array_equal(read_pixels(table.paths[0]), pixels)
+    assert sorted(p.name for p in folder.cells.iterdir()) == [table.paths[0].name]  # no stray image

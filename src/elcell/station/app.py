@@ -227,9 +227,9 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
             found = await inspect_photo(station, data, filename, name, rows, cols)
         module = ModuleResult(name, f"{rows}x{cols}", found)
         places = [(r, c) for r in range(rows) for c in range(cols)]
-        kept = station.keep([CellResult(f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c],
-                                        model.decoding.bit_depth, found.probs[r, c], found.decisions[r, c],
-                                        found.heatmaps.get((r, c))) for r, c in places])
+        kept = await run_in_threadpool(station.keep, [CellResult(
+            f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c], model.decoding.bit_depth, found.probs[r, c],
+            found.decisions[r, c], found.heatmaps.get((r, c))) for r, c in places])
         module.cells.update(zip(places, kept, strict=True))
         return module_record(station.store.put(module), module, station.store)
 

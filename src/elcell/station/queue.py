@@ -89,7 +89,8 @@ class ReviewQueue:
         self.files = folder.folder / "queue"
         self.state = folder.folder / "queue.json"
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the items: held briefly, so pages are answered while cells are written
+        self._offering = threading.Lock()  # one offer at a time: the same cell from two requests is written once
         self._items: dict[str, ReviewItem] = {}
         self.files.mkdir(exist_ok=True)
         self._load()
@@ -142,14 +143,20 @@ class ReviewQueue:
     def offer(self, cells: list[Scored]) -> list[str | None]:
         """Queue those of `cells` that should be reviewed; per cell its key when it
         waits (now or from before) or has been answered, else None."""
+        with self._offering:
+            return self._offer(cells)
+
+    def _offer(self, cells: list[Scored]) -> list[str | None]:
         keys: list[str | None] = []
         added = []
         for cell in cells:
             key = pixel_key(cell.pixels)
-            known = key in self._items or key in self.folder.answered
+            known = key in self._items or key in self.folder.answered or any(i.id == key for i in added)
             item = None if known else self._choose(key, cell)
             if item is not None:
-                _write_synced(self._file(key), png(cell.pixels), atomic=True)
+                # fast to encode: a module's worth of borderline cells arrives at once; an
+                # answered cell keeps these bytes in cells/
+                _write_synced(self._file(key), png(cell.pixels, compress_level=1), atomic=True)
                 added.append(item)
             keys.append(key if known or item is not None else None)
         if added:

@@ -162,7 +162,8 @@ class LabelsFolder:
         line = (self.separator.join([file, *values]) + "\n").encode("utf-8")
         with self._locked():
             if key in self.answered:  # another reviewer answered it meanwhile
-                (self.folder / file).unlink(missing_ok=True)
+                if self.answered[key][0] != file:  # (in the same second, the same name: theirs now)
+                    (self.folder / file).unlink(missing_ok=True)
                 return self._again(key, values)
             self._append(line)
             self.rows += 1
@@ -211,7 +212,7 @@ def _cut_partial(fd: int, size: int) -> int:
 
 def _write_synced(path: Path, data: bytes, atomic: bool = False) -> None:
     """Write `data` to `path` and fsync it; atomic: through a temporary file renamed over it."""
-    target = path.with_name(f".{path.name}.tmp") if atomic else path
+    target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if atomic else path  # writers never share it
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(target, "wb") as handle:
@@ -243,13 +244,14 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def png(pixels: np.ndarray) -> bytes:
+def png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
     """PNG bytes of a gray cell at its own depth: uint8 as 8-bit, uint16 as 16-bit,
-    floats in [0, 1] as 16-bit (decoded as the float image would be, to within rounding)."""
+    floats in [0, 1] as 16-bit (decoded as the float image would be, to within rounding).
+    compress_level 1 encodes about 3.5x faster for a fifth more bytes (the review queue's choice)."""
     pixels = np.asarray(pixels)
     if pixels.dtype.kind == "f":
         pixels = np.round(np.clip(pixels, 0, 1) * 65535).astype(np.uint16)
     image = Image.fromarray(np.ascontiguousarray(pixels))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()

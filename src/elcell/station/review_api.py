@@ -93,7 +93,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
             saved = await run_in_threadpool(folder.add, None, name, answer.labels, item_id, image)
         except OSError as err:
             raise HTTPException(503, f"could not save the answer in {folder.folder}: {err}") from None
-        waiting.done(item_id)
+        await run_in_threadpool(waiting.done, item_id)  # queue.json rewritten and fsync'ed: off the loop
         replaced = dict(zip(labels, map(int, saved.replaced), strict=True)) if saved.replaced else None
         return {"id": item_id, "path": saved.path, "labels": dict(zip(labels, map(int, saved.values), strict=True)),
                 "rows": saved.rows, "waiting": len(waiting), "replaced": replaced, "same": saved.same}
@@ -101,7 +101,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
     @app.post(f"{API}/review/{{item_id}}/skip", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
     async def review_skip(item_id: str) -> dict:
         """Send a cell behind the others without labelling it."""
-        if not queue().skip(item_id):
+        if not await run_in_threadpool(queue().skip, item_id):
             raise gone(item_id)
         return status()
 

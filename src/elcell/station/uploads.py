@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
 
 from elcell.errors import ImageError
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
@@ -51,7 +52,7 @@ async def score_uploads(station: Station, data: list[bytes], names: list[str], h
         maps = (await batcher.score(cells[wanted], heatmaps=True)).heatmaps
         for k, heat in zip(wanted, maps, strict=True):
             results[k].heatmaps = heat
-    kept = iter(zip(station.keep(results), results, strict=True))
+    kept = iter(zip(await run_in_threadpool(station.keep, results), results, strict=True))  # disk: off the loop
     records = [error_record(u.name, u.error) if u.error else cell_record(*next(kept), labels, heatmaps)
                for u in uploads]
     return {"cells": records}
