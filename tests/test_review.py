@@ -158,7 +158,8 @@ def test_one_row_per_cell_and_a_different_answer_replaces_it(model, cells, probs
         assert same["same"] and same["rows"] == first["rows"] == 1
         other = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"inactive": 1}}).json()
         assert other["replaced"] == {"crack": 1, "inactive": 0} and other["rows"] == 1
-        client.post("/api/v1/cells", files=upload(cells))  # scored again after its answer: not queued again
+        rescored = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]  # after its answer:
+        assert next(c for c in rescored if c["name"] == item["name"])["review"] is None  # not queued again
         handed = [client.get("/api/v1/review/next").json()["item"] for _ in range(len(cells) + 1)]
         assert handed[-1] is None and item["id"] not in {h["id"] for h in handed if h}
     table = read_labels_csv(tmp_path / "reviewed" / "labels.csv")

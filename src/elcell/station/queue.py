@@ -142,7 +142,7 @@ class ReviewQueue:
     # ------------------------------------------------------------------ in
     def offer(self, cells: list[Scored]) -> list[str | None]:
         """Queue those of `cells` that should be reviewed; per cell its key when it
-        waits (now or from before) or has been answered, else None."""
+        waits (queued now or before), else None (not for review, or answered already)."""
         with self._offering:
             return self._offer(cells)
 
@@ -151,14 +151,14 @@ class ReviewQueue:
         added = []
         for cell in cells:
             key = pixel_key(cell.pixels)
-            known = key in self._items or key in self.folder.answered or any(i.id == key for i in added)
-            item = None if known else self._choose(key, cell)
+            waiting = key in self._items or any(i.id == key for i in added)
+            item = None if waiting or key in self.folder.answered else self._choose(key, cell)
             if item is not None:
                 # fast to encode: a module's worth of borderline cells arrives at once; an
                 # answered cell keeps these bytes in cells/
                 _write_synced(self._file(key), png(cell.pixels, compress_level=1), atomic=True)
                 added.append(item)
-            keys.append(key if known or item is not None else None)
+            keys.append(key if waiting or item is not None else None)
         if added:
             _sync_folder(self.files)  # the images on disk before the list names them
             with self._lock:

@@ -39,8 +39,7 @@ class CellOut(BaseModel):
     error: str | None = Field(description="why this file could not be scored; null when it was")
     image: str | None = Field(None, description="URL of the cell as PNG")
     overlays: dict[str, str] = Field(default_factory=dict, description="per label, URL of its heatmap overlay")
-    review: str | None = Field(None, description="review item id, when the cell waits for an operator or was "
-                                                 "answered")
+    review: str | None = Field(None, description="review item id, when the cell waits for an operator")
 
 
 class CellsOut(BaseModel):
