@@ -375,6 +375,10 @@ def test_the_command_line():
     assert (args.allowed_host, args.token_file, args.token) == (["a", "b.lan"], "t.txt", None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m.onnx", "--token", "x", "--token-file", "t.txt"])
+    assert build_parser().parse_args(["serve", "m.onnx"]).review_random == 0.1
+    assert build_parser().parse_args(["serve", "m.onnx", "--review-random", "0"]).review_random == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m.onnx", "--review-random", "1.5"])
 
 
 def test_serve_starts_with_a_token_file_and_its_hosts(tiny_onnx, tmp_path, monkeypatch):
