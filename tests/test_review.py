@@ -17,7 +17,7 @@ from PIL import Image
 from elcell.cells.images import load_cell, read_pixels
 from elcell.cells.labels import read_labels_csv
 from elcell.infer.review_order import margins, random_turn, review_order
-from elcell.infer.runtime import OK, open_model, score_cells
+from elcell.infer.runtime import OK, score_cells
 from elcell.station.app import Settings, create_app
 
 STATION = "http://127.0.0.1:8000"
@@ -25,14 +25,9 @@ LABELS = ["crack", "inactive"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_onnx):
-    return open_model(tiny_onnx, spin=False)
-
-
-@pytest.fixture(scope="module")
-def cells(seed_csv) -> list[Path]:
-    """16 real ELPV cells, half of them defective."""
-    return read_labels_csv(seed_csv).paths[24:40]
+def cells(seed_cells) -> list[Path]:
+    """16 real ELPV cells, half of them defective (conftest's seed_cells)."""
+    return seed_cells
 
 
 @pytest.fixture(scope="module")
