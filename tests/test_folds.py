@@ -105,6 +105,31 @@ def test_paired_difference_sees_a_small_gain_an_unpaired_view_would_miss():
     assert same["verdict"] == "same" and same["low"] == same["high"] == 0
 
 
+def test_cells_seen_several_times_are_resampled_together():
+    """Each cell three times (as in three assembled modules): resampling the cells as
+    groups gives the interval of the cells seen once; resampling rows narrows it
+    as if there were three times the evidence."""
+    rng = np.random.default_rng(2)
+    n = 300
+    truth = rng.random(n) < 0.3
+    base = np.clip(truth * 0.3 + rng.random(n) * 0.7, 0, 1)
+    other = np.clip(base + rng.normal(0, 0.1, n), 0, 1)
+
+    def pair(times: int) -> tuple[Scored, Scored]:
+        t, p, q = (np.tile(v, times) for v in (truth, base, other))
+        a, b = _scored(t, p, np.where(p >= 0.5, "defect", "ok")), _scored(t, q, np.where(q >= 0.5, "defect", "ok"))
+        return a, b
+
+    once = paired_difference(*pair(1), replicates=400)["figures"]["crack/at_0.5_f1"]
+    a, b = pair(3)
+    groups = {path: f"{int(path[1:]) % n:04d}" for path in a.paths}  # sorted as the cells
+    grouped = paired_difference(a, b, replicates=400, groups=groups)["figures"]["crack/at_0.5_f1"]
+    rows = paired_difference(a, b, replicates=400)["figures"]["crack/at_0.5_f1"]
+    assert grouped["difference"] == pytest.approx(once["difference"])
+    assert (grouped["low"], grouped["high"]) == pytest.approx((once["low"], once["high"]))
+    assert rows["high"] - rows["low"] < 0.75 * (once["high"] - once["low"])
+
+
 def test_align_matches_cells_by_path_and_refuses_disjoint_sets():
     a = _scored([1, 0, 1], [.9, .1, .8], ["defect", "ok", "defect"])
     b = Scored(["c2", "c0", "x"], ["crack"], np.array([[1.0], [1.0], [0.0]]), np.array([[.7], [.6], [.2]]),

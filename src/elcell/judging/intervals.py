@@ -155,9 +155,15 @@ def _whole(n: int) -> np.ndarray:
     return np.ones((1, n), dtype=np.int64)
 
 
-def _resamples(n: int, replicates: int, seed: int) -> np.ndarray:
-    """int [replicates, n]: how often each cell is drawn in each resample."""
-    return np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=replicates)
+def _resamples(n: int, replicates: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """int [replicates, n]: how often each cell is drawn in each resample. With
+    groups ([n] keys), whole groups are drawn: rows of one cell seen several
+    times (one cell in several assembled modules) are not independent evidence."""
+    if groups is None:
+        return np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=replicates)
+    keys, member = np.unique(np.asarray(groups), return_inverse=True)
+    drawn = np.random.default_rng(seed).multinomial(len(keys), np.full(len(keys), 1 / len(keys)), size=replicates)
+    return drawn[:, member]
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -210,14 +216,17 @@ def align(a: Scored, b: Scored) -> tuple[Scored, Scored]:
     return pick(a, ia), pick(b, ib)
 
 
-def paired_difference(a: Scored, b: Scored, replicates: int = REPLICATES, seed: int = 0) -> dict:
+def paired_difference(a: Scored, b: Scored, replicates: int = REPLICATES, seed: int = 0,
+                      groups: dict[str, str] | None = None) -> dict:
     """B minus A for every figure, on the cells both scored, with the paired 95 %
-    interval and a verdict: 'better'/'worse' only where the interval excludes 0."""
+    interval and a verdict: 'better'/'worse' only where the interval excludes 0.
+    groups: path -> key; rows sharing a key are resampled together (a cluster bootstrap)."""
     a, b = align(a, b)
     if not np.array_equal(np.isnan(a.truth), np.isnan(b.truth)) or \
             not np.array_equal(np.nan_to_num(a.truth) >= 0.5, np.nan_to_num(b.truth) >= 0.5):
         raise DataError("the two sets of scored cells give the same cells different labels")
-    whole, weights = _whole(len(a.paths)), _resamples(len(a.paths), replicates, seed)
+    keys = None if groups is None else np.array([groups[path] for path in a.paths])
+    whole, weights = _whole(len(a.paths)), _resamples(len(a.paths), replicates, seed, keys)
     point_a, point_b = _figures(a, whole), _figures(b, whole)
     diff_a, diff_b = _figures(a, weights), _figures(b, weights)
     result = {}
