@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 from test_geometry import POLY_X_AT_Y860
 
+from elcell.cells.images import read_reduced
 from elcell.cli import main
+from elcell.infer.runtime import open_model
+from elcell.pvmodules.inspect import decode_size
 from elcell.pvmodules.modulemap import MAX_WIDTH
 from elcell.pvmodules.synthetic import assemble_module
 
@@ -56,8 +59,11 @@ def probs(cells: list[dict[str, str]]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def poly_8bit(tiny_onnx, tmp_path_factory) -> list[dict[str, str]]:
-    """The real poly photo inspected as the JPEG it is: the reference the other kinds are held to."""
-    cells, _ = inspect(tiny_onnx, POLY, "6x10", tmp_path_factory.mktemp("poly8") / "out", "--no-map")
+    """The real poly photo's pixels as an 8-bit PNG (read whole, as a JPEG may not be),
+    inspected: the reference the other kinds are held to."""
+    folder = tmp_path_factory.mktemp("poly8")
+    cv2.imwrite(str(folder / "poly.png"), cv2.imread(str(POLY), cv2.IMREAD_GRAYSCALE))
+    cells, _ = inspect(tiny_onnx, folder / "poly.png", "6x10", folder / "out", "--no-map")
     return cells
 
 
@@ -119,10 +125,28 @@ def test_a_photo_larger_than_the_screen_is_cut_where_its_gaps_are(tiny_onnx, pol
     big = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
     photo = tmp_path / "poly-8000.jpg"
     cv2.imwrite(str(photo), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    # decoded 8x smaller in the JPEG's DCT: still 1.5x the tiny model's 64 px per cell
+    pixels, reduced = read_reduced(photo, decode_size(open_model(tiny_onnx), 6, 10))
+    assert reduced == 8 and pixels.shape == (629, 1000)
     cells, _ = inspect(tiny_onnx, photo, "6x10", tmp_path / "out")
     assert len(cells) == 60
-    assert_row4_on_measured_gaps(cells, scale)
+    assert_row4_on_measured_gaps(cells, scale)  # corners in the photo's own pixels
     # the cells are shrunk from ~780 instead of ~245 px to the model's input: the same cells, within a few %
     assert np.abs(probs(cells) - probs(poly_8bit)).mean() < 0.03
     with Image.open(tmp_path / "out" / "maps" / "poly-8000.png") as picture:
         assert picture.width <= MAX_WIDTH
+
+
+def test_a_jpeg_is_decoded_smaller_only_as_far_as_asked(tmp_path):
+    """JPEG's DCT gives 1/2, 1/4, 1/8 of the photo for a fraction of the decoding: the
+    largest reduction that keeps the size asked for; a PNG is read whole."""
+    gray = cv2.imread(str(POLY), cv2.IMREAD_GRAYSCALE)  # 2599 x 1633
+    for at_least, scale in [((1000, 600), 2), ((600, 400), 4), ((2000, 600), 1)]:
+        pixels, reduced = read_reduced(POLY, at_least)
+        assert reduced == scale and pixels.shape[1] >= at_least[0]
+        # the same photo, only smaller: within a few grey levels of an area-averaged copy
+        area = cv2.resize(gray, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_AREA)
+        assert np.abs(pixels.astype(int) - area).mean() < 8
+    cv2.imwrite(str(tmp_path / "poly.png"), gray)
+    pixels, reduced = read_reduced(tmp_path / "poly.png", (600, 400))
+    assert reduced == 1 and pixels.shape == gray.shape

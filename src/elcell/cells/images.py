@@ -146,10 +146,14 @@ def _source_name(source: str | Path | BinaryIO) -> str:
 MAX_PIXELS = 120_000_000  # a 12 000 x 10 000 module photo; larger is refused before decoding
 
 
-def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8) -> np.ndarray:
+def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8,
+                at_least: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file (a path or an open binary file) as its gray values as
     stored (`_pixels`: uint8, uint16 or floats in [0, 1]), at its own size.
 
+    at_least (width, height): a JPEG may be decoded smaller, by 2, 4 or 8 in its
+    DCT (Pillow's draft mode: several times faster), as long as it stays at
+    least this large; other formats are read at their own size.
     8-bit or 16-bit gray and RGB are accepted. Raises ImageError naming the file
     (`name`, else the path) for anything unreadable, or larger than MAX_PIXELS
     (checked from the header, before the pixels are decoded)."""
@@ -159,6 +163,8 @@ def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"{where}: image is {image.width}x{image.height} pixels, more than the "
                                  f"{MAX_PIXELS // 1_000_000} million elcell reads")
+            if at_least is not None and image.format == "JPEG":
+                image.draft(image.mode, at_least)
             image.load()
             gray = _pixels(image, where)
     except FileNotFoundError:
@@ -173,6 +179,17 @@ def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size
         raise ImageError(f"{where}: image is {gray.shape}, expected a 2-D image of at least "
                          f"{min_size}x{min_size} pixels")
     return gray
+
+
+def read_reduced(path: str | Path, at_least: tuple[int, int], min_size: int = 8) -> tuple[np.ndarray, float]:
+    """`read_pixels(path, at_least=...)`, and how many of the file's pixels one of
+    the returned ones spans (1, or 2, 4, 8 for a JPEG decoded smaller)."""
+    pixels = read_pixels(path, min_size=min_size, at_least=at_least)
+    try:
+        with Image.open(path) as image:
+            return pixels, float(round(image.width / pixels.shape[1]))  # odd sizes round up: 2599 -> 1300
+    except OSError as err:  # read a moment ago: only a file replaced meanwhile gets here
+        raise ImageError(f"{path}: not a readable image ({err})") from None
 
 
 def read_gray(source: str | Path | BinaryIO, bit_depth: int = 16, name: str | None = None) -> np.ndarray:
