@@ -1,20 +1,30 @@
-"""How long one module takes, end to end: decode the photo, find, rectify and
-cut the module, score every cell, grade it and write its rows; with and
-without the map (heatmaps of the flagged cells, the map PNG and their
-overlays). Beside it, `elcell predict` on the same cells already cut, as files,
-in the same run, as a ratio.
+"""How long one module takes, end to end, float against int8, with and without
+the map, as ratios measured in one run.
 
-    python benchmarks/inspect_speed.py MODEL.onnx [--repeat 5]
+    python benchmarks/inspect_speed.py MODEL.onnx [--int8 MODEL.int8.onnx] [--repeat 5]
+
+End to end: decode the photo, find, rectify and cut the module, score every
+cell, grade it and write its rows (`inspect_paths`, as `elcell inspect`); with
+the map: also the heatmaps of the flagged cells, the map PNG and their
+overlays. Beside them, `elcell predict` on the same cells already cut, as
+files. Without --int8 the float model is quantised here as `elcell export
+--int8` does (7-bit weights, 100 ELPV cells to calibrate; no recall guard: this
+only times it).
 
 Modules: the real 6x10 poly photo (tests/data/modules, 2599 x 1633 px) and a
 144 half-cell (6x24) photo assembled from real ELPV cells at the same scale.
-Prints the median seconds of --repeat runs after one warm-up.
+Contenders run in alternating rounds (a busy neighbour slows each alike);
+each is reported as the median of --repeat rounds after a warm-up, each
+ratio as the median of the per-round ratios. Then where the time of one
+int8 inspection goes, stage by stage (decode, find, rectify, cut and score).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial
@@ -22,13 +32,16 @@ from pathlib import Path
 
 import cv2
 
-from elcell.cells.images import read_pixels
+import elcell.pvmodules.inspect
+from elcell.cells.images import read_pixels, read_reduced
 from elcell.cells.labels import elpv_table
 from elcell.infer.predict import predict
-from elcell.infer.runtime import open_model
-from elcell.pvmodules.geometry import parse_grid
+from elcell.infer.quantize import calibration_cells, quantize
+from elcell.infer.runtime import open_model, score_cells
+from elcell.pvmodules.geometry import cut_cells, locate_module, parse_grid, rectify
 from elcell.pvmodules.grading import load_rules
-from elcell.pvmodules.inspect import inspect_paths
+from elcell.pvmodules.inspect import as_gray, decode_size, inspect_paths
+from elcell.pvmodules.judge import inspect_module
 from elcell.pvmodules.segment import save_cell, segment_module
 from elcell.pvmodules.synthetic import assemble_module
 
@@ -56,38 +69,131 @@ def cut_to_files(photo: Path, grid: str, folder: Path) -> list[Path]:
     return paths
 
 
-def median_seconds(run, repeat: int) -> float:
-    run()  # warm-up: sessions, caches
-    times = []
+def int8_copy(float_path: Path, folder: Path) -> Path:
+    """The float model quantised as `elcell export --int8` quantises it (the same scheme)."""
+    model = open_model(float_path)
+    cells, _ = calibration_cells(elpv_table(), model.decoding, count=100)
+    return quantize(float_path, folder / f"{float_path.stem}.int8.onnx", cells, source="ELPV (benchmark)")
+
+
+def seconds(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def rounds(contenders: dict[str, object], repeat: int) -> dict[str, list[float]]:
+    """Each contender once per round, in turn, after warming up (sessions, caches) on
+    those without the map (with it, a module can take a minute: its first run is timed)."""
+    for name, run in contenders.items():
+        if not name.endswith("map"):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, run in contenders.items():
+            times[name].append(seconds(run))
+    return times
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a / b."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def stages(model, photo: Path, grid: str, rules) -> dict[str, float]:
+    """Where one inspection's time goes (one run, after inspect_speed's warm-ups)."""
+    rows, cols = parse_grid(grid)
+    out, t = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        out[name], t = now - t, now
+
+    image = as_gray(read_reduced(photo, decode_size(model, rows, cols))[0])
+    lap("decode")
+    geometry = locate_module(image, rows, cols)
+    lap("find (warps once to find the grid)")
+    flat = rectify(image, geometry)
+    lap("rectify (warps again)")
+    cells = [cell for row in cut_cells(flat, geometry) for cell in row]
+    score_cells(model, cells)
+    lap(f"cut + score {len(cells)} cells")
+    found = inspect_module(model, image, rows, cols, rules, want_map=False)
+    lap("all but decoding, as inspect_module")
+    out["flagged cells (heatmaps with the map)"] = len(found.flagged())
+    return out
+
+
+def reduced_decoding(model, folder: Path, rules, repeat: int) -> None:
+    """The poly photo upscaled to 8000 px as a JPEG (a 40 MP camera): inspected as
+    `elcell inspect` reads it (decoded smaller in the JPEG's DCT) against decoded whole."""
+    gray = cv2.imread(str(POLY), cv2.IMREAD_GRAYSCALE)
+    photo = folder / "poly-8000.jpg"
+    cv2.imwrite(str(photo), cv2.resize(gray, None, fx=8000 / gray.shape[1], fy=8000 / gray.shape[1],
+                                       interpolation=cv2.INTER_CUBIC), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    reduced = partial(inspect_paths, model, [photo], "6x10", folder / "out", rules, want_map=False, overwrite=True)
+
+    def whole() -> None:
+        kept = elcell.pvmodules.inspect.DECODE_CELLS
+        elcell.pvmodules.inspect.DECODE_CELLS = 1e6  # no reduction reaches that size
+        try:
+            reduced()
+        finally:
+            elcell.pvmodules.inspect.DECODE_CELLS = kept
+
+    times = rounds({"reduced": reduced, "whole": whole}, repeat)
+    factor = 8000 / read_reduced(photo, decode_size(model, 6, 10))[0].shape[1]
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\n{photo.name} (8000 x 5027 px, int8): decoded {factor:.0f}x smaller {median['reduced']:.2f} s, "
+          f"whole {median['whole']:.2f} s; reduced / whole {ratio(times, 'reduced', 'whole'):.2f}")
+
+
+def show_module(name: str, cells: int, times: dict[str, list[float]]) -> None:
+    median = {key: statistics.median(values) for key, values in times.items()}
+    print(f"\n{name} ({cells} cells)")
+    for kind in ("float", "int8"):
+        print(f"  {kind:5s}: inspect {median[f'{kind} plain']:.2f} s, with the map {median[f'{kind} map']:.2f} s, "
+              f"predict on the cut cells {median[f'{kind} predict']:.2f} s; map / no map "
+              f"{ratio(times, f'{kind} map', f'{kind} plain'):.2f}, inspect / predict "
+              f"{ratio(times, f'{kind} plain', f'{kind} predict'):.2f}")
+    print(f"  int8 / float: inspect {ratio(times, 'int8 plain', 'float plain'):.2f}, with the map "
+          f"{ratio(times, 'int8 map', 'float map'):.2f}, predict {ratio(times, 'int8 predict', 'float predict'):.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
+    parser.add_argument("model", type=Path, help="the float model")
+    parser.add_argument("--int8", type=Path, help="its int8 export (default: quantised here)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    model = open_model(args.model)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(" ".join(sys.argv), "|", cpu, "| cv2 threads", cv2.getNumThreads())
     rules = load_rules()
     with tempfile.TemporaryDirectory(prefix="elcell-inspect-") as tmp:
         tmp = Path(tmp)
-        modules = [(POLY, "6x10"), (half_cell_module(tmp), "6x24")]
-        print(f"{args.model.name}: {model.info.backbone} at {model.decoding.size} px, heatmaps "
-              f"{model.info.extra.get('heatmap')}; median of {args.repeat} runs")
-        for photo, grid in modules:
+        models = {"float": open_model(args.model), "int8": open_model(args.int8 or int8_copy(args.model, tmp))}
+        info = models["float"].info
+        print(f"{args.model.name}: {info.backbone} at {models['float'].decoding.size} px, heatmaps "
+              f"{info.extra.get('heatmap')}; median of {args.repeat} alternating rounds")
+        for photo, grid in [(POLY, "6x10"), (half_cell_module(tmp), "6x24")]:
             (tmp / photo.stem).mkdir()
             cells = cut_to_files(photo, grid, tmp / photo.stem)
-            plain, mapped = (median_seconds(partial(inspect_paths, model, [photo], grid, tmp / "out", rules,
-                                                    want_map=want_map, overwrite=True), args.repeat)
-                             for want_map in (False, True))
-            offline = median_seconds(partial(predict, model, cells, tmp / "p.csv", overwrite=True, progress=False),
-                                     args.repeat)
-            print(f"{photo.name} ({grid}, {len(cells)} cells): inspect {plain:.2f} s, with the map {mapped:.2f} s; "
-                  f"predict on the cut cells {offline:.2f} s (inspect / predict = {plain / offline:.2f})")
+            contenders = {}
+            for kind, model in models.items():
+                for want_map in (False, True):
+                    contenders[f"{kind} {'map' if want_map else 'plain'}"] = partial(
+                        inspect_paths, model, [photo], grid, tmp / "out", rules, want_map=want_map, overwrite=True)
+                contenders[f"{kind} predict"] = partial(predict, model, cells, tmp / "p.csv", overwrite=True,
+                                                        progress=False)
+            show_module(photo.name, len(cells), rounds(contenders, args.repeat))
+            split = stages(models["int8"], photo, grid, rules)
+            print("  int8 stages: " + ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in split.items()))
+            height, width = segment_module(read_pixels(photo), *parse_grid(grid))[0][0].shape
+            print(f"  (a cell as cut: {width} x {height} px; the model's input: {models['int8'].decoding.size} px)")
+        reduced_decoding(models["int8"], tmp, rules, args.repeat)
 
 
 if __name__ == "__main__":
