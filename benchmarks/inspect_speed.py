@@ -125,7 +125,7 @@ def stages(model, photo: Path, grid: str, rules) -> dict[str, float]:
     return out
 
 
-def reduced_decoding(model, folder: Path, rules, repeat: int) -> None:
+def reduced_decoding(model, folder: Path, rules, repeat: int, kind: str = "int8") -> None:
     """The poly photo upscaled to 8000 px as a JPEG (a 40 MP camera): inspected as
     `elcell inspect` reads it (decoded smaller in the JPEG's DCT) against decoded whole."""
     gray = cv2.imread(str(POLY), cv2.IMREAD_GRAYSCALE)
@@ -145,7 +145,7 @@ def reduced_decoding(model, folder: Path, rules, repeat: int) -> None:
     times = rounds({"reduced": reduced, "whole": whole}, repeat)
     factor = 8000 / read_reduced(photo, decode_size(model, 6, 10))[0].shape[1]
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\n{photo.name} (8000 x 5027 px, int8): decoded {factor:.0f}x smaller {median['reduced']:.2f} s, "
+    print(f"\n{photo.name} (8000 x 5027 px, {kind}): decoded {factor:.0f}x smaller {median['reduced']:.2f} s, "
           f"whole {median['whole']:.2f} s; reduced / whole {ratio(times, 'reduced', 'whole'):.2f}")
 
 
