@@ -23,12 +23,13 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 
 
 def option(base: Any, help: str, group: str, *, choices: Sequence | None = None,
-           check: Check | None = None, metavar: str | None = None) -> Any:
+           check: Check | None = None, metavar: str | None = None, cli: str | None = None) -> Any:
     """A config field: `base` is the option's value in the original specification
     (the `spec` recipe), or, for an option newer than it, what a run without the
-    option did; recipes override it."""
+    option did; recipes override it. `cli` names its flag where the field's name
+    cannot (`--from`: a Python keyword)."""
     return field(default=base, metadata={"help": help, "group": group, "choices": choices,
-                                         "check": check, "metavar": metavar, "base": base})
+                                         "check": check, "metavar": metavar, "base": base, "cli": cli})
 
 
 def defaults_from(factory: Callable[[str, Any], Any]):
@@ -68,8 +69,11 @@ def within(low: float, high: float, words: str, high_open: bool = False) -> Chec
     return lambda v: None if low <= v and (v < high if high_open else v <= high) else f"must be {words}"
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag(name: str, config_class: type | None = None) -> str:
+    """The command-line flag of option `name` (of `config_class`, which may rename it)."""
+    fields_ = getattr(config_class, "__dataclass_fields__", {})
+    renamed = fields_[name].metadata.get("cli") if name in fields_ else None
+    return renamed or "--" + name.replace("_", "-")
 
 
 def problems(config: Any) -> list[str]:
@@ -80,9 +84,9 @@ def problems(config: Any) -> list[str]:
         if value is None or not meta:
             continue
         if meta["choices"] is not None and value not in meta["choices"]:
-            found.append(f"{flag(f.name)} {value!r}: choose from {list(meta['choices'])}")
+            found.append(f"{flag(f.name, type(config))} {value!r}: choose from {list(meta['choices'])}")
         elif meta["check"] is not None and (isinstance(value, float) and math.isnan(value) or meta["check"](value)):
-            found.append(f"{flag(f.name)} {value} {meta['check'](value) or 'must be a number'}")
+            found.append(f"{flag(f.name, type(config))} {value} {meta['check'](value) or 'must be a number'}")
     return found
 
 
@@ -176,10 +180,10 @@ def add_options(parser: argparse.ArgumentParser, config_class: type, groups: Seq
         text = text.replace("%", "%%")  # argparse formats help with %
         target = sections[meta["group"]]
         if kind is bool:
-            target.add_argument(flag(name), action=argparse.BooleanOptionalAction,
+            target.add_argument(flag(name, config_class), dest=name, action=argparse.BooleanOptionalAction,
                                 default=defaults[name], help=text)
         else:
-            target.add_argument(flag(name), type=kind, default=defaults[name], help=text,
+            target.add_argument(flag(name, config_class), dest=name, type=kind, default=defaults[name], help=text,
                                 metavar=meta["metavar"] or _METAVARS.get(kind, "VALUE"))
 
 
