@@ -12,7 +12,10 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+import yaml
 
 from elcell import __version__
 from elcell.errors import DataError, ElcellError
@@ -33,7 +36,7 @@ from elcell.parsers import (
     add_serve,
     command,
 )
-from elcell.training.config import GROUPS, PretrainConfig, TrainConfig, two_stage_comment
+from elcell.training.config import GROUPS, PretrainConfig, TrainConfig, two_stage_configs
 from elcell.training.config import train_defaults as config_defaults
 
 # what `pip install .` leaves out and training and exporting need (the [train] extra)
@@ -44,10 +47,25 @@ TRAINING_PACKAGES = {"torch", "lightning", "kornia", "torchmetrics", "tensorboar
 def train_defaults(argv: list[str]) -> dict:
     """`elcell train`'s defaults for this command line (config.train_defaults)."""
     pre = argparse.ArgumentParser(add_help=False)
-    for option in ("--config", "--recipe", "--resume"):
+    for option in ("--config", "--recipe", "--resume", "--from"):
         pre.add_argument(option)
     known, _ = pre.parse_known_args(argv)
-    return config_defaults(known.recipe, known.config, known.resume)
+    return config_defaults(known.recipe, known.config, known.resume, getattr(known, "from"))
+
+
+def two_stage_comment(config: TrainConfig) -> str:
+    """How the second stage of a two-stage run differs from the options printed,
+    as YAML behind comment marks (so --print-config's output still reads back as
+    --config); empty for a one-stage run."""
+    if config.finetune_epochs <= 0:
+        return ""
+    run = config.out or "RUN"  # without --out, runs/<timestamp> when it starts
+    given, second = asdict(config), asdict(two_stage_configs(config, Path(run))[1])
+    changed = {name: value for name, value in second.items()
+               if value != given[name] and name not in ("out", "finetune_epochs")}
+    lines = yaml.safe_dump(changed, sort_keys=False).splitlines()
+    return (f"# two stages: the first trains with the options above into {run}/pretext, "
+            f"the second fine-tunes into {run} with these changed:\n" + "".join(f"#   {line}\n" for line in lines))
 
 
 def _add_train(commands, defaults: dict | None) -> None:
@@ -74,7 +92,7 @@ def _add_pretrain(commands) -> None:
                       "(SimCLR); write RUN/backbone.pth, the starting point of "
                       "`elcell train --pretrained RUN/backbone.pth`.",
                       usage="elcell pretrain [--data CELLS] [--out DIR] [OPTIONS]")
-    add_options(parser, PretrainConfig, [g for g in GROUPS if g not in ("two stages", "evaluation")],
+    add_options(parser, PretrainConfig, [g for g in GROUPS if g not in ("adaptation", "two stages", "evaluation")],
                 PretrainConfig().__dict__)
 
 

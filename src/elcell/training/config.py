@@ -21,6 +21,7 @@ import yaml
 from elcell.cells.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.errors import DataError
 from elcell.options import above, at_least, base_values, defaults_from, option, typed_values, within
+from elcell.training.fromrun import ADAPT_RECIPE, find_checkpoint, inherited, run_folder
 from elcell.training.weights import BACKBONES, RESNETS
 
 # Choices of the training stack, declared here so the CLI and validation need no torch.
@@ -33,7 +34,7 @@ CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 RECIPE_ALIASES = {"seed": "spec"}  # the original specification's recipe was called `seed` before --seed meant it
-GROUPS = ("data", "decoding", "model", "optimisation", "augmentation", "two stages", "evaluation",
+GROUPS = ("data", "adaptation", "decoding", "model", "optimisation", "augmentation", "two stages", "evaluation",
           "hardware")
 
 
@@ -115,6 +116,16 @@ class TrainConfig:
     seed: int = option(0, "random seed for the split, initialisation and augmentation", "data")
     cache_dir: str | None = option(None, "where decoded images are cached (default $ELCELL_CACHE or "
                                    "~/.cache/elcell)", "data", metavar="DIR")
+    from_run: str | None = option(None, "adapt a trained model to new cells: fine-tune this run's network "
+                                  "(a run folder or its .ckpt), backbone and head, on --data with --replay of the "
+                                  "run's own training cells; its options are the defaults, then the 'adapt' "
+                                  "recipe's short schedule. New label columns get new outputs; labels --data "
+                                  "lacks are kept (unknown on the new cells)", "adaptation", metavar="RUN",
+                                  cli="--from")
+    replay: float = option(0.5, "with --from: share of each epoch's training cells replayed from the run's own "
+                           "training cells (RUN/split.csv), so the old line is not forgotten; 0.5 = as many old "
+                           "cells as new ones; 0 = no replay", "adaptation", metavar="SHARE",
+                           check=within(0, 1, "in [0, 1)", high_open=True))
     image_size: int = option(300, "cells are resized to this square size in pixels", "decoding",
                              check=at_least(32, "32 or more"), metavar="PX")
     shrink: str = option("bilinear", "how a cell larger than --image-size is shrunk: 'min' passes it "
@@ -352,21 +363,6 @@ class PretrainConfig:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
-def two_stage_comment(config: TrainConfig) -> str:
-    """How the second stage of a two-stage run differs from the options printed,
-    as YAML behind comment marks (so --print-config's output still reads back as
-    --config); empty for a one-stage run."""
-    if config.finetune_epochs <= 0:
-        return ""
-    run = config.out or "RUN"  # without --out, runs/<timestamp> when it starts
-    given, second = asdict(config), asdict(two_stage_configs(config, Path(run))[1])
-    changed = {name: value for name, value in second.items()
-               if value != given[name] and name not in ("out", "finetune_epochs")}
-    lines = yaml.safe_dump(changed, sort_keys=False).splitlines()
-    return (f"# two stages: the first trains with the options above into {run}/pretext, "
-            f"the second fine-tunes into {run} with these changed:\n" + "".join(f"#   {line}\n" for line in lines))
-
-
 def _read_yaml(path: str | Path, source: str) -> dict:
     try:
         with open(path) as handle:
@@ -378,12 +374,17 @@ def _read_yaml(path: str | Path, source: str) -> dict:
     return typed_values(TrainConfig, {str(k).replace("-", "_"): v for k, v in values.items()}, source)
 
 
-def train_defaults(recipe: str | None, config: str | None, resume: str | None) -> dict:
+def train_defaults(recipe: str | None, config: str | None, resume: str | None,
+                   from_run: str | None = None) -> dict:
     """The defaults `elcell train` starts from, weakest first: the recipe; with
     --resume the options of the run being continued (its config.yaml), so it goes
-    on as it started; --config FILE.yaml, where a run's record stands for the
-    whole run. Options on the command line still win over all of these."""
+    on as it started; with --from the adapted run's options under the `adapt`
+    recipe's schedule (_from_run_defaults); --config FILE.yaml, where a run's
+    record stands for the whole run. Options on the command line still win."""
     values = {}
+    if from_run and not resume:  # the run's options, then the short schedule over them
+        recipe = recipe or ADAPT_RECIPE
+        values = {**_from_run_defaults(from_run), **recipe_defaults(recipe)}
     if resume:
         record = checkpoint_run(resume) / "config.yaml"
         if record.is_file():
@@ -398,3 +399,12 @@ def train_defaults(recipe: str | None, config: str | None, resume: str | None) -
     values = {k: v for k, v in values.items() if k != "recipe"}
     TrainConfig.from_dict(values, source=f"--config {config}")  # refuses unknown keys
     return {**TrainConfig.from_recipe(name).__dict__, **values, "recipe": name}
+
+
+def _from_run_defaults(source: str) -> dict:
+    """What `train --from RUN` inherits from the run's config.yaml: its network,
+    decoding and augmentation, not its data or protocol (fromrun.NOT_INHERITED)."""
+    record = run_folder(find_checkpoint(source)) / "config.yaml"
+    if not record.is_file():
+        raise DataError(f"--from {source}: {record} is missing, so the run's options are unknown")
+    return {**inherited(complete_run_record(_read_yaml(record, str(record)))), "pretrained": "none"}

@@ -36,6 +36,7 @@ from elcell.infer.metrics import headline
 from elcell.infer.runtime import open_model
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.options import show_progress, validate
+from elcell.training import adapt
 from elcell.training.augment import NOT_ONLY_CRACKS
 from elcell.training.config import (
     PRETEXT_STAGE,
@@ -93,6 +94,7 @@ def check_options(config: TrainConfig) -> None:
     combinations no single declaration can see."""
     recipe_name(config.recipe)
     validate(config)
+    adapt.check_adapt_options(config)
     if config.fold is not None and config.folds < 2:
         raise DataError(f"--fold {config.fold} needs --folds K (the protocol the fold belongs to)")
     if config.folds and config.test_fraction > 0:
@@ -106,6 +108,8 @@ def check_options(config: TrainConfig) -> None:
 def prepare(config: TrainConfig):
     """Read, split and decode the data; all input errors surface here."""
     check_options(config)
+    if config.from_run:  # the new cells and the run's replayed ones
+        return adapt.prepare_adapted(config)
     table = load_table(config.data, group=config.group)
     # refuses a label set it cannot mark
     crack_label(table.names, config.synthetic_cracks, shape=config.synthetic_crack_shape)
@@ -171,7 +175,8 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
 
     teacher = ",".join(absolute(part.strip()) for part in config.teacher.split(",")) if config.teacher else None
     return replace(config, data=config.data if config.data == "elpv" else absolute(config.data),
-                   pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir), teacher=teacher)
+                   pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir), teacher=teacher,
+                   from_run=absolute(config.from_run))
 
 
 _noted_busy = False
@@ -212,7 +217,9 @@ def build_module(config: TrainConfig, table: LabelTable, split: np.ndarray, imag
         channels_last=gpu_available(config) or resolve_precision(config) == "bf16-mixed",
         image_size=config.image_size, shrink=config.shrink, bit_depth=config.bit_depth,
     )
-    if config.pretrained != "none" and not config.resume:
+    if config.from_run and not config.resume:
+        adapt.start_from_run(module, adapt.starting_checkpoint(config))
+    elif config.pretrained != "none" and not config.resume:
         load_pretrained(module.model, config.pretrained)
     return module
 
