@@ -217,6 +217,10 @@ def add_compare(commands) -> None:
                              "0 by chance")
     parser.add_argument("--out", metavar="DIR", help="write compare.json and disagreements.csv (the cells "
                                                      "decided differently) here")
+    parser.add_argument("--overlays", type=non_negative_int, default=50, metavar="N",
+                        help="with two models, --data and --out: draw the N cells whose probability changed "
+                             "most among those decided differently, A's heatmap beside B's, into "
+                             "OUT/overlays/ with OUT/disagreements.html (0: none)")
     parser.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar on stderr while scoring models (default: on a terminal)")

@@ -47,6 +47,12 @@ def parse_require(text: str, labels: list[str] | None) -> list[str]:
     return [f"{label}/{REQUIRE[match.group(1)]}" for label in wanted]
 
 
+def is_model(source: str) -> bool:
+    """Whether `source` is a model (scored here on --data), not scored cells."""
+    path = Path(source)
+    return not (path.is_dir() and (path / PROTOCOL).is_file()) and path.suffix.lower() != ".csv"
+
+
 def load_scored(source: str, data: str | None, group: str | None, tta: bool, progress: bool) -> Scored:
     """Scored cells from a k-fold folder, a scored CSV, or a model scored on --data."""
     path = Path(source)
@@ -102,8 +108,9 @@ def format_comparison(result: dict, names: tuple[str, str]) -> str:
 
 def compare(a_source: str, b_source: str, data: str | None = None, group: str | None = None,
             out: str | None = None, require: list[str] | None = None, tta: bool = False,
-            progress: bool = True, seed: int = 0) -> tuple[dict, list[str]]:
-    """The comparison and the --require figures on which B is worse than A."""
+            progress: bool = True, seed: int = 0, overlays: int = 50) -> tuple[dict, list[str]]:
+    """The comparison and the --require figures on which B is worse than A; with
+    `out`, and two models, the first `overlays` disagreements drawn."""
     for text in require or []:  # a mistyped --require is named before any model is scored
         parse_require(text, None)
     a, b = load_scored(a_source, data, group, tta, progress), load_scored(b_source, data, group, tta, progress)
@@ -120,15 +127,22 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "compare.json", result)
         write_disagreements(folder / "disagreements.csv", a, b, rows)
+        if overlays and rows and data and is_model(a_source) and is_model(b_source):
+            from elcell.judging.overlays import write_overlays  # draws: only when asked
+
+            result["overlays"] = len(write_overlays(folder, (a_source, b_source), a, b, rows, overlays))
+            atomic_write_json(folder / "compare.json", result)
     return result, failed
 
 
 def main(args) -> int:
     result, failed = compare(args.a, args.b, data=args.data, group=args.group, out=args.out,
-                             require=args.require, tta=args.tta, progress=show_progress(args.progress))
+                             require=args.require, tta=args.tta, progress=show_progress(args.progress),
+                             overlays=args.overlays)
     print(format_comparison(result, (args.a, args.b)))
     if args.out:
-        print(f"wrote {Path(args.out) / 'compare.json'} and {Path(args.out) / 'disagreements.csv'}")
+        drawn = f" and {Path(args.out) / 'disagreements.html'}" if result.get("overlays") else ""
+        print(f"wrote {Path(args.out) / 'compare.json'}, {Path(args.out) / 'disagreements.csv'}{drawn}")
     if failed:
         print(f"elcell: B is worse than A beyond the interval on {', '.join(failed)}: not promoted")
         return 1
