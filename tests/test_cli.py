@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from elcell.cli import main
+from elcell.options import flag
 from elcell.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ def test_help_explains_every_option(capsys):
         main(["train", "--recipe", "full", "--help"])
     text = capsys.readouterr().out
     for name in TrainConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in text, name
+        assert any(flag(name, TrainConfig) + end in text for end in (" ", ",")), name
+    assert "--from RUN" in text and "--from-run" not in text  # a field named by its own flag
     assert "--config" in text and "--print-config" in text
     assert "(default: resnet18)" in text and "(default: None)" not in text  # an unset option shows none
 
