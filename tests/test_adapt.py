@@ -82,6 +82,7 @@ def test_replay_draws_old_train_and_val_cells_with_unknown_new_labels(tiny_run, 
     ("backbone", "leave --backbone out"),
     ("no record", "give --replay 0"),
     ("recipe", "--recipe adapt is the schedule of `elcell train --from RUN`"),
+    ("no data", "needs --data LABELS.csv"),
 ])
 def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onnx, elpv, tmp_path, capsys):
     data = new_line_csv(tmp_path, elpv, count=8)
@@ -96,7 +97,7 @@ def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onn
     elif case == "no record":  # a run folder whose split.csv was not kept
         shutil.copytree(tiny_run, tmp_path / "copy", ignore=shutil.ignore_patterns("split.csv"))
         source = str(tmp_path / "copy")
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), *extra]
+    argv = ["train", *([] if case == "no data" else ["--data", str(data)]), "--out", str(tmp_path / "out"), *extra]
     argv += ["--recipe", "adapt"] if case == "recipe" else ["--from", source]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and message in err

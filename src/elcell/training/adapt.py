@@ -64,6 +64,9 @@ def starting_checkpoint(config: TrainConfig) -> dict:
 def check_adapt_options(config: TrainConfig) -> None:
     if config.recipe == "adapt" and not config.from_run:
         raise DataError("--recipe adapt is the schedule of `elcell train --from RUN`: give --from")
+    if config.from_run and not config.data:
+        raise DataError(f"--from {config.from_run} needs --data LABELS.csv: the new cells to fine-tune on "
+                        "(e.g. the station's reviewed/labels.csv)")
 
 
 def prepare_adapted(config: TrainConfig):

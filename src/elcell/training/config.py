@@ -407,4 +407,5 @@ def _from_run_defaults(source: str) -> dict:
     record = run_folder(find_checkpoint(source)) / "config.yaml"
     if not record.is_file():
         raise DataError(f"--from {source}: {record} is missing, so the run's options are unknown")
-    return {**inherited(complete_run_record(_read_yaml(record, str(record)))), "pretrained": "none"}
+    # no data: the new cells must be named (not ELPV by default)
+    return {**inherited(complete_run_record(_read_yaml(record, str(record)))), "pretrained": "none", "data": ""}
