@@ -76,6 +76,15 @@ def test_replay_draws_old_train_and_val_cells_with_unknown_new_labels(tiny_run, 
     assert not np.isnan(table.targets[replayed, :2]).any()
 
 
+def test_replay_keeps_the_old_cells_label_mix_even_when_few_are_drawn():
+    from elcell.training.fromrun import stratified_draw
+
+    strata = np.array([[0, 0]] * 80 + [[1, 0]] * 14 + [[1, 1]] * 6)  # ELPV-like: inactive is rare
+    drawn = stratified_draw(strata, 20, np.random.default_rng(0))
+    assert len(set(drawn.tolist())) == 20 and (strata[drawn, 1] == 1).sum() == 1 and (strata[drawn, 0] == 1).sum() == 4
+    assert len(stratified_draw(strata, 100, np.random.default_rng(1))) == 100
+
+
 @pytest.mark.parametrize("case, message", [
     ("onnx", "an ONNX file holds no training state"),
     ("empty", "no checkpoint in"),
@@ -127,6 +136,12 @@ def test_from_fine_tunes_with_replay_and_exports_every_label(tiny_run, elpv, tmp
     assert all(r["inactive"] == "" for r in rows if r["path"] in new)
     record = (out / "config.yaml").read_text()
     assert f"from_run: {tiny_run}" in record and "recipe: adapt" in record
+    # an adaptation resumes as any run: the same cells drawn again, one more epoch
+    code, _, err = run_cli(["train", "--resume", str(out / "checkpoints" / "last.ckpt"), "--epochs", "2",
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 2
+    assert _rows(out / "split.csv") == rows
 
 
 @pytest.fixture()

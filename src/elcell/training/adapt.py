@@ -95,7 +95,11 @@ def _check_adapted_labels(table, split: np.ndarray, new_names: list[str]) -> Non
     if kept:
         print(f"elcell: note: no training cell knows {kept}: those outputs keep the run's head rows, shifted "
               "only by the backbone's fine-tuning", file=sys.stderr)
-    check_labels(replace(table, names=[table.names[j] for j in taught], targets=table.targets[:, taught]), split)
+    try:
+        check_labels(replace(table, names=[table.names[j] for j in taught], targets=table.targets[:, taught]), split)
+    except DataError as err:
+        raise DataError(f"{err} (with --from: label more new cells, or replay more of the run's with a higher "
+                        "--replay)") from None
 
 
 def start_from_run(module, checkpoint: dict) -> None:

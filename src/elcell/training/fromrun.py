@@ -111,6 +111,23 @@ def replay_count(share: float, new_cells: int, available: int) -> int:
     return min(available, int(round(share / (1 - share) * new_cells)))
 
 
+def stratified_draw(strata: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` of the rows, sorted, each label combination drawn in proportion to
+    its share (largest remainders first), so a rare label (inactive: 6 % of
+    ELPV's cells) is replayed even into a few dozen cells."""
+    keys = [tuple(row) for row in strata]
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    exact = {key: count * len(rows) / len(keys) for key, rows in groups.items()} if keys else {}
+    taken = {key: int(value) for key, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda key: (exact[key] - taken[key], len(groups[key])), reverse=True)
+    for key in by_remainder[:count - sum(taken.values())]:
+        taken[key] += 1
+    drawn = [i for key, rows in groups.items() for i in rng.permutation(rows)[:taken[key]]]
+    return np.sort(np.asarray(drawn, dtype=np.int64))
+
+
 def with_replay(new: LabelTable, split: np.ndarray, old: LabelTable | None, old_names: list[str],
                 share: float, seed: int) -> tuple[LabelTable, np.ndarray]:
     """The new cells (split as given) and, drawn with `seed`, old training cells
@@ -127,8 +144,8 @@ def with_replay(new: LabelTable, split: np.ndarray, old: LabelTable | None, old_
         fresh = np.array([file_key(p) not in relabelled for p in old.paths], dtype=bool)
         for part in ("train", "val"):
             pool = np.flatnonzero((np.asarray(old.groups) == part) & fresh)
-            drawn = np.sort(rng.choice(pool, replay_count(share, int((split == part).sum()), len(pool)),
-                                       replace=False))
+            count = replay_count(share, int((split == part).sum()), len(pool))
+            drawn = pool[stratified_draw(old.strata[pool], count, rng)]
             parts.append(widen(old.subset(drawn), names))
             split_parts.append(np.full(len(drawn), part, dtype=object))
     groups = None
