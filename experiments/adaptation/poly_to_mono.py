@@ -35,10 +35,10 @@ import numpy as np
 
 from elcell.cells.labels import LabelTable, label_fields, read_labels_csv
 from elcell.infer.evaluate import evaluate
+from elcell.infer.review_order import review_order
 from elcell.infer.runtime import open_model, score_files
 from elcell.io import atomic_write_text
 from elcell.judging.intervals import Scored, read_scored
-from elcell.judging.uncertainty import uncertainty_order
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "A00-lite0-129-6ep.yaml"
@@ -83,8 +83,10 @@ def orders(run: Path, pool: LabelTable, draws: int, seed: int) -> dict[tuple[str
     model = open_model(run)
     probs = np.concatenate([batch.probs for batch in score_files(model, pool.paths)])
     columns = [model.info.labels.index(name) for name in pool.names]
-    result = {("uncertainty", 0): uncertainty_order(probs[:, columns],
-                                                     [model.info.thresholds[c] for c in columns])}
+    # the station's order without its random share: the experiment draws random cells apart
+    ok = np.zeros(len(pool), dtype=bool)
+    chosen = review_order(probs[:, columns], [model.info.thresholds[c] for c in columns], ok, pool.names)
+    result = {("uncertainty", 0): np.array([choice.index for choice in chosen])}
     for draw in range(1, draws + 1):
         result[("random", draw)] = np.random.default_rng(seed + draw).permutation(len(pool))
     return result
