@@ -15,7 +15,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +37,13 @@ from elcell.infer.runtime import (
     open_model,
     score_files,
 )
+from elcell.infer.tables import ParquetRows, is_parquet
 from elcell.io import atomic_path, output_mode, unique_names
 from elcell.options import show_progress
+
+# Scores files batch by batch: runtime.score_files on this machine, or
+# elcell.cluster on Ray (the command line passes it in: inference never imports Ray)
+Scorer = Callable[[Model, list[Path], int, bool, list[float], list[float]], Iterable[ScoredBatch]]
 
 CSV_SEPARATOR = ";"  # as the spec's labels CSV and split.csv
 TRAILER = ("error", "model", "thresholds")  # the last columns of every row
@@ -156,6 +161,30 @@ def check_same_model(rows: list[list[str]], header: list[str], out: Path, model:
                             "--threshold/--review-threshold, or write to a new --out")
 
 
+def _prepare_parquet(sink: ParquetRows, resume: bool, overwrite: bool, model: str, thresholds: str) -> set[str]:
+    """As _prepare_output for a Parquet --out: the paths it already holds."""
+    if not sink.exists():
+        sink.out.parent.mkdir(parents=True, exist_ok=True)
+        return set()
+    if output_mode(sink.out if sink.out.is_file() else sink.parts, overwrite=overwrite, resume=resume) != "resume":
+        sink.clear()
+        return set()
+    previous = sink.previous(["path", "model", "thresholds"]).to_pydict()
+    rows = [list(row) for row in zip(previous["path"], previous["model"], previous["thresholds"], strict=True)]
+    check_same_model(rows, ["path", "model", "thresholds"], sink.out, model, thresholds)
+    return set(previous["path"])
+
+
+def _open_output(out: Path | None, header: list[str], resume: bool, overwrite: bool, trailer: list[str],
+                 result: PredictResult) -> tuple[set[str], RowWriter | ParquetRows]:
+    """The paths `out` already holds (resume) and the writer that appends to it."""
+    if is_parquet(out):
+        sink = ParquetRows(out, header, key="path")
+        return _prepare_parquet(sink, resume, overwrite, trailer[1], trailer[2]), sink
+    done, fresh = _prepare_output(out, header, resume, overwrite, trailer[1], trailer[2], result)
+    return done, RowWriter(out, header, fresh)
+
+
 def _prepare_output(out: Path | None, header: list[str], resume: bool, overwrite: bool, model: str,
                     thresholds: str, result: PredictResult) -> tuple[set[str], bool]:
     """Check `out` and repair it for resuming: the paths already done and whether
@@ -223,19 +252,28 @@ def _write_overlays(folder: str | Path, scored: ScoredBatch, names: dict[Path, s
     return written
 
 
+def _local_scorer(workers: int, heatmaps: bool) -> Scorer:
+    """runtime.score_files: decoding in `workers` threads, one ONNX Runtime session."""
+    def scorer(model, todo, batch_size, tta, thresholds, review_thresholds):
+        return score_files(model, todo, batch_size, workers, tta, heatmaps, thresholds, review_thresholds)
+    return scorer
+
+
 def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
             batch_size: int = 16, workers: int | None = None, tta: bool = False,
             thresholds: list[float] | None = None, review_thresholds: list[float] | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = True,
-            heatmaps_dir: str | Path | None = None) -> PredictResult:
-    """Predict every image in `paths` into a CSV (stdout when `out` is None).
+            heatmaps_dir: str | Path | None = None, scorer: Scorer | None = None) -> PredictResult:
+    """Predict every image in `paths` into a CSV (stdout when `out` is None), or
+    a Parquet file when `out` ends in .parquet (typed columns, same names).
 
     Columns: path, prob_<label> (the TTA mean with tta, plus prob_<label>_no_tta),
     decision_<label> (defect / review / ok), error, model, thresholds. Bad
     images get empty probabilities and decisions and the reason in `error`; they
     are also reported on stderr, and the run goes on. With heatmaps_dir, cells
     judged `defect` or `review` for a label get an overlay of that label's
-    heatmap there (`<name>_<label>.png`).
+    heatmap there (`<name>_<label>.png`). `scorer` replaces the local decoding
+    and scoring (elcell.cluster passes Ray Data's).
     """
     info = model.info
     thresholds = info.thresholds if thresholds is None else thresholds
@@ -247,17 +285,16 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
         raise DataError(f"--batch-size {batch_size}: need at least 1")
     result = PredictResult(total=len(paths), defect=dict.fromkeys(info.labels, 0),
                            review=dict.fromkeys(info.labels, 0))
-    done, fresh = _prepare_output(out, header, resume, overwrite, trailer[1], trailer[2], result)
+    done, writer = _open_output(out, header, resume, overwrite, trailer, result)
     todo = [p for p in paths if str(p) not in done]
     result.skipped = len(paths) - len(todo)
     names = dict(zip(todo, unique_names(todo))) if heatmaps_dir is not None else {}  # once: no clashes
-    writer = RowWriter(out, header, fresh)
+    scorer = scorer or _local_scorer(default_workers() if workers is None else workers, heatmaps_dir is not None)
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="cell", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        for scored in score_files(model, todo, batch_size, default_workers() if workers is None else workers,
-                                  tta, heatmaps_dir is not None, thresholds, review_thresholds):
+        for scored in scorer(model, todo, batch_size, tta, thresholds, review_thresholds):
             if heatmaps_dir is not None:
                 result.overlays += _write_overlays(heatmaps_dir, scored, names, model)
             writer.write(_rows(scored, tta, trailer, result, bar))
@@ -303,8 +340,8 @@ def _report(result: PredictResult, args, paths: list[Path]) -> int:
     return 0
 
 
-def main(args) -> int:
-    """`elcell predict` (options: elcell.cli)."""
+def main(args, scorer: Scorer | None = None) -> int:
+    """`elcell predict` (options: elcell.cli); `scorer`: see `predict`."""
     model = open_model(args.model, threads=args.threads)
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
@@ -320,7 +357,7 @@ def main(args) -> int:
         result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
                          tta=args.tta, thresholds=thresholds, review_thresholds=review, resume=args.resume,
                          overwrite=args.overwrite, progress=show_progress(args.progress),
-                         heatmaps_dir=args.heatmaps)
+                         heatmaps_dir=args.heatmaps, scorer=scorer)
     except BrokenPipeError:
         if args.out not in (None, "-"):
             raise

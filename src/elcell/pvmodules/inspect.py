@@ -15,7 +15,7 @@ import csv
 import html
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from elcell.infer.report import (
     write_page,
 )
 from elcell.infer.runtime import OK, Model, chosen_thresholds, open_model
+from elcell.infer.tables import ParquetRows, is_parquet
 from elcell.io import atomic_path, output_mode, unique_names
 from elcell.pvmodules.geometry import parse_grid
 from elcell.pvmodules.grading import Rule, check_names, load_rules
@@ -157,41 +158,147 @@ def decode_size(model: Model, rows: int, cols: int) -> tuple[int, int]:
     return int(np.ceil(size * cols)), int(np.ceil(size * rows))
 
 
+# A module judged, or why its photo could not be: what an inspector yields per photo
+Inspected = tuple[Path, str, "ModuleInspection | Unreadable"]
+# Inspects the (photo, module name) pairs it is given: `local_inspector` on this
+# machine, or elcell.cluster on Ray (the command line passes it in)
+Inspector = Callable[[Model, list[tuple[Path, str]], "Job"], Iterable[Inspected]]
+
+
+@dataclass
+class Job:
+    """What every module of a run is inspected with."""
+
+    rows: int
+    cols: int
+    rules: list[Rule]
+    want_map: bool
+    thresholds: list[float]
+    review: list[float]
+
+
+def read_photo(path: Path, model: Model, job: Job) -> tuple[np.ndarray, float]:
+    """A module photo's pixels, decoded no larger than its cells need (a JPEG in
+    its DCT: decode_size), and the factor from them back to the photo's pixels."""
+    return read_reduced(path, decode_size(model, job.rows, job.cols), min_size=32)
+
+
+def inspect_photo(model: Model, image: np.ndarray, name: str, job: Job, scale: float = 1.0) -> ModuleInspection:
+    """One photo's pixels (as read_photo gives them) inspected as the job says;
+    corners given in the photo's own pixels."""
+    found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, job.want_map,
+                           job.thresholds, job.review)
+    found.corners = (found.corners + 0.5) * scale - 0.5
+    return found
+
+
+def local_inspector(model: Model, todo: list[tuple[Path, str]], job: Job) -> Iterator[Inspected]:
+    """Module after module in this process."""
+    for path, name in todo:
+        try:
+            pixels, scale = read_photo(path, model, job)
+            yield path, name, inspect_photo(model, pixels, name, job, scale)
+        except (ImageError, MemoryError) as err:
+            yield path, name, unreadable(path, err)
+
+
+class FolderOut:
+    """cells.csv and modules.csv, module by module, with the maps and overlays."""
+
+    def __init__(self, batch: Batch, grid: str, resume: bool, overwrite: bool, want_map: bool):
+        self.batch, self.grid, self.want_map, out = batch, grid, want_map, batch.out
+        _prepare(out, batch, resume, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        self.cells = RowWriter(out / "cells.csv", cell_header(batch.labels), not (out / "cells.csv").is_file())
+        self.modules = RowWriter(out / "modules.csv", module_header(batch.labels),
+                                 not (out / "modules.csv").is_file())
+
+    def add(self, path: Path, name: str, found: ModuleInspection) -> None:
+        if self.want_map:
+            _save_pictures(self.batch.out, name, found, self.batch.model)
+        self.cells.write(self.batch.cell_rows(name, found))
+        self.modules.write([self.batch.module_row(name, path, self.grid, found)])
+
+    def fail(self, path: Path, name: str, reason: str) -> None:
+        self.modules.write([self.batch.module_row(name, path, self.grid, None, reason)])
+
+    def close(self) -> None:
+        self.cells.close()
+        self.modules.close()
+
+
+def parquet_header(labels: Sequence[str]) -> list[str]:
+    """One row per cell, with its module's photo, grid, grade and rule."""
+    return ["module", "path", "grid", "grade", "rule", *cell_header(labels)[1:]]
+
+
+class ParquetOut:
+    """`--out FILE.parquet`: one row per cell, each with its module's grade; a photo
+    that could not be used gets one row with the reason in `error`."""
+
+    def __init__(self, batch: Batch, grid: str, resume: bool, overwrite: bool):
+        self.batch, self.grid = batch, grid
+        self.sink = ParquetRows(batch.out, parquet_header(batch.labels), key="module")
+        if self.sink.exists():
+            target = batch.out if batch.out.is_file() else self.sink.parts
+            if output_mode(target, overwrite=overwrite, resume=resume) == "resume":
+                self._check(self.sink.previous(["module", "model", "thresholds"]).to_pydict())
+            else:
+                self.sink.clear()
+        batch.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def _check(self, previous: dict[str, list]) -> None:
+        batch = self.batch
+        ours, wanted = model_column(batch.model), thresholds_column(batch.labels, batch.thresholds, batch.review)
+        if any(m.rpartition("@")[2] != ours.rpartition("@")[2] for m in previous["model"]):
+            raise DataError(f"--resume {batch.out}: its modules were inspected by another model (this is {ours}); "
+                            "resume with that model, or write to a new --out")
+        if any(t != wanted for t in previous["thresholds"]):
+            raise DataError(f"--resume {batch.out}: its cells were decided with other thresholds; resume with the "
+                            "same --threshold/--review-threshold, or write to a new --out")
+        batch.done = set(previous["module"])
+
+    def add(self, path: Path, name: str, found: ModuleInspection) -> None:
+        head = [name, str(path), self.grid, found.grade, found.rule_text]
+        self.sink.write([head + row[1:] for row in self.batch.cell_rows(name, found)])
+
+    def fail(self, path: Path, name: str, reason: str) -> None:
+        header = parquet_header(self.batch.labels)
+        row = [name, str(path), self.grid] + [""] * (len(header) - 6)
+        self.sink.write([row + [reason.replace("\n", " "), model_column(self.batch.model),
+                               thresholds_column(self.batch.labels, self.batch.thresholds, self.batch.review)]])
+
+    def close(self) -> None:
+        self.sink.close()
+
+
 def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: list[Rule], *,
                   want_map: bool = True, resume: bool = False, overwrite: bool = False,
-                  thresholds: list[float] | None = None, review: list[float] | None = None) -> list[Unreadable]:
-    """Inspect every module photo into `out`; returns the photos that failed."""
+                  thresholds: list[float] | None = None, review: list[float] | None = None,
+                  inspector: Inspector | None = None) -> list[Unreadable]:
+    """Inspect every module photo into the folder `out`, or the Parquet file `out`
+    (no maps); returns the photos that failed."""
     rows, cols = parse_grid(grid)
     info = model.info
     batch = Batch(out, model, info.labels, thresholds or info.thresholds, review or info.review_thresholds)
-    _prepare(out, batch, resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    cells = RowWriter(out / "cells.csv", cell_header(batch.labels), not (out / "cells.csv").is_file())
-    modules = RowWriter(out / "modules.csv", module_header(batch.labels), not (out / "modules.csv").is_file())
+    parquet = is_parquet(out)
+    writer = ParquetOut(batch, grid, resume, overwrite) if parquet else \
+        FolderOut(batch, grid, resume, overwrite, want_map)
+    job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review)
+    todo = [(path, name) for path, name in zip(paths, unique_names(paths), strict=True) if name not in batch.done]
     failed = []
     try:
-        for path, name in zip(paths, unique_names(paths), strict=True):
-            if name in batch.done:
+        for path, name, found in (inspector or local_inspector)(model, todo, job):
+            if isinstance(found, Unreadable):
+                failed.append(found)
+                report_unreadable(found, "skipped")
+                writer.fail(path, name, found.reason)
                 continue
-            try:
-                pixels, scale = read_reduced(path, decode_size(model, rows, cols), min_size=32)
-                found = inspect_module(model, as_gray(pixels), rows, cols, rules, name, want_map, batch.thresholds,
-                                       batch.review)
-                found.corners = (found.corners + 0.5) * scale - 0.5  # back to the photo's own pixels
-            except (ImageError, MemoryError) as err:
-                failed.append(unreadable(path, err))
-                report_unreadable(failed[-1], "skipped")
-                modules.write([batch.module_row(name, path, grid, None, failed[-1].reason)])
-                continue
-            if want_map:
-                _save_pictures(out, name, found, model)
-            cells.write(batch.cell_rows(name, found))
-            modules.write([batch.module_row(name, path, grid, found)])
+            writer.add(path, name, found)
             print(f"elcell: {name}: grade {found.grade} ({found.rule_text}), {found.seconds:.2f} s",
                   file=sys.stderr)
     finally:
-        cells.close()
-        modules.close()
+        writer.close()
     return failed
 
 
@@ -230,8 +337,8 @@ def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
                       f"{len(rows)} modules, {model.path.name}", body)
 
 
-def main(args) -> int:
-    """`elcell inspect` (options: elcell.cli)."""
+def main(args, inspector: Inspector | None = None) -> int:
+    """`elcell inspect` (options: elcell.cli); `inspector`: see `inspect_paths`."""
     model = open_model(args.model, threads=args.threads)
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
@@ -246,11 +353,14 @@ def main(args) -> int:
           file=sys.stderr)
     out = Path(args.out)
     failed = inspect_paths(model, paths, args.grid, out, rules, want_map=args.map, resume=args.resume,
-                           overwrite=args.overwrite, thresholds=thresholds, review=review)
-    if args.report:
-        write_module_report(out, info.labels, model)
-    print(f"elcell: wrote {out / 'cells.csv'}, {out / 'modules.csv'}"
-          + (f", maps/ and {out / 'report.html'}" if args.report else ""), file=sys.stderr)
+                           overwrite=args.overwrite, thresholds=thresholds, review=review, inspector=inspector)
+    if is_parquet(out):
+        print(f"elcell: wrote {out} (one row per cell, with its module's grade)", file=sys.stderr)
+    else:
+        if args.report:
+            write_module_report(out, info.labels, model)
+        print(f"elcell: wrote {out / 'cells.csv'}, {out / 'modules.csv'}"
+              + (f", maps/ and {out / 'report.html'}" if args.report else ""), file=sys.stderr)
     if failed:
         print(f"elcell: {len(failed)} of {len(paths)} module images could not be inspected (listed above and "
               "in modules.csv)", file=sys.stderr)
