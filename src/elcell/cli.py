@@ -223,6 +223,8 @@ def _dispatch(args) -> int:
         return _run_pretrain(args)
     if getattr(args, "run", None):
         return args.run(args)
+    if getattr(args, "ray", None):  # Ray is imported only here, and only when asked for
+        return importlib.import_module("elcell.cluster.command").main(args)
     return importlib.import_module(args.module).main(args)
 
 

@@ -62,6 +62,18 @@ _INPUTS_HELP = ("image files, folders (searched recursively) or CSVs whose first
                 "paths (relative to the CSV's folder), e.g. a labels CSV")
 
 
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """--ray and --actors, as predict and inspect take them (elcell.cluster)."""
+    group = parser.add_argument_group("cluster (pip install 'elcell[cluster]')")
+    group.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="score on Ray Data: without ADDRESS a local Ray on this machine; `auto` or "
+                            "ray://HOST:10001 an existing cluster (docs/scaling.md). --threads is then "
+                            "per actor (default 1)")
+    group.add_argument("--actors", type=positive_int, metavar="N",
+                       help="with --ray: model actors, each with one ONNX Runtime session (default: the "
+                            "cluster's CPUs / --threads)")
+
+
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     """--threshold and --review-threshold, as predict, inspect and serve take them
     (applied by runtime.chosen_thresholds)."""
@@ -82,7 +94,8 @@ def add_predict(commands) -> None:
                       "listed in the error column and on stderr; the run goes on and exits with status 1.")
     parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
-    parser.add_argument("--out", metavar="FILE.csv", help="output CSV (default: stdout)")
+    parser.add_argument("--out", metavar="FILE.csv", help="output CSV (default: stdout), or FILE.parquet: typed "
+                        "columns for pandas, DuckDB or Spark (needs pyarrow)")
     _add_threshold_options(parser)
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the flips of each cell (and rotations for a "
@@ -94,6 +107,7 @@ def add_predict(commands) -> None:
     parser.add_argument("--heatmaps", metavar="DIR",
                         help="write a heatmap overlay (<image>_<label>.png) for every cell and label not ok")
     add_runtime_options(parser)
+    add_ray_options(parser)
 
 
 def add_evaluate(commands) -> None:
@@ -159,7 +173,9 @@ def add_inspect(commands) -> None:
     parser.add_argument("--grid", required=True, metavar="ROWSxCOLS",
                         help="cells as the module appears in the photo, e.g. 6x10 (landscape 60 cells), 10x6, "
                              "6x24 (144 half-cells)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the CSVs, maps and report")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for the CSVs, maps and report; or FILE.parquet: one row per cell with its "
+                             "module's grade (no maps; needs pyarrow)")
     parser.add_argument("--rules", metavar="FILE.yaml",
                         help="grading rules (default: elcell's grading.yaml; copy and edit it)")
     _add_threshold_options(parser)
@@ -170,6 +186,7 @@ def add_inspect(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     add_runtime_options(parser, workers=False, progress=False)
+    add_ray_options(parser)
 
 
 def add_segment(commands) -> None:
