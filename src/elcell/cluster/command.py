@@ -18,15 +18,14 @@ def main(args) -> int:
     if getattr(args, "heatmaps", None):
         raise DataError("--heatmaps with --ray: overlays are drawn where the files are; run the flagged "
                         "cells through `elcell predict --heatmaps` or `elcell explain` without --ray")
-    started_here = args.ray == LOCAL
     cluster = connect(args.ray)
     try:
         plan = Plan.for_cluster(cluster, args.actors, args.threads or None)
-        where = "a local Ray" if started_here else f"the Ray cluster at {args.ray}"
+        where = "a local Ray" if args.ray == LOCAL else f"the Ray cluster at {args.ray}"
         print(f"elcell: {where}: {cluster.cpus} CPUs, {plan.describe()}", file=sys.stderr)
         if args.command == "predict":
             return predict.main(args, scorer=ray_scorer(plan))
         return inspect.main(args, inspector=ray_inspector(plan))
     finally:
-        if started_here:
+        if cluster.started_here:
             shutdown()

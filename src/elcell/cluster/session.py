@@ -32,13 +32,15 @@ class Cluster:
     address: str
     cpus: int
     gpus: int
+    started_here: bool  # this process started Ray, so it stops it
 
 
 def connect(address: str = LOCAL) -> Cluster:
     """Start a local Ray (address `local`) or join one (`auto`, `ray://host:10001`,
     host:6379). Quiet: Ray's progress bars would interleave with elcell's lines."""
     ray = import_ray()
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()  # a caller (a test, a notebook) may have connected already
+    if started_here:
         options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             if address == LOCAL:
@@ -52,7 +54,7 @@ def connect(address: str = LOCAL) -> Cluster:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     resources = ray.cluster_resources()
-    return Cluster(address, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
+    return Cluster(address, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)), started_here)
 
 
 def shutdown() -> None:
