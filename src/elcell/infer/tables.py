@@ -5,7 +5,7 @@ An archive's results are read with pandas, DuckDB or Spark, so predict and
 inspect write typed columns (probabilities as floats, counts as integers,
 empty values as nulls) instead of CSV text. A Parquet file is only readable
 once its footer is written, so rows go first into small, atomically written
-part files in `<out>.parts/`; closing merges the file and the parts into
+part files in `<out>.parts/` (every 1,024 rows or 5 seconds); closing merges the file and the parts into
 `<out>` (atomically), records the last part merged in the file's metadata and
 removes the parts. After a kill, `--resume` finds the parts (and any parts a
 merge had already taken, by that record), so it loses at most the rows not
@@ -71,14 +71,17 @@ class ParquetRows:
     values resume skips (path for predict, module for inspect); rows with an
     `error` are tried again, as in the CSV outputs."""
 
-    def __init__(self, out: str | Path, header: Sequence[str], key: str, rows_per_part: int = 1024):
+    def __init__(self, out: str | Path, header: Sequence[str], key: str, rows_per_part: int = 1024,
+                 seconds_per_part: float = 5.0):
         self.out = Path(out)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.header = list(header)
         self.key = key
         self.schema = schema_for(header)
         self.convert = [_converter(f.type) for f in self.schema]
-        self.rows_per_part = rows_per_part
+        # a part when either is reached: few files for an archive, little lost to a kill on a slow one
+        self.rows_per_part, self.seconds_per_part = rows_per_part, seconds_per_part
+        self.last_part = time.monotonic()
         self.pending: list[list[str]] = []
         self.old: list[Path] = []  # sources from earlier runs: their failed rows are dropped at the merge
 
@@ -128,7 +131,7 @@ class ParquetRows:
     # ------------------------------------------------------------------ writing
     def write(self, rows: list[list[str]]) -> None:
         self.pending.extend(rows)
-        if len(self.pending) >= self.rows_per_part:
+        if len(self.pending) >= self.rows_per_part or time.monotonic() - self.last_part >= self.seconds_per_part:
             self.flush()
 
     def flush(self) -> None:
@@ -141,6 +144,7 @@ class ParquetRows:
         with atomic_path(self.parts / name) as tmp:
             pq.write_table(self._table(self.pending), tmp)
         self.pending = []
+        self.last_part = time.monotonic()
 
     def _table(self, rows: list[list[str]]):
         pa, _ = _pyarrow()
