@@ -1,7 +1,11 @@
 """Connecting to Ray: a local Ray on this machine, or an existing cluster.
 
 A local Ray gets a modest object store: Ray's default (30 % of memory) would
-claim gigabytes of a shared 24 GiB machine for batches of a few MB each.
+claim gigabytes of a shared 24 GiB machine for batches of a few MB each. Its
+workers also run at normal priority: Ray starts them at niceness 15 to keep
+its own daemons responsive on a cluster's nodes, which on a workstation
+shared with other jobs would make `--ray` slower than the same command
+without it for no gain.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def connect(address: str = LOCAL) -> Cluster:
         options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             if address == LOCAL:
-                ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE, **options)
+                ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE,
+                         _system_config={"worker_niceness": 0}, **options)
             else:
                 ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as err:
