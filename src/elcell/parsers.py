@@ -68,7 +68,7 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                        help="score on Ray Data: without ADDRESS a local Ray on this machine; `auto` or "
                             "ray://HOST:10001 an existing cluster (docs/scaling.md). --threads is then "
-                            "per actor (default 1)")
+                            "per actor (default 2)")
     group.add_argument("--actors", type=positive_int, metavar="N",
                        help="with --ray: model actors, each with one ONNX Runtime session (default: the "
                             "cluster's CPUs / --threads)")

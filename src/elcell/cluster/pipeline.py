@@ -23,6 +23,7 @@ from elcell.cluster.session import Cluster, import_ray
 from elcell.infer.runtime import Model, open_model
 
 DECODE_CPUS = 0.25  # what one decoding task reserves
+CHUNK = 200_000  # items per Ray Data run: the driver's list of an archive stays out of Ray
 ACTOR_SHARE = 0.75  # of its threads' CPUs an actor reserves: the rest (a quarter) is left to decoding tasks
 
 
@@ -35,7 +36,9 @@ class Plan:
 
     @classmethod
     def for_cluster(cls, cluster: Cluster, actors: int | None = None, threads: int | None = None) -> Plan:
-        threads = threads or 1
+        # two threads per actor by default: on 2 cores one actor x 2 threads scored 0.82 of the
+        # local rate, two actors x 1 thread 0.66 (benchmarks/ray_throughput.py, docs/scaling.md)
+        threads = threads or min(2, max(1, cluster.cpus))
         return cls(actors or max(1, cluster.cpus // threads), threads)
 
     def describe(self) -> str:
@@ -58,19 +61,25 @@ class ModelActor:
 def stream(model: Model, items: list[dict[str, Any]], decode: Callable, decode_kwargs: dict[str, Any],
            actor: type, actor_kwargs: dict[str, Any], batch_size: int, plan: Plan) -> Iterator[dict[str, np.ndarray]]:
     """Run `items` through decode (tasks) and `actor` (the pool); yields the
-    actors' output batches as they finish, in no particular order."""
-    if not items:
-        return
+    actors' output batches as they finish, in no particular order. An archive
+    goes through in chunks of CHUNK items, so that Ray's copy of the list stays
+    small; each chunk starts its actors again (seconds per hour of work)."""
+    model_bytes = model.path.read_bytes()
+    for start in range(0, len(items), CHUNK):
+        yield from _run(items[start:start + CHUNK], decode, decode_kwargs, actor,
+                        dict(model_bytes=model_bytes, name=model.path.name, threads=plan.threads, **actor_kwargs),
+                        batch_size, plan)
+
+
+def _run(items: list[dict[str, Any]], decode: Callable, decode_kwargs: dict[str, Any], actor: type,
+         actor_kwargs: dict[str, Any], batch_size: int, plan: Plan) -> Iterator[dict[str, np.ndarray]]:
     ray = import_ray()
     # enough blocks that every actor has work and a block's results come back soon
     blocks = max(1, min(len(items) // batch_size + 1, 4 * plan.actors + len(items) // (batch_size * 8)))
     dataset = ray.data.from_items(items, override_num_blocks=blocks)
     dataset = dataset.map_batches(decode, fn_kwargs=decode_kwargs, batch_size=batch_size, batch_format="numpy",
                                   num_cpus=DECODE_CPUS)
-    dataset = dataset.map_batches(actor, fn_constructor_kwargs=dict(model_bytes=model.path.read_bytes(),
-                                                                   name=model.path.name, threads=plan.threads,
-                                                                   **actor_kwargs),
-                                  batch_size=batch_size, batch_format="numpy",
-                                  compute=ray.data.ActorPoolStrategy(size=plan.actors),
+    dataset = dataset.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=batch_size,
+                                  batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan.actors),
                                   num_cpus=ACTOR_SHARE * plan.threads)
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
