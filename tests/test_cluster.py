@@ -91,6 +91,32 @@ def test_parquet_holds_the_csv_rows_typed_and_resumes(tiny_onnx, cells, tmp_path
     assert main(["predict", str(tiny_onnx), str(cells), "--out", str(out)]) == 2  # neither --resume nor --overwrite
 
 
+def test_parquet_parts_a_merge_already_took_are_not_counted_twice(tmp_path):
+    """A kill between the merge's rename and its removal of the parts leaves both;
+    the merged file's record tells resume which parts it holds. An earlier
+    run's failed row is dropped once this run has tried the file again."""
+    from elcell.infer.tables import ParquetRows
+
+    header = ["path", "prob_crack", "error", "model", "thresholds"]
+    out = tmp_path / "x.parquet"
+    sink = ParquetRows(out, header, key="path", rows_per_part=2)
+    sink.write([["a.png", "0.25", "", "m@1", "t"], ["b.png", "", "unreadable", "m@1", "t"]])
+    sink.write([["c.png", "0.75", "", "m@1", "t"]])
+    sink.flush()
+    kept = tmp_path / "kept"
+    shutil.copytree(sink.parts, kept)
+    sink.close()
+    shutil.copytree(kept, sink.parts)  # as if killed before the parts were removed
+    again = ParquetRows(out, header, key="path", rows_per_part=2)
+    assert sorted(again.previous(["path"]).column("path").to_pylist()) == ["a.png", "c.png"]
+    assert not any(again.parts.glob("*.parquet"))
+    again.write([["b.png", "0.5", "", "m@1", "t"]])
+    again.close()
+    rows = read_parquet(out)
+    assert sorted(rows) == ["a.png", "b.png", "c.png"] and rows["b.png"]["prob_crack"] == 0.5
+    assert rows["a.png"]["error"] is None and isinstance(rows["c.png"]["prob_crack"], float)
+
+
 @pytest.mark.slow
 def test_predict_without_ray_never_imports_it(tiny_onnx, cells, tmp_path):
     code = ("import sys; from elcell.cli import main; main(sys.argv[1:]); "
