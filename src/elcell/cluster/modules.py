@@ -19,29 +19,34 @@ from pathlib import Path
 import numpy as np
 from ray import cloudpickle
 
-from elcell.cells.images import read_pixels
+from elcell.cells.images import read_reduced
 from elcell.cells.inputs import Unreadable, unreadable
 from elcell.cluster.pipeline import ModelActor, Plan, stream
 from elcell.errors import ImageError
 from elcell.infer.runtime import Model
-from elcell.pvmodules.inspect import Inspected, Inspector, Job, inspect_photo
+from elcell.pvmodules.inspect import Inspected, Inspector, Job, decode_size, inspect_photo
 from elcell.pvmodules.judge import ModuleInspection
 
 NO_CELL = np.zeros((0, 0), dtype=np.uint8)
 
 
-def read_photos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A task: each photo's pixels, or why it cannot be read."""
-    photos, errors = [], []
+def read_photos(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A task: each photo's pixels decoded no larger than `size` needs (as the
+    local path's read_photo), with the factor back to the photo's own pixels;
+    or why it cannot be read."""
+    photos, scales, errors = [], [], []
     for path in batch["path"]:
         try:
-            photos.append(pickle.dumps(read_pixels(Path(path), min_size=32), protocol=5))
+            pixels, scale = read_reduced(Path(path), size, min_size=32)
+            photos.append(pickle.dumps(pixels, protocol=5))
+            scales.append(scale)
             errors.append("")
         except (ImageError, MemoryError) as err:
             photos.append(b"")
+            scales.append(1.0)
             errors.append(unreadable(path, err).reason)
     return {"path": batch["path"], "name": batch["name"], "photo": np.array(photos, dtype=object),
-            "error": np.array(errors, dtype=object)}
+            "scale": np.array(scales, dtype=np.float64), "error": np.array(errors, dtype=object)}
 
 
 def _slim(found: ModuleInspection) -> ModuleInspection:
@@ -60,12 +65,13 @@ class ModuleActor(ModelActor):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results, errors = [], list(batch["error"])
-        for i, (path, name, photo) in enumerate(zip(batch["path"], batch["name"], batch["photo"], strict=True)):
+        for i, (path, name, photo, scale) in enumerate(zip(batch["path"], batch["name"], batch["photo"],
+                                                           batch["scale"], strict=True)):
             results.append(b"")
             if errors[i]:
                 continue
             try:
-                found = inspect_photo(self.model, pickle.loads(photo), str(name), self.job)
+                found = inspect_photo(self.model, pickle.loads(photo), str(name), self.job, float(scale))
                 results[i] = cloudpickle.dumps(_slim(found), protocol=5)
             except (ImageError, MemoryError) as err:
                 errors[i] = unreadable(path, err).reason
@@ -78,7 +84,7 @@ def ray_inspector(plan: Plan) -> Inspector:
     one photo per batch (a photo is megabytes, and a module many cells)."""
     def inspector(model: Model, todo: list[tuple[Path, str]], job: Job) -> Iterator[Inspected]:
         items = [{"path": str(path), "name": name} for path, name in todo]
-        for batch in stream(model, items, read_photos, {}, ModuleActor, {"job": job}, 1, plan):
+        for batch in stream(model, items, read_photos, {"size": decode_size(model, job.rows, job.cols)}, ModuleActor, {"job": job}, 1, plan):
             for path, name, found, error in zip(batch["path"], batch["name"], batch["found"], batch["error"],
                                                 strict=True):
                 yield (Path(str(path)), str(name),
