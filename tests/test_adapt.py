@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import write_seed_csv
 
 from elcell.cli import main
@@ -52,8 +53,9 @@ def test_the_network_is_copied_and_a_new_label_gets_a_fresh_row(tiny_run, elpv, 
     assert torch.equal(state["fc.4.weight"][2], fresh_row)  # the new label starts where a fresh head does
     assert module.hparams.mean == checkpoint["hyper_parameters"]["mean"] != 0.1
     # the options: the run's network and decoding, the adapt recipe's short schedule
+    run = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert (config.backbone, config.image_size, config.recipe, config.epochs, config.replay) == \
-        ("resnet18", 64, "adapt", 10, 0.5)
+        (run["backbone"], run["image_size"], "adapt", 10, 0.5)
 
 
 def test_replay_draws_old_train_and_val_cells_with_unknown_new_labels(tiny_run, elpv, tmp_path):
