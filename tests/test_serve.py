@@ -27,6 +27,7 @@ from elcell.errors import DataError
 from elcell.infer.runtime import score_cells
 from elcell.station.app import Settings, create_app
 from elcell.station.batcher import Batcher, QueueFull
+from elcell.station.budget import MB
 from elcell.station.results import decode_cell
 from elcell.station.review import LabelsFolder
 
@@ -257,7 +258,8 @@ def test_the_schema_declares_the_token_so_docs_can_send_it(model):
 
 
 def test_a_full_queue_answers_503_with_retry_after(model, seed_cells):
-    app = create_app(model, Settings(max_queue_mb=0.003))  # 3 kB: one cell when the queue is empty
+    cell_bytes = load_cell(seed_cells[0], model.decoding).nbytes
+    app = create_app(model, Settings(max_queue_mb=1.5 * cell_bytes / MB))  # one cell waits, a second is refused
     release = threading.Event()
     with TestClient(app, base_url=STATION) as client:
         batcher = app.state.station.batcher
