@@ -644,16 +644,16 @@ def test_without_a_terminal_training_prints_a_line_per_epoch_not_progress_bars(t
 
 
 def test_a_busy_machine_is_named_once_at_the_start(monkeypatch, capsys):
-    import elcell.training.train
+    import elcell.training.hardware
 
-    monkeypatch.setattr(elcell.training.train, "_noted_busy", False)
-    monkeypatch.setattr(elcell.training.train.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-    elcell.training.train.note_busy_machine()
+    monkeypatch.setattr(elcell.training.hardware, "_noted_busy", False)
+    monkeypatch.setattr(elcell.training.hardware.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    elcell.training.hardware.note_busy_machine()
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(elcell.training.train.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
-    monkeypatch.setattr(elcell.training.train.os, "cpu_count", lambda: 2)
-    elcell.training.train.note_busy_machine()
-    elcell.training.train.note_busy_machine()
+    monkeypatch.setattr(elcell.training.hardware.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
+    monkeypatch.setattr(elcell.training.hardware.os, "cpu_count", lambda: 2)
+    elcell.training.hardware.note_busy_machine()
+    elcell.training.hardware.note_busy_machine()
     assert capsys.readouterr().err == ("elcell: note: this machine is busy (load 4.0 on 2 cores): training will "
                                        "take longer than the times given for an idle machine\n")
 

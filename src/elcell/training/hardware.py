@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from elcell.errors import DataError
 from elcell.training.config import TrainConfig
@@ -59,3 +61,18 @@ def machine(config: TrainConfig) -> dict:
     gpu = torch.cuda.get_device_name(0) if gpu_available(config) else None
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": gpu, "precision": resolve_precision(config),
             "torch": torch.__version__}
+
+
+_noted_busy = False
+
+
+def note_busy_machine() -> None:
+    """A training shares its cores badly: two heavy processes on 2 cores take 3-10x
+    as long. Say so once, at the start, rather than leave the user wondering."""
+    global _noted_busy
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if rank_zero_only.rank == 0 and load > max(1.0, 0.5 * cores) and not _noted_busy:
+        _noted_busy = True
+        print(f"elcell: note: this machine is busy (load {load:.1f} on {cores} cores): training will take "
+              "longer than the times given for an idle machine", file=sys.stderr)

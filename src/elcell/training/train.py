@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import replace
@@ -58,7 +57,13 @@ from elcell.training.data import (
 )
 from elcell.training.distill import taught
 from elcell.training.export import export_checkpoint
-from elcell.training.hardware import check_devices, gpu_available, machine, resolve_precision
+from elcell.training.hardware import (
+    check_devices,
+    gpu_available,
+    machine,
+    note_busy_machine,
+    resolve_precision,
+)
 from elcell.training.history import EpochLines, merge_session_logs, next_session, plot_losses
 from elcell.training.lightning_module import ELCellModule
 from elcell.training.nets.build import load_pretrained
@@ -177,21 +182,6 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     return replace(config, data=config.data if config.data == "elpv" else absolute(config.data),
                    pretrained=absolute(config.pretrained), cache_dir=absolute(config.cache_dir), teacher=teacher,
                    from_run=absolute(config.from_run))
-
-
-_noted_busy = False
-
-
-def note_busy_machine() -> None:
-    """A training shares its cores badly: two heavy processes on 2 cores take 3-10x
-    as long. Say so once, at the start, rather than leave the user wondering."""
-    global _noted_busy
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if rank_zero_only.rank == 0 and load > max(1.0, 0.5 * cores) and not _noted_busy:
-        _noted_busy = True
-        print(f"elcell: note: this machine is busy (load {load:.1f} on {cores} cores): training will take "
-              "longer than the times given for an idle machine", file=sys.stderr)
 
 
 def build_module(config: TrainConfig, table: LabelTable, split: np.ndarray, images: np.ndarray) -> ELCellModule:
