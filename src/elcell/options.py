@@ -124,11 +124,15 @@ def _adapter(hint: Any):
 def _as_on_command_line(kind: type, value: Any) -> Any:
     """What a value of the wrong YAML type means where the command line would read it
     alike: PyYAML reads `lr: 3e-4` as text (YAML 1.1 floats need a dot), and
-    `devices: 2` or `precision: 32` as numbers of options that are text."""
+    `devices: 2` or `precision: 32` as numbers of options that are text, and
+    `devices: [0, 1]` as the list --devices 0,1 gives."""
     if kind is float and isinstance(value, str):
         return float(value)
     if kind is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if kind is str and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                       for v in value):
+        return ",".join(map(str, value))  # `devices: [0, 1]` as --devices 0,1
     raise ValueError(value)
 
 
