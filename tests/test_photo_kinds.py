@@ -86,9 +86,12 @@ def test_a_16_bit_tiff_is_cut_and_judged_as_its_8_bit_photo(tiny_onnx, poly_8bit
     assert shown.std() > 20  # stretched for display, not a black map of 16-bit values read as 8
 
 
-def test_a_16_bit_tiff_of_a_12_bit_camera_needs_and_takes_its_bit_depth(tiny_onnx, tmp_path, capsys):
+def test_a_16_bit_tiff_of_a_12_bit_camera_needs_and_takes_its_bit_depth(tiny_onnx, tmp_path, capsys, monkeypatch):
     """A 12-bit camera's TIFF (0..4095): a model reading 16 bits warns that it keeps
     few grey levels, rather than silently judging near-black cells."""
+    import elcell.cells.images
+
+    monkeypatch.setattr(elcell.cells.images, "_warned_low_range", False)  # said once per process: maybe already
     gray = cv2.imread(str(POLY), cv2.IMREAD_GRAYSCALE)
     tiff = tmp_path / "poly-12bit.tif"
     cv2.imwrite(str(tiff), (gray.astype(np.uint16) * 16))

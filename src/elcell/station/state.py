@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 from fastapi import HTTPException
+from PIL import Image
 
 from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
@@ -140,12 +141,17 @@ def module_result(station: Station, key: str) -> ModuleResult:
     return found
 
 
-def decode_module(data: bytes, name: str) -> np.ndarray:
-    """A module photo as geometry takes it (uint8 or uint16); 400 naming the file if unreadable."""
+def decode_module(data: bytes, name: str, at_least: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+    """A module photo as geometry takes it (uint8 or uint16), a JPEG decoded no
+    larger than `at_least` needs as `elcell inspect` does (pvmodules.inspect.
+    decode_size), and how many of the file's pixels one of its pixels spans;
+    400 naming the file if unreadable."""
     try:
         if not data:
             raise ImageError(f"{name}: empty file")
-        return as_gray(read_pixels(io.BytesIO(data), name=name, min_size=32))
+        pixels = read_pixels(io.BytesIO(data), name=name, min_size=32, at_least=at_least)
+        with Image.open(io.BytesIO(data)) as header:  # the header only: the photo's own width
+            return as_gray(pixels), float(round(header.width / pixels.shape[1]))
     except ImageError as err:
         raise HTTPException(400, clean(str(err))) from None
     except Exception as err:  # noqa: BLE001 - whatever else a crafted file provokes is still bad input
