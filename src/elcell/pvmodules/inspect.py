@@ -188,6 +188,12 @@ def inspect_photo(model: Model, image: np.ndarray, name: str, job: Job, scale: f
     corners given in the photo's own pixels."""
     found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, job.want_map,
                            job.thresholds, job.review)
+    return in_photo_pixels(found, scale)
+
+
+def in_photo_pixels(found: ModuleInspection, scale: float) -> ModuleInspection:
+    """Corners found on a photo decoded `scale` times smaller, in the photo's own
+    pixels (pixel centres at +0.5), as cells.csv and the service report them."""
     found.corners = (found.corners + 0.5) * scale - 0.5
     return found
 

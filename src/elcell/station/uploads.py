@@ -9,7 +9,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from elcell.errors import ImageError
-from elcell.pvmodules.inspect import decode_size
+from elcell.pvmodules.inspect import decode_size, in_photo_pixels
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
 from elcell.station.results import CellResult, Upload, cell_record, decode_cell, error_record
 from elcell.station.state import Station, decode_module, looks_like_module
@@ -22,11 +22,9 @@ async def inspect_photo(station: Station, data: bytes, filename: str, name: str,
     image, scale = await station.decode(lambda: decode_module(data, filename,
                                                               decode_size(station.model, rows, cols)))
     try:
-        found = await station.batcher.call(lambda: inspect_module(
+        return in_photo_pixels(await station.batcher.call(lambda: inspect_module(
             station.model, image, rows, cols, station.rules, name, True, station.thresholds,
-            station.review_thresholds), nbytes=image.nbytes)
-        found.corners = (found.corners + 0.5) * scale - 0.5  # in the photo's own pixels, as inspect gives them
-        return found
+            station.review_thresholds), nbytes=image.nbytes), scale)
     except ImageError as err:  # no module, cut off, grid does not fit
         raise HTTPException(422, f"{filename}: {err}") from None
     except MemoryError:
