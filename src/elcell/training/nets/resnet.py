@@ -1,6 +1,11 @@
 """ResNet-18/34/50 with torchvision's parameter names (ResNet v1.5: the stride
 sits on the 3x3 convolution), so torchvision/timm ImageNet files load as
 they are, on one gray channel with the spec's head (elcell.training.nets.cellnet).
+
+`test_resnet` (after timm's test_* models) has the same names with one block
+per stage and an eighth of the widths: 0.5 M parameters against ResNet-18's
+11 M, so the test suite trains, exports and scores a real model in seconds.
+It has no ImageNet weights and is not meant to judge cells.
 """
 
 from __future__ import annotations
@@ -105,10 +110,12 @@ class Bottleneck(_Residual):
         return inner + self._shortcut_vjp(x_size, g)
 
 
-ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+# backbone -> (block, blocks per stage, width of each stage; the stem has the first)
+ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], (64, 128, 256, 512)),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], (64, 128, 256, 512)),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], (64, 128, 256, 512)),
+    "test_resnet": (BasicBlock, [1, 1, 1, 1], (8, 16, 32, 64)),
 }
 
 
@@ -117,13 +124,13 @@ class ResNet(CellNet):
         if backbone not in ARCHITECTURES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(ARCHITECTURES)}")
         super().__init__(backbone, pooling, input_norm)
-        block, depths = ARCHITECTURES[backbone]
-        self.conv1 = nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        block, depths, widths = ARCHITECTURES[backbone]
+        self.conv1 = nn.Conv2d(1, widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        cin = 64
-        for stage, (width, depth) in enumerate(zip((64, 128, 256, 512), depths), start=1):
+        cin = widths[0]
+        for stage, (width, depth) in enumerate(zip(widths, depths), start=1):
             stride = 1 if stage == 1 else 2
             downsample = None
             if stride != 1 or cin != width * block.expansion:
