@@ -117,7 +117,8 @@ def _backbone_that_fits(state: dict[str, torch.Tensor], model: CellNet) -> str |
     for name in BACKBONES:
         if name == model.backbone_name:
             continue
-        other = build_model(name, num_labels=1)
+        with torch.device("meta"):  # shapes only: no memory, no seconds of weight initialisation
+            other = build_model(name, num_labels=1)
         own = {k: v.shape for k, v in other.state_dict().items() if not k.startswith("fc.")}
         # the stem may be RGB (summed to gray on loading): its shape is not compared
         if own.keys() == state.keys() and all(state[k].shape == shape for k, shape in own.items()
