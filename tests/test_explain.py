@@ -47,6 +47,7 @@ def test_explain_writes_overlays_heatmaps_and_boxes(tiny_onnx, seed_csv, tmp_pat
         assert "LayerCAM" in record["heatmap_note"] and "stride 8" in record["heatmap_note"]
 
 
+@pytest.mark.slow  # starts a process
 def test_explain_runs_without_torch_and_explains_every_label(tiny_onnx, seed_csv, tmp_path):
     folder = tmp_path / "cells"
     folder.mkdir()

@@ -101,6 +101,7 @@ def test_a_16_bit_tiff_of_a_12_bit_camera_needs_and_takes_its_bit_depth(tiny_onn
     assert "--bit-depth" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 144 half-cells judged and drawn; the fast tier's half-cells: test_inspect
 def test_a_half_cut_module_of_real_cells_is_found_cell_by_cell(tiny_onnx, elpv, tmp_path):
     """144 half-cells (6x24, the wide split in the middle) cut from 72 real ELPV cells,
     turned, in perspective, unevenly lit, stored as a 16-bit PNG."""

@@ -16,12 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import hypothesis
 import numpy as np
 import pytest
-import schemathesis
 from fastapi.testclient import TestClient
-from schemathesis.generation.modes import GenerationMode
 from servehelp import RunningServer, wait_until
 
 from elcell.cells.images import read_pixels
@@ -58,6 +55,12 @@ def test_no_route_answers_5xx_to_anything_its_schema_allows(model, seed_cells, t
     """Every operation in the OpenAPI schema, with inputs drawn from it and
     inputs that break it (random uploads, grids, ids, labels, query values),
     and with the ids of a real cell and module: never a 5xx."""
+    # imported here, not at the top: the fast tier collects this module too, and
+    # hypothesis and schemathesis are assertion-rewritten on import (seconds)
+    import hypothesis
+    import schemathesis
+    from schemathesis.generation.modes import GenerationMode
+
     # schemathesis calls an ASGI app as host "testserver", which the station allows as an operator would
     app = create_app(model, Settings(labels_out=tmp_path / "fuzz", review_thresholds=[0.0, 1.0],
                                      allowed_hosts=("testserver",)))
