@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from elcell.cli import main as cli
 from elcell.errors import DataError
-from elcell.training.config import PretrainConfig
 from elcell.training.data import stratified_split
 from elcell.training.nets.build import ResNet, load_pretrained
 from elcell.training.pretrain import SimCLRModule, nt_xent, pretrain, pretrain_cells
+from elcell.training.pretrain_options import PretrainConfig
 
 pytestmark = pytest.mark.slow  # trains models
 

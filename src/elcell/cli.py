@@ -36,8 +36,9 @@ from elcell.parsers import (
     add_serve,
     command,
 )
-from elcell.training.config import GROUPS, PretrainConfig, TrainConfig, two_stage_configs
+from elcell.training.config import GROUPS, TrainConfig, two_stage_configs
 from elcell.training.config import train_defaults as config_defaults
+from elcell.training.pretrain_options import PretrainConfig
 
 # what `pip install .` leaves out and training and exporting need (the [train] extra)
 TRAINING_PACKAGES = {"torch", "lightning", "kornia", "torchmetrics", "tensorboard", "onnxscript"}

@@ -32,7 +32,6 @@ from elcell.errors import DataError
 from elcell.io import atomic_path, atomic_write_json, atomic_write_text
 from elcell.options import show_progress, validate
 from elcell.training.augment import BatchAugment, normalise
-from elcell.training.config import PretrainConfig
 from elcell.training.data import (
     build_cache,
     cell_loader,
@@ -44,6 +43,7 @@ from elcell.training.hardware import gpu_available, machine, resolve_precision
 from elcell.training.history import merge_session_logs
 from elcell.training.lightning_module import cosine_schedule
 from elcell.training.nets.resnet import ResNet
+from elcell.training.pretrain_options import PretrainConfig
 
 MIN_CELLS = 8
 
