@@ -1,10 +1,13 @@
 """Shared fixtures: real ELPV cells, a seed-format CSV made from them, and one
-tiny model trained once per test session (resnet18, 64 px, 64 cells)."""
+tiny model trained once per test session (test_resnet, 32 px, 64 cells)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +51,60 @@ def write_seed_csv(folder: Path, elpv, count: int = 64, sep: str = ";", seed: in
 
 
 @pytest.fixture(scope="session")
-def seed_csv(tmp_path_factory, elpv) -> Path:
-    return write_seed_csv(tmp_path_factory.mktemp("seed"), elpv)
+def seed_csv() -> Path:
+    return _TINY_RUN["csv"]
+
+
+# The tiny run, built in a second process from the start of the session, while
+# pytest collects and then runs the tests that need no model: on 2 cores its
+# ~10 s (mostly the ONNX export's tracing, on one core) then cost the session
+# almost nothing. Started by pytest_sessionstart, stopped at collection's end if
+# no selected test needs it.
+_TINY_RUN: dict = {}
+TINY_RUN_OPTIONS = ["--recipe", "spec", "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "32",
+                    "--batch-size", "8", "--epochs", "8", "--lr", "3e-3", "--val-fraction", "0.25", "--no-progress"]
+
+
+def _needs_model(item: pytest.Item) -> bool:
+    return "tiny_run" in getattr(item, "fixturenames", ())
+
+
+def pytest_sessionstart(session):
+    from elcell.cells.labels import elpv_table
+
+    folder = Path(tempfile.mkdtemp(prefix="elcell-tests-"))
+    csv_path = write_seed_csv(folder / "seed", elpv_table())
+    out = folder / "runs" / "tiny"
+    # one thread: the other core collects and runs tests meanwhile
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ELCELL_CACHE": str(folder / "cache")}
+    log = open(folder / "tiny.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "elcell.cli", "train", "--data", str(csv_path),
+                                "--out", str(out), *TINY_RUN_OPTIONS], stdout=log, stderr=subprocess.STDOUT,
+                               env=env)
+    _TINY_RUN.update(folder=folder, csv=csv_path, out=out, process=process, log=log)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # tests that need no model first (stable: each group keeps its order), so
+    # they run while the model is built
+    items.sort(key=_needs_model)
+
+
+def pytest_collection_finish(session):
+    if _TINY_RUN and not any(_needs_model(item) for item in session.items):
+        _TINY_RUN["process"].kill()
+
+
+def pytest_sessionfinish(session):
+    if _TINY_RUN:
+        _TINY_RUN["process"].kill()
+        _TINY_RUN["process"].wait()
+        _TINY_RUN["log"].close()
+        shutil.rmtree(_TINY_RUN["folder"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, seed_csv) -> Path:
+def tiny_run() -> Path:
     """A run folder from `elcell train` on 64 real cells: test_resnet, 32 px, 8 epochs
     of 6 steps (enough for its probabilities to spread over most of 0-1, so a
     decision does not flip on the last digit).
@@ -62,14 +113,10 @@ def tiny_run(tmp_path_factory, seed_csv) -> Path:
     smallest size with a heatmap of more than one position a side (4 x 4 at
     stride 8), because almost every command the fast tier runs scores cells with it.
     """
-    from elcell.training.config import TrainConfig
-    from elcell.training.train import train
-
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="test_resnet",
-                                  pretrained="none", image_size=32, batch_size=8, epochs=8, lr=3e-3,
-                                  val_fraction=0.25, progress=False))
-    return out
+    process, log = _TINY_RUN["process"], _TINY_RUN["folder"] / "tiny.log"
+    if process.wait(timeout=600) != 0:
+        pytest.fail(f"the tiny model's training failed (exit {process.returncode}):\n{log.read_text()[-3000:]}")
+    return _TINY_RUN["out"]
 
 
 @pytest.fixture(scope="session")
