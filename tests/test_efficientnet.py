@@ -209,6 +209,7 @@ def test_installed_helper_is_torch_free(tmp_path):
     assert result.stdout.split()[1] == "True"
 
 
+@pytest.mark.slow  # loads three ImageNet files; test_model refuses wrong files in the fast tier
 def test_files_that_do_not_fit_are_refused(tmp_path):
     needs_weights("efficientnet_lite1")
     with pytest.raises(PretrainedError, match=r"does not fit efficientnet_lite0: unexpected .*_blocks\.16.*"

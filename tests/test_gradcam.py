@@ -50,8 +50,10 @@ def assert_equals_captum(model: ResNet, x: torch.Tensor, check_nontrivial: bool 
     assert error <= TOLERANCE * max(1.0, peak), f"max |ours - captum| = {error:.3g} (peak {peak:.3g})"
 
 
-# test_resnet: ResNet-18's BasicBlocks (with and without a downsampling shortcut), fewer and narrower
-@pytest.mark.parametrize(("backbone", "pooling"), [("test_resnet", "avg"), ("resnet50", "avg"), ("test_resnet", "max")])
+# test_resnet: ResNet-18's BasicBlocks (with and without a downsampling shortcut), fewer and
+# narrower; ResNet-50's Bottlenecks in the slow tier
+@pytest.mark.parametrize(("backbone", "pooling"), [("test_resnet", "avg"), ("test_resnet", "max"),
+                                                   pytest.param("resnet50", "avg", marks=pytest.mark.slow)])
 def test_forward_with_cam_equals_captum_random_model(backbone, pooling):
     torch.manual_seed(0)
     model = ResNet(backbone, num_labels=3, pooling=pooling)

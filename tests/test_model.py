@@ -86,17 +86,17 @@ def test_offline_download_fails_with_one_clear_sentence(tmp_path, monkeypatch):
 
 def test_wrong_weight_files_are_refused(tmp_path):
     with pytest.raises(PretrainedError, match="no such file"):
-        load_pretrained(ResNet("resnet18", 2), str(tmp_path / "missing.pth"))
-    path = tmp_path / "r50.pth"
-    torch.save(torchvision_style_state("resnet50"), path)
-    with pytest.raises(PretrainedError, match="does not fit resnet18"):
-        load_pretrained(ResNet("resnet18", 2), str(path))
+        load_pretrained(ResNet("test_resnet", 2), str(tmp_path / "missing.pth"))
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision_style_state("resnet18"), path)
+    with pytest.raises(PretrainedError, match="does not fit test_resnet: .*it fits --backbone resnet18$"):
+        load_pretrained(ResNet("test_resnet", 2), str(path))
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(PretrainedError, match="not a PyTorch weights file or elcell checkpoint"):
-        load_pretrained(ResNet("resnet18", 2), str(tmp_path / "junk.pth"))
+        load_pretrained(ResNet("test_resnet", 2), str(tmp_path / "junk.pth"))
     torch.save({"conv1.weight": torch.zeros(1), "note": ResNet}, tmp_path / "pickled.pth")  # a class: refused
     with pytest.raises(PretrainedError) as refused:
-        load_pretrained(ResNet("resnet18", 2), str(tmp_path / "pickled.pth"))
+        load_pretrained(ResNet("test_resnet", 2), str(tmp_path / "pickled.pth"))
     assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
 
 
