@@ -13,7 +13,7 @@ from elcell.options import flag
 from elcell.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--backbone", "resnet18", "--image-size", "32", "--epochs", "1", "--pretrained", "none",
+QUICK = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "1", "--pretrained", "none",
          "--no-progress", "--batch-size", "8", "--finetune-epochs", "0"]
 
 

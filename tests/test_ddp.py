@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
             path.write_text(json.dumps({"world": trainer.world_size, "seen": self.seen}))
 
     data, out, record = sys.argv[1:4]
-    train(TrainConfig.from_recipe("spec", data=data, out=out, backbone="resnet18", pretrained="none", image_size=32,
+    train(TrainConfig.from_recipe("spec", data=data, out=out, backbone="test_resnet", pretrained="none", image_size=32,
                       batch_size=8, epochs=1, devices="2", accelerator="cpu", progress=False,
                       brightness=0, contrast=0, val_fraction=0.25), callbacks=[RecordCells(record)])
 ''')
@@ -65,7 +65,7 @@ def test_two_cpu_processes_share_the_work(tmp_path, seed_csv, capsys):
 
     # A checkpoint from 2 processes resumes in 1.
     code = main(["train", "--data", str(seed_csv), "--out", str(tmp_path / "resumed"),
-                 "--backbone", "resnet18", "--pretrained", "none", "--image-size", "32",
+                 "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "32",
                  "--batch-size", "8", "--epochs", "2", "--devices", "1", "--val-fraction", "0.25",
                  "--no-progress", "--resume", str(out / "checkpoints" / "last.ckpt")])
     assert code == 0, capsys.readouterr().err

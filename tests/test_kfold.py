@@ -17,7 +17,7 @@ from elcell.judging.intervals import point_figures, read_scored
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--recipe", "spec", "--backbone", "resnet18", "--pretrained", "none", "--image-size", "64",
+TINY = ["--recipe", "spec", "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64",
         "--batch-size", "16", "--epochs", "1", "--lr", "1e-3", "--val-fraction", "0.25",
         "--threshold-recall", "0.95", "--review-recall", "0.99", "--no-progress"]
 

@@ -104,7 +104,7 @@ def test_a_run_on_partly_unknown_labels_trains_and_reports_them(tmp_path, seed_c
 
     data = write_partly_unknown_csv(tmp_path, seed_csv)
     out = tmp_path / "run"
-    summary = train(TrainConfig.from_recipe("spec", data=str(data), out=str(out), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data=str(data), out=str(out), backbone="test_resnet",
                                             pretrained="none", image_size=64, batch_size=16, epochs=1, lr=1e-3,
                                             val_fraction=0.25, progress=False))
     assert math.isfinite(summary["best_val_f1"])

@@ -88,7 +88,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     out.mkdir()
     (out / "best_model_epoch0.onnx").write_bytes(b"the best model of an earlier session")
     (out / "best_model_epoch0.int8.onnx").write_bytes(b"its int8 copy, not elcell train's to remove")
-    summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="test_resnet",
                                 pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
                                 val_fraction=0.25, progress=False,
                                 resume=str(tiny_run / "checkpoints" / "last.ckpt")))
@@ -106,7 +106,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
 
 @pytest.mark.slow
 def test_a_onecycle_run_cannot_be_extended(tmp_path):
-    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="test_resnet",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, schedule="onecycle",
                          progress=False)
     train(config)
@@ -151,7 +151,7 @@ def test_export_names_bad_checkpoints_and_keeps_existing_files(tiny_run, tmp_pat
 
 @pytest.mark.slow
 def test_elpv_trains_on_soft_targets(tmp_path):
-    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=64, out=str(tmp_path / "elpv"), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=64, out=str(tmp_path / "elpv"), backbone="test_resnet",
                                 pretrained="none", image_size=32, batch_size=16, epochs=1,
                                 val_fraction=0.25, progress=False))
     assert summary["labels"] == ["defective"]
@@ -190,7 +190,7 @@ def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
             last = tmp_path / "run" / "checkpoints" / "last.ckpt"
             seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
 
-    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="test_resnet",
                       pretrained="none", image_size=32, batch_size=16, epochs=3, progress=False),
           callbacks=[LookAtCheckpoints()])
     assert seen == [None, 0, 1]
@@ -213,7 +213,7 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero():
 @pytest.mark.slow
 def test_protocol_run_scores_the_exported_model_on_val_and_test_per_cell_type(tmp_path):
     out = tmp_path / "protocol"
-    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=96, out=str(out), backbone="resnet18",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=96, out=str(out), backbone="test_resnet",
                                 pretrained="none", image_size=32, batch_size=16, epochs=3,
                                 val_fraction=0.2, test_fraction=0.25, optimizer="adamw",
                                 weight_decay=0.05, schedule="cosine", warmup_epochs=1, rotate90=True,
@@ -270,7 +270,7 @@ def test_unknown_recipe_choices_fail_before_a_run_folder_exists(tmp_path, option
 def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
     def run(name, **seeds):
         out = tmp_path / name
-        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="test_resnet", pretrained="none",
                           image_size=32, batch_size=16, epochs=1, val_fraction=0.25, progress=False, **seeds))
         state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         return (out / "split.csv").read_text(), state["model.conv1.weight"]
@@ -314,7 +314,7 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, sche
 
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="stays at its random initialisation"):
-        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+        train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="test_resnet", pretrained="none",
                           image_size=32, batch_size=16, epochs=2, optimizer="adamw", weight_decay=0.05,
                           schedule=schedule, backbone_lr_scale=0.0, progress=False),
               callbacks=[KeepStartWeights()])
@@ -330,7 +330,7 @@ def test_backbone_lr_scale_0_trains_the_head_on_a_frozen_backbone(tmp_path, sche
 def test_backbone_lr_scale_holds_through_the_schedule_and_on_resume(tmp_path):
     from elcell.errors import DataError
 
-    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="test_resnet",
                          pretrained="none", image_size=32, batch_size=16, epochs=3, optimizer="adamw",
                          schedule="cosine", warmup_epochs=1, backbone_lr_scale=0.25, progress=False)
     train(config)
@@ -372,7 +372,7 @@ def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
             average["fc"] = weight if "fc" not in average else decay * average["fc"] + (1 - decay) * weight
 
     out = tmp_path / "run"
-    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="test_resnet", pretrained="none",
                       image_size=32, batch_size=16, epochs=2, lr=1e-2, ema_decay=decay, progress=False),
           callbacks=[FollowTheAverage()])
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -388,7 +388,7 @@ def test_ema_checkpoints_hold_the_average_of_the_trained_weights(tmp_path):
 def test_ema_resume_goes_on_from_the_trained_weights_and_needs_the_average(tmp_path):
     from elcell.errors import DataError
 
-    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="test_resnet",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, ema_decay=0.9,
                          progress=False)
     train(config)
@@ -415,7 +415,7 @@ def test_ema_decay_is_checked_and_must_match_on_resume(tmp_path):
     with pytest.raises(DataError, match="--ema-decay 1.0 must be in"):
         train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "bad"), ema_decay=1.0))
     assert not (tmp_path / "bad").exists()
-    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "plain"), backbone="resnet18",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "plain"), backbone="test_resnet",
                          pretrained="none", image_size=32, batch_size=16, epochs=1, progress=False)
     train(config)
     with pytest.raises(DataError, match="trained without --ema-decay; resume it without it"):
@@ -442,7 +442,7 @@ def test_cell_input_norm_travels_into_the_onnx_model(tmp_path, elpv):
     from elcell.training.export import export_onnx, info_from_hparams
 
     out = tmp_path / "run"
-    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    summary = train(TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="test_resnet", pretrained="none",
                                 image_size=64, batch_size=16, epochs=1, input_norm="cell", progress=False))
     nodes = [node.op_type for node in onnx.load(str(out / summary["onnx"])).graph.node]
     assert {"ReduceMean", "Sqrt", "Clip"} <= set(nodes[:nodes.index("Conv")])
@@ -472,7 +472,7 @@ def test_min_shrink_is_trained_on_and_stored_so_predict_and_explain_decode_alike
     from elcell.infer.runtime import open_model, score_files
 
     out = tmp_path / "run"
-    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(out), backbone="test_resnet", pretrained="none",
                          image_size=64, batch_size=16, epochs=1, shrink="min", progress=False)
     summary = train(config)
     with open(out / "split.csv") as handle:  # the model's normalisation: the train cells as decoded
@@ -514,7 +514,7 @@ def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_ever
         originals[path] = np.asarray(Image.open(path))
         Image.fromarray(np.round(originals[path] * (4095 / 255)).astype(np.uint16)).save(path)
     out = tmp_path / "run"
-    config = TrainConfig.from_recipe("spec", data=str(labels), out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data=str(labels), out=str(out), backbone="test_resnet", pretrained="none",
                          image_size=64, batch_size=16, epochs=1, bit_depth=12, progress=False)
     summary = train(config)
     eight_bit = {path: np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BILINEAR))
@@ -548,7 +548,7 @@ def test_bit_depth_is_trained_on_and_stored_so_a_12bit_camera_is_read_alike_ever
 @pytest.mark.slow
 def test_realistic_cracks_on_crack_inactive_cells_mark_both_labels(tmp_path, seed_csv):
     out = tmp_path / "run"
-    train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+    train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="test_resnet", pretrained="none",
                       image_size=32, batch_size=16, epochs=1, val_fraction=0.25, synthetic_cracks=0.5,
                       synthetic_crack_shape="realistic", progress=False))
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -573,7 +573,7 @@ class FirstWeights(L.Callback):
 @pytest.mark.slow
 def test_two_stages_fine_tune_the_pretext_backbone_on_the_real_labels_alone(tmp_path, seed_csv):
     out = tmp_path / "run"
-    config = TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="resnet18", pretrained="none",
+    config = TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="test_resnet", pretrained="none",
                          image_size=32, batch_size=16, epochs=1, val_fraction=0.25, warmup_epochs=2,
                          synthetic_cracks=0.5, synthetic_crack_shape="realistic", finetune_epochs=2,
                          finetune_lr=5e-4, progress=False)
