@@ -88,16 +88,17 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     out.mkdir()
     (out / "best_model_epoch0.onnx").write_bytes(b"the best model of an earlier session")
     (out / "best_model_epoch0.int8.onnx").write_bytes(b"its int8 copy, not elcell train's to remove")
+    trained = yaml.safe_load((tiny_run / "config.yaml").read_text())["epochs"]
     summary = train(TrainConfig.from_recipe("spec", data=str(seed_csv), out=str(out), backbone="test_resnet",
-                                pretrained="none", image_size=64, batch_size=16, epochs=3, lr=1e-3,
+                                pretrained="none", image_size=64, batch_size=16, epochs=trained + 1, lr=1e-3,
                                 val_fraction=0.25, progress=False,
                                 resume=str(tiny_run / "checkpoints" / "last.ckpt")))
     before = list(csv.DictReader(open(tiny_run / "metrics.csv")))
     after = list(csv.DictReader(open(out / "metrics.csv")))
-    # No epoch is repeated: the step counter carries on and only epoch 2 runs.
+    # No epoch is repeated: the step counter carries on and only the one epoch added runs.
     assert min(int(r["step"]) for r in after) >= max(int(r["step"]) for r in before)
-    assert {int(r["epoch"]) for r in after if r.get("epoch")} == {2}
-    assert summary["epochs_run"] == 3
+    assert {int(r["epoch"]) for r in after if r.get("epoch")} == {trained}
+    assert summary["epochs_run"] == trained + 1
     # one model per run folder, so `predict RUN/best_model_epoch*.onnx` finds the right one
     assert sorted(p.name for p in out.glob("best_model_epoch*.onnx")) == sorted(
         [summary["onnx"], "best_model_epoch0.int8.onnx"])
