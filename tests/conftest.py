@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,22 @@ def _needs_model(item: pytest.Item) -> bool:
     return "tiny_run" in getattr(item, "fixturenames", ())
 
 
+def _die_with_pytest() -> None:
+    """In the child: killed when pytest goes, however it goes (pytest-timeout's
+    os._exit, a CI runner's SIGKILL), so no build outlives the session."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def pytest_sessionstart(session):
+    if session.config.option.collectonly:
+        return
     from elcell.cells.labels import elpv_table
 
-    folder = Path(tempfile.mkdtemp(prefix="elcell-tests-"))
+    # under pytest's own base temp, which keeps the last few sessions' and removes older ones
+    folder = session.config._tmp_path_factory.mktemp("tiny-run")
     csv_path = write_seed_csv(folder / "seed", elpv_table())
     out = folder / "runs" / "tiny"
     # one thread: the other core collects and runs tests meanwhile
@@ -80,7 +92,7 @@ def pytest_sessionstart(session):
     log = open(folder / "tiny.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "elcell.cli", "train", "--data", str(csv_path),
                                 "--out", str(out), *TINY_RUN_OPTIONS], stdout=log, stderr=subprocess.STDOUT,
-                               env=env)
+                               env=env, preexec_fn=_die_with_pytest)
     _TINY_RUN.update(folder=folder, csv=csv_path, out=out, process=process, log=log)
 
 
@@ -100,7 +112,6 @@ def pytest_sessionfinish(session):
         _TINY_RUN["process"].kill()
         _TINY_RUN["process"].wait()
         _TINY_RUN["log"].close()
-        shutil.rmtree(_TINY_RUN["folder"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
