@@ -64,3 +64,20 @@ def test_tta_of_a_rotation_trained_model_averages_all_eight_symmetries(tiny_onnx
     expected = np.mean([model.run(v) for v in views], axis=0)
     got = np.array([[float(row["prob_crack"]), float(row["prob_inactive"])] for row in rows])
     np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def test_heatmaps_in_a_few_calls_equal_one_call(model, seed_csv, monkeypatch):
+    """Heatmaps are computed HEATMAP_CELLS cells a call (memory); the split changes nothing."""
+    import elcell.infer.runtime as runtime
+    from elcell.cells.labels import read_labels_csv
+
+    size = model.decoding.size
+    cells = np.stack([load_cell(path, model.decoding) for path in read_labels_csv(seed_csv).paths[:20]])
+    assert cells.shape == (20, size, size)
+    monkeypatch.setattr(runtime, "HEATMAP_CELLS", 1000)
+    whole_probs, whole_maps = model.run(cells, heatmaps=True)
+    monkeypatch.setattr(runtime, "HEATMAP_CELLS", 6)  # 6 + 6 + 6 + 2
+    probs, maps = model.run(cells, heatmaps=True)
+    assert probs.shape == whole_probs.shape and maps.shape == whole_maps.shape == (20, 2, *whole_maps.shape[2:])
+    np.testing.assert_allclose(probs, whole_probs, atol=1e-6)
+    np.testing.assert_allclose(maps, whole_maps, atol=1e-5 * float(np.abs(whole_maps).max()))
