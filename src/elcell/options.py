@@ -69,6 +69,12 @@ def within(low: float, high: float, words: str, high_open: bool = False) -> Chec
     return lambda v: None if low <= v and (v < high if high_open else v <= high) else f"must be {words}"
 
 
+# the checks several commands' options share
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+OPEN_FRACTION: Check = lambda v: None if 0 < v < 1 else "must be in (0, 1)"  # noqa: E731
+
+
 def flag(name: str, config_class: type | None = None) -> str:
     """The command-line flag of option `name` (of `config_class`, which may rename it)."""
     fields_ = getattr(config_class, "__dataclass_fields__", {})

@@ -20,7 +20,18 @@ import yaml
 
 from elcell.cells.images import BIT_DEPTHS, SHRINKS, Decoding
 from elcell.errors import DataError
-from elcell.options import above, at_least, base_values, defaults_from, option, typed_values, within
+from elcell.options import (
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    above,
+    at_least,
+    base_values,
+    defaults_from,
+    option,
+    typed_values,
+    within,
+)
 from elcell.training.fromrun import ADAPT_RECIPE, find_checkpoint, inherited, run_folder
 from elcell.training.weights import BACKBONES
 
@@ -73,10 +84,7 @@ def _default(name: str, base: Any) -> Any:
     return recipe_defaults(default_recipe()).get(name, base)
 
 
-_POSITIVE = at_least(1)
-_NON_NEGATIVE = at_least(0)
 _PROBABILITY = within(0, 1, "a probability in [0, 1]")
-_OPEN_FRACTION = lambda v: None if 0 < v < 1 else "must be in (0, 1)"  # noqa: E731
 
 
 @dataclass
@@ -92,9 +100,9 @@ class TrainConfig:
                                "is not a label", "data", metavar="COLUMN")
     out: str | None = option(None, "run folder (default runs/<timestamp>)", "data", metavar="DIR")
     limit: int | None = option(None, "use only this many cells (a stratified sample): quick trials", "data",
-                               check=_POSITIVE)
+                               check=POSITIVE)
     val_fraction: float = option(0.1, "share of cells held out for validation (stratified by label "
-                                 "combination)", "data", check=_OPEN_FRACTION)
+                                 "combination)", "data", check=OPEN_FRACTION)
     test_fraction: float = option(0.0, "share of cells held out as a test set, scored once with the "
                                   "exported model", "data", check=within(0, 1, "in [0, 1)", high_open=True))
     folds: int = option(0, "k-fold protocol: train K models into RUN/fold0..K-1, each holding out one "
@@ -105,7 +113,7 @@ class TrainConfig:
                         check=lambda v: None if v == 0 or v >= 2 else "must be 0 (off) or 2 or more")
     fold: int | None = option(None, "with --folds K --out RUN: train only this fold (0..K-1) into "
                               "RUN/fold<I>, e.g. one fold per session or per machine sharing RUN",
-                              "data", check=_NON_NEGATIVE, metavar="I")
+                              "data", check=NON_NEGATIVE, metavar="I")
     teacher: str | None = option(None, "distillation: a k-fold folder (its fold models), or run folders "
                                  "and ONNX files, comma-separated; their averaged probabilities become "
                                  "the targets, blended with each cell's own label (--teacher-weight); "
@@ -145,8 +153,8 @@ class TrainConfig:
     input_norm: str = option("dataset", "'dataset' (the train split's pixel mean/std) or 'cell' (each cell "
                              "also standardised by its own mean/std inside the model)", "model",
                              choices=INPUT_NORMS)
-    batch_size: int = option(32, "cells per training batch", "optimisation", check=_POSITIVE)
-    epochs: int = option(100, "maximum number of epochs", "optimisation", check=_POSITIVE)
+    batch_size: int = option(32, "cells per training batch", "optimisation", check=POSITIVE)
+    epochs: int = option(100, "maximum number of epochs", "optimisation", check=POSITIVE)
     optimizer: str = option("adam", "'adam' (weight decay as an L2 term), 'adamw' (decoupled weight "
                             "decay) or 'sgd' (Nesterov momentum 0.9; needs a far larger --lr)",
                             "optimisation", choices=OPTIMIZERS)
@@ -154,8 +162,8 @@ class TrainConfig:
                        "optimisation", check=above(0))
     backbone_lr_scale: float = option(1.0, "the backbone learns at --lr times this, the fresh head at "
                                       "--lr: below 1 keeps pretrained features, 0 freezes the backbone",
-                                      "optimisation", check=_NON_NEGATIVE)
-    weight_decay: float = option(0.0, "weight decay of the optimiser", "optimisation", check=_NON_NEGATIVE)
+                                      "optimisation", check=NON_NEGATIVE)
+    weight_decay: float = option(0.0, "weight decay of the optimiser", "optimisation", check=NON_NEGATIVE)
     ema_decay: float = option(0.0, "keep a moving average of the weights with this decay per step "
                               "(e.g. 0.995; 0 = off): validation, checkpoints and export use it",
                               "optimisation", check=within(0, 1, "in [0, 1) (0 = off)", high_open=True))
@@ -163,11 +171,11 @@ class TrainConfig:
                            "'cosine' (linear warm-up, cosine decay to 0) or 'onecycle'", "optimisation",
                            choices=SCHEDULES)
     warmup_epochs: int = option(0, "linear warm-up epochs of --schedule cosine (at most half the run)",
-                                "optimisation", check=_NON_NEGATIVE)
+                                "optimisation", check=NON_NEGATIVE)
     lr_patience: int = option(3, "epochs without val F1 gain before ReduceLROnPlateau cuts the learning "
-                              "rate 10x", "optimisation", check=_NON_NEGATIVE)
+                              "rate 10x", "optimisation", check=NON_NEGATIVE)
     patience: int = option(10, "epochs without val F1 gain before early stopping", "optimisation",
-                           check=_POSITIVE)
+                           check=POSITIVE)
     loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label) "
                                  "or 'none'", "optimisation", choices=LOSS_WEIGHTINGS)
     init_seed: int | None = option(None, "a different seed for initialisation and augmentation only, "
@@ -175,17 +183,17 @@ class TrainConfig:
     flip_p: float = option(0.4, "probability of each horizontal and vertical flip", "augmentation",
                            check=_PROBABILITY)
     brightness: float = option(0.2, "brightness jitter: factor drawn from [1-b, 1+b]", "augmentation",
-                               check=_NON_NEGATIVE)
+                               check=NON_NEGATIVE)
     contrast: float = option(0.2, "contrast jitter: factor drawn from [1-c, 1+c]", "augmentation",
-                             check=_NON_NEGATIVE)
+                             check=NON_NEGATIVE)
     rotate90: bool = option(False, "rotate each training cell by a random multiple of 90 degrees",
                             "augmentation")
     affine_degrees: float = option(0.0, "small affine warp: rotation drawn from [-d, d] degrees",
-                                   "augmentation", check=_NON_NEGATIVE)
+                                   "augmentation", check=NON_NEGATIVE)
     affine_translate: float = option(0.0, "small affine warp: shift up to this fraction of the size",
-                                     "augmentation", check=_NON_NEGATIVE)
+                                     "augmentation", check=NON_NEGATIVE)
     affine_scale: float = option(0.0, "small affine warp: zoom factor drawn from [1-s, 1+s]",
-                                 "augmentation", check=_NON_NEGATIVE)
+                                 "augmentation", check=NON_NEGATIVE)
     module_path: float = option(0.0, "probability per cell of each distortion the module path adds "
                                 "(elcell.training.linepath): residual perspective and rotation, a jittered border, a "
                                 "light gradient, defocus, a lower native resolution, sensor noise; for "
@@ -202,7 +210,7 @@ class TrainConfig:
                                         "two stages", choices=CRACK_SHAPES)
     finetune_epochs: int = option(0, "two stages: train as configured into RUN/pretext, then fine-tune "
                                   "that backbone with a fresh head on the real labels alone for this many "
-                                  "epochs into RUN (0: one stage)", "two stages", check=_NON_NEGATIVE)
+                                  "epochs into RUN (0: one stage)", "two stages", check=NON_NEGATIVE)
     finetune_lr: float = option(3e-4, "peak learning rate of the fine-tuning stage", "two stages",
                                 check=above(0))
     tta: bool = option(False, "score the final val/test evaluation with test-time augmentation",
@@ -219,9 +227,9 @@ class TrainConfig:
     devices: str = option("auto", "'auto', a number of devices (N > 1 runs N CPU processes without a GPU), "
                           "or a list of GPU indices", "hardware")
     num_nodes: int = option(1, "number of machines (multi-node DDP under torchrun or SLURM)", "hardware",
-                            check=_POSITIVE)
+                            check=POSITIVE)
     workers: int | None = option(None, "data loader processes (default: 4 with a GPU, 0 on CPU)",
-                                 "hardware", check=_NON_NEGATIVE)
+                                 "hardware", check=NON_NEGATIVE)
     resume: str | None = option(None, "continue from this checkpoint (RUN/checkpoints/last.ckpt) with that "
                                 "run's options; options given here win (e.g. --epochs)", "hardware",
                                 metavar="CKPT")

@@ -10,12 +10,8 @@ from dataclasses import asdict, dataclass
 import yaml
 
 from elcell.cells.images import BIT_DEPTHS, SHRINKS, Decoding
-from elcell.options import above, at_least, option, within
+from elcell.options import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, above, at_least, option, within
 from elcell.training.weights import RESNETS
-
-_POSITIVE = at_least(1)
-_NON_NEGATIVE = at_least(0)
-_OPEN_FRACTION = lambda v: None if 0 < v < 1 else "must be in (0, 1)"  # noqa: E731
 
 
 @dataclass
@@ -28,9 +24,9 @@ class PretrainConfig:
     group: str | None = option(None, "with a labels CSV and --test-fraction: the group column that "
                                "stratifies the split", "data", metavar="COLUMN")
     out: str | None = option(None, "run folder (default runs/pretrain-<timestamp>)", "data", metavar="DIR")
-    limit: int | None = option(None, "use only this many cells: quick trials", "data", check=_POSITIVE)
+    limit: int | None = option(None, "use only this many cells: quick trials", "data", check=POSITIVE)
     val_fraction: float = option(0.1, "with --test-fraction: the --val-fraction of the `elcell train` run "
-                                 "to come", "data", check=_OPEN_FRACTION)
+                                 "to come", "data", check=OPEN_FRACTION)
     test_fraction: float = option(0.0, "leave out the cells that `elcell train` with the same --seed, "
                                   "--val-fraction and --test-fraction holds out as its test set", "data",
                                   check=within(0, 1, "in [0, 1)", high_open=True))
@@ -47,23 +43,23 @@ class PretrainConfig:
     batch_size: int = option(128, "cells per batch (each gives two views; every other view in the batch "
                              "is a negative)", "optimisation", check=at_least(2, "2 or more: contrastive "
                                                                                "learning needs pairs"))
-    epochs: int = option(60, "number of epochs", "optimisation", check=_POSITIVE)
+    epochs: int = option(60, "number of epochs", "optimisation", check=POSITIVE)
     lr: float = option(1e-3, "peak learning rate of AdamW (linear warm-up, then cosine to 0)",
                        "optimisation", check=above(0))
-    weight_decay: float = option(1e-4, "AdamW weight decay", "optimisation", check=_NON_NEGATIVE)
-    warmup_epochs: int = option(2, "linear warm-up epochs", "optimisation", check=_NON_NEGATIVE)
+    weight_decay: float = option(1e-4, "AdamW weight decay", "optimisation", check=NON_NEGATIVE)
+    warmup_epochs: int = option(2, "linear warm-up epochs", "optimisation", check=NON_NEGATIVE)
     temperature: float = option(0.2, "temperature of the contrastive (NT-Xent) loss", "optimisation",
                                 check=above(0, "positive"))
     crop_scale: float = option(0.35, "each view is a random crop of at least this share of the cell",
                                "augmentation", check=within(1e-9, 1, "in (0, 1]"))
     brightness: float = option(0.4, "brightness jitter between the views: factor from [1-b, 1+b]",
-                               "augmentation", check=_NON_NEGATIVE)
+                               "augmentation", check=NON_NEGATIVE)
     contrast: float = option(0.4, "contrast jitter between the views: factor from [1-c, 1+c]",
-                             "augmentation", check=_NON_NEGATIVE)
+                             "augmentation", check=NON_NEGATIVE)
     precision: str = option("auto", "'auto' or a Lightning precision", "hardware")
     accelerator: str = option("auto", "auto, cpu or gpu", "hardware", metavar="KIND")
     workers: int | None = option(None, "data loader processes (default: 4 with a GPU, 0 on CPU)",
-                                 "hardware", check=_NON_NEGATIVE)
+                                 "hardware", check=NON_NEGATIVE)
     progress: bool | None = option(None, "progress bars (default: on a terminal)", "hardware")
 
     @property
