@@ -68,7 +68,32 @@ def test_the_order_puts_the_most_uncertain_first_and_mixes_in_random_ok_cells(pr
     assert not any(c.random for c in review_order(probs, thresholds, ok, LABELS, 0.0))
 
 
-def test_segment_writes_its_labels_in_the_review_order(tiny_onnx, model, tmp_path):
+def test_the_teach_order_puts_likely_defects_and_cells_near_half_in_turn(probs):
+    """Recall-first thresholds sit far below 0.5: teach ignores them (a threshold
+    of 0.001 gives the same order) and counts from 0.5."""
+    ok = np.zeros(len(probs), dtype=bool)
+    order = review_order(probs, [0.001, 0.002], ok, LABELS, order="teach")
+    assert sorted(c.index for c in order) == list(range(len(probs)))
+    assert_teach_order(probs[[c.index for c in order]], [c.reason for c in order])
+    assert [c.index for c in review_order(probs, [0.3, 0.9], ok, LABELS, order="teach")] == [c.index for c in order]
+    with pytest.raises(ValueError, match="order 'best'"):
+        review_order(probs, [0.5, 0.5], ok, LABELS, order="best")
+
+
+def assert_teach_order(probs: np.ndarray, reasons: list[str]) -> None:
+    """The `teach` order: likely defects (labels in turn, highest first) and the
+    cells nearest 0.5 alternate, random ok cells aside."""
+    taught = [k for k, why in enumerate(reasons) if why != "random check of an ok cell"]
+    likely, nearest = taught[0::2], taught[1::2]
+    assert all(reasons[k].startswith(f"likely {LABELS[n % 2]}: ") for n, k in enumerate(likely))
+    assert likely[0] == int(np.argmax(probs[:, 0]))  # the most likely crack first
+    for j in range(2):
+        assert np.all(np.diff(probs[likely[j::2], j]) <= 1e-9)  # each label's most likely first
+    boundary, _ = margins(probs, [0.5, 0.5])
+    assert np.all(np.diff(boundary[nearest]) >= -1e-9) and nearest  # then nearest 0.5 first
+
+
+def test_segment_writes_its_labels_in_the_order_to_teach(tiny_onnx, model, tmp_path):
     from elcell.cli import main
 
     photo = Path(__file__).parent / "data" / "modules" / "poly-6x10-A1.jpg"
@@ -78,12 +103,12 @@ def test_segment_writes_its_labels_in_the_review_order(tiny_onnx, model, tmp_pat
     assert lines[0] == "path;crack;inactive;reason" and len(lines) == 61
     rows = [line.split(";") for line in lines[1:]]
     probs = score_cells(model, [load_cell(tmp_path / "cut" / row[0], model.decoding) for row in rows]).probs
-    distance, _ = margins(probs, model.info.thresholds)
-    chosen = [k for k, row in enumerate(rows) if row[3] != "random check of an ok cell"]
-    assert np.all(np.diff(distance[chosen]) >= -1e-6)  # most uncertain first
     randoms = [k for k, row in enumerate(rows) if row[3] == "random check of an ok cell"]
     assert randoms == [9, 19, 29, 39, 49, 59][:len(randoms)] and randoms
     assert all(row[1:3] == ["0", "0"] for row in (rows[k] for k in randoms))
+    # the rows' own probabilities in the order they were written: the random rows aside, it is teach's
+    taught = [k for k in range(len(rows)) if k not in randoms]
+    assert_teach_order(probs[taught], [rows[k][3] for k in taught])
     known = [line for line in lines[1:] if line.split(";")[1:3] != ["", ""]]
     (tmp_path / "cut" / "known.csv").write_text("\n".join([lines[0], *known]) + "\n")
     table = read_labels_csv(tmp_path / "cut" / "known.csv")  # the reason is a note, not a label
@@ -116,6 +141,22 @@ def test_borderline_cells_reach_the_operator_once_however_often_they_are_scored(
                      / (1 - client.get("/api/v1/model").json()["thresholds"]["crack"]))))
         assert item["id"] == nearest["review"] and item["reason"].startswith("uncertain: crack")
         assert not item["random"]
+
+
+def test_the_station_can_hand_out_cells_in_the_order_to_teach(model, cells, probs, tmp_path):
+    with station(model, tmp_path / "reviewed", probs, review_random=0.0, review_order="teach") as client:
+        answer = client.post("/api/v1/cells", files=upload(cells)).json()["cells"]
+        waiting = {c["review"]: c["probs"] for c in answer if c["review"]}
+        handed = [client.get("/api/v1/review/next", params={"session": f"s{k}"}).json()["item"] for k in range(4)]
+    assert len({item["id"] for item in handed}) == 4
+    by = {item["id"]: waiting[item["id"]] for item in handed}
+    assert handed[0]["id"] == max(waiting, key=lambda key: waiting[key]["crack"])
+    assert handed[0]["reason"].startswith("likely crack: ")
+    rest = set(waiting) - {handed[0]["id"]}
+    nearest_half = min(rest, key=lambda key: margins(np.array([list(waiting[key].values())]), [0.5, 0.5])[0][0])
+    assert handed[1]["id"] == nearest_half and handed[1]["reason"].startswith("uncertain: ")
+    assert handed[2]["reason"].startswith("likely inactive: ")
+    assert by[handed[2]["id"]]["inactive"] == max(waiting[key]["inactive"] for key in rest - {handed[1]["id"]})
 
 
 def test_a_share_of_random_ok_cells_is_offered_and_says_so(model, cells, probs, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from elcell.infer.review_order import ORDERS
 from elcell.options import (
     DefaultsHelpFormatter,
     add_options,
@@ -196,8 +197,8 @@ def add_segment(commands) -> None:
                       "resolution and depth (16-bit stays 16-bit), named <module>_r<row>_c<col>.png, and "
                       "write OUT/labels.csv in the training format: label columns empty, or with --model "
                       "filled with its decisions (defect 1, ok 0, review empty), for `elcell train --data`; "
-                      "with --model its rows come in the order to label them (most uncertain first, a share "
-                      "of random ok cells), with a `reason` column saying why.")
+                      "with --model its rows come in the order to label them (--review-order), with a "
+                      "`reason` column saying why.")
     parser.add_argument("inputs", nargs="+", metavar="MODULE_IMAGE", help="module photos, folders or CSVs")
     parser.add_argument("--grid", required=True, metavar="ROWSxCOLS", help="as inspect's, e.g. 6x10")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the cells and labels.csv")
@@ -206,6 +207,10 @@ def add_segment(commands) -> None:
                         help="label columns of labels.csv without --model")
     parser.add_argument("--review-random", type=share, default=0.1, metavar="SHARE",
                         help="with --model: share of the rows, spread evenly, that are random ok cells")
+    parser.add_argument("--review-order", choices=ORDERS, default="teach",
+                        help="with --model: teach (likely defects and cells near 0.5 in turn: what a "
+                             "fine-tuning learns most from) or check (nearest the thresholds first: "
+                             "checking the model's decisions)")
     parser.add_argument("--seed", type=int, default=0, help="for the random ok cells")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/labels.csv")
 
@@ -270,7 +275,11 @@ def add_serve(commands) -> None:
                                                             "the waiting cells in DIR/queue/ (a restart resumes them)")
     parser.add_argument("--review-random", type=share, default=0.1, metavar="SHARE",
                         help="share of the cells handed out for review drawn at random among those the model "
-                             "decided ok (finds misses, estimates the error rate); the rest go most uncertain first")
+                             "decided ok (finds misses, estimates the error rate); the rest in --review-order")
+    parser.add_argument("--review-order", choices=ORDERS, default="check",
+                        help="check: nearest the thresholds first, to check the line's decisions; teach: likely "
+                             "defects and cells near 0.5 in turn, when the answers are to fine-tune on "
+                             "(`train --from`)")
     _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")

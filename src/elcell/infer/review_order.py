@@ -1,6 +1,7 @@
-"""Which cells a person should label first: the order that teaches a model most.
-Torch-free; one function for the station's review queue and `elcell segment --model`.
+"""Which cells a person should look at first. Torch-free; one function for the
+station's review queue and `elcell segment --model`, in two orders:
 
+`check` (the station's default: an operator checks the line's decisions).
 Most uncertain first: a cell's uncertainty is its distance to the nearest
 threshold across labels, in log-odds (a crack at 0.47 against a threshold of
 0.5 is 0.12 away, one at 0.99 is 4.6 away), so cells the model could have
@@ -10,6 +11,15 @@ are borderline for. Log-odds rather than probability so that a threshold of
 1/share-th) goes to a cell drawn at random among those decided `ok`: the
 uncertainty order alone never shows a confident miss, and answers on random
 `ok` cells estimate how many cracks the line lets through.
+
+`teach` (labelling cells to fine-tune on, `train --from`). Places alternate
+between the most likely defects (highest probability, each label in turn, so a
+rare label gets its share) and the cells nearest 0.5 in log-odds, the boundary
+the loss trains, with the same random share. Uncertainty about a recall-first
+threshold is the wrong guide here: such thresholds sit near 0.005, so the
+cells near them are intact ones, and a model new to a line learns from its
+defects and from the look-alikes it scores high (docs/adaptation.md measures
+both orders against random choice).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+ORDERS = ("check", "teach")
 UNCERTAIN_MARGIN = 2.0  # log-odds: within it a cell is borderline (0.12..0.88 around a threshold of 0.5)
 EPS = 1e-6
 
@@ -49,10 +60,13 @@ def margins(probs: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray,
 
 
 def reason(probs: Sequence[float], thresholds: Sequence[float], labels: Sequence[str], random: bool,
-           flagged: bool = False) -> str:
-    """Why a cell was chosen, in words the page shows."""
+           flagged: bool = False, likely: int | None = None) -> str:
+    """Why a cell was chosen, in words the page shows (`likely`: the label it
+    was taken for as a likely defect, in the `teach` order)."""
     if random:
         return "random check of an ok cell"
+    if likely is not None:
+        return f"likely {labels[likely]}: {float(probs[likely]):.2f}, among the highest"
     margin, nearest = margins(np.asarray(probs, dtype=np.float64)[None], thresholds)
     j = int(nearest[0])
     said = f"{labels[j]} {float(probs[j]):.2f}"
@@ -74,16 +88,21 @@ def random_turn(position: int, share: float) -> bool:
 
 
 def review_order(probs: np.ndarray, thresholds: Sequence[float], ok: np.ndarray, labels: Sequence[str],
-                 random_share: float = 0.0, seed: int = 0) -> list[Choice]:
-    """Every cell once, in the order a person should label them: most uncertain
-    first, with every 1/random_share-th place a cell drawn at random among the
-    `ok` ones ([N] bool). Deterministic for a seed."""
+                 random_share: float = 0.0, seed: int = 0, order: str = "check") -> list[Choice]:
+    """Every cell once, in the order a person should look at them (`order`: see
+    the module's doc), every 1/random_share-th place a cell drawn at random among
+    the `ok` ones ([N] bool). Deterministic for a seed."""
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
     probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
     margin, _ = margins(probs, thresholds)
     ok = np.asarray(ok, dtype=bool)
     rng = np.random.default_rng(seed)
     drawn = deque(int(i) for i in rng.permutation(np.flatnonzero(ok))) if random_share > 0 else deque()
-    by_margin = deque(int(i) for i in np.argsort(margin, kind="stable"))
+    boundary = [0.5] * probs.shape[1] if order == "teach" else thresholds
+    by_margin = deque(int(i) for i in np.argsort(margins(probs, boundary)[0], kind="stable"))
+    # teach: each label's cells, most likely first; the labels take turns
+    likely = [deque(int(i) for i in np.argsort(-probs[:, j], kind="stable")) for j in range(probs.shape[1])]
     taken: set[int] = set()
 
     def first_untaken(line: deque) -> int | None:
@@ -91,12 +110,18 @@ def review_order(probs: np.ndarray, thresholds: Sequence[float], ok: np.ndarray,
             line.popleft()
         return line.popleft() if line else None
 
-    order: list[Choice] = []
-    while len(order) < len(probs):
-        index = first_untaken(drawn) if random_turn(len(order), random_share) else None
+    chosen: list[Choice] = []
+    taught = 0  # places not drawn at random: in teach, even ones go to a likely defect
+    while len(chosen) < len(probs):
+        index = first_untaken(drawn) if random_turn(len(chosen), random_share) else None
         random = index is not None
+        label = None
+        if index is None and order == "teach" and taught % 2 == 0:
+            label = (taught // 2) % probs.shape[1]
+            index = first_untaken(likely[label])
         index = first_untaken(by_margin) if index is None else index
         taken.add(index)
-        order.append(Choice(index, float(margin[index]), random, reason(probs[index], thresholds, labels, random,
-                                                                             not ok[index])))
-    return order
+        taught += not random
+        why = reason(probs[index], boundary, labels, random, not ok[index], label)
+        chosen.append(Choice(index, float(margin[index]), random, why))
+    return chosen

@@ -6,9 +6,10 @@ Each cell is written at the photo's resolution and depth (a 16-bit photo gives
 the top left. labels.csv beside them is in the training format with one
 column per label: empty for a person to fill in, or with --model the model's
 decisions (defect 1, ok 0, review left empty: a person decides), its rows
-then in the order a person should label them (`elcell.infer.review_order`,
-the station's review order: most uncertain first, a share of random ok
-cells), with a `reason` column saying why each is where it is.
+then in the order a person should label them (`elcell.infer.review_order`;
+by default `teach`, the order that makes a fine-tuning learn most: likely
+defects and cells near 0.5 in turn, a share of random ok cells), with a
+`reason` column saying why each is where it is.
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ def label_columns(cells: list[np.ndarray], labels: list[str], model: Model | Non
     return [[ANSWER.get(d, "") for d in row] for row in scores.decisions], scores.probs
 
 
-def in_review_order(rows: list[list[str]], probs: np.ndarray, model: Model, share: float, seed: int) -> list[list[str]]:
+def in_review_order(rows: list[list[str]], probs: np.ndarray, model: Model, share: float, seed: int,
+                    order: str = "teach") -> list[list[str]]:
     """Rows sorted for labelling, each with its reason last."""
     ok = np.array([all(v == ANSWER[OK] for v in row[1:]) for row in rows], dtype=bool)
-    order = review_order(probs, model.info.thresholds, ok, model.info.labels, share, seed)
-    return [[*rows[choice.index], choice.reason] for choice in order]
+    chosen = review_order(probs, model.info.thresholds, ok, model.info.labels, share, seed, order)
+    return [[*rows[choice.index], choice.reason] for choice in chosen]
 
 
 def main(args) -> int:
@@ -87,10 +89,11 @@ def main(args) -> int:
         print(f"elcell: {name}: {len(cells)} cells", file=sys.stderr)
     header = ["path", *labels]
     if model is not None and found:
-        found = in_review_order(found, np.concatenate(probs), model, args.review_random, args.seed)
+        found = in_review_order(found, np.concatenate(probs), model, args.review_random, args.seed,
+                                args.review_order)
         header.append("reason")
     lines = [";".join(header)] + [";".join(row) for row in found]
     atomic_write_text(out / "labels.csv", "\n".join(lines) + "\n")
     print(f"elcell: wrote {len(found)} cells and {out / 'labels.csv'}"
-          + (", most uncertain first" if model is not None else ""), file=sys.stderr)
+          + (f", in the {args.review_order} order" if model is not None else ""), file=sys.stderr)
     return 1 if failed else 0

@@ -10,8 +10,9 @@ error rate), so that misses are found. A cell is
 known by the hash of its pixels: scored again, it is not queued again, and
 once answered it is not queued at all.
 
-What leaves first: the order of `elcell.infer.review_order`: most uncertain
-first, every 1/random_share-th cell handed out a random `ok` one. Each is
+What leaves first: the order of `elcell.infer.review_order`: `check` (most
+uncertain first) or `teach` (the most likely defects and the cells nearest 0.5
+in turn), every 1/random_share-th cell handed out a random `ok` one. Each is
 leased to one reviewer's page session for `lease` seconds (renewed while the
 page polls), so two reviewers never get the same cell; the same session asks
 again (a reload) and gets its cell back at once; `release` returns it (a
@@ -21,7 +22,7 @@ On disk, in the --labels-out folder: queue/<key>.png, the cell at its own
 resolution and depth (written and fsync'ed before it is listed), and
 queue.json, the list with what the model said (rewritten atomically on each
 change). Leases are not kept: after a restart every cell is free. Bounded:
-past `max_items` the most certain cell is dropped (and counted).
+past `max_items` the cell the order would offer last is dropped (and counted).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elcell.infer.review_order import UNCERTAIN_MARGIN, margins, random_turn, reason
+from elcell.infer.review_order import ORDERS, UNCERTAIN_MARGIN, margins, random_turn, reason
 from elcell.station.review import LabelsFolder, _sync_folder, _write_synced, pixel_key, png
 
 
@@ -77,8 +78,11 @@ class ReviewQueue:
     """The waiting cells of one --labels-out folder. Thread-safe."""
 
     def __init__(self, folder: LabelsFolder, thresholds: list[float], max_items: int = 1000, lease: float = 60.0,
-                 random_share: float = 0.0, seed: int | None = None):
+                 random_share: float = 0.0, seed: int | None = None, order: str = "check"):
+        if order not in ORDERS:
+            raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
         self.folder = folder
+        self.order = order
         self.labels = folder.labels
         self.thresholds = list(thresholds)
         self.max_items = max_items
@@ -86,6 +90,7 @@ class ReviewQueue:
         self.random_share = random_share
         self.dropped = 0
         self.handed = 0
+        self.taught = 0  # cells handed out in the teach order, not at random: whose turn it is
         self.files = folder.folder / "queue"
         self.state = folder.folder / "queue.json"
         self._rng = random.Random(seed)
@@ -185,9 +190,18 @@ class ReviewQueue:
         while len(self._items) > self.max_items:
             now = time.monotonic()
             free = [i for i in self._items.values() if i.leased_until <= now] or list(self._items.values())
-            gone = max(free, key=lambda i: (not i.random, i.margin, -i.seq))
+            gone = max(free, key=self._last_offered)
             self._forget(gone.id)
             self.dropped += 1
+
+    def _last_offered(self, item: ReviewItem) -> tuple:
+        """Sort key: the largest is the cell the order would hand out last. Random
+        cells are kept (an error rate needs them); in `teach`, a cell scored below
+        0.5 on every label and far from it teaches least."""
+        if self.order == "teach":
+            probs = np.array(list(item.probs.values()))
+            return not item.random, bool((probs < 0.5).all()), _boundary(probs), -item.seq
+        return not item.random, item.margin, -item.seq
 
     def _forget(self, key: str) -> None:
         self._items.pop(key, None)
@@ -207,11 +221,30 @@ class ReviewQueue:
             if not free:
                 return None
             randoms = [i for i in free if i.random]
-            pool = randoms if randoms and random_turn(self.handed, self.random_share) else free
-            item = min(pool, key=lambda i: (i.skips, i.seq) if pool is randoms else (i.skips, i.margin, i.seq))
+            if randoms and random_turn(self.handed, self.random_share):
+                item = min(randoms, key=lambda i: (i.skips, i.seq))
+            elif self.order == "teach":
+                item = self._teach(free)
+            else:
+                item = min(free, key=lambda i: (i.skips, i.margin, i.seq))
             self.handed += 1
             item.holder, item.leased_until = session, now + self.lease
             return item
+
+    def _teach(self, free: list[ReviewItem]) -> ReviewItem:
+        """The `teach` order's next cell: turn by turn the highest-scored cell for
+        each label, then the one nearest 0.5 (its reason says which)."""
+        turn, self.taught = self.taught, self.taught + 1
+        if turn % 2 == 0:
+            label = self.labels[(turn // 2) % len(self.labels)]
+            item = min(free, key=lambda i: (i.skips, -i.probs[label], i.seq))
+            likely = self.labels.index(label)
+        else:
+            item = min(free, key=lambda i: (i.skips, _boundary(np.array(list(i.probs.values()))), i.seq))
+            likely = None
+        item.reason = reason(list(item.probs.values()), [0.5] * len(self.labels), self.labels, False,
+                             likely=likely)
+        return item
 
     def _held(self, session: str, now: float) -> ReviewItem | None:
         return next((i for i in self._items.values() if i.holder == session and i.leased_until > now), None)
@@ -263,3 +296,8 @@ class ReviewQueue:
         with self._lock:
             return {"waiting": len(self._items), "answered": self.folder.rows,
                     "dropped": self.dropped}
+
+
+def _boundary(probs: np.ndarray) -> float:
+    """Log-odds from 0.5 of a cell's least certain label."""
+    return float(margins(probs[None], [0.5] * len(probs))[0][0])

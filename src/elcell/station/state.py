@@ -48,6 +48,7 @@ class Settings(Budget):
     rules: str | None = None
     max_results_mb: int = 512
     review_random: float = 0.1  # share of the cells handed out for review that are random `ok` ones
+    review_order: str = "check"  # elcell.infer.review_order: check decisions, or teach a fine-tuning
     review_seed: int | None = None  # for the random draws (tests)
 
 
@@ -68,7 +69,7 @@ class Station:
         self.store = ResultStore(max_bytes=settings.max_results_mb * 2**20)
         self.folder = LabelsFolder(settings.labels_out, self.labels) if settings.labels_out else None
         self.queue = ReviewQueue(self.folder, list(self.thresholds), random_share=settings.review_random,
-                                 seed=settings.review_seed) if self.folder else None
+                                 seed=settings.review_seed, order=settings.review_order) if self.folder else None
 
     def keep(self, results: list[CellResult]) -> list[str]:
         """Store scored cells (their result ids, in order); with reviews on, offer
