@@ -19,6 +19,7 @@ from elcell.cells.labels import read_labels_csv
 from elcell.cli import main
 from elcell.errors import DataError
 from elcell.infer.modelinfo import read_info
+from elcell.infer.runtime import open_model
 from elcell.training.config import TrainConfig
 from elcell.training.data import pos_weights
 from elcell.training.export import InferenceGraph, heatmap_difference
@@ -80,6 +81,17 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
     assert np.abs(probs - torch_probs.numpy()).max() <= 1e-4
     # on average within 1e-4 of the peak; a ReLU mask flipped by float rounding moves a few positions more
     assert heatmap_difference(heatmap, torch_heatmap.numpy()) <= 1e-4
+    # the graph maps one view; the runtime averages the views as PyTorch's cam_views does
+    model = open_model(tiny_onnx)
+    assert model.graph_views == 1 and model.heatmap_views in (4, 8)
+    module.model.cam_views = model.heatmap_views
+    with torch.no_grad():
+        _, averaged = graph(torch.from_numpy(cells))
+    runtime_probs, runtime_maps = model.run(cells[:, 0], heatmaps=True)
+    assert np.abs(runtime_probs - probs).max() <= 1e-6  # the cells as given
+    assert heatmap_difference(runtime_maps, averaged.numpy()) <= 1e-4
+    assert heatmap_difference(runtime_maps, heatmap) > 1e-3  # the views did change the map
+    np.testing.assert_allclose(model.run(cells[:, 0], heatmaps=True, views=1)[1], heatmap, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -34,6 +34,30 @@ DEFECT, REVIEW, OK = "defect", "review", "ok"
 HEATMAP_CELLS = 16  # cells per heatmap call (Model.run)
 
 
+def _swap(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+# The symmetries of a square as (view, undo) on [..., H, W], in the order of the
+# training code's (elcell.training.nets.cellnet.VIEWS): the four flips (any
+# model), then the transposed four (models trained with 90-degree rotations).
+# `undo` turns a view's heatmap back onto the cell.
+VIEWS = (
+    (_same, _same),
+    (lambda a: a[..., ::-1], lambda a: a[..., ::-1]),
+    (lambda a: a[..., ::-1, :], lambda a: a[..., ::-1, :]),
+    (lambda a: a[..., ::-1, ::-1], lambda a: a[..., ::-1, ::-1]),
+    (_swap, _swap),
+    (lambda a: _swap(a)[..., ::-1], lambda a: _swap(a[..., ::-1])),
+    (lambda a: _swap(a)[..., ::-1, :], lambda a: _swap(a[..., ::-1, :])),
+    (lambda a: _swap(a)[..., ::-1, ::-1], lambda a: _swap(a[..., ::-1, ::-1])),
+)
+
+
 @dataclass
 class Model:
     """An elcell model open in ONNX Runtime, with its metadata.
@@ -68,30 +92,50 @@ class Model:
     def decoding(self) -> Decoding:
         return self.info.decoding
 
-    def run(self, images: np.ndarray, heatmaps: bool = False):
+    @property
+    def heatmap_views(self) -> int:
+        """How many symmetric views a heatmap averages unless told otherwise."""
+        return int((self.info.extra.get("heatmap") or {}).get("views", 1))
+
+    @property
+    def graph_views(self) -> int:
+        """How many views the graph averages itself: models exported before
+        `graph_views` was stored do all of theirs inside it."""
+        settings = self.info.extra.get("heatmap") or {}
+        return int(settings.get("graph_views", settings.get("views", 1)))
+
+    def run(self, images: np.ndarray, heatmaps: bool = False, views: int | None = None):
         """Probabilities [B, N] for uint8 cells [B, H, W] (H = W = decoding.size);
-        with heatmaps=True also the heatmaps [B, N, h, w]."""
+        with heatmaps=True also the heatmaps [B, N, h, w], averaged over the first
+        `views` symmetric views (default `heatmap_views`; at most those, and a
+        model whose graph averages its own views does all of them)."""
+        if not heatmaps:
+            return self.session.run(["probs"], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)[:, None]})[0]
+        n = 1 if self.graph_views > 1 else min(views or self.heatmap_views, self.heatmap_views)
+        probs, total = None, None
+        for view, undo in VIEWS[:n]:
+            p, maps = self._heatmaps(view(images))
+            probs = p if probs is None else probs  # the cells as given
+            total = undo(maps) if total is None else total + undo(maps)
+        return probs, np.ascontiguousarray(total / n, dtype=np.float32)
+
+    def _heatmaps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's probabilities and heatmaps, a few cells a call: ONNX
+        Runtime's arena keeps the largest call's memory for good (inspecting 144
+        flagged half-cells peaked at 9.6 GB with one call of a graph doing 8 views,
+        5.5 GB with HEATMAP_CELLS a call, in the same time)."""
         batch = np.ascontiguousarray(images, dtype=np.uint8)[:, None]
-        if heatmaps:
-            # a few cells a call: the heatmap graph runs every view forward and back,
-            # and ONNX Runtime's arena keeps the largest call's memory for good
-            # (inspecting 144 flagged half-cells peaked at 9.6 GB with one call, 5.5 GB
-            # with HEATMAP_CELLS a call, in the same time)
-            parts = [self.full_session.run(["probs", "heatmap"], {INPUT_NAME: batch[i:i + HEATMAP_CELLS]})
-                     for i in range(0, max(len(batch), 1), HEATMAP_CELLS)]
-            return np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts])
-        return self.session.run(["probs"], {INPUT_NAME: batch})[0]
+        parts = [self.full_session.run(["probs", "heatmap"], {INPUT_NAME: batch[i:i + HEATMAP_CELLS]})
+                 for i in range(0, max(len(batch), 1), HEATMAP_CELLS)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts])
 
     def run_views(self, images: np.ndarray) -> np.ndarray:
         """Probabilities of the other views of the cells that training showed the
         model, [V, B, N]: flipped left-right, up-down and both; with a model trained
         with 90-degree rotations also the four transposed views (all eight
         symmetries of a square). With the plain run they make the TTA mean."""
-        views = [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
-        if self.info.extra.get("rotate90"):
-            turned = images.transpose(0, 2, 1)
-            views += [turned, turned[:, :, ::-1], turned[:, ::-1, :], turned[:, ::-1, ::-1]]
-        return np.stack([self.run(view) for view in views])
+        views = VIEWS[1:8 if self.info.extra.get("rotate90") else 4]
+        return np.stack([self.run(view(images)) for view, _ in views])
 
     def decide(self, probs: np.ndarray, thresholds: Sequence[float] | None = None,
                review_thresholds: Sequence[float] | None = None) -> np.ndarray:
@@ -229,10 +273,11 @@ def as_model_input(cells: np.ndarray | Sequence[np.ndarray], decoding: Decoding)
 
 def score_cells(model: Model, cells: np.ndarray | Sequence[np.ndarray], *, tta: bool = False,
                 heatmaps: bool = False, thresholds: Sequence[float] | None = None,
-                review_thresholds: Sequence[float] | None = None) -> CellScores:
+                review_thresholds: Sequence[float] | None = None, map_views: int | None = None) -> CellScores:
     """Score decoded cells (see `as_model_input`): probabilities, decisions and,
-    with heatmaps=True, the heatmaps, from one ONNX Runtime call (plus the other
-    views with tta). Decisions use the model's thresholds unless others are given."""
+    with heatmaps=True, the heatmaps (averaged over `map_views` views, see
+    Model.run), from one ONNX Runtime call a view (plus the other views with
+    tta). Decisions use the model's thresholds unless others are given."""
     batch = as_model_input(cells, model.decoding)
     if len(batch) == 0:
         n = len(model.info.labels)
@@ -240,7 +285,7 @@ def score_cells(model: Model, cells: np.ndarray | Sequence[np.ndarray], *, tta: 
         return CellScores(empty, empty, model.decide(empty, thresholds, review_thresholds), None, batch)
     maps = None
     if heatmaps:
-        plain, maps = model.run(batch, heatmaps=True)
+        plain, maps = model.run(batch, heatmaps=True, views=map_views)
     else:
         plain = model.run(batch)
     probs = np.concatenate([plain[None], model.run_views(batch)]).mean(0) if tta else plain

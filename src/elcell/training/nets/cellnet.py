@@ -73,9 +73,11 @@ def heatmap_settings(size: int, rotate90: bool, method: str = "layercam") -> dic
     """How an exported model computes its heatmaps (docs/heatmaps.md): LayerCAM
     on the deepest feature map with at least HEATMAP_MIN_SIDE positions a side
     (stride 16 at 289 px, 8 at 225 or 128 px), averaged over the cell's
-    symmetric views (all eight for a model trained with 90-degree rotations)."""
+    symmetric views (all eight for a model trained with 90-degree rotations).
+    The exported graph computes one view (`graph_views`); the runtime averages
+    the views, so a caller may take fewer where time matters more (a module map)."""
     stride = next((s for s in CAM_STRIDES if -(-size // s) >= HEATMAP_MIN_SIDE), CAM_STRIDES[-1])
-    return {"method": method, "stride": stride, "views": 8 if rotate90 else 4}
+    return {"method": method, "stride": stride, "views": 8 if rotate90 else 4, "graph_views": 1}
 
 
 class CellNet(nn.Module):
@@ -168,8 +170,10 @@ class CellNet(nn.Module):
         return (grad / (h * w))[..., None, None].expand(*grad.shape, h, w)
 
     def use_heatmap(self, settings: dict) -> None:
-        """Compute heatmaps as `heatmap_settings` says."""
-        self.cam_method, self.cam_stride, self.cam_views = settings["method"], settings["stride"], settings["views"]
+        """Compute heatmaps as `heatmap_settings` says: the views the graph averages
+        itself (older models' settings have no `graph_views`: all of them)."""
+        self.cam_method, self.cam_stride = settings["method"], settings["stride"]
+        self.cam_views = settings.get("graph_views", settings["views"])
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, N] of the cells as given, and their heatmaps [B, N, h, w]
