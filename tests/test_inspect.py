@@ -112,6 +112,28 @@ def test_the_real_poly_module_is_cut_where_its_gaps_are(tiny_onnx, tmp_path):
     assert not (out / "maps").exists()  # --no-map
 
 
+def test_the_map_takes_one_view_unless_told_more(tiny_onnx):
+    from elcell.cli import build_parser
+    from elcell.infer.runtime import score_cells
+
+    model = open_model(tiny_onnx)
+    image = cv2.imread(str(DATA / "poly-6x10-A1.jpg"), cv2.IMREAD_GRAYSCALE)
+    found = {views: inspect_module(model, image, 6, 10, load_rules(), map_views=views, thresholds=[0.5, 0.5])
+             for views in (1, None)}
+    places = found[1].flagged()
+    assert places and list(found[1].heatmaps) == places == list(found[None].heatmaps)
+    cells = [found[1].cells[r][c] for r, c in places]
+    for views, expected in ((1, 1), (None, model.heatmap_views)):  # None: the model's own
+        maps = score_cells(model, cells, heatmaps=True, map_views=expected).heatmaps
+        np.testing.assert_allclose(np.stack([found[views].heatmaps[p] for p in places]), maps, atol=1e-6)
+    assert not np.allclose(found[1].heatmaps[places[0]], found[None].heatmaps[places[0]], atol=1e-4)
+    parse = build_parser().parse_args
+    assert parse(["inspect", "m.onnx", "x.jpg", "--grid", "6x10", "--out", "o"]).map_views == 1
+    assert parse(["serve", "m.onnx", "--map-views", "8"]).map_views == 8
+    with pytest.raises(SystemExit):
+        parse(["inspect", "m.onnx", "x.jpg", "--grid", "6x10", "--out", "o", "--map-views", "3"])
+
+
 def test_bad_photos_are_named_and_the_others_go_on(tiny_onnx, originals, tmp_path, capsys, monkeypatch):
     good, _ = assembled(originals, tmp_path, "good")
     black = tmp_path / "black.png"

@@ -85,6 +85,20 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
                         help="lower edge of the review band (below it a cell is ok), as --threshold")
 
 
+# A module map's heatmaps from one view: 5x faster than eight (docs/performance.md)
+# and their peaks land on the defect nearly as often (docs/heatmaps.md); the map is
+# an overview, `explain` draws a cell with all of the model's views.
+MAP_VIEWS = 1
+
+
+def _add_map_views(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--map-views", type=int, choices=(1, 2, 4, 8), default=MAP_VIEWS,
+                        help="symmetric views of a flagged cell its heatmap on the module map averages: each view "
+                             "is a pass forward and back through the network; 1 points at the defect nearly as "
+                             "well (docs/heatmaps.md), the model's own (4 or 8, as `explain` draws) follows a "
+                             "turned cell exactly. More than the model's are not taken")
+
+
 def add_predict(commands) -> None:
     parser = command(commands, "predict", "elcell.infer.predict",
                       "classify cell images with an ONNX model (no PyTorch needed)",
@@ -182,6 +196,7 @@ def add_inspect(commands) -> None:
     _add_threshold_options(parser)
     parser.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
                         help="draw each module's map and the flagged cells' overlays (heatmaps cost time)")
+    _add_map_views(parser)
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                         help="write OUT/report.html for the whole folder at the end")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -282,6 +297,7 @@ def add_serve(commands) -> None:
                              "(`train --from`)")
     _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
+    _add_map_views(parser)
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_options(parser, Budget, [BUDGET], base_values(Budget))  # elcell.station.budget: what each bounds

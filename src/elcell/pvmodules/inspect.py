@@ -175,6 +175,7 @@ class Job:
     want_map: bool
     thresholds: list[float]
     review: list[float]
+    map_views: int | None = None  # views the flagged cells' heatmaps average (None: the model's)
 
 
 def read_photo(path: Path, model: Model, job: Job) -> tuple[np.ndarray, float]:
@@ -187,7 +188,7 @@ def inspect_photo(model: Model, image: np.ndarray, name: str, job: Job, scale: f
     """One photo's pixels (as read_photo gives them) inspected as the job says;
     corners given in the photo's own pixels."""
     found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, job.want_map,
-                           job.thresholds, job.review)
+                           job.thresholds, job.review, job.map_views)
     return in_photo_pixels(found, scale)
 
 
@@ -281,7 +282,7 @@ class ParquetOut:
 def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: list[Rule], *,
                   want_map: bool = True, resume: bool = False, overwrite: bool = False,
                   thresholds: list[float] | None = None, review: list[float] | None = None,
-                  inspector: Inspector | None = None) -> list[Unreadable]:
+                  inspector: Inspector | None = None, map_views: int | None = None) -> list[Unreadable]:
     """Inspect every module photo into the folder `out`, or the Parquet file `out`
     (no maps); returns the photos that failed."""
     rows, cols = parse_grid(grid)
@@ -290,7 +291,7 @@ def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: 
     parquet = is_parquet(out)
     writer = ParquetOut(batch, grid, resume, overwrite) if parquet else \
         FolderOut(batch, grid, resume, overwrite, want_map)
-    job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review)
+    job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review, map_views)
     todo = [(path, name) for path, name in zip(paths, unique_names(paths), strict=True) if name not in batch.done]
     failed = []
     try:
@@ -359,7 +360,8 @@ def main(args, inspector: Inspector | None = None) -> int:
           file=sys.stderr)
     out = Path(args.out)
     failed = inspect_paths(model, paths, args.grid, out, rules, want_map=args.map, resume=args.resume,
-                           overwrite=args.overwrite, thresholds=thresholds, review=review, inspector=inspector)
+                           overwrite=args.overwrite, thresholds=thresholds, review=review, inspector=inspector,
+                           map_views=args.map_views)
     if is_parquet(out):
         print(f"elcell: wrote {out} (one row per cell, with its module's grade)", file=sys.stderr)
     else:

@@ -80,9 +80,10 @@ def module_counts(labels: list[str], decisions: np.ndarray, dark: np.ndarray) ->
 
 def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules: list[Rule],
                    name: str = "module", want_map: bool = True, thresholds: list[float] | None = None,
-                   review_thresholds: list[float] | None = None) -> ModuleInspection:
+                   review_thresholds: list[float] | None = None, map_views: int | None = None) -> ModuleInspection:
     """Find, rectify and cut the module in `image` (2-D gray, uint8 or uint16),
-    score its cells in one batch, grade it and (want_map) draw its map.
+    score its cells in one batch, grade it and (want_map) draw its map, the
+    flagged cells' heatmaps averaged over `map_views` views (Model.run).
     Raises ImageError subclasses (elcell.pvmodules.geometry) for a photo it cannot use."""
     started = time.perf_counter()
     geometry, flat = find_module(image, rows, cols)
@@ -100,7 +101,7 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
     if want_map:
         flagged = found.flagged()
         if flagged:  # heatmaps only where they are drawn: they cost more than the probabilities
-            maps = score_cells(model, [cells[r][c] for r, c in flagged], heatmaps=True).heatmaps
+            maps = score_cells(model, [cells[r][c] for r, c in flagged], heatmaps=True, map_views=map_views).heatmaps
             found.heatmaps = dict(zip(flagged, maps, strict=True))
         found.map = draw_map(flat, geometry, labels, probs, decisions, found.heatmaps, title(name, found))
     found.seconds = time.perf_counter() - started

@@ -48,6 +48,7 @@ class Settings(Budget):
     rules: str | None = None
     max_results_mb: int = 512
     review_random: float = 0.1  # share of the cells handed out for review that are random `ok` ones
+    map_views: int | None = 1  # views a module map's heatmaps average (None: the model's; parsers.MAP_VIEWS)
     review_order: str = "check"  # elcell.infer.review_order: check decisions, or teach a fine-tuning
     review_seed: int | None = None  # for the random draws (tests)
 
