@@ -16,6 +16,7 @@ import html
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ CORNERS = ["x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"]  # TL, TR, BR, BL in 
 # shrunk to the model's 129-300 px anyway, and decoding, finding and warping 4x fewer
 # pixels saves seconds. Photos whose cells are near the model's size are read whole.
 DECODE_CELLS = 1.5
+OVERLAY_THREADS = 2  # flagged cells' overlays drawn at once (_save_pictures)
 
 
 def cell_header(labels: Sequence[str]) -> list[str]:
@@ -145,11 +147,17 @@ def _save_pictures(out: Path, name: str, found: ModuleInspection, model: Model) 
     """The module's map, and an overlay per flagged label of each flagged cell."""
     with atomic_path(out / "maps" / f"{name}.png") as tmp:
         tmp.write_bytes(encode_png(found.map))
-    for (r, c), maps in found.heatmaps.items():
+
+    def overlays(place: tuple[int, int]) -> None:
+        r, c = place
         which = [j for j, decision in enumerate(found.decisions[r, c]) if decision != OK]
         cell = to_uint8(found.cells[r][c], model.decoding.bit_depth, f"{name} cell {r + 1},{c + 1}")
-        explain_cell(out / "flagged" / name, f"r{r + 1:02d}_c{c + 1:02d}", cell, maps, found.probs[r, c],
-                     found.labels, which, found.decisions[r, c], raw=False)
+        explain_cell(out / "flagged" / name, f"r{r + 1:02d}_c{c + 1:02d}", cell, found.heatmaps[place],
+                     found.probs[r, c], found.labels, which, found.decisions[r, c], raw=False)
+
+    # two threads: blending and PNG encoding let go of the GIL, and nothing else runs meanwhile
+    with ThreadPoolExecutor(OVERLAY_THREADS) as pool:
+        list(pool.map(overlays, found.heatmaps))
 
 
 def decode_size(model: Model, rows: int, cols: int) -> tuple[int, int]:
