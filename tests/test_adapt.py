@@ -54,8 +54,8 @@ def test_the_network_is_copied_and_a_new_label_gets_a_fresh_row(tiny_run, elpv, 
     assert module.hparams.mean == checkpoint["hyper_parameters"]["mean"] != 0.1
     # the options: the run's network and decoding, the adapt recipe's short schedule
     run = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    assert (config.backbone, config.image_size, config.recipe, config.epochs, config.replay) == \
-        (run["backbone"], run["image_size"], "adapt", 10, 0.5)
+    assert (config.backbone, config.image_size, config.recipe, config.epochs, config.replay, config.keep) == \
+        (run["backbone"], run["image_size"], "adapt", 10, 0.5, "last")
 
 
 def test_replay_draws_old_train_and_val_cells_with_unknown_new_labels(tiny_run, elpv, tmp_path):
@@ -121,11 +121,11 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def adapted(tiny_run, elpv, tmp_path_factory) -> Path:
-    """The tiny run fine-tuned for one epoch with --from on a new line's cells."""
+    """The tiny run fine-tuned for two epochs with --from on a new line's cells."""
     folder = tmp_path_factory.mktemp("adapt")
     data = new_line_csv(folder, elpv)
     out = folder / "adapted"
-    assert main(["train", "--from", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "1",
+    assert main(["train", "--from", str(tiny_run), "--data", str(data), "--out", str(out), "--epochs", "2",
                  "--no-progress"]) == 0
     return out
 
@@ -136,6 +136,9 @@ def test_from_fine_tunes_with_replay_and_exports_every_label(adapted, tiny_run, 
 
     summary = json.loads((adapted / "summary.json").read_text())
     assert summary["labels"] == ["crack", "inactive", "severe"]
+    # adapt keeps the schedule's end, whatever the few validation cells said
+    assert (summary["kept"], summary["best_checkpoint"], summary["onnx"]) == \
+        ("last", "checkpoints/last.ckpt", "best_model_epoch1.onnx")
     assert open_model(adapted / summary["onnx"]).info.labels == ["crack", "inactive", "severe"]
     rows = _rows(adapted / "split.csv")
     new = {str(p.resolve()) for p in (adapted.parent / "cells").iterdir()}
@@ -147,10 +150,10 @@ def test_from_fine_tunes_with_replay_and_exports_every_label(adapted, tiny_run, 
     # an adaptation resumes as any run (here a copy): the same cells drawn again, one more epoch
     copy = tmp_path / "copy"
     shutil.copytree(adapted, copy)
-    code, _, err = run_cli(["train", "--resume", str(copy / "checkpoints" / "last.ckpt"), "--epochs", "2",
+    code, _, err = run_cli(["train", "--resume", str(copy / "checkpoints" / "last.ckpt"), "--epochs", "3",
                             "--no-progress"], capsys)
     assert code == 0, err
-    assert json.loads((copy / "summary.json").read_text())["epochs_run"] == 2
+    assert json.loads((copy / "summary.json").read_text())["epochs_run"] == 3
     assert _rows(copy / "split.csv") == rows
 
 

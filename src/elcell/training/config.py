@@ -41,6 +41,7 @@ INPUT_NORMS = ("dataset", "cell")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle")
 LOSS_WEIGHTINGS = ("balanced", "none")
+KEEPS = ("best", "last")
 CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
@@ -176,6 +177,9 @@ class TrainConfig:
                               "rate 10x", "optimisation", check=NON_NEGATIVE)
     patience: int = option(10, "epochs without val F1 gain before early stopping", "optimisation",
                            check=POSITIVE)
+    keep: str = option("best", "which checkpoint becomes the run's model: 'best' (highest val F1) or 'last' "
+                       "(the schedule's end: where the validation cells are too few to choose an epoch, "
+                       "as a fine-tuning's few dozen)", "optimisation", choices=KEEPS)
     loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label) "
                                  "or 'none'", "optimisation", choices=LOSS_WEIGHTINGS)
     init_seed: int | None = option(None, "a different seed for initialisation and augmentation only, "

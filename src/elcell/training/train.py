@@ -253,22 +253,23 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
 
 def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table: LabelTable,
                       split: np.ndarray, images: np.ndarray) -> dict:
-    """Plot the run, export its best checkpoint, and score that ONNX model, as an
-    inspection PC runs it, on the held-out cells: full reports in eval/val and
-    eval/test, headline figures in the summary returned."""
+    """Plot the run, export its best (or, with --keep last, its last) checkpoint,
+    and score that ONNX model, as an inspection PC runs it, on the held-out
+    cells: full reports in eval/val and eval/test, headline figures in the
+    summary returned."""
     checkpoint = trainer.checkpoint_callback
-    best_epoch = int(torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True,
-                                mmap=True)["epoch"])
-    plot_losses(merge_session_logs(run), run / "losses.png", best_epoch)
-    onnx_path, parity = export_checkpoint(checkpoint.best_model_path, out=run,
-                                          check_images=images[np.flatnonzero(split == "val")[:4]])
+    kept = checkpoint.best_model_path if config.keep == "best" else str(run / "checkpoints" / "last.ckpt")
+    kept_epoch = int(torch.load(kept, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    plot_losses(merge_session_logs(run), run / "losses.png", kept_epoch)
+    onnx_path, parity = export_checkpoint(kept, out=run, check_images=images[np.flatnonzero(split == "val")[:4]])
     if config.resume:  # the earlier best of the run resumed: one model per run, not an int8 copy
         for older in run.glob("best_model_epoch*.onnx"):
             if re.fullmatch(r"best_model_epoch\d+\.onnx", older.name) and older != onnx_path:
                 older.unlink()
     summary = {
-        "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run),
+        "best_checkpoint": os.path.relpath(kept, run),  # the model's, --keep last's included
         "best_val_f1": float(checkpoint.best_model_score),
+        "kept": config.keep,
         "onnx": onnx_path.name,
         "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
