@@ -1,6 +1,7 @@
 """Issue 36 item 4: a model trained on one ELPV cell type (poly) meets the other
 (mono). How much of the gap to a model trained on both do 50, 100 and 200
-reviewed mono cells recover, chosen by uncertainty or at random, fine-tuned
+reviewed mono cells recover, chosen by the station's uncertainty, by the
+`teach` order or at random, fine-tuned
 with `elcell train --from` and replay; and how much poly does it forget?
 
     python experiments/transfer/data_csv.py crack-inactive \
@@ -12,8 +13,8 @@ Steps (docs/adaptation.md): the 1,600 crack/inactive cells (never the
 never-train-on cells: that CSV holds none) split by type, each into a part to
 learn from and a held-out test part (--test-share); `poly` trains on poly's
 part, `all` on both parts (the reference); mono's part is the pool a station
-would review. The pool is ordered by `poly`'s uncertainty
-(elcell.judging.uncertainty) once, and drawn at random --draws times; the
+would review. The pool is ordered by `poly`'s scores once in each of the two
+orders of elcell.infer.review_order, and drawn at random --draws times; the
 first N cells of each order, with their labels (the operator's answers),
 fine-tune `poly` with --from. Every model is scored on both test parts.
 
@@ -38,7 +39,7 @@ from elcell.infer.evaluate import evaluate
 from elcell.infer.review_order import review_order
 from elcell.infer.runtime import open_model, score_files
 from elcell.io import atomic_write_text
-from elcell.judging.intervals import Scored, read_scored
+from elcell.judging.intervals import Scored, paired_difference, read_scored
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "A00-lite0-129-6ep.yaml"
@@ -79,14 +80,18 @@ def train(argv: list[str], run: Path) -> Path:
 
 
 def orders(run: Path, pool: LabelTable, draws: int, seed: int) -> dict[tuple[str, int], np.ndarray]:
-    """The pool's review orders: by `run`'s uncertainty, and `draws` random ones."""
+    """The pool's review orders: the station's (`check`: uncertainty about the
+    thresholds), `teach` (likely defects and cells near 0.5 in turn), and
+    `draws` random ones."""
     model = open_model(run)
     probs = np.concatenate([batch.probs for batch in score_files(model, pool.paths)])
     columns = [model.info.labels.index(name) for name in pool.names]
     # the station's order without its random share: the experiment draws random cells apart
     ok = np.zeros(len(pool), dtype=bool)
-    chosen = review_order(probs[:, columns], [model.info.thresholds[c] for c in columns], ok, pool.names)
-    result = {("uncertainty", 0): np.array([choice.index for choice in chosen])}
+    thresholds = [model.info.thresholds[c] for c in columns]
+    result = {(strategy, 0): np.array([c.index for c in review_order(probs[:, columns], thresholds, ok, pool.names,
+                                                                     order=order)])
+              for strategy, order in (("uncertainty", "check"), ("teach", "teach"))}
     for draw in range(1, draws + 1):
         result[("random", draw)] = np.random.default_rng(seed + draw).permutation(len(pool))
     return result
@@ -172,6 +177,26 @@ def summarise(results: Path, figure: str = "f1") -> None:
         print(f"{model:<18}{mono:>8.3f}{value.get((model, 'poly'), np.nan):>8.3f}{recovered:>15.2f}")
 
 
+PAIRED = ("mean_f1/at_0.5", "crack/roc_auc", "inactive/roc_auc")
+
+
+def paired(out: Path) -> None:
+    """Each order's fine-tuning against each random draw of the same size, on
+    the same mono test cells: the difference (order - random) with its paired
+    95 % bootstrap interval."""
+    runs = sorted(p.parent.parent.parent.name for p in out.glob("*/eval-adaptation/mono/predictions.csv"))
+    print("order minus random draw on mono's test cells, paired 95 % interval")
+    for name in (r for r in runs if not r.startswith(("random", "poly", "all"))):
+        size = name.rpartition("-")[2]
+        ours = read_scored(out / name / "eval-adaptation" / "mono" / "predictions.csv")
+        for other in (r for r in runs if r.startswith("random") and r.endswith(f"-{size}")):
+            theirs = read_scored(out / other / "eval-adaptation" / "mono" / "predictions.csv")
+            result = paired_difference(theirs, ours)["figures"]
+            print(f"{name:<16}- {other:<13}" + "  ".join(
+                f"{figure} {result[figure]['b'] - result[figure]['a']:+.3f} [{result[figure]['low']:+.3f}, "
+                f"{result[figure]['high']:+.3f}] {result[figure]['verdict']}" for figure in PAIRED))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="crack/inactive labels CSV with a `type` column (data_csv.py crack-inactive)")
@@ -192,6 +217,7 @@ def main() -> None:
         run_experiment(args)
     for figure in ("f1", "f1_at_0.5", "roc_auc"):
         summarise(Path(args.out) / "results.csv", figure)
+    paired(Path(args.out))
 
 
 if __name__ == "__main__":
