@@ -1,13 +1,14 @@
 """How long one module takes, end to end, float against int8, with and without
 the map, as ratios measured in one run.
 
-    python benchmarks/inspect_speed.py MODEL.onnx [--int8 MODEL.int8.onnx] [--repeat 5]
+    python benchmarks/inspect_speed.py MODEL.onnx [--int8 MODEL.int8.onnx] [--repeat 5] [--all-views]
 
 End to end: decode the photo, find, rectify and cut the module, score every
 cell, grade it and write its rows (`inspect_paths`, as `elcell inspect`); with
-the map: also the heatmaps of the flagged cells (averaged over the model's
-views, and over one: --map-views 1), the map PNG and their overlays. Beside them, `elcell predict` on the same cells already cut, as
-files. Without --int8 the float model is quantised here as `elcell export
+the map: also the heatmaps of the flagged cells (one view each, as `inspect`
+draws them by default; with --all-views also the model's own 4 or 8, as
+`inspect --map-views 8`), the map PNG and their overlays. Beside them,
+`elcell predict` on the same cells already cut, as files. Without --int8 the float model is quantised here as `elcell export
 --int8` does (7-bit weights, 100 ELPV cells to calibrate; no recall guard: this
 only times it).
 
@@ -38,6 +39,7 @@ from elcell.cells.labels import elpv_table
 from elcell.infer.predict import predict
 from elcell.infer.quantize import calibration_cells, quantize
 from elcell.infer.runtime import open_model, score_cells
+from elcell.parsers import MAP_VIEWS
 from elcell.pvmodules.geometry import cut_cells, locate_module, parse_grid, rectify
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray, decode_size, inspect_paths
@@ -149,16 +151,17 @@ def reduced_decoding(model, folder: Path, rules, repeat: int, kind: str = "int8"
           f"whole {median['whole']:.2f} s; reduced / whole {ratio(times, 'reduced', 'whole'):.2f}")
 
 
-def show_module(name: str, cells: int, times: dict[str, list[float]]) -> None:
+def show_module(name: str, cells: int, times: dict[str, list[float]], flagged: int) -> None:
     median = {key: statistics.median(values) for key, values in times.items()}
-    print(f"\n{name} ({cells} cells)")
+    print(f"\n{name} ({cells} cells, {flagged} flagged by the int8 model: a heatmap each with the map)")
     for kind in ("float", "int8"):
         print(f"  {kind:5s}: inspect {median[f'{kind} plain']:.2f} s, with the map {median[f'{kind} map']:.2f} s, "
               f"predict on the cut cells {median[f'{kind} predict']:.2f} s; map / no map "
               f"{ratio(times, f'{kind} map', f'{kind} plain'):.2f}, inspect / predict "
               f"{ratio(times, f'{kind} plain', f'{kind} predict'):.2f}")
-        print(f"         with the map of 1 view {median[f'{kind} map, 1 view']:.2f} s; 1 view / "
-              f"the model's {ratio(times, f'{kind} map, 1 view', f'{kind} map'):.2f}")
+        if f"{kind} map, all views" in times:
+            print(f"         with the map of all the model's views {median[f'{kind} map, all views']:.2f} s; "
+                  f"1 view / all {ratio(times, f'{kind} map', f'{kind} map, all views'):.2f}")
     print(f"  int8 / float: inspect {ratio(times, 'int8 plain', 'float plain'):.2f}, with the map "
           f"{ratio(times, 'int8 map', 'float map'):.2f}, predict {ratio(times, 'int8 predict', 'float predict'):.2f}")
 
@@ -168,6 +171,9 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="the float model")
     parser.add_argument("--int8", type=Path, help="its int8 export (default: quantised here)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--all-views", action="store_true",
+                        help="also time the map with all of the model's views (minutes on a module of many "
+                             "flagged cells)")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -186,13 +192,16 @@ def main() -> None:
             for kind, model in models.items():
                 for want_map in (False, True):
                     contenders[f"{kind} {'map' if want_map else 'plain'}"] = partial(
-                        inspect_paths, model, [photo], grid, tmp / "out", rules, want_map=want_map, overwrite=True)
-                contenders[f"{kind} map, 1 view"] = partial(inspect_paths, model, [photo], grid, tmp / "out", rules,
-                                                           overwrite=True, map_views=1)
+                        inspect_paths, model, [photo], grid, tmp / "out", rules, want_map=want_map, overwrite=True,
+                        map_views=MAP_VIEWS)
+                if args.all_views:
+                    contenders[f"{kind} map, all views"] = partial(inspect_paths, model, [photo], grid,
+                                                                   tmp / "out", rules, overwrite=True)
                 contenders[f"{kind} predict"] = partial(predict, model, cells, tmp / "p.csv", overwrite=True,
                                                         progress=False)
-            show_module(photo.name, len(cells), rounds(contenders, args.repeat))
             split = stages(models["int8"], photo, grid, rules)
+            show_module(photo.name, len(cells), rounds(contenders, args.repeat),
+                        split["flagged cells (heatmaps with the map)"])
             print("  int8 stages: " + ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in split.items()))
             height, width = segment_module(read_pixels(photo), *parse_grid(grid))[0][0].shape
