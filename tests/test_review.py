@@ -91,6 +91,7 @@ def assert_teach_order(probs: np.ndarray, reasons: list[str]) -> None:
         assert np.all(np.diff(probs[likely[j::2], j]) <= 1e-9)  # each label's most likely first
     boundary, _ = margins(probs, [0.5, 0.5])
     assert np.all(np.diff(boundary[nearest]) >= -1e-9) and nearest  # then nearest 0.5 first
+    assert all(reasons[k].startswith("nearest 0.5: ") for k in nearest)
 
 
 def test_segment_writes_its_labels_in_the_order_to_teach(tiny_onnx, model, tmp_path):
@@ -154,9 +155,28 @@ def test_the_station_can_hand_out_cells_in_the_order_to_teach(model, cells, prob
     assert handed[0]["reason"].startswith("likely crack: ")
     rest = set(waiting) - {handed[0]["id"]}
     nearest_half = min(rest, key=lambda key: margins(np.array([list(waiting[key].values())]), [0.5, 0.5])[0][0])
-    assert handed[1]["id"] == nearest_half and handed[1]["reason"].startswith("uncertain: ")
+    assert handed[1]["id"] == nearest_half and handed[1]["reason"].startswith("nearest 0.5: ")
     assert handed[2]["reason"].startswith("likely inactive: ")
     assert by[handed[2]["id"]]["inactive"] == max(waiting[key]["inactive"] for key in rest - {handed[1]["id"]})
+
+
+@pytest.mark.parametrize("order", ["check", "teach"])
+def test_a_full_queue_drops_the_cell_its_order_would_offer_last(cells, order, tmp_path):
+    from elcell.station.queue import ReviewQueue, Scored
+    from elcell.station.review import LabelsFolder
+
+    queue = ReviewQueue(LabelsFolder(tmp_path / "labels", LABELS), [0.01, 0.01], max_items=3, order=order)
+    # crack probabilities of four flagged cells: near the threshold, sure, near 0.5, the likeliest
+    probs = [[0.012, 1e-6], [0.08, 1e-6], [0.5, 1e-6], [0.999, 1e-6]]
+    offered = [Scored(p.name, read_pixels(p), np.array(q), np.array(["defect", "ok"])) for p, q in
+               zip(cells, probs)]
+    keys = queue.offer(offered)
+    waiting = {key for key in keys if queue.get(key) is not None}
+    assert queue.counts()["dropped"] == 1 and len(waiting) == 3
+    # check: nearest a threshold first, so the likeliest crack (farthest from 0.01) goes; teach: the
+    # likeliest comes first, so the one scored lowest goes
+    gone = keys[3] if order == "check" else keys[0]
+    assert gone not in waiting
 
 
 def test_a_share_of_random_ok_cells_is_offered_and_says_so(model, cells, probs, tmp_path):

@@ -59,14 +59,26 @@ def margins(probs: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray,
     return distance[np.arange(len(distance)), nearest], nearest
 
 
+def boundary(probs: Sequence[float]) -> float:
+    """Log-odds from 0.5 of a cell's least certain label (plain floats: the
+    station's queue asks this of every waiting cell under its lock)."""
+    return min(abs(math.log(p / (1 - p))) for p in (min(max(float(q), EPS), 1 - EPS) for q in probs))
+
+
+def teach_reason(probs: Sequence[float], labels: Sequence[str], likely: int | None) -> str:
+    """Why the `teach` order chose a cell: as the most likely `likely` defect
+    left, or as the cell nearest 0.5."""
+    if likely is not None:
+        return f"likely {labels[likely]}: {float(probs[likely]):.2f}, the highest left"
+    j = min(range(len(labels)), key=lambda k: boundary([probs[k]]))
+    return f"nearest 0.5: {labels[j]} {float(probs[j]):.2f}"
+
+
 def reason(probs: Sequence[float], thresholds: Sequence[float], labels: Sequence[str], random: bool,
-           flagged: bool = False, likely: int | None = None) -> str:
-    """Why a cell was chosen, in words the page shows (`likely`: the label it
-    was taken for as a likely defect, in the `teach` order)."""
+           flagged: bool = False) -> str:
+    """Why the `check` order (or the random share) chose a cell, in words the page shows."""
     if random:
         return "random check of an ok cell"
-    if likely is not None:
-        return f"likely {labels[likely]}: {float(probs[likely]):.2f}, among the highest"
     margin, nearest = margins(np.asarray(probs, dtype=np.float64)[None], thresholds)
     j = int(nearest[0])
     said = f"{labels[j]} {float(probs[j]):.2f}"
@@ -99,8 +111,8 @@ def review_order(probs: np.ndarray, thresholds: Sequence[float], ok: np.ndarray,
     ok = np.asarray(ok, dtype=bool)
     rng = np.random.default_rng(seed)
     drawn = deque(int(i) for i in rng.permutation(np.flatnonzero(ok))) if random_share > 0 else deque()
-    boundary = [0.5] * probs.shape[1] if order == "teach" else thresholds
-    by_margin = deque(int(i) for i in np.argsort(margins(probs, boundary)[0], kind="stable"))
+    centre = [0.5] * probs.shape[1] if order == "teach" else thresholds
+    by_margin = deque(int(i) for i in np.argsort(margins(probs, centre)[0], kind="stable"))
     # teach: each label's cells, most likely first; the labels take turns
     likely = [deque(int(i) for i in np.argsort(-probs[:, j], kind="stable")) for j in range(probs.shape[1])]
     taken: set[int] = set()
@@ -122,6 +134,7 @@ def review_order(probs: np.ndarray, thresholds: Sequence[float], ok: np.ndarray,
         index = first_untaken(by_margin) if index is None else index
         taken.add(index)
         taught += not random
-        why = reason(probs[index], boundary, labels, random, not ok[index], label)
+        why = teach_reason(probs[index], labels, label) if order == "teach" and not random else \
+            reason(probs[index], thresholds, labels, random, not ok[index])
         chosen.append(Choice(index, float(margin[index]), random, why))
     return chosen

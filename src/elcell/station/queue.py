@@ -40,7 +40,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elcell.infer.review_order import ORDERS, UNCERTAIN_MARGIN, margins, random_turn, reason
+from elcell.infer.review_order import (
+    ORDERS,
+    UNCERTAIN_MARGIN,
+    boundary,
+    margins,
+    random_turn,
+    reason,
+    teach_reason,
+)
 from elcell.station.review import LabelsFolder, _sync_folder, _write_synced, pixel_key, png
 
 
@@ -196,11 +204,10 @@ class ReviewQueue:
 
     def _last_offered(self, item: ReviewItem) -> tuple:
         """Sort key: the largest is the cell the order would hand out last. Random
-        cells are kept (an error rate needs them); in `teach`, a cell scored below
-        0.5 on every label and far from it teaches least."""
+        cells are kept (an error rate needs them); in `teach`, the cell scored
+        lowest on every label: neither a likely defect nor near 0.5."""
         if self.order == "teach":
-            probs = np.array(list(item.probs.values()))
-            return not item.random, bool((probs < 0.5).all()), _boundary(probs), -item.seq
+            return not item.random, -max(item.probs.values()), -item.seq
         return not item.random, item.margin, -item.seq
 
     def _forget(self, key: str) -> None:
@@ -224,7 +231,7 @@ class ReviewQueue:
             if randoms and random_turn(self.handed, self.random_share):
                 item = min(randoms, key=lambda i: (i.skips, i.seq))
             elif self.order == "teach":
-                item = self._teach(free)
+                item = self._teach([i for i in free if not i.random] or free)
             else:
                 item = min(free, key=lambda i: (i.skips, i.margin, i.seq))
             self.handed += 1
@@ -240,10 +247,10 @@ class ReviewQueue:
             item = min(free, key=lambda i: (i.skips, -i.probs[label], i.seq))
             likely = self.labels.index(label)
         else:
-            item = min(free, key=lambda i: (i.skips, _boundary(np.array(list(i.probs.values()))), i.seq))
+            item = min(free, key=lambda i: (i.skips, boundary(i.probs.values()), i.seq))
             likely = None
-        item.reason = reason(list(item.probs.values()), [0.5] * len(self.labels), self.labels, False,
-                             likely=likely)
+        if not item.random:
+            item.reason = teach_reason(list(item.probs.values()), self.labels, likely)
         return item
 
     def _held(self, session: str, now: float) -> ReviewItem | None:
@@ -297,7 +304,3 @@ class ReviewQueue:
             return {"waiting": len(self._items), "answered": self.folder.rows,
                     "dropped": self.dropped}
 
-
-def _boundary(probs: np.ndarray) -> float:
-    """Log-odds from 0.5 of a cell's least certain label."""
-    return float(margins(probs[None], [0.5] * len(probs))[0][0])
