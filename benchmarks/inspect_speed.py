@@ -39,7 +39,7 @@ from elcell.cells.labels import elpv_table
 from elcell.infer.predict import predict
 from elcell.infer.quantize import calibration_cells, quantize
 from elcell.infer.runtime import open_model, score_cells
-from elcell.parsers import MAP_VIEWS
+from elcell.options import MAP_VIEWS
 from elcell.pvmodules.geometry import cut_cells, locate_module, parse_grid, rectify
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray, decode_size, inspect_paths

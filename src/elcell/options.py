@@ -22,6 +22,15 @@ from elcell.errors import DataError
 Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 
 
+
+# `inspect` and `serve --map-views`: a module's flagged cells get heatmaps of one
+# view each (elcell.infer.runtime.Model.run). A view costs about five times a
+# cell's probabilities and a module may have dozens of flagged cells; one view's
+# peak lands on the defect nearly as often as eight's (docs/heatmaps.md), it only
+# does not follow a turned cell. `explain` draws a cell with all the model's views.
+MAP_VIEWS = 1
+
+
 def option(base: Any, help: str, group: str, *, choices: Sequence | None = None,
            check: Check | None = None, metavar: str | None = None, cli: str | None = None) -> Any:
     """A config field: `base` is the option's value in the original specification

@@ -9,6 +9,7 @@ import argparse
 
 from elcell.infer.review_order import ORDERS
 from elcell.options import (
+    MAP_VIEWS,
     DefaultsHelpFormatter,
     add_options,
     base_values,
@@ -85,18 +86,13 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
                         help="lower edge of the review band (below it a cell is ok), as --threshold")
 
 
-# A module map's heatmaps from one view: 5x faster than eight (docs/performance.md)
-# and their peaks land on the defect nearly as often (docs/heatmaps.md); the map is
-# an overview, `explain` draws a cell with all of the model's views.
-MAP_VIEWS = 1
-
-
 def _add_map_views(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-views", type=int, choices=(1, 2, 4, 8), default=MAP_VIEWS,
-                        help="symmetric views of a flagged cell its heatmap on the module map averages: each view "
-                             "is a pass forward and back through the network; 1 points at the defect nearly as "
-                             "well (docs/heatmaps.md), the model's own (4 or 8, as `explain` draws) follows a "
-                             "turned cell exactly. More than the model's are not taken")
+                        help="symmetric views a flagged cell's heatmap averages, on the module map and the cell's "
+                             "overlay: each view is a pass forward and back through the network; 1 points at the "
+                             "defect nearly as well (docs/heatmaps.md), the model's own (4 or 8, as `explain` "
+                             "draws) follows a turned cell exactly. More than the model's are not taken; a model "
+                             "exported before elcell averaged views at run time always gives all of its own")
 
 
 def add_predict(commands) -> None:

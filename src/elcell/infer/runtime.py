@@ -111,6 +111,8 @@ class Model:
         model whose graph averages its own views does all of them)."""
         if not heatmaps:
             return self.session.run(["probs"], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)[:, None]})[0]
+        if views is not None and views < 1:
+            raise ValueError(f"views {views}: at least 1")
         n = 1 if self.graph_views > 1 else min(views or self.heatmap_views, self.heatmap_views)
         probs, total = None, None
         for view, undo in VIEWS[:n]:

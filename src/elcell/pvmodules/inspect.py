@@ -39,6 +39,7 @@ from elcell.infer.report import (
 from elcell.infer.runtime import OK, Model, chosen_thresholds, open_model
 from elcell.infer.tables import ParquetRows, is_parquet
 from elcell.io import atomic_path, output_mode, unique_names
+from elcell.options import MAP_VIEWS
 from elcell.pvmodules.geometry import parse_grid
 from elcell.pvmodules.grading import Rule, check_names, load_rules
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
@@ -183,7 +184,7 @@ class Job:
     want_map: bool
     thresholds: list[float]
     review: list[float]
-    map_views: int | None = None  # views the flagged cells' heatmaps average (None: the model's)
+    map_views: int | None = MAP_VIEWS  # views the flagged cells' heatmaps average (None: the model's)
 
 
 def read_photo(path: Path, model: Model, job: Job) -> tuple[np.ndarray, float]:
@@ -290,7 +291,7 @@ class ParquetOut:
 def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: list[Rule], *,
                   want_map: bool = True, resume: bool = False, overwrite: bool = False,
                   thresholds: list[float] | None = None, review: list[float] | None = None,
-                  inspector: Inspector | None = None, map_views: int | None = None) -> list[Unreadable]:
+                  inspector: Inspector | None = None, map_views: int | None = MAP_VIEWS) -> list[Unreadable]:
     """Inspect every module photo into the folder `out`, or the Parquet file `out`
     (no maps); returns the photos that failed."""
     rows, cols = parse_grid(grid)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from elcell.infer.runtime import DEFECT, OK, REVIEW, Model, score_cells
+from elcell.options import MAP_VIEWS
 from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, find_module
 from elcell.pvmodules.grading import Rule, grade
 from elcell.pvmodules.modulemap import draw_map
@@ -80,10 +81,11 @@ def module_counts(labels: list[str], decisions: np.ndarray, dark: np.ndarray) ->
 
 def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules: list[Rule],
                    name: str = "module", want_map: bool = True, thresholds: list[float] | None = None,
-                   review_thresholds: list[float] | None = None, map_views: int | None = None) -> ModuleInspection:
+                   review_thresholds: list[float] | None = None, map_views: int | None = MAP_VIEWS) -> ModuleInspection:
     """Find, rectify and cut the module in `image` (2-D gray, uint8 or uint16),
     score its cells in one batch, grade it and (want_map) draw its map, the
-    flagged cells' heatmaps averaged over `map_views` views (Model.run).
+    flagged cells' heatmaps (for the map and their overlays) averaged over
+    `map_views` views (None: the model's own; Model.run).
     Raises ImageError subclasses (elcell.pvmodules.geometry) for a photo it cannot use."""
     started = time.perf_counter()
     geometry, flat = find_module(image, rows, cols)

@@ -21,6 +21,7 @@ from PIL import Image
 from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
 from elcell.infer.runtime import Model
+from elcell.options import MAP_VIEWS
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray
 from elcell.station.batcher import Batcher
@@ -48,7 +49,7 @@ class Settings(Budget):
     rules: str | None = None
     max_results_mb: int = 512
     review_random: float = 0.1  # share of the cells handed out for review that are random `ok` ones
-    map_views: int | None = 1  # views a module map's heatmaps average (None: the model's; parsers.MAP_VIEWS)
+    map_views: int | None = MAP_VIEWS  # views a module's flagged cells' heatmaps average (None: the model's)
     review_order: str = "check"  # elcell.infer.review_order: check decisions, or teach a fine-tuning
     review_seed: int | None = None  # for the random draws (tests)
 
