@@ -178,8 +178,8 @@ class TrainConfig:
     patience: int = option(10, "epochs without val F1 gain before early stopping", "optimisation",
                            check=POSITIVE)
     keep: str = option("best", "which checkpoint becomes the run's model: 'best' (highest val F1) or 'last' "
-                       "(the schedule's end: where the validation cells are too few to choose an epoch, "
-                       "as a fine-tuning's few dozen)", "optimisation", choices=KEEPS)
+                       "(the schedule's end, with no early stop: where the validation cells are too few to "
+                       "choose an epoch, as a fine-tuning's few dozen)", "optimisation", choices=KEEPS)
     loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label) "
                                  "or 'none'", "optimisation", choices=LOSS_WEIGHTINGS)
     init_seed: int | None = option(None, "a different seed for initialisation and augmentation only, "

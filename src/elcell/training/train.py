@@ -270,6 +270,8 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
         "best_checkpoint": os.path.relpath(kept, run),  # the model's, --keep last's included
         "best_val_f1": float(checkpoint.best_model_score),
         "kept": config.keep,
+        "kept_val_f1": float(checkpoint.best_model_score) if config.keep == "best" else
+        float(trainer.callback_metrics.get("val_f1", float("nan"))),
         "onnx": onnx_path.name,
         "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
@@ -347,7 +349,8 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
     # epoch is complete, so --resume starts the next epoch instead of repeating it.
     last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
-    early_stop = EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)
+    # --keep last keeps the schedule's end: no early stop before it
+    stopping = [EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)] if config.keep == "best" else []
     if config.ema_decay > 0:
         # Validation runs on the average and checkpoints hold it as their weights,
         # so the best checkpoint, its ONNX export and --pretrained use the average.
@@ -372,7 +375,7 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
         num_nodes=config.num_nodes,
         strategy=strategy,
         precision=resolve_precision(config),
-        callbacks=[best, last, early_stop, LearningRateMonitor(logging_interval="epoch"),
+        callbacks=[best, last, *stopping, LearningRateMonitor(logging_interval="epoch"),
                    *([] if show_progress(config.progress) else [EpochLines()]), *extra_callbacks],
         logger=[CSVLogger(run, name="logs", version=str(next_session(run))),
                 TensorBoardLogger(run, name="", version="tensorboard")],
@@ -386,7 +389,7 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
 def main(config: TrainConfig) -> int:
     summary = train(config)
     if summary:
-        shown = {k: summary[k] for k in ("run", "best_val_f1", "onnx", "onnx_max_abs_diff")}
+        shown = {k: summary[k] for k in ("run", "best_val_f1", "kept", "kept_val_f1", "onnx", "onnx_max_abs_diff")}
         if "thresholds" in summary:  # recall-first, chosen on the validation cells
             shown["thresholds"] = summary["thresholds"]
         for part in ("val", "test"):  # the exported model on held-out cells: accuracy and F1 per label
