@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from elcell.infer.evaluate import evaluate
 from elcell.infer.review_order import review_order
 from elcell.infer.runtime import open_model, score_files
 from elcell.io import atomic_write_text
-from elcell.judging.intervals import Scored, paired_difference, read_scored
+from elcell.judging.intervals import Scored, fmt, paired_difference, read_scored
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "A00-lite0-129-6ep.yaml"
@@ -68,9 +69,12 @@ def split_by_type(data: Path, out: Path, test_share: float, per_type: int | None
     return {name: write_csv(out / "data" / f"{name}.csv", table, rows) for name, rows in parts.items()}
 
 
-def train(argv: list[str], run: Path) -> Path:
-    """`elcell train ... --out run` unless run finished; an unfinished one starts again."""
-    if (run / "summary.json").is_file():
+def train(argv: list[str], run: Path, kept: str | None = None) -> Path:
+    """`elcell train ... --out run` unless run finished (and, if `kept` is given,
+    kept that checkpoint: a fine-tuning from before adapt kept its last is
+    trained again); an unfinished one starts again."""
+    summary = run / "summary.json"
+    if summary.is_file() and (kept is None or json.loads(summary.read_text()).get("kept") == kept):
         return run
     if run.exists():
         shutil.rmtree(run)
@@ -155,7 +159,7 @@ def run_experiment(args) -> None:
             name = f"{strategy}{draw or ''}-{n}"
             reviewed = write_csv(out / "reviewed" / f"{name}.csv", pool, order[:n])
             run = train(["--from", str(base), "--data", str(reviewed), "--replay", str(args.replay),
-                         *extra], out / name)
+                         *extra], out / name, kept="last")
             score(run, {"strategy": strategy, "reviewed": n, "draw": draw}, tests, results)
 
 
@@ -183,18 +187,31 @@ PAIRED = ("mean_f1/at_0.5", "crack/roc_auc", "inactive/roc_auc")
 def paired(out: Path) -> None:
     """Each order's fine-tuning against each random draw of the same size, on
     the same mono test cells: the difference (order - random) with its paired
-    95 % bootstrap interval."""
+    95 % bootstrap interval, which covers the test cells' chance only; then,
+    per figure, the differences' mean and range over the draws and how many
+    draws the order beats or loses to beyond their interval (the draws'
+    spread is the chance of which cells were reviewed)."""
     runs = sorted(p.parent.parent.parent.name for p in out.glob("*/eval-adaptation/mono/predictions.csv"))
     print("order minus random draw on mono's test cells, paired 95 % interval")
     for name in (r for r in runs if not r.startswith(("random", "poly", "all"))):
         size = name.rpartition("-")[2]
         ours = read_scored(out / name / "eval-adaptation" / "mono" / "predictions.csv")
+        against = {figure: [] for figure in PAIRED}
         for other in (r for r in runs if r.startswith("random") and r.endswith(f"-{size}")):
             theirs = read_scored(out / other / "eval-adaptation" / "mono" / "predictions.csv")
             result = paired_difference(theirs, ours)["figures"]
+            for figure in PAIRED:
+                against[figure].append(result[figure])
             print(f"{name:<16}- {other:<13}" + "  ".join(
-                f"{figure} {result[figure]['b'] - result[figure]['a']:+.3f} [{result[figure]['low']:+.3f}, "
-                f"{result[figure]['high']:+.3f}] {result[figure]['verdict']}" for figure in PAIRED))
+                f"{figure} {fmt(result[figure]['difference'], '+.3f')} [{fmt(result[figure]['low'], '+.3f')}, "
+                f"{fmt(result[figure]['high'], '+.3f')}] {result[figure]['verdict']}" for figure in PAIRED))
+        for figure, results in against.items():
+            differences = [r["difference"] for r in results if r["difference"] is not None]
+            verdicts = [r["verdict"] for r in results]
+            if differences:
+                print(f"{name:<16}  {figure}: mean {np.mean(differences):+.3f} over {len(differences)} draws "
+                      f"(from {min(differences):+.3f} to {max(differences):+.3f}); better than "
+                      f"{verdicts.count('better')}, worse than {verdicts.count('worse')}")
 
 
 def main() -> None:
