@@ -81,3 +81,22 @@ def test_heatmaps_in_a_few_calls_equal_one_call(model, seed_csv, monkeypatch):
     assert probs.shape == whole_probs.shape and maps.shape == whole_maps.shape == (20, 2, *whole_maps.shape[2:])
     np.testing.assert_allclose(probs, whole_probs, atol=1e-6)
     np.testing.assert_allclose(maps, whole_maps, atol=1e-5 * float(np.abs(whole_maps).max()))
+
+
+def test_a_model_that_averages_its_views_in_the_graph_is_run_once(tiny_onnx, model, seed_csv, tmp_path):
+    """Models exported before the runtime averaged views say `views` without
+    `graph_views`: their graph did every view, so the runtime runs it as it is."""
+    from elcell.cells.labels import read_labels_csv
+    from elcell.infer.modelinfo import read_info, write_info
+
+    info = read_info(tiny_onnx)
+    settings = {k: v for k, v in info.extra["heatmap"].items() if k != "graph_views"}
+    older = tmp_path / "older.onnx"
+    write_info(tiny_onnx, older, replace(info, extra={**info.extra, "heatmap": settings}))
+    old = open_model(older)
+    assert (old.graph_views, old.heatmap_views) == (settings["views"], settings["views"]) and settings["views"] > 1
+    cells = np.stack([load_cell(path, model.decoding) for path in read_labels_csv(seed_csv).paths[:6]])
+    graph_only = model.run(cells, heatmaps=True, views=1)[1]  # this graph maps one view
+    for views in (None, 1, 8):
+        np.testing.assert_allclose(old.run(cells, heatmaps=True, views=views)[1], graph_only, atol=1e-6)
+    assert not np.allclose(model.run(cells, heatmaps=True)[1], graph_only, atol=1e-4)
