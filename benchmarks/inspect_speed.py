@@ -196,7 +196,7 @@ def main() -> None:
                         map_views=MAP_VIEWS)
                 if args.all_views:
                     contenders[f"{kind} map, all views"] = partial(inspect_paths, model, [photo], grid,
-                                                                   tmp / "out", rules, overwrite=True)
+                                                                   tmp / "out", rules, overwrite=True, map_views=None)
                 contenders[f"{kind} predict"] = partial(predict, model, cells, tmp / "p.csv", overwrite=True,
                                                         progress=False)
             split = stages(models["int8"], photo, grid, rules)
