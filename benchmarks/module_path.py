@@ -1,13 +1,15 @@
 """Are cells cut from module photos judged as the same cells given as files?
 
-    python benchmarks/module_path.py MODEL.onnx LABELS.csv --out DIR [--seeds 3] [--layouts 6x10,6x24]
+    python benchmarks/module_path.py MODEL.onnx LABELS.csv --out DIR [--seeds 3] [--layouts 6x10,6x24] \
+        [--camera all|clean|warp|light|noise]
 
 LABELS.csv: cells the model never trained on (a k-fold run's held-out fold:
 RUN/foldK/test.csv). For each seed the cells are shuffled and assembled
 (elcell.pvmodules.synthetic) into 6x10 modules and, for 6x24, half-cut modules
 of 72 cells cut in halves; each module is turned up to 3 degrees, its corners
 moved by up to 3 % of its size, lit with a smooth falloff of 10-30 % and given
-noise of 1-3 % of the cells' brightness. Each module is inspected as
+noise of 1-3 % of the cells' brightness (--camera keeps one of these alone, or
+none: `clean`, to tell which costs the module path what). Each module is inspected as
 `elcell inspect` does (elcell.pvmodules.judge.inspect_module, no map) and each
 cell compared with the same cell scored as a file (score_files, as `predict`):
 
@@ -54,14 +56,20 @@ SEVERITY = {OK: 0, REVIEW: 1, DEFECT: 2}
 FIGURES = ("own_recall", "own_f1", "at_0.5_f1", "roc_auc")
 
 
-def camera(seed: int, module: int) -> dict:
-    """The warp, light and noise of one module, drawn from its own seed."""
+CAMERAS = {"all": ("rotation_deg", "perspective", "illumination", "noise"), "clean": (),
+           "warp": ("rotation_deg", "perspective"), "light": ("illumination",), "noise": ("noise",)}
+
+
+def camera(seed: int, module: int, effects: str = "all") -> dict:
+    """The warp, light and noise of one module, drawn from its own seed (those
+    CAMERAS[effects] leaves out set to none, the others drawn as with all)."""
     rng = np.random.default_rng([seed, module])
-    return dict(rotation_deg=float(rng.uniform(-3, 3)), perspective=float(rng.uniform(0, 0.03)),
-                illumination=float(rng.uniform(0.1, 0.3)), noise=float(rng.uniform(0.01, 0.03)))
+    drawn = dict(rotation_deg=float(rng.uniform(-3, 3)), perspective=float(rng.uniform(0, 0.03)),
+                 illumination=float(rng.uniform(0.1, 0.3)), noise=float(rng.uniform(0.01, 0.03)))
+    return {name: value if name in CAMERAS[effects] else 0.0 for name, value in drawn.items()}
 
 
-def plan(cells: int, layouts: list[str], seeds: int) -> list[dict]:
+def plan(cells: int, layouts: list[str], seeds: int, effects: str = "all") -> list[dict]:
     """Every module to build: layout, family (the layout), seed, its cells (indices into the table), camera."""
     modules = []
     for layout in layouts:
@@ -71,11 +79,11 @@ def plan(cells: int, layouts: list[str], seeds: int) -> list[dict]:
             order = np.random.default_rng(seed).permutation(cells)
             for k in range(cells // per):
                 modules.append(dict(key=f"{layout}/s{seed}/m{k}", layout=layout, family=layout, seed=seed,
-                                    cells=order[k * per:(k + 1) * per].tolist(), camera=camera(seed, k)))
+                                    cells=order[k * per:(k + 1) * per].tolist(), camera=camera(seed, k, effects)))
     return modules
 
 
-def line_like(defective: np.ndarray, intact: np.ndarray, count: int) -> list[dict]:
+def line_like(defective: np.ndarray, intact: np.ndarray, count: int, effects: str = "all") -> list[dict]:
     """6x10 modules as a line sees them, 0 to 4 defective cells among intact ones (shuffled
     ELPV cells hold a third defective: every such module is a C), for the grades."""
     modules = []
@@ -84,7 +92,7 @@ def line_like(defective: np.ndarray, intact: np.ndarray, count: int) -> list[dic
         bad = rng.choice(defective, k % 5, replace=False)
         cells = rng.permutation(np.concatenate([bad, rng.choice(intact, 60 - len(bad), replace=False)]))
         modules.append(dict(key=f"line/m{k}", layout="6x10", family="6x10 line-like", seed=100 + k,
-                            cells=cells.tolist(), camera=camera(100, k)))
+                            cells=cells.tolist(), camera=camera(100, k, effects)))
     return modules
 
 
@@ -226,20 +234,23 @@ def main() -> None:
     parser.add_argument("--layouts", default="6x10,6x24")
     parser.add_argument("--line-like", type=int, default=10, help="6x10 modules with 0-4 defective cells")
     parser.add_argument("--replicates", type=int, default=2000)
+    parser.add_argument("--camera", choices=CAMERAS, default="all",
+                        help="the camera's effects on the modules: all, none (clean) or one alone")
     args = parser.parse_args()
     print(" ".join(sys.argv), "|", platform.processor() or platform.machine(), file=sys.stderr)
     model, table, rules = open_model(args.model), read_labels_csv(args.labels), load_rules()
     layouts = [text.strip() for text in args.layouts.split(",")]
-    modules = plan(len(table), layouts, args.seeds)
+    modules = plan(len(table), layouts, args.seeds, args.camera)
     defective = np.flatnonzero((np.nan_to_num(table.targets) >= 0.5).any(axis=1))
     intact = np.flatnonzero((table.targets < 0.5).all(axis=1))  # known intact for every label
-    modules += line_like(defective, intact, args.line_like)
+    modules += line_like(defective, intact, args.line_like, args.camera)
     started = time.perf_counter()
     files = score_as_files(model, table)
     pixels = [read_pixels(p) for p in table.paths]
     args.out.mkdir(parents=True, exist_ok=True)
     journal = args.out / "modules.jsonl"
-    run = f"{args.model.resolve()}|{args.labels.resolve()}"  # another model's or cells' modules are not reused
+    # another model's, cells' or camera's modules are not reused
+    run = f"{args.model.resolve()}|{args.labels.resolve()}" + ("" if args.camera == "all" else f"|{args.camera}")
     results = {key: row for key, row in load_done(journal).items() if row.get("run") == run}
     with open(journal, "a", encoding="utf-8") as handle:
         for module in (m for m in modules if m["key"] not in results):
@@ -248,6 +259,7 @@ def main() -> None:
             handle.flush()
     labels = files["labels"]
     report = dict(model=str(args.model), labels_csv=str(args.labels), cells=len(table), seeds=args.seeds,
+                  camera=args.camera,
                   cpu=cpu_name(), paths=compare(modules, results, table, files, labels, args.replicates),
                   grades=grades(modules, results, table, files, rules, labels, pixels),
                   seconds=time.perf_counter() - started)
