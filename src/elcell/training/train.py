@@ -253,12 +253,12 @@ def _train_stage(config: TrainConfig, callbacks: list[L.Callback] | None,
 
 def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table: LabelTable,
                       split: np.ndarray, images: np.ndarray) -> dict:
-    """Plot the run, export its best (or, with --keep last, its last) checkpoint,
-    and score that ONNX model, as an inspection PC runs it, on the held-out
-    cells: full reports in eval/val and eval/test, headline figures in the
-    summary returned."""
+    """Plot the run, export the checkpoint --keep names and score that ONNX model,
+    as an inspection PC runs it, on the held-out cells: full reports in
+    eval/val and eval/test, headline figures in the summary returned."""
     checkpoint = trainer.checkpoint_callback
     kept = checkpoint.best_model_path if config.keep == "best" else str(run / "checkpoints" / "last.ckpt")
+    kept_f1 = checkpoint.best_model_score if config.keep == "best" else trainer.callback_metrics.get("val_f1")
     kept_epoch = int(torch.load(kept, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     plot_losses(merge_session_logs(run), run / "losses.png", kept_epoch)
     onnx_path, parity = export_checkpoint(kept, out=run, check_images=images[np.flatnonzero(split == "val")[:4]])
@@ -269,9 +269,7 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
     summary = {
         "best_checkpoint": os.path.relpath(kept, run),  # the model's, --keep last's included
         "best_val_f1": float(checkpoint.best_model_score),
-        "kept": config.keep,
-        "kept_val_f1": float(checkpoint.best_model_score) if config.keep == "best" else
-        float(trainer.callback_metrics.get("val_f1", float("nan"))),
+        "kept": config.keep, "kept_val_f1": float("nan") if kept_f1 is None else float(kept_f1),
         "onnx": onnx_path.name,
         "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
