@@ -59,6 +59,12 @@ def margins(probs: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray,
     return distance[np.arange(len(distance)), nearest], nearest
 
 
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
+    return order
+
+
 def boundary(probs: Sequence[float]) -> float:
     """Log-odds from 0.5 of a cell's least certain label (plain floats: the
     station's queue asks this of every waiting cell under its lock)."""
@@ -104,8 +110,7 @@ def review_order(probs: np.ndarray, thresholds: Sequence[float], ok: np.ndarray,
     """Every cell once, in the order a person should look at them (`order`: see
     the module's doc), every 1/random_share-th place a cell drawn at random among
     the `ok` ones ([N] bool). Deterministic for a seed."""
-    if order not in ORDERS:
-        raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
+    check_order(order)
     probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
     margin, _ = margins(probs, thresholds)
     ok = np.asarray(ok, dtype=bool)

@@ -41,9 +41,9 @@ import numpy as np
 from PIL import Image
 
 from elcell.infer.review_order import (
-    ORDERS,
     UNCERTAIN_MARGIN,
     boundary,
+    check_order,
     margins,
     random_turn,
     reason,
@@ -87,10 +87,8 @@ class ReviewQueue:
 
     def __init__(self, folder: LabelsFolder, thresholds: list[float], max_items: int = 1000, lease: float = 60.0,
                  random_share: float = 0.0, seed: int | None = None, order: str = "check"):
-        if order not in ORDERS:
-            raise ValueError(f"order {order!r}: one of {', '.join(ORDERS)}")
         self.folder = folder
-        self.order = order
+        self.order = check_order(order)
         self.labels = folder.labels
         self.thresholds = list(thresholds)
         self.max_items = max_items
@@ -303,4 +301,3 @@ class ReviewQueue:
         with self._lock:
             return {"waiting": len(self._items), "answered": self.folder.rows,
                     "dropped": self.dropped}
-
