@@ -190,13 +190,11 @@ def main() -> None:
             cells = cut_to_files(photo, grid, tmp / photo.stem)
             contenders = {}
             for kind, model in models.items():
-                for want_map in (False, True):
-                    contenders[f"{kind} {'map' if want_map else 'plain'}"] = partial(
-                        inspect_paths, model, [photo], grid, tmp / "out", rules, want_map=want_map, overwrite=True,
-                        map_views=MAP_VIEWS)
+                inspect = partial(inspect_paths, model, [photo], grid, tmp / "out", rules, overwrite=True)
+                contenders[f"{kind} plain"] = partial(inspect, want_map=False)
+                contenders[f"{kind} map"] = partial(inspect, map_views=MAP_VIEWS)
                 if args.all_views:
-                    contenders[f"{kind} map, all views"] = partial(inspect_paths, model, [photo], grid,
-                                                                   tmp / "out", rules, overwrite=True, map_views=None)
+                    contenders[f"{kind} map, all views"] = partial(inspect, map_views=None)
                 contenders[f"{kind} predict"] = partial(predict, model, cells, tmp / "p.csv", overwrite=True,
                                                         progress=False)
             split = stages(models["int8"], photo, grid, rules)
