@@ -241,9 +241,9 @@ class ReviewQueue:
         each label, then the one nearest 0.5 (its reason says which)."""
         turn, self.taught = self.taught, self.taught + 1
         if turn % 2 == 0:
-            label = self.labels[(turn // 2) % len(self.labels)]
+            likely = (turn // 2) % len(self.labels)
+            label = self.labels[likely]
             item = min(free, key=lambda i: (i.skips, -i.probs[label], i.seq))
-            likely = self.labels.index(label)
         else:
             item = min(free, key=lambda i: (i.skips, boundary(i.probs.values()), i.seq))
             likely = None
