@@ -284,3 +284,18 @@ def test_evaluate_report_keeps_markup_in_names_and_errors_as_text(tiny_onnx, see
     assert "&lt;img src=x onerror=alert(1)&gt;.png" in row.group(2)  # the error names the file, escaped
     report = parse_report(out / "report.html")  # tags nest; no script, link or iframe
     assert "b" not in report.tags and all(image["src"].startswith("data:") for image in report.images)
+
+
+def test_recall_estimator_reaches_the_tuned_model(tiny_onnx, seed_csv, tmp_path):
+    """--recall-estimator expected counts one more positive than there are: its
+    thresholds are never above the empirical ones, and the model records it."""
+    tuned = {}
+    for estimator in ("empirical", "expected"):
+        out = tmp_path / estimator
+        assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(out), "--no-progress",
+                     "--tune-thresholds", "recall=0.9", "--recall-estimator", estimator]) == 0
+        info = read_info(out / f"{tiny_onnx.stem}.tuned.onnx")
+        assert info.extra["tuning"]["estimator"] == estimator
+        tuned[estimator] = np.array(info.thresholds)
+    assert (tuned["expected"] <= tuned["empirical"]).all()
+    assert (tuned["expected"] < tuned["empirical"]).any()

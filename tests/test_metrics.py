@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from elcell.errors import DataError
 from elcell.infer.metrics import (
     label_metrics,
     summary,
@@ -28,6 +29,33 @@ def test_threshold_search_is_exact():
     tied = np.array([0.7, 0.7, 0.7, 0.2])
     assert threshold_for_f1(np.array([1, 0, 1, 0]), tied) == pytest.approx(0.45)
     assert threshold_for_recall(np.array([1, 0, 1, 0]), tied, 0.5) == pytest.approx(0.45)
+
+
+def test_expected_estimator_counts_one_more_positive():
+    probs = np.linspace(0.95, 0.05, 19)  # positives at 0.95, 0.90, ... down every other cell
+    positive = np.arange(19) % 2 == 0  # 10 positives
+    # recall 0.5: k / 11 >= 0.5 -> k = 6 (empirical: 5), halfway to the next lower cell
+    assert threshold_for_recall(positive, probs, 0.5, "expected") == pytest.approx(np.mean(probs[[10, 11]]))
+    assert threshold_for_recall(positive, probs, 0.5, "empirical") == pytest.approx(np.mean(probs[[8, 9]]))
+    # 0.95 of 10 would need an 11th positive: below the lowest one
+    assert threshold_for_recall(positive, probs, 0.95, "expected") <= probs[18]
+    assert threshold_for_recall(positive, probs, 1.0, "expected") == threshold_for_recall(positive, probs, 1.0)
+    with pytest.raises(DataError, match="recall estimator 'median'"):
+        threshold_for_recall(positive, probs, 0.9, "median")
+
+
+@pytest.mark.parametrize("method, lowest, highest", [("empirical", 0.89, 0.93), ("expected", 0.94, 0.97),
+                                                     ("logit-normal", 0.94, 0.97)])
+def test_recall_held_on_new_cells(method, lowest, highest):
+    """Thresholds for recall 0.95 from 10 positive cells, applied to 2,000 new
+    ones of the same kind: the empirical one keeps about 10/11 on average, the
+    others the target."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(2.0, 1.5, (400, 10))  # 400 validation sets of 10 positives (logit-normal)
+    new = 1 / (1 + np.exp(-rng.normal(2.0, 1.5, 2000)))
+    kept = [np.mean(new >= threshold_for_recall(np.ones(10), 1 / (1 + np.exp(-v)), 0.95, method))
+            for v in logits]
+    assert lowest < np.mean(kept) < highest
 
 
 # --------------------------------------------------------------------------- unknown labels

@@ -30,6 +30,11 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 # does not follow a turned cell. `explain` draws a cell with all the model's views.
 MAP_VIEWS = 1
 
+# How a recall-first threshold is read off a few positive cells
+# (elcell.infer.metrics.threshold_for_recall; docs/accuracy.md, *Thresholds from
+# a few validation cells*): `evaluate --recall-estimator`, `train --threshold-estimator`.
+RECALL_ESTIMATORS = ("empirical", "expected", "logit-normal")
+
 
 def option(base: Any, help: str, group: str, *, choices: Sequence | None = None,
            check: Check | None = None, metavar: str | None = None, cli: str | None = None) -> Any:

@@ -10,6 +10,7 @@ import argparse
 from elcell.infer.review_order import ORDERS
 from elcell.options import (
     MAP_VIEWS,
+    RECALL_ESTIMATORS,
     DefaultsHelpFormatter,
     add_options,
     base_values,
@@ -143,6 +144,11 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--review-band", metavar="P|recall=R",
                         help="lower threshold below which a cell is ok; between it and the threshold the "
                              "cell is 'review' (for a person): a probability such as 0.2, or recall=0.99")
+    parser.add_argument("--recall-estimator", choices=RECALL_ESTIMATORS, default="empirical",
+                        help="how recall=R is read off the positive cells: 'empirical', the highest threshold "
+                             "that keeps R of these cells; 'expected', one that keeps R of new cells on "
+                             "average (on 10 positives 'empirical' keeps about 10/11 of new ones); "
+                             "'logit-normal', a smooth tail fitted to them (docs/accuracy.md)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation; reported with and without")
     parser.add_argument("--report", action="store_true",
                         help="also write OUT/report.html: one self-contained page with the metrics, curves "

@@ -139,7 +139,7 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
 
 def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str | None = None, tta: bool = False,
              tune_thresholds: str | None = None, review_band: str | None = None,
-             batch_size: int = 16, workers: int | None = None, progress: bool = True,
+             recall_estimator: str = "empirical", batch_size: int = 16, workers: int | None = None, progress: bool = True,
              html_report: bool = False) -> dict:
     """Score `model` on labelled cells; write metrics.json, predictions.csv and plots
     to `out`; with tuning also `out/<model>.tuned.onnx`; with html_report also
@@ -175,12 +175,13 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
                         review_thresholds, known)
         thresholds, review_thresholds, details = tune(predictions.labels, predictions.positives,
                                                       predictions.probs, thresholds, review_thresholds,
-                                                      tune_thresholds, review_band, known)
+                                                      tune_thresholds, review_band, known, recall_estimator)
         all_thresholds, all_review = list(info.thresholds), list(info.review_thresholds)
         for c, high, low in zip(columns, thresholds, review_thresholds, strict=True):
             all_thresholds[c], all_review[c] = high, low
         tuned_model = out / f"{model.path.stem}.tuned.onnx"
-        tuning = {"method": tune_thresholds, "review_band": review_band, "data": str(data),
+        tuning = {"method": tune_thresholds, "review_band": review_band, "estimator": recall_estimator,
+                  "data": str(data),
                   "cells": len(predictions.paths), "tta": tta, "per_label": details}
         tuned_info = replace(info, thresholds=all_thresholds, review_thresholds=all_review,
                              extra={**info.extra, "tuning": tuning})
@@ -374,6 +375,7 @@ def main(args) -> int:
     print(f"elcell: {model.path.name} on {model.provider}; data {args.data}", file=sys.stderr)
     metrics = evaluate(model, args.data, out, group=args.group, tta=args.tta,
                        tune_thresholds=args.tune_thresholds, review_band=args.review_band,
+                       recall_estimator=args.recall_estimator,
                        batch_size=args.batch_size, workers=args.workers, progress=show_progress(args.progress),
                        html_report=args.report)
     print(format_report(metrics))

@@ -16,10 +16,12 @@ import math
 import re
 
 import numpy as np
+from scipy.stats import t as student_t
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from elcell.errors import DataError
 from elcell.infer.runtime import DEFECT, OK, REVIEW, decide
+from elcell.options import RECALL_ESTIMATORS
 
 
 def _ratio(num: float, den: float) -> float:
@@ -131,14 +133,53 @@ def _midpoint(ranked: np.ndarray, k: int) -> float:
     return above if above == below else (above + below) / 2
 
 
-def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float) -> float:
-    """The highest threshold whose recall on these cells is >= `recall`."""
-    positive = positive.astype(bool)
-    caught = np.sort(prob[positive])[::-1]
-    need = max(1, math.ceil(recall * len(caught) - 1e-9))
-    boundary = caught[need - 1]
+def _below_boundary(prob: np.ndarray, boundary: float) -> float:
+    """Halfway from `boundary` to the next lower probability of any cell."""
     below = prob[prob < boundary]
     return float(boundary + below.max()) / 2 if len(below) else float(boundary)
+
+
+def _logit_normal_quantile(caught: np.ndarray, recall: float) -> float:
+    """The probability above which a new positive falls with chance `recall`, if
+    the positives' logits are normal: the Student-t prediction bound, which
+    counts the uncertainty of a mean and spread fitted to a few cells. A smooth
+    tail where the lowest few positives are all there is."""
+    logits = np.log(np.clip(caught, 1e-6, 1 - 1e-6) / np.clip(1 - caught, 1e-6, 1))
+    n = len(logits)
+    if n < 3:  # no spread worth fitting: the lowest positive
+        return float(caught.min())
+    bound = logits.mean() + student_t.ppf(1 - recall, n - 1) * logits.std(ddof=1) * math.sqrt(1 + 1 / n)
+    return float(1 / (1 + np.exp(-bound)))
+
+
+def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float,
+                         method: str = "empirical") -> float:
+    """A threshold meant to keep `recall` of the positive cells.
+
+    empirical: the highest threshold whose recall on these cells is >= recall.
+    On n positives that is the ceil(recall * n)-th highest, and a new positive
+    falls above the k-th highest of n with chance k / (n + 1): on 10 positives
+    the 0.95 threshold is their lowest and keeps 0.91 on cells it did not see.
+    expected: the k-th highest with k / (n + 1) >= recall, so the expected
+    recall on new cells is the target; where that needs more positives than
+    there are, the logit-normal tail below the lowest one.
+    logit-normal: the prediction bound of a normal fitted to the positives' logits."""
+    positive = positive.astype(bool)
+    caught = np.sort(prob[positive])[::-1]
+    n = len(caught)
+    if recall >= 1 and method in RECALL_ESTIMATORS:  # no tail reaches every positive: the lowest one
+        method = "empirical"
+    if method == "logit-normal":
+        return min(_logit_normal_quantile(caught, recall), float(caught[0]))
+    if method == "expected":
+        need = math.ceil(recall * (n + 1) - 1e-9)
+        if need > n:
+            return min(_logit_normal_quantile(caught, recall), _below_boundary(prob, float(caught[-1])))
+    elif method == "empirical":
+        need = max(1, math.ceil(recall * n - 1e-9))
+    else:
+        raise DataError(f"recall estimator {method!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+    return _below_boundary(prob, float(caught[need - 1]))
 
 
 def threshold_for_f1(positive: np.ndarray, prob: np.ndarray) -> float:
@@ -184,10 +225,11 @@ def parse_review_band(text: str) -> tuple[str, float]:
 
 def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds: list[float],
          review_thresholds: list[float], method: str | None, review_band: str | None,
-         known: np.ndarray | None = None) -> tuple[list[float], list[float], dict]:
+         known: np.ndarray | None = None, estimator: str = "empirical") -> tuple[list[float], list[float], dict]:
     """New thresholds (and review thresholds) for `labels` (columns of positives
     and probs), tuned on the cells whose label is `known` (default all), with
-    what each label got. Labels without positives keep their thresholds."""
+    what each label got. Labels without positives keep their thresholds.
+    `estimator` reads recall targets off the positives (threshold_for_recall)."""
     thresholds, review_thresholds = list(thresholds), list(review_thresholds)
     kind, target = parse_tuning(method) if method else (None, None)
     band = parse_review_band(review_band) if review_band else None
@@ -202,13 +244,13 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
         elif kind == "f1":
             thresholds[j] = threshold_for_f1(positive, prob)
         elif kind == "recall":
-            thresholds[j] = threshold_for_recall(positive, prob, target)
+            thresholds[j] = threshold_for_recall(positive, prob, target, estimator)
         if band is None:  # keep the model's band width
             review_thresholds[j] = max(0.0, thresholds[j] - (old - old_review))
         elif band[0] == "probability":
             review_thresholds[j] = min(band[1], thresholds[j])
         elif positive.any():
-            review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1]), thresholds[j])
+            review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1], estimator), thresholds[j])
         else:
             review_thresholds[j] = thresholds[j]
             note = f"{none}: no review band"

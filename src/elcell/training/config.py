@@ -24,6 +24,7 @@ from elcell.options import (
     NON_NEGATIVE,
     OPEN_FRACTION,
     POSITIVE,
+    RECALL_ESTIMATORS,
     above,
     at_least,
     base_values,
@@ -225,6 +226,11 @@ class TrainConfig:
     review_recall: float = option(0.0, "below each threshold, a review band down to where the validation "
                                   "cells reach this recall: those cells go to a person (0: no band)",
                                   "evaluation", check=_PROBABILITY, metavar="R")
+    threshold_estimator: str = option("empirical", "how the recall targets are read off the validation "
+                                      "positives (as evaluate --recall-estimator): 'empirical' keeps "
+                                      "about n/(n+1) of new positives where the target needs the lowest "
+                                      "of n; 'expected' keeps the target on average",
+                                      "evaluation", choices=RECALL_ESTIMATORS)
     precision: str = option("auto", "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native "
                             "bf16, else 32-true) or a Lightning precision", "hardware")
     accelerator: str = option("auto", "auto, cpu or gpu", "hardware", metavar="KIND")

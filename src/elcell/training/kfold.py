@@ -202,7 +202,7 @@ def _spread(per_fold: dict) -> dict:
     return result
 
 
-def oof_thresholds(scored: Scored, recall: float, review_recall: float) -> dict:
+def oof_thresholds(scored: Scored, recall: float, review_recall: float, estimator: str = "empirical") -> dict:
     """Thresholds that reach `recall` (review band down to `review_recall`) on
     the pooled out-of-fold scores, with the recall and review they give on those
     same cells (in-sample): what a model of this recipe would need, chosen on
@@ -210,7 +210,8 @@ def oof_thresholds(scored: Scored, recall: float, review_recall: float) -> dict:
     known = ~np.isnan(scored.truth)
     labels = scored.labels
     _, _, details = tune(labels, np.nan_to_num(scored.truth) >= 0.5, scored.probs, [0.5] * len(labels),
-                         [0.5] * len(labels), f"recall={recall:g}", f"recall={review_recall:g}", known)
+                         [0.5] * len(labels), f"recall={recall:g}", f"recall={review_recall:g}", known,
+                         estimator)
     return details
 
 
@@ -228,7 +229,7 @@ def write_report(run: Path, config: TrainConfig) -> dict:
                   pooled=bootstrap(scored, seed=config.seed), per_fold=per_fold, spread=_spread(per_fold))
     if config.threshold_recall > 0:
         report["oof_thresholds"] = oof_thresholds(scored, config.threshold_recall, config.review_recall or
-                                                  config.threshold_recall)
+                                                  config.threshold_recall, config.threshold_estimator)
     atomic_write_json(run / "kfold.json", report)
     return report
 

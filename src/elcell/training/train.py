@@ -300,6 +300,8 @@ def recall_first_tuning(config: TrainConfig) -> dict:
         tuning["tune_thresholds"] = f"recall={config.threshold_recall:g}"
     if config.review_recall > 0:
         tuning["review_band"] = f"recall={config.review_recall:g}"
+    if tuning:
+        tuning["recall_estimator"] = config.threshold_estimator
     return tuning
 
 
