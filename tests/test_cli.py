@@ -123,7 +123,7 @@ def test_transfer_recipe_is_the_measured_transfer_run_t04():
     t04["recipe"] = "transfer"
     assert {k: getattr(transfer, k) for k in t04} == t04
     # the recall-first thresholds are chosen after training and change no weight
-    after_training = {"threshold_recall": 0.95, "review_recall": 0.99}
+    after_training = {"threshold_recall": 0.95, "review_recall": 0.99, "threshold_estimator": "expected"}
     assert {k: getattr(transfer, k) for k in after_training} == after_training
     assert {k: v for k, v in transfer.__dict__.items() if k not in t04 and k not in after_training} == \
         {k: v for k, v in TrainConfig.from_recipe("spec").__dict__.items() if k not in t04 and k not in after_training}

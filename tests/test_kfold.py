@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--recipe", "spec", "--backbone", "test_resnet", "--pretrained", "none", "--image-size", "64",
         "--batch-size", "16", "--epochs", "1", "--lr", "1e-3", "--val-fraction", "0.25",
-        "--threshold-recall", "0.95", "--review-recall", "0.99", "--no-progress"]
+        "--threshold-recall", "0.95", "--review-recall", "0.99", "--threshold-estimator", "expected",
+        "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def test_each_fold_model_carries_thresholds_for_recall_on_its_validation_cells(p
         chosen = summary["thresholds"]
         assert info.thresholds == [chosen[label]["threshold"] for label in info.labels]
         assert info.review_thresholds == [chosen[label]["review_threshold"] for label in info.labels]
+        assert info.extra["tuning"]["estimator"] == "expected"
         val = json.loads((run / "eval" / "val" / "metrics.json").read_text())
         for label, m in val["per_label"].items():
             if m["positives"]:
