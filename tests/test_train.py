@@ -298,7 +298,7 @@ def test_init_seed_keeps_the_split_and_changes_the_weights(tmp_path):
 
 def test_synthetic_cracks_need_a_probability_and_a_label_to_mark(tmp_path):
     from elcell.errors import DataError
-    from elcell.training.train import crack_label, label_index
+    from elcell.training.augment import crack_label, label_index
 
     with pytest.raises(DataError, match="--synthetic-cracks 1.5"):
         train(TrainConfig.from_recipe("spec", data="elpv", limit=32, out=str(tmp_path / "run"), synthetic_cracks=1.5))

@@ -10,6 +10,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from elcell.errors import DataError
 from elcell.training.config import CRACK_SHAPES
 
 
@@ -372,3 +373,27 @@ class BatchAugment(nn.Module):
 def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Standardise with the train split's pixel mean/std (in [0, 1] units)."""
     return (images - mean) / std
+
+
+def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:
+    """The label a drawn crack sets: 'crack' (in any case), else the only label (ELPV's
+    'defective'). Refuses label sets it cannot mark, and drawn broken fingers on a
+    'crack' label."""
+    crack = label_index(names, "crack")
+    if crack is not None:
+        if synthetic_cracks > 0 and shape in NOT_ONLY_CRACKS:
+            raise DataError(f"--synthetic-crack-shape {shape} marks broken fingers as defects, and they are not "
+                            "cracks: use it with a single defect label, and 'realistic' or 'realistic+branches' with a "
+                            "'crack' label")
+        return crack
+    if len(names) == 1 or synthetic_cracks == 0:
+        return 0
+    raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names} "
+                    "(--synthetic-cracks 0 --finetune-epochs 0 trains in one stage without drawn cracks)")
+
+
+def label_index(names: list[str], wanted: str) -> int | None:
+    """Where the label `wanted` is in `names`, whatever its case (a CSV may say
+    'Crack'), or None."""
+    lowered = [name.lower() for name in names]
+    return lowered.index(wanted) if wanted in lowered else None

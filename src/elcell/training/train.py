@@ -36,7 +36,7 @@ from elcell.infer.runtime import open_model
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.options import show_progress, validate
 from elcell.training import adapt
-from elcell.training.augment import NOT_ONLY_CRACKS
+from elcell.training.augment import crack_label, label_index
 from elcell.training.config import (
     PRETEXT_STAGE,
     TrainConfig,
@@ -68,30 +68,6 @@ from elcell.training.history import EpochLines, merge_session_logs, next_session
 from elcell.training.lightning_module import ELCellModule
 from elcell.training.nets.build import load_pretrained
 from elcell.training.resume import check_resumable, resume_checkpoint
-
-
-def crack_label(names: list[str], synthetic_cracks: float, *, shape: str) -> int:
-    """The label a drawn crack sets: 'crack' (in any case), else the only label (ELPV's
-    'defective'). Refuses label sets it cannot mark, and drawn broken fingers on a
-    'crack' label."""
-    crack = label_index(names, "crack")
-    if crack is not None:
-        if synthetic_cracks > 0 and shape in NOT_ONLY_CRACKS:
-            raise DataError(f"--synthetic-crack-shape {shape} marks broken fingers as defects, and they are not "
-                            "cracks: use it with a single defect label, and 'realistic' or 'realistic+branches' with a "
-                            "'crack' label")
-        return crack
-    if len(names) == 1 or synthetic_cracks == 0:
-        return 0
-    raise DataError(f"--synthetic-cracks needs a label named 'crack' or a single label; the labels are {names} "
-                    "(--synthetic-cracks 0 --finetune-epochs 0 trains in one stage without drawn cracks)")
-
-
-def label_index(names: list[str], wanted: str) -> int | None:
-    """Where the label `wanted` is in `names`, whatever its case (a CSV may say
-    'Crack'), or None."""
-    lowered = [name.lower() for name in names]
-    return lowered.index(wanted) if wanted in lowered else None
 
 
 def check_options(config: TrainConfig) -> None:
