@@ -8,6 +8,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from elcell.errors import DataError
 from elcell.infer.metrics import (
+    burden_note,
     label_metrics,
     summary,
     threshold_for_f1,
@@ -56,6 +57,13 @@ def test_recall_held_on_new_cells(method, lowest, highest):
     kept = [np.mean(new >= threshold_for_recall(np.ones(10), 1 / (1 + np.exp(-v)), 0.95, method))
             for v in logits]
     assert lowest < np.mean(kept) < highest
+
+
+def test_a_heavy_review_burden_is_named_with_what_to_do():
+    assert burden_note(0.35, 0.99, "validation cells") is None
+    note = burden_note(0.96, 0.99, "validation cells")
+    assert "96% of the validation cells are flagged or in review" in note
+    assert "recall 0.99" in note and "--threshold-recall" in note
 
 
 # --------------------------------------------------------------------------- unknown labels

@@ -123,6 +123,22 @@ def headline(metrics: dict) -> dict:
     return result
 
 
+# More than this share of cells flagged or in review at recall-first thresholds
+# is worth a word: a line reviews most of what it makes (docs/accuracy.md, K07).
+HEAVY_BURDEN = 0.5
+
+
+def burden_note(burden: float, recall: float, where: str) -> str | None:
+    """A line for the user when thresholds set for `recall` send most cells on
+    `where` to a person, with what to do about it; None when they do not."""
+    if burden <= HEAVY_BURDEN:
+        return None
+    return (f"at its recall-first thresholds {burden:.0%} of the {where} are flagged or in review: this "
+            f"model ranks its defects too close to clean cells for recall {recall:g} to be cheap; "
+            "a lower --threshold-recall/--review-recall trades recall for fewer cells to look at, and "
+            "a better model (more cells, docs/accuracy.md) for both")
+
+
 # --------------------------------------------------------------------------- tuning
 def _midpoint(ranked: np.ndarray, k: int) -> float:
     """A threshold that includes the k highest probabilities of `ranked` (sorted

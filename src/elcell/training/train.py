@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError
 from elcell.infer.evaluate import evaluate
-from elcell.infer.metrics import headline
+from elcell.infer.metrics import burden_note, headline
 from elcell.infer.runtime import open_model
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.options import show_progress, validate
@@ -264,6 +265,10 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
                 summary["thresholds"] = {label: {k: d[k] for k in ("threshold", "review_threshold")}
                                          for label, d in metrics["tuning"]["per_label"].items()}
             summary[part] = headline(metrics)
+            note = burden_note(metrics["review_burden"], config.review_recall or config.threshold_recall,
+                               "validation cells") if "tuning" in metrics else None
+            if note:
+                print(f"elcell: note: {run.name}: {note}", file=sys.stderr)
     return summary
 
 
