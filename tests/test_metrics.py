@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 from sklearn.metrics import f1_score, roc_auc_score
 
 from elcell.errors import DataError
@@ -33,34 +34,56 @@ def test_threshold_search_is_exact():
 
 
 def test_expected_estimator_counts_one_more_positive():
-    probs = np.linspace(0.95, 0.05, 19)  # positives at 0.95, 0.90, ... down every other cell
-    positive = np.arange(19) % 2 == 0  # 10 positives
+    probs = np.append(np.linspace(0.95, 0.05, 19), 1e-4)  # positives at 0.95, 0.85, ... 0.05; clean cells between
+    positive = np.append(np.arange(19) % 2 == 0, False)  # 10 positives, a clean cell far below them all
     # recall 0.5: k / 11 >= 0.5 -> k = 6 (empirical: 5), halfway to the next lower cell
     assert threshold_for_recall(positive, probs, 0.5, "expected") == pytest.approx(np.mean(probs[[10, 11]]))
     assert threshold_for_recall(positive, probs, 0.5, "empirical") == pytest.approx(np.mean(probs[[8, 9]]))
-    # 0.95 of 10 would need an 11th positive: below the lowest one
-    assert threshold_for_recall(positive, probs, 0.95, "expected") <= probs[18]
-    assert threshold_for_recall(positive, probs, 1.0, "expected") == threshold_for_recall(positive, probs, 1.0)
+    # 0.99 of 10 would need a 100th positive: the Student-t bound on the logits, below the lowest positive
+    logits = np.log(probs[positive] / (1 - probs[positive]))
+    bound = logits.mean() + student_t.ppf(0.01, 9) * logits.std(ddof=1) * np.sqrt(1 + 1 / 10)
+    expected = threshold_for_recall(positive, probs, 0.99, "expected")
+    assert expected == pytest.approx(1 / (1 + np.exp(-bound)))
+    assert expected < threshold_for_recall(positive, probs, 0.99, "empirical") == pytest.approx((0.05 + 1e-4) / 2)
     with pytest.raises(DataError, match="recall estimator 'median'"):
         threshold_for_recall(positive, probs, 0.9, "median")
 
 
-@pytest.mark.parametrize("method, lowest, highest", [("empirical", 0.89, 0.93), ("expected", 0.94, 0.97),
-                                                     ("logit-normal", 0.94, 0.97)])
-def test_recall_held_on_new_cells(method, lowest, highest):
-    """Thresholds for recall 0.95 from 10 positive cells, applied to 2,000 new
-    ones of the same kind: the empirical one keeps about 10/11 on average, the
-    others the target."""
+def test_tail_estimators_at_their_edges():
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    positive = np.array([1, 0, 1, 0, 1, 0])
+    for method in ("expected", "logit-normal"):
+        # recall 1 of new positives: only every cell keeps that for sure, more review than 0.99 asks
+        assert threshold_for_recall(positive, probs, 1.0, method) == 0.0
+        assert threshold_for_recall(positive, probs, 0.99, method) > 0.0
+        # two positives are too few to fit a tail: the lowest kept, halfway to the next cell
+        assert threshold_for_recall(np.array([1, 0, 0, 0, 1, 0]), probs, 0.95, method) == pytest.approx(0.45)
+    _, _, details = tune(["crack"], np.array([[1], [0], [0], [0], [1], [0]]), probs[:, None], [0.5], [0.5],
+                         "recall=0.95", None, estimator="expected")
+    assert "2 positive cells: too few for the expected estimator" in details["crack"]["note"]
+
+
+@pytest.mark.parametrize("n, method, lowest, highest", [
+    (10, "empirical", 0.89, 0.93), (10, "expected", 0.94, 0.97), (10, "logit-normal", 0.94, 0.97),
+    (40, "empirical", 0.935, 0.955), (40, "expected", 0.955, 0.98)])
+def test_recall_held_on_new_cells(n, method, lowest, highest):
+    """Thresholds for recall 0.95 from n positive cells, applied to 2,000 new
+    ones of the same kind: on 10 the empirical one (their lowest) keeps about
+    10/11 on average, the others the target; on 40 the empirical one, the
+    38th highest, keeps about the target and expected, the 39th (no tail), a
+    little more."""
     rng = np.random.default_rng(0)
-    logits = rng.normal(2.0, 1.5, (400, 10))  # 400 validation sets of 10 positives (logit-normal)
+    logits = rng.normal(2.0, 1.5, (400, n))  # 400 validation sets of n positives (logit-normal)
     new = 1 / (1 + np.exp(-rng.normal(2.0, 1.5, 2000)))
-    kept = [np.mean(new >= threshold_for_recall(np.ones(10), 1 / (1 + np.exp(-v)), 0.95, method))
+    kept = [np.mean(new >= threshold_for_recall(np.ones(n), 1 / (1 + np.exp(-v)), 0.95, method))
             for v in logits]
     assert lowest < np.mean(kept) < highest
 
 
 def test_a_heavy_review_burden_is_named_with_what_to_do():
     assert burden_note(0.35, 0.99, "validation cells") is None
+    assert burden_note(0.5, 0.99, "validation cells") is None  # half is the line
+    assert burden_note(0.51, 0.99, "validation cells") is not None
     note = burden_note(0.96, 0.99, "validation cells")
     assert "96% of the validation cells are flagged or in review" in note
     assert "recall 0.99" in note and "--threshold-recall" in note

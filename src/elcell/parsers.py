@@ -139,16 +139,17 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--group", metavar="COLUMN",
                         help="also report per group of this CSV column (e.g. cell type; --data elpv: type)")
     parser.add_argument("--tune-thresholds", metavar="f1|recall=R",
-                        help="'f1': per label the threshold of maximum F1; 'recall=0.95': the highest "
-                             "threshold that keeps recall >= 0.95")
+                        help="'f1': per label the threshold of maximum F1; 'recall=0.95': a threshold for "
+                             "recall 0.95, as --recall-estimator reads it off these cells")
     parser.add_argument("--review-band", metavar="P|recall=R",
                         help="lower threshold below which a cell is ok; between it and the threshold the "
                              "cell is 'review' (for a person): a probability such as 0.2, or recall=0.99")
     parser.add_argument("--recall-estimator", choices=RECALL_ESTIMATORS, default="empirical",
-                        help="how recall=R is read off the positive cells: 'empirical', the highest threshold "
-                             "that keeps R of these cells; 'expected', one that keeps R of new cells on "
-                             "average (on 10 positives 'empirical' keeps about 10/11 of new ones); "
-                             "'logit-normal', a smooth tail fitted to them (docs/accuracy.md)")
+                        help="how recall=R (of --tune-thresholds and --review-band) is read off the positive "
+                             "cells: 'empirical', the highest threshold that keeps R of these cells (fewer of "
+                             "new positives: recall=0.95 on 10 positives keeps about 10/11); 'expected', one "
+                             "that keeps R of new positives on average, as `train`'s recipes do; "
+                             "'logit-normal', a normal tail fitted to their logits (docs/training.md)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation; reported with and without")
     parser.add_argument("--report", action="store_true",
                         help="also write OUT/report.html: one self-contained page with the metrics, curves "

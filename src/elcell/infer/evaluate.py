@@ -30,7 +30,7 @@ from elcell.infer.predict import CSV_SEPARATOR
 from elcell.infer.report import Table, build_galleries, write_report
 from elcell.infer.runtime import Model, decide, default_workers, open_model, score_files
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.options import show_progress
+from elcell.options import RECALL_ESTIMATORS, show_progress
 
 
 @dataclass
@@ -137,18 +137,26 @@ def write_predictions(path: Path, predictions: Predictions, thresholds: list[flo
     atomic_write_text(path, buffer.getvalue())
 
 
+def _check_tuning(tune_thresholds: str | None, review_band: str | None, recall_estimator: str) -> bool:
+    """Refuse bad tuning options before any cell is scored; whether a recall
+    target is read off the cells (and so the estimator matters)."""
+    kind = parse_tuning(tune_thresholds)[0] if tune_thresholds else None
+    band = parse_review_band(review_band)[0] if review_band else None
+    if recall_estimator not in RECALL_ESTIMATORS:
+        raise DataError(f"recall estimator {recall_estimator!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+    return "recall" in (kind, band)
+
+
 def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str | None = None, tta: bool = False,
              tune_thresholds: str | None = None, review_band: str | None = None,
-             recall_estimator: str = "empirical", batch_size: int = 16, workers: int | None = None, progress: bool = True,
+             recall_estimator: str = "empirical", batch_size: int = 16, workers: int | None = None,
+             progress: bool = True,
              html_report: bool = False) -> dict:
     """Score `model` on labelled cells; write metrics.json, predictions.csv and plots
     to `out`; with tuning also `out/<model>.tuned.onnx`; with html_report also
     `out/report.html`. Returns the metrics. `data` is a labels CSV, 'elpv', or an
     already loaded table (its groups, if any, are reported)."""
-    if tune_thresholds:
-        parse_tuning(tune_thresholds)
-    if review_band:
-        parse_review_band(review_band)
+    reads_recall = _check_tuning(tune_thresholds, review_band, recall_estimator)
     if isinstance(data, LabelTable):
         table, data = data, data.source
     else:
@@ -180,8 +188,8 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
         for c, high, low in zip(columns, thresholds, review_thresholds, strict=True):
             all_thresholds[c], all_review[c] = high, low
         tuned_model = out / f"{model.path.stem}.tuned.onnx"
-        tuning = {"method": tune_thresholds, "review_band": review_band, "estimator": recall_estimator,
-                  "data": str(data),
+        tuning = {"method": tune_thresholds, "review_band": review_band,
+                  "estimator": recall_estimator if reads_recall else None, "data": str(data),
                   "cells": len(predictions.paths), "tta": tta, "per_label": details}
         tuned_info = replace(info, thresholds=all_thresholds, review_thresholds=all_review,
                              extra={**info.extra, "tuning": tuning})
@@ -349,7 +357,8 @@ def format_report(metrics: dict) -> str:
         tuning = metrics["tuning"]
         before = tuning["before"]
         lines.append(f"tuned ({tuning['method'] or 'thresholds kept'}"
-                     f"{', review band ' + tuning['review_band'] if tuning['review_band'] else ''}) "
+                     f"{', review band ' + tuning['review_band'] if tuning['review_band'] else ''}"
+                     f"{', ' + tuning['estimator'] + ' estimator' if tuning.get('estimator') else ''}) "
                      f"on these {tuning['cells']} cells -> {tuning['model']}")
         for label, d in tuning["per_label"].items():
             lines.append(f"  {label}: threshold {d['previous_threshold']:.4f} -> {d['threshold']:.4f} "

@@ -134,9 +134,10 @@ def burden_note(burden: float, recall: float, where: str) -> str | None:
     if burden <= HEAVY_BURDEN:
         return None
     return (f"at its recall-first thresholds {burden:.0%} of the {where} are flagged or in review: this "
-            f"model ranks its defects too close to clean cells for recall {recall:g} to be cheap; "
-            "a lower --threshold-recall/--review-recall trades recall for fewer cells to look at, and "
-            "a better model (more cells, docs/accuracy.md) for both")
+            f"model ranks its defects too close to clean cells for recall {recall:g} to be cheap, or the "
+            "validation set holds too few positives to read it off (see the thresholds' notes); a lower "
+            "--threshold-recall/--review-recall trades recall for fewer cells to look at, and a better "
+            "model (more cells, docs/accuracy.md) for both")
 
 
 # --------------------------------------------------------------------------- tuning
@@ -155,22 +156,25 @@ def _below_boundary(prob: np.ndarray, boundary: float) -> float:
     return float(boundary + below.max()) / 2 if len(below) else float(boundary)
 
 
+# Fewer positives than this give no spread worth fitting: the tail estimators
+# then keep the lowest positive, which keeps about n/(n+1) of new ones.
+TAIL_MIN_POSITIVES = 3
+
+
 def _logit_normal_quantile(caught: np.ndarray, recall: float) -> float:
     """The probability above which a new positive falls with chance `recall`, if
     the positives' logits are normal: the Student-t prediction bound, which
     counts the uncertainty of a mean and spread fitted to a few cells. A smooth
-    tail where the lowest few positives are all there is."""
+    tail where the lowest few positives are all there is. len(caught) >= 3."""
     logits = np.log(np.clip(caught, 1e-6, 1 - 1e-6) / np.clip(1 - caught, 1e-6, 1))
     n = len(logits)
-    if n < 3:  # no spread worth fitting: the lowest positive
-        return float(caught.min())
     bound = logits.mean() + student_t.ppf(1 - recall, n - 1) * logits.std(ddof=1) * math.sqrt(1 + 1 / n)
     return float(1 / (1 + np.exp(-bound)))
 
 
 def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float,
                          method: str = "empirical") -> float:
-    """A threshold meant to keep `recall` of the positive cells.
+    """A threshold meant to keep `recall` (0 < recall <= 1) of the positive cells.
 
     empirical: the highest threshold whose recall on these cells is >= recall.
     On n positives that is the ceil(recall * n)-th highest, and a new positive
@@ -178,23 +182,31 @@ def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float,
     the 0.95 threshold is their lowest and keeps 0.91 on cells it did not see.
     expected: the k-th highest with k / (n + 1) >= recall, so the expected
     recall on new cells is the target; where that needs more positives than
-    there are, the logit-normal tail below the lowest one.
-    logit-normal: the prediction bound of a normal fitted to the positives' logits."""
+    there are, the logit-normal bound, never above the lowest positive.
+    logit-normal: the prediction bound of a normal fitted to the positives'
+    logits (never above the highest positive).
+    Both tail estimators keep the lowest positive below TAIL_MIN_POSITIVES
+    positives, and give 0 (every cell) for recall 1: no bound keeps every new
+    positive short of that."""
+    if method not in RECALL_ESTIMATORS:
+        raise DataError(f"recall estimator {method!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
     positive = positive.astype(bool)
     caught = np.sort(prob[positive])[::-1]
     n = len(caught)
-    if recall >= 1 and method in RECALL_ESTIMATORS:  # no tail reaches every positive: the lowest one
-        method = "empirical"
+    lowest = _below_boundary(prob, float(caught[-1]))
+    if method != "empirical":
+        if recall >= 1:
+            return 0.0
+        if n < TAIL_MIN_POSITIVES:
+            return lowest
     if method == "logit-normal":
         return min(_logit_normal_quantile(caught, recall), float(caught[0]))
     if method == "expected":
-        need = math.ceil(recall * (n + 1) - 1e-9)
+        need = max(1, math.ceil(recall * (n + 1) - 1e-9))
         if need > n:
-            return min(_logit_normal_quantile(caught, recall), _below_boundary(prob, float(caught[-1])))
-    elif method == "empirical":
-        need = max(1, math.ceil(recall * n - 1e-9))
+            return min(_logit_normal_quantile(caught, recall), lowest)
     else:
-        raise DataError(f"recall estimator {method!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+        need = max(1, math.ceil(recall * n - 1e-9))
     return _below_boundary(prob, float(caught[need - 1]))
 
 
@@ -276,6 +288,10 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
             "review_threshold": review_thresholds[j], "previous_review_threshold": old_review,
             **{key: at[key] for key in ("precision", "recall", "f1", "review", "recall_with_review")},
         }
+        recall_read = kind == "recall" or (band is not None and band[0] == "recall")
+        if not note and recall_read and estimator != "empirical" and positive.sum() < TAIL_MIN_POSITIVES:
+            note = (f"{int(positive.sum())} positive cells: too few for the {estimator} estimator; the lowest one "
+                    f"kept, about {int(positive.sum())}/{int(positive.sum()) + 1} of new ones")
         if note:
             details[label]["note"] = note
     return thresholds, review_thresholds, details

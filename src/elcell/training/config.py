@@ -220,16 +220,18 @@ class TrainConfig:
                                 check=above(0))
     tta: bool = option(False, "score the final val/test evaluation with test-time augmentation",
                        "evaluation")
-    threshold_recall: float = option(0.0, "recall-first thresholds: each label's threshold is set where "
-                                     "the validation cells reach this recall, and stored in the model "
-                                     "(0: keep 0.5)", "evaluation", check=_PROBABILITY, metavar="R")
-    review_recall: float = option(0.0, "below each threshold, a review band down to where the validation "
-                                  "cells reach this recall: those cells go to a person (0: no band)",
+    threshold_recall: float = option(0.0, "recall-first thresholds: each label's threshold is set for this "
+                                     "recall, read off the validation cells by --threshold-estimator, and "
+                                     "stored in the model (0: keep 0.5)", "evaluation", check=_PROBABILITY,
+                                     metavar="R")
+    review_recall: float = option(0.0, "below each threshold, a review band down to the threshold for this "
+                                  "recall, read the same way: those cells go to a person (0: no band)",
                                   "evaluation", check=_PROBABILITY, metavar="R")
-    threshold_estimator: str = option("empirical", "how the recall targets are read off the validation "
-                                      "positives (as evaluate --recall-estimator): 'empirical' keeps "
-                                      "about n/(n+1) of new positives where the target needs the lowest "
-                                      "of n; 'expected' keeps the target on average",
+    threshold_estimator: str = option("empirical", "how recall targets are read off the validation positives "
+                                      "(as evaluate --recall-estimator): 'expected', about R of new positives "
+                                      "on average; 'empirical', the highest threshold that keeps R of the "
+                                      "validation positives (fewer of new ones: n/(n+1) where R needs the "
+                                      "lowest of n); 'logit-normal', a normal tail fitted to their logits",
                                       "evaluation", choices=RECALL_ESTIMATORS)
     precision: str = option("auto", "'auto' (bf16 autocast + channels-last on GPUs and CPUs with native "
                             "bf16, else 32-true) or a Lightning precision", "hardware")
