@@ -23,14 +23,14 @@ from elcell.cells.images import load_cell, read_gray
 from elcell.cells.inputs import Unreadable, report_unreadable
 from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError
-from elcell.infer.metrics import parse_review_band, parse_tuning, summary, tune
+from elcell.infer.metrics import check_estimator, parse_review_band, parse_tuning, summary, tune
 from elcell.infer.modelinfo import write_info
 from elcell.infer.plots import plot_curves
 from elcell.infer.predict import CSV_SEPARATOR
 from elcell.infer.report import Table, build_galleries, write_report
 from elcell.infer.runtime import Model, decide, default_workers, open_model, score_files
 from elcell.io import atomic_write_json, atomic_write_text
-from elcell.options import RECALL_ESTIMATORS, show_progress
+from elcell.options import show_progress
 
 
 @dataclass
@@ -142,8 +142,7 @@ def _check_tuning(tune_thresholds: str | None, review_band: str | None, recall_e
     target is read off the cells (and so the estimator matters)."""
     kind = parse_tuning(tune_thresholds)[0] if tune_thresholds else None
     band = parse_review_band(review_band)[0] if review_band else None
-    if recall_estimator not in RECALL_ESTIMATORS:
-        raise DataError(f"recall estimator {recall_estimator!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+    check_estimator(recall_estimator)
     return "recall" in (kind, band)
 
 

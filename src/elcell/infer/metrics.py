@@ -172,6 +172,12 @@ def _logit_normal_quantile(caught: np.ndarray, recall: float) -> float:
     return float(1 / (1 + np.exp(-bound)))
 
 
+def check_estimator(name: str) -> str:
+    if name not in RECALL_ESTIMATORS:
+        raise DataError(f"recall estimator {name!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+    return name
+
+
 def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float,
                          method: str = "empirical") -> float:
     """A threshold meant to keep `recall` (0 < recall <= 1) of the positive cells.
@@ -188,8 +194,7 @@ def threshold_for_recall(positive: np.ndarray, prob: np.ndarray, recall: float,
     Both tail estimators keep the lowest positive below TAIL_MIN_POSITIVES
     positives, and give 0 (every cell) for recall 1: no bound keeps every new
     positive short of that."""
-    if method not in RECALL_ESTIMATORS:
-        raise DataError(f"recall estimator {method!r}: use one of {', '.join(RECALL_ESTIMATORS)}")
+    check_estimator(method)
     positive = positive.astype(bool)
     caught = np.sort(prob[positive])[::-1]
     n = len(caught)
@@ -261,6 +266,7 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
     thresholds, review_thresholds = list(thresholds), list(review_thresholds)
     kind, target = parse_tuning(method) if method else (None, None)
     band = parse_review_band(review_band) if review_band else None
+    reads_recall = kind == "recall" or (band is not None and band[0] == "recall")
     details: dict = {}
     for j, label in enumerate(labels):
         positive, prob, unknown = known_cells(positives[:, j], probs[:, j], None if known is None else known[:, j])
@@ -288,8 +294,7 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
             "review_threshold": review_thresholds[j], "previous_review_threshold": old_review,
             **{key: at[key] for key in ("precision", "recall", "f1", "review", "recall_with_review")},
         }
-        recall_read = kind == "recall" or (band is not None and band[0] == "recall")
-        if not note and recall_read and estimator != "empirical" and positive.sum() < TAIL_MIN_POSITIVES:
+        if not note and reads_recall and estimator != "empirical" and positive.sum() < TAIL_MIN_POSITIVES:
             note = (f"{int(positive.sum())} positive cells: too few for the {estimator} estimator; the lowest one "
                     f"kept, about {int(positive.sum())}/{int(positive.sum()) + 1} of new ones")
         if note:
