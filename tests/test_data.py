@@ -91,6 +91,7 @@ def test_pos_weights_count_only_known_cells():
     # crack: 4 known, 1.5 positive -> 2.5 / 1.5; inactive: 4 known, 1 positive -> 3 / 1
     assert pos_weights(targets) == pytest.approx([2.5 / 1.5, 3.0])
     assert pos_weights(targets, "none") == [1.0, 1.0]
+    assert pos_weights(targets, "sqrt") == pytest.approx([(2.5 / 1.5) ** 0.5, 3.0 ** 0.5])
 
 
 def test_check_labels_counts_known_train_cells_and_refuses_a_label_no_train_cell_knows(tmp_path):

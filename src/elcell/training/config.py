@@ -41,7 +41,7 @@ POOLINGS = ("avg", "max")
 INPUT_NORMS = ("dataset", "cell")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle")
-LOSS_WEIGHTINGS = ("balanced", "none")
+LOSS_WEIGHTINGS = ("balanced", "sqrt", "none")
 KEEPS = ("best", "last")
 CRACK_SHAPES = ("line", "realistic", "realistic+branches", "realistic+fingers")
 
@@ -181,8 +181,10 @@ class TrainConfig:
     keep: str = option("best", "which checkpoint becomes the run's model: 'best' (highest val F1) or 'last' "
                        "(the schedule's end, with no early stop: where the validation cells are too few to "
                        "choose an epoch, as a fine-tuning's few dozen)", "optimisation", choices=KEEPS)
-    loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label) "
-                                 "or 'none'", "optimisation", choices=LOSS_WEIGHTINGS)
+    loss_weighting: str = option("balanced", "'balanced' (BCE pos_weight = negatives/positives per label), "
+                                 "'sqrt' (its square root: a rare label's probabilities are pushed up "
+                                 "less, so 0.5 sits nearer its best-F1 point) or 'none'", "optimisation",
+                                 choices=LOSS_WEIGHTINGS)
     init_seed: int | None = option(None, "a different seed for initialisation and augmentation only, "
                                    "keeping --seed's split (run-to-run spread of a recipe)", "optimisation")
     flip_p: float = option(0.4, "probability of each horizontal and vertical flip", "augmentation",

@@ -127,13 +127,14 @@ def check_labels(table: LabelTable, split: np.ndarray) -> None:
 
 def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
     """BCE pos_weight per label: negatives / positives among the cells whose label
-    is known (not NaN), counted with soft targets (ELPV probabilities), or 1
-    (no weighting)."""
+    is known (not NaN), counted with soft targets (ELPV probabilities); its
+    square root ('sqrt'); or 1 (no weighting)."""
     if weighting == "none":
         return [1.0] * targets.shape[1]
     positive = np.nansum(targets, axis=0)
     known = (~np.isnan(targets)).sum(axis=0)
-    return [float(w) for w in (known - positive) / positive]
+    ratio = (known - positive) / positive
+    return [float(w) for w in (np.sqrt(ratio) if weighting == "sqrt" else ratio)]
 
 
 # --------------------------------------------------------------------------- cache
