@@ -118,17 +118,19 @@ def test_the_map_takes_one_view_unless_told_more(tiny_onnx):
 
     model = open_model(tiny_onnx)
     image = cv2.imread(str(DATA / "poly-6x10-A1.jpg"), cv2.IMREAD_GRAYSCALE)
-    found = {views: inspect_module(model, image, 6, 10, load_rules(), map_views=views, thresholds=[0.5, 0.5])
-             for views in (1, None)}
+    found = {views: inspect_module(model, image, 6, 10, load_rules(), map_views=views, thresholds=[0.5, 0.5],
+                                   map_detail="fine") for views in (1, None)}
     places = found[1].flagged()
     assert places and list(found[1].heatmaps) == places == list(found[None].heatmaps)
     cells = [found[1].cells[r][c] for r, c in places]
     for views, expected in ((1, 1), (None, model.heatmap_views)):  # None: the model's own
-        maps = score_cells(model, cells, heatmaps=True, map_views=expected).heatmaps
+        maps = score_cells(model, cells, heatmaps=True, map_views=expected, map_detail="fine").heatmaps
         np.testing.assert_allclose(np.stack([found[views].heatmaps[p] for p in places]), maps, atol=1e-6)
     assert not np.allclose(found[1].heatmaps[places[0]], found[None].heatmaps[places[0]], atol=1e-4)
     parse = build_parser().parse_args
     assert parse(["inspect", "m.onnx", "x.jpg", "--grid", "6x10", "--out", "o"]).map_views == 1
+    assert parse(["inspect", "m.onnx", "x.jpg", "--grid", "6x10", "--out", "o"]).map_detail == "coarse"
+    assert parse(["serve", "m.onnx", "--map-detail", "fine"]).map_detail == "fine"
     assert parse(["serve", "m.onnx", "--map-views", "8"]).map_views == 8
     with pytest.raises(SystemExit):
         parse(["inspect", "m.onnx", "x.jpg", "--grid", "6x10", "--out", "o", "--map-views", "3"])
@@ -305,3 +307,35 @@ def _source_name(copy: Path, elpv) -> str:
     """The ELPV file a copied cell came from (same bytes)."""
     data = copy.read_bytes()
     return next(p.name for p in elpv.paths if p.stat().st_size == len(data) and p.read_bytes() == data)
+
+
+def test_the_coarse_map_comes_from_the_pass_that_scores_the_cells(tiny_onnx, tmp_path, monkeypatch):
+    """The default map: each flagged cell's coarse map, read from the one call that
+    scores every cell (no second pass, no backward pass); a model exported before
+    coarse maps existed gives its fine map."""
+    from dataclasses import replace
+
+    from elcell.infer.modelinfo import read_info, write_info
+    from elcell.infer.runtime import score_cells
+
+    model = open_model(tiny_onnx)
+    image = cv2.imread(str(DATA / "poly-6x10-A1.jpg"), cv2.IMREAD_GRAYSCALE)
+    fine = inspect_module(model, image, 6, 10, load_rules(), thresholds=[0.5, 0.5], map_detail="fine")
+    calls = []
+    monkeypatch.setattr(model, "_heatmaps", lambda images, coarse=False, run=model._heatmaps:
+                        calls.append((len(images), coarse)) or run(images, coarse))
+    found = inspect_module(model, image, 6, 10, load_rules(), thresholds=[0.5, 0.5])
+    assert calls == [(60, True)]  # every cell, once
+    places = found.flagged()
+    assert places == fine.flagged() and list(found.heatmaps) == places
+    np.testing.assert_allclose(found.probs, fine.probs, atol=1e-6)
+    cells = [found.cells[r][c] for r, c in places]
+    coarse = score_cells(model, cells, heatmaps=True, map_views=1, map_detail="coarse").heatmaps
+    assert coarse.shape[2:] == (1, 1) and fine.heatmaps[places[0]].shape[1:] == (4, 4)  # 32 px: /32 and /8
+    np.testing.assert_allclose(np.stack([found.heatmaps[p] for p in places]), coarse, rtol=1e-4, atol=1e-6)
+    info = read_info(tiny_onnx)  # as exported before coarse maps: the fine map
+    older = tmp_path / "older.onnx"
+    settings = {k: v for k, v in info.extra["heatmap"].items() if k != "coarse"}
+    write_info(tiny_onnx, older, replace(info, extra={**info.extra, "heatmap": settings}))
+    old = inspect_module(open_model(older), image, 6, 10, load_rules(), thresholds=[0.5, 0.5])
+    assert old.heatmaps[places[0]].shape == fine.heatmaps[places[0]].shape

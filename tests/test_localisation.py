@@ -86,13 +86,18 @@ def test_a_model_that_learnt_drawn_cracks_points_at_them_and_its_map_turns_with_
                  "--epochs", "4", "--lr", "1e-3", "--optimizer", "adamw", "--schedule", "cosine",
                  "--rotate90", "--batch-size", "24", "--val-fraction", "0.15", "--no-progress"]) == 0
     model = open_model(tmp_path / "run")
-    assert model.info.extra["heatmap"] == {"method": "layercam", "stride": 8, "views": 8,
-                                              "graph_views": 1}
+    assert model.info.extra["heatmap"] == {"method": "layercam", "stride": 8, "views": 8, "graph_views": 1,
+                                              "coarse": {"method": "gradcam", "stride": 32}}
     unseen, masks = drawn(cells[240:], seed=2)  # other cells, other cracks
     scores = score_cells(model, unseen, heatmaps=True)
     assert scores.heatmaps.shape[2:] == (13, 13)  # at least as fine as 97 / 8
     game = pointing_game(scores.heatmaps[:, 0], masks)
     assert game.hits >= 0.8 and game.hits >= game.chance + 0.25 and game.no_peak <= 0.05
+    coarse = score_cells(model, unseen, heatmaps=True, map_detail="coarse")  # a module map's
+    np.testing.assert_allclose(coarse.probs, scores.probs, atol=1e-6)
+    assert coarse.heatmaps.shape[2:] == (4, 4)  # 97 / 32
+    game = pointing_game(coarse.heatmaps[:, 0], masks)
+    assert game.hits >= 0.8 and game.hits > game.chance and game.no_peak <= 0.05, game
     flagged = unseen[scores.decisions[:, 0] != "ok"]
     assert len(flagged) >= 0.6 * len(unseen)
     maps = score_cells(model, flagged, heatmaps=True).heatmaps[:, 0]

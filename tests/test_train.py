@@ -57,7 +57,7 @@ def test_onnx_file_is_uint8_in_probs_out_with_metadata(tiny_onnx, tiny_run):
     (inp,) = session.get_inputs()
     assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 32, 32]
     assert isinstance(inp.shape[0], str)  # dynamic batch
-    assert [o.name for o in session.get_outputs()] == ["probs", "heatmap"]
+    assert [o.name for o in session.get_outputs()] == ["probs", "heatmap", "heatmap_coarse"]
     info = read_info(tiny_onnx)
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert info.labels == ["crack", "inactive"] and info.decoding.size == 32
@@ -68,7 +68,7 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
     seen = {line.split(";")[0].split("/")[-1] for line in seed_csv.read_text().splitlines()[1:]}
     unseen = [p for p in elpv.paths if p.name not in seen][:7]
     cells = np.stack([load_cell(p, Decoding(32)) for p in unseen])[:, None]
-    probs, heatmap = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": cells})
+    probs, heatmap, coarse = ort.InferenceSession(str(tiny_onnx)).run(None, {"images": cells})
     assert probs.shape == (7, 2) and ((probs >= 0) & (probs <= 1)).all()
     summary = json.loads((tiny_run / "summary.json").read_text())
     state = torch.load(tiny_run / summary["best_checkpoint"], weights_only=False)
@@ -77,16 +77,17 @@ def test_onnx_matches_pytorch_on_cells_it_never_saw(tiny_onnx, tiny_run, elpv, s
     module.model.use_heatmap(read_info(tiny_onnx).extra["heatmap"])
     graph = InferenceGraph(module.model, module.hparams.mean, module.hparams.std).eval()
     with torch.no_grad():
-        torch_probs, torch_heatmap = graph(torch.from_numpy(cells))
+        torch_probs, torch_heatmap, torch_coarse = graph(torch.from_numpy(cells))
     assert np.abs(probs - torch_probs.numpy()).max() <= 1e-4
     # on average within 1e-4 of the peak; a ReLU mask flipped by float rounding moves a few positions more
     assert heatmap_difference(heatmap, torch_heatmap.numpy()) <= 1e-4
+    assert coarse.shape == (7, 2, 1, 1) and heatmap_difference(coarse, torch_coarse.numpy()) <= 1e-4  # 32 px / 32
     # the graph maps one view; the runtime averages the views as PyTorch's cam_views does
     model = open_model(tiny_onnx)
     assert model.graph_views == 1 and model.heatmap_views in (4, 8)
     module.model.cam_views = model.heatmap_views
     with torch.no_grad():
-        _, averaged = graph(torch.from_numpy(cells))
+        _, averaged, _ = graph(torch.from_numpy(cells))
     runtime_probs, runtime_maps = model.run(cells[:, 0], heatmaps=True)
     assert np.abs(runtime_probs - probs).max() <= 1e-6  # the cells as given
     assert heatmap_difference(runtime_maps, averaged.numpy()) <= 1e-4

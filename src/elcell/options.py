@@ -30,6 +30,18 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 # does not follow a turned cell. `explain` draws a cell with all the model's views.
 MAP_VIEWS = 1
 
+# `inspect` and `serve --map-detail`: which heatmap a module's flagged cells get.
+# "coarse": Grad-CAM on the last feature map (stride 32: 8 x 8 at 225 px), read
+# from the same pass that scores the cells, with no backward pass through the
+# backbone, so a module with many flagged cells keeps its map in the time of its
+# probabilities. Coarser, not blinder: its peak lands on a drawn crack in 0.997 of
+# cells (chance 0.675 at 8 x 8; docs/heatmaps.md, *What replaced it*).
+# "fine": the model's own LayerCAM at stride 8 or 16, a
+# backward pass per view, what `explain` draws. A model exported before coarse
+# maps existed gives its fine map.
+MAP_DETAILS = ("coarse", "fine")
+MAP_DETAIL = "coarse"
+
 # How a recall-first threshold is read off a few positive cells
 # (elcell.infer.metrics.threshold_for_recall; docs/accuracy.md, *Thresholds from
 # a few validation cells*): `evaluate --recall-estimator`, `train --threshold-estimator`.

@@ -9,6 +9,8 @@ import argparse
 
 from elcell.infer.review_order import ORDERS
 from elcell.options import (
+    MAP_DETAIL,
+    MAP_DETAILS,
     MAP_VIEWS,
     RECALL_ESTIMATORS,
     DefaultsHelpFormatter,
@@ -87,7 +89,13 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
                         help="lower edge of the review band (below it a cell is ok), as --threshold")
 
 
-def _add_map_views(parser: argparse.ArgumentParser) -> None:
+def _add_map_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--map-detail", choices=MAP_DETAILS, default=MAP_DETAIL,
+                        help="a flagged cell's heatmap on the module map and its overlay: 'coarse', Grad-CAM on "
+                             "the last feature map (8 x 8 at 225 px) from the pass that scores the cells, no "
+                             "backward pass; 'fine', the model's LayerCAM at stride 8 or 16 (as `explain` "
+                             "draws), a backward pass per view. A model exported before coarse maps gives its "
+                             "fine one")
     parser.add_argument("--map-views", type=int, choices=(1, 2, 4, 8), default=MAP_VIEWS,
                         help="symmetric views a flagged cell's heatmap averages, on the module map and the cell's "
                              "overlay: each view is a pass forward and back through the network; 1 points at the "
@@ -199,7 +207,7 @@ def add_inspect(commands) -> None:
     _add_threshold_options(parser)
     parser.add_argument("--map", action=argparse.BooleanOptionalAction, default=True,
                         help="draw each module's map and the flagged cells' overlays (heatmaps cost time)")
-    _add_map_views(parser)
+    _add_map_options(parser)
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                         help="write OUT/report.html for the whole folder at the end")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -300,7 +308,7 @@ def add_serve(commands) -> None:
                              "(`train --from`)")
     _add_threshold_options(parser)
     parser.add_argument("--rules", metavar="FILE.yaml", help="module grading rules (default: elcell's)")
-    _add_map_views(parser)
+    _add_map_options(parser)
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a cell waits for others to batch with")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_options(parser, Budget, [BUDGET], base_values(Budget))  # elcell.station.budget: what each bounds

@@ -20,7 +20,9 @@ from elcell.cells.images import SHRINKS, Decoding
 from elcell.io import atomic_path
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("probs", "heatmap")
+# "heatmap_coarse" (models exported since coarse module maps, elcell.options.MAP_DETAIL)
+COARSE_OUTPUT = "heatmap_coarse"
+OUTPUT_NAMES = ("probs", "heatmap", COARSE_OUTPUT)
 # "2": cells must be shrunk as `shrink` says; "3": 16-bit cells must be read as
 # `bit_depth`-bit ones. elcell versions without them refuse such a model instead
 # of decoding it the old way. Models that need neither stay "1", readable by all.

@@ -26,7 +26,8 @@ from elcell.cells.images import Decoding, to_cell, to_uint8
 from elcell.cells.inputs import decode_batches
 from elcell.errors import DataError
 from elcell.infer.cpuinfo import has_vnni
-from elcell.infer.modelinfo import INPUT_NAME, ModelInfo, info_from_model
+from elcell.infer.modelinfo import COARSE_OUTPUT, INPUT_NAME, ModelInfo, info_from_model
+from elcell.options import MAP_DETAILS
 
 DEFECT, REVIEW, OK = "defect", "review", "ok"
 
@@ -66,7 +67,7 @@ class Model:
     and the heatmap costs more than the probabilities (a backward pass over
     several views). So `session` runs a copy of the graph cut down to `probs`,
     and the whole graph gets a session of its own the first time heatmaps are
-    asked for."""
+    asked for; the coarse maps (no backward pass) a cut-down copy of their own."""
 
     session: ort.InferenceSession
     info: ModelInfo
@@ -74,6 +75,7 @@ class Model:
     options: ort.SessionOptions | None = None
     providers: list[str] | None = None
     _full: ort.InferenceSession | None = field(default=None, repr=False)
+    _coarse: ort.InferenceSession | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -87,6 +89,21 @@ class Model:
                 self._full = ort.InferenceSession(str(self.path), sess_options=self.options,
                                                   providers=self.providers)
             return self._full
+
+    @property
+    def coarse_session(self) -> ort.InferenceSession:
+        with self._lock:
+            if self._coarse is None:
+                graph = onnx.load(str(self.path))
+                part = onnx.utils.Extractor(graph).extract_model([INPUT_NAME], ["probs", COARSE_OUTPUT])
+                self._coarse = ort.InferenceSession(part.SerializeToString(), sess_options=self.options,
+                                                    providers=self.providers)
+            return self._coarse
+
+    @property
+    def has_coarse(self) -> bool:
+        """Whether the graph also gives coarse maps (exported since they exist)."""
+        return "coarse" in (self.info.extra.get("heatmap") or {})
 
     @property
     def decoding(self) -> Decoding:
@@ -104,30 +121,36 @@ class Model:
         settings = self.info.extra.get("heatmap") or {}
         return int(settings.get("graph_views", settings.get("views", 1)))
 
-    def run(self, images: np.ndarray, heatmaps: bool = False, views: int | None = None):
+    def run(self, images: np.ndarray, heatmaps: bool = False, views: int | None = None, detail: str = "fine"):
         """Probabilities [B, N] for uint8 cells [B, H, W] (H = W = decoding.size);
         with heatmaps=True also the heatmaps [B, N, h, w], averaged over the first
         `views` symmetric views (default `heatmap_views`; at most those, and a
-        model whose graph averages its own views does all of them)."""
+        model whose graph averages its own views does all of them). detail
+        "coarse": the coarse maps where the model has them (`has_coarse`; else
+        its fine ones), about the cost of the probabilities alone."""
         if not heatmaps:
             return self.session.run(["probs"], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)[:, None]})[0]
         if views is not None and views < 1:
             raise ValueError(f"views {views}: at least 1")
+        if detail not in MAP_DETAILS:
+            raise ValueError(f"detail {detail!r}: one of {', '.join(MAP_DETAILS)}")
         n = 1 if self.graph_views > 1 else min(views or self.heatmap_views, self.heatmap_views)
+        coarse = detail == "coarse" and self.has_coarse
         probs, total = None, None
         for view, undo in VIEWS[:n]:
-            p, maps = self._heatmaps(view(images))
+            p, maps = self._heatmaps(view(images), coarse)
             probs = p if probs is None else probs  # the cells as given
             total = undo(maps) if total is None else total + undo(maps)
         return probs, np.ascontiguousarray(total / n, dtype=np.float32)
 
-    def _heatmaps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The graph's probabilities and heatmaps, a few cells a call: ONNX
-        Runtime's arena keeps the largest call's memory for good (inspecting 144
-        flagged half-cells peaked at 9.6 GB with one call of a graph doing 8 views,
-        5.5 GB with HEATMAP_CELLS a call, in the same time)."""
+    def _heatmaps(self, images: np.ndarray, coarse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's probabilities and heatmaps (or coarse maps), a few cells a
+        call: ONNX Runtime's arena keeps the largest call's memory for good
+        (inspecting 144 flagged half-cells peaked at 9.6 GB with one call of a graph
+        doing 8 views, 5.5 GB with HEATMAP_CELLS a call, in the same time)."""
         batch = np.ascontiguousarray(images, dtype=np.uint8)[:, None]
-        parts = [self.full_session.run(["probs", "heatmap"], {INPUT_NAME: batch[i:i + HEATMAP_CELLS]})
+        session, output = (self.coarse_session, COARSE_OUTPUT) if coarse else (self.full_session, "heatmap")
+        parts = [session.run(["probs", output], {INPUT_NAME: batch[i:i + HEATMAP_CELLS]})
                  for i in range(0, max(len(batch), 1), HEATMAP_CELLS)]
         return np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts])
 
@@ -275,11 +298,13 @@ def as_model_input(cells: np.ndarray | Sequence[np.ndarray], decoding: Decoding)
 
 def score_cells(model: Model, cells: np.ndarray | Sequence[np.ndarray], *, tta: bool = False,
                 heatmaps: bool = False, thresholds: Sequence[float] | None = None,
-                review_thresholds: Sequence[float] | None = None, map_views: int | None = None) -> CellScores:
+                review_thresholds: Sequence[float] | None = None, map_views: int | None = None,
+                map_detail: str = "fine") -> CellScores:
     """Score decoded cells (see `as_model_input`): probabilities, decisions and,
-    with heatmaps=True, the heatmaps (averaged over `map_views` views, see
-    Model.run), from one ONNX Runtime call a view (plus the other views with
-    tta). Decisions use the model's thresholds unless others are given."""
+    with heatmaps=True, the heatmaps (averaged over `map_views` views, as fine or
+    coarse as `map_detail`, see Model.run), from one ONNX Runtime call a view
+    (plus the other views with tta). Decisions use the model's thresholds unless
+    others are given."""
     batch = as_model_input(cells, model.decoding)
     if len(batch) == 0:
         n = len(model.info.labels)
@@ -287,7 +312,7 @@ def score_cells(model: Model, cells: np.ndarray | Sequence[np.ndarray], *, tta: 
         return CellScores(empty, empty, model.decide(empty, thresholds, review_thresholds), None, batch)
     maps = None
     if heatmaps:
-        plain, maps = model.run(batch, heatmaps=True, views=map_views)
+        plain, maps = model.run(batch, heatmaps=True, views=map_views, detail=map_detail)
     else:
         plain = model.run(batch)
     probs = np.concatenate([plain[None], model.run_views(batch)]).mean(0) if tta else plain

@@ -39,7 +39,7 @@ from elcell.infer.report import (
 from elcell.infer.runtime import OK, Model, chosen_thresholds, open_model
 from elcell.infer.tables import ParquetRows, is_parquet
 from elcell.io import atomic_path, output_mode, unique_names
-from elcell.options import MAP_VIEWS
+from elcell.options import MAP_DETAIL, MAP_VIEWS
 from elcell.pvmodules.geometry import parse_grid
 from elcell.pvmodules.grading import Rule, check_names, load_rules
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
@@ -185,6 +185,7 @@ class Job:
     thresholds: list[float]
     review: list[float]
     map_views: int | None = MAP_VIEWS  # views the flagged cells' heatmaps average (None: the model's)
+    map_detail: str = MAP_DETAIL  # their maps coarse (from the scoring pass) or fine (a backward pass)
 
 
 def read_photo(path: Path, model: Model, job: Job) -> tuple[np.ndarray, float]:
@@ -197,7 +198,7 @@ def inspect_photo(model: Model, image: np.ndarray, name: str, job: Job, scale: f
     """One photo's pixels (as read_photo gives them) inspected as the job says;
     corners given in the photo's own pixels."""
     found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, job.want_map,
-                           job.thresholds, job.review, job.map_views)
+                           job.thresholds, job.review, job.map_views, job.map_detail)
     return in_photo_pixels(found, scale)
 
 
@@ -291,7 +292,8 @@ class ParquetOut:
 def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: list[Rule], *,
                   want_map: bool = True, resume: bool = False, overwrite: bool = False,
                   thresholds: list[float] | None = None, review: list[float] | None = None,
-                  inspector: Inspector | None = None, map_views: int | None = MAP_VIEWS) -> list[Unreadable]:
+                  inspector: Inspector | None = None, map_views: int | None = MAP_VIEWS,
+                  map_detail: str = MAP_DETAIL) -> list[Unreadable]:
     """Inspect every module photo into the folder `out`, or the Parquet file `out`
     (no maps); returns the photos that failed."""
     rows, cols = parse_grid(grid)
@@ -300,7 +302,7 @@ def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: 
     parquet = is_parquet(out)
     writer = ParquetOut(batch, grid, resume, overwrite) if parquet else \
         FolderOut(batch, grid, resume, overwrite, want_map)
-    job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review, map_views)
+    job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review, map_views, map_detail)
     todo = [(path, name) for path, name in zip(paths, unique_names(paths), strict=True) if name not in batch.done]
     failed = []
     try:
@@ -370,7 +372,7 @@ def main(args, inspector: Inspector | None = None) -> int:
     out = Path(args.out)
     failed = inspect_paths(model, paths, args.grid, out, rules, want_map=args.map, resume=args.resume,
                            overwrite=args.overwrite, thresholds=thresholds, review=review, inspector=inspector,
-                           map_views=args.map_views)
+                           map_views=args.map_views, map_detail=args.map_detail)
     if is_parquet(out):
         print(f"elcell: wrote {out} (one row per cell, with its module's grade)", file=sys.stderr)
     else:

@@ -280,7 +280,7 @@ def main(args) -> int:
         batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
         thresholds=thresholds, review_thresholds=review, rules=args.rules,
         review_random=args.review_random, review_order=args.review_order,
-        map_views=args.map_views)
+        map_views=args.map_views, map_detail=args.map_detail)
     app = create_app(model, settings)
     folder = app.state.station.folder
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -21,7 +21,7 @@ from PIL import Image
 from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
 from elcell.infer.runtime import Model
-from elcell.options import MAP_VIEWS
+from elcell.options import MAP_DETAIL, MAP_VIEWS
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray
 from elcell.station.batcher import Batcher
@@ -50,6 +50,7 @@ class Settings(Budget):
     max_results_mb: int = 512
     review_random: float = 0.1  # share of the cells handed out for review that are random `ok` ones
     map_views: int | None = MAP_VIEWS  # views a module's flagged cells' heatmaps average (None: the model's)
+    map_detail: str = MAP_DETAIL  # their maps coarse (from the scoring pass) or fine (elcell.options)
     review_order: str = "check"  # elcell.infer.review_order: check decisions, or teach a fine-tuning
     review_seed: int | None = None  # for the random draws (tests)
 

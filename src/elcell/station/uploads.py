@@ -24,7 +24,8 @@ async def inspect_photo(station: Station, data: bytes, filename: str, name: str,
     try:
         return in_photo_pixels(await station.batcher.call(lambda: inspect_module(
             station.model, image, rows, cols, station.rules, name, True, station.thresholds,
-            station.review_thresholds, station.settings.map_views), nbytes=image.nbytes), scale)
+            station.review_thresholds, station.settings.map_views, station.settings.map_detail),
+            nbytes=image.nbytes), scale)
     except ImageError as err:  # no module, cut off, grid does not fit
         raise HTTPException(422, f"{filename}: {err}") from None
     except MemoryError:

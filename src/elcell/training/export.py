@@ -31,17 +31,18 @@ HEATMAP_TOLERANCE = 1e-3
 
 
 class InferenceGraph(nn.Module):
-    """uint8 gray cells in; probabilities and heatmaps (as the model's cam_* say) out."""
+    """uint8 gray cells in; probabilities, heatmaps (as the model's cam_* say) and
+    coarse maps out."""
 
     def __init__(self, model: CellNet, mean: float, std: float):
         super().__init__()
         self.model = model
         self.mean, self.std = float(mean), float(std)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (images.float() / 255.0 - self.mean) / self.std
-        logits, heatmap = self.model.forward_with_cam(x)
-        return torch.sigmoid(logits), heatmap
+        logits, heatmap, coarse = self.model.forward_with_cams(x)
+        return torch.sigmoid(logits), heatmap, coarse
 
 
 def export_onnx(model: CellNet, info: ModelInfo, out: str | Path,
@@ -79,10 +80,10 @@ def check_parity(graph: InferenceGraph, onnx_path: Path, images: np.ndarray | No
         images = rng.integers(0, 256, size=(4, graph_size, graph_size), dtype=np.uint8)
     batch = np.ascontiguousarray(images[:4])[:, None]
     with torch.no_grad():
-        probs, heatmap = (t.numpy() for t in graph(torch.from_numpy(batch)))
-    onnx_probs, onnx_heatmap = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        probs, *maps = (t.numpy() for t in graph(torch.from_numpy(batch)))
+    onnx_probs, *onnx_maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
     error = float(np.abs(onnx_probs - probs).max())
-    heatmap_error = heatmap_difference(onnx_heatmap, heatmap)
+    heatmap_error = max(heatmap_difference(a, b) for a, b in zip(onnx_maps, maps, strict=True))
     heatmap_tolerance = max(HEATMAP_TOLERANCE, tolerance)
     if not error <= tolerance or not heatmap_error <= heatmap_tolerance:
         raise ExportError(

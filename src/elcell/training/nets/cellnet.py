@@ -67,6 +67,9 @@ VIEWS = (
 
 HEATMAP_MIN_SIDE = 16  # a heatmap coarser than this cannot show where a crack runs
 CAM_STRIDES = (32, 16, 8)
+# The graph's second map, for module maps (elcell.options.MAP_DETAIL): Grad-CAM on
+# the last feature map needs the head's gradient only, not a backward pass.
+COARSE_MAP = {"method": "gradcam", "stride": 32}
 
 
 def heatmap_settings(size: int, rotate90: bool, method: str = "layercam") -> dict:
@@ -75,9 +78,11 @@ def heatmap_settings(size: int, rotate90: bool, method: str = "layercam") -> dic
     (stride 16 at 289 px, 8 at 225 or 128 px), averaged over the cell's
     symmetric views (all eight for a model trained with 90-degree rotations).
     The exported graph computes one view (`graph_views`); the runtime averages
-    the views, so a caller may take fewer where time matters more (a module map)."""
+    the views, so a caller may take fewer where time matters more (a module map).
+    `coarse`: the graph's second, cheaper map (COARSE_MAP)."""
     stride = next((s for s in CAM_STRIDES if -(-size // s) >= HEATMAP_MIN_SIDE), CAM_STRIDES[-1])
-    return {"method": method, "stride": stride, "views": 8 if rotate90 else 4, "graph_views": 1}
+    return {"method": method, "stride": stride, "views": 8 if rotate90 else 4, "graph_views": 1,
+            "coarse": dict(COARSE_MAP)}
 
 
 class CellNet(nn.Module):
@@ -177,16 +182,23 @@ class CellNet(nn.Module):
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, N] of the cells as given, and their heatmaps [B, N, h, w]
-        (`heatmap`), averaged over `cam_views` symmetric views of each cell."""
+        (`heatmaps`), averaged over `cam_views` symmetric views of each cell."""
+        logits, maps, _ = self.forward_with_cams(x)
+        return logits, maps
+
+    def forward_with_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward_with_cam's logits and heatmaps, and the coarse map [B, N, h32, w32]
+        of the same views."""
         if self.cam_views == 1:
-            return self.heatmap(x)
+            return self.heatmaps(x)
         batch = x.shape[0]
         views = VIEWS[:self.cam_views]
-        logits, maps = self.heatmap(torch.cat([view(x) for view, _ in views]))
-        maps = torch.stack([undo(maps[i * batch:(i + 1) * batch]) for i, (_, undo) in enumerate(views)])
-        return logits[:batch], maps.mean(dim=0)
+        logits, *maps = self.heatmaps(torch.cat([view(x) for view, _ in views]))
+        maps = [torch.stack([undo(m[i * batch:(i + 1) * batch]) for i, (_, undo) in enumerate(views)]).mean(dim=0)
+                for m in maps]
+        return logits[:batch], maps[0], maps[1]
 
-    def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heatmaps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, N] and a heatmap of every logit, [B, N, h, w], on the feature
         map of stride `cam_stride` (the last map at 32), by `cam_method`:
 
@@ -198,6 +210,9 @@ class CellNet(nn.Module):
         The gradient comes from the head in closed form and, for an earlier map,
         through the layers after it by elcell.training.nets.vjp: no autograd, so it exports to
         ONNX as a plain output.
+
+        Third, the coarse map [B, N, h32, w32] (COARSE_MAP): Grad-CAM on the last
+        map, from the head's gradient alone.
         """
         units = self.units()
         tap = max(i for i, (_, stride) in enumerate(units) if stride <= self.cam_stride)
@@ -209,11 +224,12 @@ class CellNet(nn.Module):
             x, tape = unit.forward_tape(x)
             tapes.append((unit, tape))
         logits, grad = self.head_gradient(self.pool(x))
-        grad = self.map_gradient(x, grad)  # [B, N, C, h, w]
+        grad = self.map_gradient(x, grad)  # [B, N, C, h32, w32]
+        coarse = torch.relu(torch.einsum("bnc,bchw->bnhw", grad.mean(dim=(3, 4)), x))
         for unit, tape in reversed(tapes):
             grad = unit.vjp(tape, grad)
         if self.cam_method == "layercam":
             cam = (torch.relu(grad) * explained.unsqueeze(1)).sum(dim=2)
         else:
             cam = torch.einsum("bnc,bchw->bnhw", grad.mean(dim=(3, 4)), explained)
-        return logits, torch.relu(cam)
+        return logits, torch.relu(cam), coarse
