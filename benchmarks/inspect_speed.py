@@ -5,9 +5,10 @@ the map, as ratios measured in one run.
 
 End to end: decode the photo, find, rectify and cut the module, score every
 cell, grade it and write its rows (`inspect_paths`, as `elcell inspect`); with
-the map: also the heatmaps of the flagged cells (one view each, as `inspect`
-draws them by default; with --all-views also the model's own 4 or 8, as
-`inspect --map-views 8`), the map PNG and their overlays. Beside them,
+the map: also the heatmaps of the flagged cells (coarse, from the scoring pass,
+as `inspect` draws them by default, and fine, one view each, as `--map-detail
+fine`; with --all-views also the fine map of the model's own 4 or 8 views, as
+`inspect --map-detail fine --map-views 8`), the map PNG and their overlays. Beside them,
 `elcell predict` on the same cells already cut, as files. Without --int8 the float model is quantised here as `elcell export
 --int8` does (7-bit weights, 100 ELPV cells to calibrate; no recall guard: this
 only times it).
@@ -159,9 +160,11 @@ def show_module(name: str, cells: int, times: dict[str, list[float]], flagged: i
               f"predict on the cut cells {median[f'{kind} predict']:.2f} s; map / no map "
               f"{ratio(times, f'{kind} map', f'{kind} plain'):.2f}, inspect / predict "
               f"{ratio(times, f'{kind} plain', f'{kind} predict'):.2f}")
+        print(f"         with the fine map (one view) {median[f'{kind} map, fine']:.2f} s; "
+              f"coarse / fine {ratio(times, f'{kind} map', f'{kind} map, fine'):.2f}")
         if f"{kind} map, all views" in times:
-            print(f"         with the map of all the model's views {median[f'{kind} map, all views']:.2f} s; "
-                  f"1 view / all {ratio(times, f'{kind} map', f'{kind} map, all views'):.2f}")
+            print(f"         with the fine map of all the model's views {median[f'{kind} map, all views']:.2f} s; "
+                  f"1 view / all {ratio(times, f'{kind} map, fine', f'{kind} map, all views'):.2f}")
     print(f"  int8 / float: inspect {ratio(times, 'int8 plain', 'float plain'):.2f}, with the map "
           f"{ratio(times, 'int8 map', 'float map'):.2f}, predict {ratio(times, 'int8 predict', 'float predict'):.2f}")
 
@@ -192,9 +195,10 @@ def main() -> None:
             for kind, model in models.items():
                 inspect = partial(inspect_paths, model, [photo], grid, tmp / "out", rules, overwrite=True)
                 contenders[f"{kind} plain"] = partial(inspect, want_map=False)
-                contenders[f"{kind} map"] = partial(inspect, map_views=MAP_VIEWS)
+                contenders[f"{kind} map"] = partial(inspect, map_views=MAP_VIEWS)  # coarse where the model has it
+                contenders[f"{kind} map, fine"] = partial(inspect, map_views=MAP_VIEWS, map_detail="fine")
                 if args.all_views:
-                    contenders[f"{kind} map, all views"] = partial(inspect, map_views=None)
+                    contenders[f"{kind} map, all views"] = partial(inspect, map_views=None, map_detail="fine")
                 contenders[f"{kind} predict"] = partial(predict, model, cells, tmp / "p.csv", overwrite=True,
                                                         progress=False)
             split = stages(models["int8"], photo, grid, rules)

@@ -34,8 +34,9 @@ MAP_VIEWS = 1
 # "coarse": Grad-CAM on the last feature map (stride 32: 8 x 8 at 225 px), read
 # from the same pass that scores the cells, with no backward pass through the
 # backbone, so a module with many flagged cells keeps its map in the time of its
-# probabilities. Coarser, not blinder: its peak lands on a drawn crack in 0.997 of
-# cells (chance 0.675 at 8 x 8; docs/heatmaps.md, *What replaced it*).
+# probabilities. It says which part of a cell holds the defect (its peak is on
+# a drawn crack to within a quarter of the cell for every cell tried), not where
+# the crack runs (docs/heatmaps.md, *Coarse maps for modules*).
 # "fine": the model's own LayerCAM at stride 8 or 16, a
 # backward pass per view, what `explain` draws. A model exported before coarse
 # maps existed gives its fine map.
