@@ -172,7 +172,7 @@ def main() -> None:
 
     def run_torch(batch: np.ndarray):
         with torch.inference_mode():
-            probs, _ = graph(torch.from_numpy(np.ascontiguousarray(batch)[:, None]).to(device))
+            probs, *_ = graph(torch.from_numpy(np.ascontiguousarray(batch)[:, None]).to(device))
             return probs.cpu().numpy()
 
     print(f"peak RSS during export and quantisation: {peak_rss_mib():.0f} MiB")

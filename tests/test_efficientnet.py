@@ -275,7 +275,7 @@ def test_onnx_export_matches_torch(exported):
     probs, heatmap = onnx_model.run(batch, heatmaps=True)
     graph = InferenceGraph(model, info.mean, info.std).eval()
     with torch.no_grad():
-        torch_probs, torch_heatmap = (t.numpy() for t in graph(torch.from_numpy(batch)[:, None]))
+        torch_probs, torch_heatmap, _ = (t.numpy() for t in graph(torch.from_numpy(batch)[:, None]))
     assert heatmap.shape == (8, 2, 3, 3) and heatmap.max() > 0
     assert np.abs(probs - torch_probs).max() <= TOLERANCE
     assert np.abs(heatmap - torch_heatmap).max() <= TOLERANCE * max(1.0, float(torch_heatmap.max()))

@@ -17,6 +17,7 @@ from torch import nn
 from elcell.cells.images import Decoding, load_cell
 from elcell.infer.heatmaps import heatmap_peak, upsample_heatmap
 from elcell.training.nets.build import ResNet
+from elcell.training.nets.cellnet import heatmap_settings
 
 TOLERANCE = 1e-4
 
@@ -63,6 +64,24 @@ def test_forward_with_cam_equals_captum_random_model(backbone, pooling):
     assert_equals_captum(model, x)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_the_coarse_map_is_captums_gradcam_beside_a_fine_map(pooling):
+    """The graph's third output, for module maps: Grad-CAM on the last map, as
+    captum computes it by autograd, whatever map the model's heatmap is."""
+    torch.manual_seed(0)
+    model = ResNet("test_resnet", num_labels=3, pooling=pooling)
+    randomise_batchnorm(model, seed=1)
+    model.double().eval()
+    x = torch.randn(3, 1, 96, 96, dtype=torch.float64)
+    model.use_heatmap(heatmap_settings(96, rotate90=False))  # the fine map: LayerCAM at stride 8
+    with torch.no_grad():
+        logits, fine, coarse = model.forward_with_cams(x)
+    reference = captum_cams(model, x)
+    assert fine.shape == (3, 3, 12, 12) and coarse.shape == reference.shape == (3, 3, 3, 3)
+    assert torch.allclose(logits, model(x))
+    assert float((coarse - reference).abs().max()) <= TOLERANCE * max(1.0, float(reference.abs().max()))
+
+
 def trained_tiny_model(tiny_run):
     from elcell.training.lightning_module import ELCellModule
 
@@ -102,7 +121,8 @@ def test_onnx_heatmap_equals_torch(tiny_run, tiny_onnx, seed_csv):
     probs, heatmap = onnx_model.run(cells, heatmaps=True)
     settings = onnx_model.info.extra["heatmap"]
     # 32 px: the finest map kept, 4 x 4; the graph maps one view, the runtime averages 4
-    assert settings == {"method": "layercam", "stride": 8, "views": 4, "graph_views": 1}
+    assert settings == {"method": "layercam", "stride": 8, "views": 4, "graph_views": 1,
+                        "coarse": {"method": "gradcam", "stride": 32}}
     h = math.ceil(size / settings["stride"])
     assert probs.shape == (8, len(labels)) and heatmap.shape == (8, len(labels), h, h)
     assert np.isfinite(heatmap).all() and (heatmap >= 0).all() and heatmap.max() > 0
@@ -110,7 +130,7 @@ def test_onnx_heatmap_equals_torch(tiny_run, tiny_onnx, seed_csv):
     model.cam_views = settings["views"]  # as the runtime averages them
     graph = InferenceGraph(model, hparams["mean"], hparams["std"]).eval()
     with torch.no_grad():
-        torch_probs, torch_heatmap = (t.numpy() for t in graph(torch.from_numpy(cells)[:, None]))
+        torch_probs, torch_heatmap, _ = (t.numpy() for t in graph(torch.from_numpy(cells)[:, None]))
     assert np.abs(probs - torch_probs).max() <= TOLERANCE
     assert np.abs(heatmap - torch_heatmap).max() <= TOLERANCE * max(1.0, float(torch_heatmap.max()))
     # Requesting probs alone (a session of the graph cut down to them) gives the same

@@ -313,9 +313,9 @@ def test_the_coarse_map_comes_from_the_pass_that_scores_the_cells(tiny_onnx, tmp
     """The default map: each flagged cell's coarse map, read from the one call that
     scores every cell (no second pass, no backward pass); a model exported before
     coarse maps existed gives its fine map."""
-    from dataclasses import replace
+    import onnx
+    import onnx.utils
 
-    from elcell.infer.modelinfo import read_info, write_info
     from elcell.infer.runtime import score_cells
 
     model = open_model(tiny_onnx)
@@ -333,9 +333,15 @@ def test_the_coarse_map_comes_from_the_pass_that_scores_the_cells(tiny_onnx, tmp
     coarse = score_cells(model, cells, heatmaps=True, map_views=1, map_detail="coarse").heatmaps
     assert coarse.shape[2:] == (1, 1) and fine.heatmaps[places[0]].shape[1:] == (4, 4)  # 32 px: /32 and /8
     np.testing.assert_allclose(np.stack([found.heatmaps[p] for p in places]), coarse, rtol=1e-4, atol=1e-6)
-    info = read_info(tiny_onnx)  # as exported before coarse maps: the fine map
-    older = tmp_path / "older.onnx"
-    settings = {k: v for k, v in info.extra["heatmap"].items() if k != "coarse"}
-    write_info(tiny_onnx, older, replace(info, extra={**info.extra, "heatmap": settings}))
-    old = inspect_module(open_model(older), image, 6, 10, load_rules(), thresholds=[0.5, 0.5])
-    assert old.heatmaps[places[0]].shape == fine.heatmaps[places[0]].shape
+    graph = onnx.load(str(tiny_onnx))  # as exported before coarse maps: no such output, the fine map
+    older = onnx.utils.Extractor(graph).extract_model(["images"], ["probs", "heatmap"])
+    older.metadata_props.extend(graph.metadata_props)
+    onnx.save(older, tmp_path / "older.onnx")
+    old_model = open_model(tmp_path / "older.onnx")
+    assert not old_model.has_coarse
+    old = inspect_module(old_model, image, 6, 10, load_rules(), thresholds=[0.5, 0.5])
+    assert old.map_detail == "fine" and found.map_detail == "coarse"
+    np.testing.assert_allclose(old.heatmaps[places[0]], fine.heatmaps[places[0]], rtol=1e-4, atol=1e-6)
+    # more than one view asks for the fine map
+    many = inspect_module(model, image, 6, 10, load_rules(), thresholds=[0.5, 0.5], map_views=None)
+    assert many.map_detail == "fine" and many.heatmaps[places[0]].shape == fine.heatmaps[places[0]].shape

@@ -93,7 +93,7 @@ def test_a_model_that_learnt_drawn_cracks_points_at_them_and_its_map_turns_with_
     assert scores.heatmaps.shape[2:] == (13, 13)  # at least as fine as 97 / 8
     game = pointing_game(scores.heatmaps[:, 0], masks)
     assert game.hits >= 0.8 and game.hits >= game.chance + 0.25 and game.no_peak <= 0.05
-    coarse = score_cells(model, unseen, heatmaps=True, map_detail="coarse")  # a module map's
+    coarse = score_cells(model, unseen, heatmaps=True, map_views=1, map_detail="coarse")  # a module map's
     np.testing.assert_allclose(coarse.probs, scores.probs, atol=1e-6)
     assert coarse.heatmaps.shape[2:] == (4, 4)  # 97 / 32
     game = pointing_game(coarse.heatmaps[:, 0], masks)

@@ -80,6 +80,11 @@ def test_int8_agrees_with_float_on_real_cells(exported, elpv):
     _, heat_a = float_model.run(cells[:4], heatmaps=True)
     _, heat_b = int8_model.run(cells[:4], heatmaps=True)
     assert heat_a.shape == heat_b.shape
+    # the coarse module map survives quantisation, and its probabilities are the probs session's
+    assert int8_model.has_coarse
+    probs_b, coarse_b = int8_model.run(cells[:4], heatmaps=True, views=1, detail="coarse")
+    assert coarse_b.shape == float_model.run(cells[:4], heatmaps=True, views=1, detail="coarse")[1].shape
+    assert np.abs(probs_b - b[:4]).max() < 1e-5 and np.isfinite(coarse_b).all()
 
 
 def test_recall_drop_refused_unless_allowed(exported, seed_csv, tmp_path, monkeypatch, capsys):

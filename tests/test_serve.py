@@ -117,7 +117,10 @@ def test_modules_answer_as_inspect_does(client, tiny_onnx, tmp_path, photo, grid
     assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
     assert client.get(f"/api/v1/modules/{module['id']}").json()["grade"] == module["grade"]
     flagged = next((c for c in module["cells"] if set(c["decisions"].values()) != {"ok"}), module["cells"][0])
+    kept = client.app.state.station.cell(flagged["id"])
+    assert kept.coarse == (set(flagged["decisions"].values()) != {"ok"})  # the map's coarse heatmap, for its box
     assert client.get(f"/api/v1/results/{flagged['id']}/overlay/crack.png").status_code == 200
+    assert not kept.coarse and kept.heatmaps.shape[1:] == (4, 4)  # the overlay drew the fine map (32 px / 8)
 
 
 def test_model_and_health(client, model):

@@ -92,16 +92,18 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 def _add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-detail", choices=MAP_DETAILS, default=MAP_DETAIL,
                         help="a flagged cell's heatmap on the module map and its overlay: 'coarse', Grad-CAM on "
-                             "the last feature map (8 x 8 at 225 px) from the pass that scores the cells, no "
-                             "backward pass; 'fine', the model's LayerCAM at stride 8 or 16 (as `explain` "
-                             "draws), a backward pass per view. A model exported before coarse maps gives its "
-                             "fine one")
+                             "the last feature map (8 x 8 at 225 px: which part of the cell, not the crack's "
+                             "line) from the calls that score the cells, no backward pass; 'fine', the model's "
+                             "LayerCAM at stride 8 or 16 (as `explain` draws), a backward pass per view. A model "
+                             "exported before coarse maps gives its fine one; the station's overlays of a "
+                             "module's cells are drawn fine")
     parser.add_argument("--map-views", type=int, choices=(1, 2, 4, 8), default=MAP_VIEWS,
-                        help="symmetric views a flagged cell's heatmap averages, on the module map and the cell's "
-                             "overlay: each view is a pass forward and back through the network; 1 points at the "
-                             "defect nearly as well (docs/heatmaps.md), the model's own (4 or 8, as `explain` "
-                             "draws) follows a turned cell exactly. More than the model's are not taken; a model "
-                             "exported before elcell averaged views at run time always gives all of its own")
+                        help="symmetric views a flagged cell's fine heatmap averages, on the module map and the "
+                             "cell's overlay (more than 1 draws the fine map whatever --map-detail says): each view "
+                             "is a pass forward and back through the network; 1 points at the defect nearly as "
+                             "well (docs/heatmaps.md), the model's own (4 or 8, as `explain` draws) follows a "
+                             "turned cell exactly. More than the model's are not taken; a model exported before "
+                             "elcell averaged views at run time always gives all of its own")
 
 
 def add_predict(commands) -> None:

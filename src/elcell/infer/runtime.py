@@ -74,6 +74,7 @@ class Model:
     path: Path
     options: ort.SessionOptions | None = None
     providers: list[str] | None = None
+    has_coarse: bool = False  # the graph also gives coarse maps (models exported since they exist)
     _full: ort.InferenceSession | None = field(default=None, repr=False)
     _coarse: ort.InferenceSession | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -99,11 +100,6 @@ class Model:
                 self._coarse = ort.InferenceSession(part.SerializeToString(), sess_options=self.options,
                                                     providers=self.providers)
             return self._coarse
-
-    @property
-    def has_coarse(self) -> bool:
-        """Whether the graph also gives coarse maps (exported since they exist)."""
-        return "coarse" in (self.info.extra.get("heatmap") or {})
 
     @property
     def decoding(self) -> Decoding:
@@ -228,7 +224,8 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     probs_only = onnx.utils.Extractor(graph).extract_model([INPUT_NAME], ["probs"])
     session = ort.InferenceSession(probs_only.SerializeToString(), sess_options=options, providers=providers)
-    return Model(session=session, info=info, path=path, options=options, providers=providers)
+    has_coarse = COARSE_OUTPUT in {output.name for output in graph.graph.output}
+    return Model(session=session, info=info, path=path, options=options, providers=providers, has_coarse=has_coarse)
 
 
 def decide(probs: np.ndarray, thresholds: Sequence[float], review_thresholds: Sequence[float]) -> np.ndarray:

@@ -197,8 +197,9 @@ def read_photo(path: Path, model: Model, job: Job) -> tuple[np.ndarray, float]:
 def inspect_photo(model: Model, image: np.ndarray, name: str, job: Job, scale: float = 1.0) -> ModuleInspection:
     """One photo's pixels (as read_photo gives them) inspected as the job says;
     corners given in the photo's own pixels."""
-    found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, job.want_map,
-                           job.thresholds, job.review, job.map_views, job.map_detail)
+    found = inspect_module(model, as_gray(image), job.rows, job.cols, job.rules, name, want_map=job.want_map,
+                           thresholds=job.thresholds, review_thresholds=job.review, map_views=job.map_views,
+                           map_detail=job.map_detail)
     return in_photo_pixels(found, scale)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from elcell.infer.runtime import DEFECT, OK, REVIEW, Model, score_cells
-from elcell.options import MAP_DETAIL, MAP_VIEWS
+from elcell.options import MAP_DETAIL, MAP_DETAILS, MAP_VIEWS
 from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, find_module
 from elcell.pvmodules.grading import Rule, grade
 from elcell.pvmodules.modulemap import draw_map
@@ -44,6 +44,7 @@ class ModuleInspection:
     map: np.ndarray | None = None  # RGB uint8, with want_map
     cells: list[list[np.ndarray]] = field(default_factory=list, repr=False)  # as cut, the photo's dtype
     heatmaps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)  # flagged cells'
+    map_detail: str = "fine"  # which maps `heatmaps` holds: "coarse" or "fine" (elcell.options.MAP_DETAIL)
 
     @property
     def rule_text(self) -> str:
@@ -84,18 +85,21 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
                    review_thresholds: list[float] | None = None, map_views: int | None = MAP_VIEWS,
                    map_detail: str = MAP_DETAIL) -> ModuleInspection:
     """Find, rectify and cut the module in `image` (2-D gray, uint8 or uint16),
-    score its cells in one batch, grade it and (want_map) draw its map, the
-    flagged cells' heatmaps (for the map and their overlays) averaged over
-    `map_views` views (None: the model's own), as fine or coarse as `map_detail`
-    (Model.run). Coarse maps of one view come from the pass that scores the cells.
+    score its cells in one batch, grade it and (want_map) draw its map with the
+    flagged cells' heatmaps (for the map and their overlays). `map_detail`
+    "coarse": the coarse maps, from the call that scores the cells, where the
+    model has them and `map_views` is 1; otherwise the fine maps, a backward pass
+    for each flagged cell, averaged over `map_views` views (None: the model's own).
     Raises ImageError subclasses (elcell.pvmodules.geometry) for a photo it cannot use."""
+    if map_detail not in MAP_DETAILS:
+        raise ValueError(f"map_detail {map_detail!r}: one of {', '.join(MAP_DETAILS)}")
     started = time.perf_counter()
     geometry, flat = find_module(image, rows, cols)
     cells = cut_cells(flat, geometry)
     labels = model.info.labels
-    one_pass = want_map and map_detail == "coarse" and model.has_coarse and map_views == 1
+    coarse = want_map and map_detail == "coarse" and model.has_coarse and map_views == 1
     scores = score_cells(model, [cell for row in cells for cell in row], thresholds=thresholds,
-                         review_thresholds=review_thresholds, heatmaps=one_pass, map_views=1, map_detail=map_detail)
+                         review_thresholds=review_thresholds, heatmaps=coarse, map_views=1, map_detail="coarse")
     probs = scores.probs.reshape(rows, cols, len(labels))
     decisions = scores.decisions.reshape(rows, cols, len(labels))
     dark = dark_areas(cells)
@@ -105,11 +109,10 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
     found = ModuleInspection(geometry, labels, probs, decisions, dark, corners, counts, grade_, rule, cells=cells)
     if want_map:
         flagged = found.flagged()
-        if one_pass:
-            found.heatmaps = {(r, c): scores.heatmaps[r * cols + c] for r, c in flagged}
+        if coarse:
+            found.heatmaps, found.map_detail = {(r, c): scores.heatmaps[r * cols + c] for r, c in flagged}, "coarse"
         elif flagged:  # heatmaps only where they are drawn: they cost more than the probabilities
-            maps = score_cells(model, [cells[r][c] for r, c in flagged], heatmaps=True, map_views=map_views,
-                               map_detail=map_detail).heatmaps
+            maps = score_cells(model, [cells[r][c] for r, c in flagged], heatmaps=True, map_views=map_views).heatmaps
             found.heatmaps = dict(zip(flagged, maps, strict=True))
         found.map = draw_map(flat, geometry, labels, probs, decisions, found.heatmaps, title(name, found))
     found.seconds = time.perf_counter() - started

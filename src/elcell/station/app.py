@@ -205,9 +205,10 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
         found = station.cell(key)
         if label not in labels:
             raise HTTPException(404, f"label {label!r}: the model's labels are {labels}")
-        if found.heatmaps is None:
+        if found.heatmaps is None or found.coarse:  # an overlay shows the fine map
             cell = found.cell if found.cell is not None else to_cell(found.gray, model.decoding)
             found.heatmaps = (await batcher.score(cell[None], heatmaps=True)).heatmaps[0]
+            found.coarse = False
         return _png(await run_in_threadpool(overlay, found, labels, label))
 
     @app.post(f"{API}/modules", response_model=ModuleOut, responses=ERRORS, tags=["modules"])
@@ -229,7 +230,8 @@ def _routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route p
         places = [(r, c) for r in range(rows) for c in range(cols)]
         kept = await run_in_threadpool(station.keep, [CellResult(
             f"{name}_r{r + 1:02d}_c{c + 1:02d}", found.cells[r][c], model.decoding.bit_depth, found.probs[r, c],
-            found.decisions[r, c], found.heatmaps.get((r, c))) for r, c in places])
+            found.decisions[r, c], found.heatmaps.get((r, c)), coarse=found.map_detail == "coarse" and (r, c) in found.heatmaps)
+            for r, c in places])
         module.cells.update(zip(places, kept, strict=True))
         return module_record(station.store.put(module), module, station.store)
 

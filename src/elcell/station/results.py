@@ -90,6 +90,7 @@ class CellResult:
     probs: np.ndarray  # [N]
     decisions: np.ndarray  # [N] str
     heatmaps: np.ndarray | None = None  # [N, h, w], once computed
+    coarse: bool = False  # heatmaps are a module map's coarse ones: boxes from them, overlays drawn fine
     cell: np.ndarray | None = None  # the model's input, to compute heatmaps later
     review: str | None = None  # the review item's id, when queued
     pngs: dict[str, bytes] = field(default_factory=dict, repr=False)

@@ -23,9 +23,9 @@ async def inspect_photo(station: Station, data: bytes, filename: str, name: str,
                                                               decode_size(station.model, rows, cols)))
     try:
         return in_photo_pixels(await station.batcher.call(lambda: inspect_module(
-            station.model, image, rows, cols, station.rules, name, True, station.thresholds,
-            station.review_thresholds, station.settings.map_views, station.settings.map_detail),
-            nbytes=image.nbytes), scale)
+            station.model, image, rows, cols, station.rules, name, want_map=True, thresholds=station.thresholds,
+            review_thresholds=station.review_thresholds, map_views=station.settings.map_views,
+            map_detail=station.settings.map_detail), nbytes=image.nbytes), scale)
     except ImageError as err:  # no module, cut off, grid does not fit
         raise HTTPException(422, f"{filename}: {err}") from None
     except MemoryError:
