@@ -87,7 +87,7 @@ def test_a_model_that_learnt_drawn_cracks_points_at_them_and_its_map_turns_with_
                  "--rotate90", "--batch-size", "24", "--val-fraction", "0.15", "--no-progress"]) == 0
     model = open_model(tmp_path / "run")
     assert model.info.extra["heatmap"] == {"method": "layercam", "stride": 8, "views": 8, "graph_views": 1,
-                                              "coarse": {"method": "gradcam", "stride": 32}}
+                                              "coarse": {"method": "layercam", "stride": 32}}
     unseen, masks = drawn(cells[240:], seed=2)  # other cells, other cracks
     scores = score_cells(model, unseen, heatmaps=True)
     assert scores.heatmaps.shape[2:] == (13, 13)  # at least as fine as 97 / 8

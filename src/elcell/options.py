@@ -31,7 +31,7 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 MAP_VIEWS = 1
 
 # `inspect` and `serve --map-detail`: which heatmap a module's flagged cells get.
-# "coarse": Grad-CAM on the last feature map (stride 32: 8 x 8 at 225 px), read
+# "coarse": LayerCAM on the last feature map (stride 32: 8 x 8 at 225 px), read
 # from the same pass that scores the cells, with no backward pass through the
 # backbone, so a module with many flagged cells keeps its map in the time of its
 # probabilities. It says which part of a cell holds the defect (its peak is on

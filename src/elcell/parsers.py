@@ -91,7 +91,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-detail", choices=MAP_DETAILS, default=MAP_DETAIL,
-                        help="a flagged cell's heatmap on the module map and its overlay: 'coarse', Grad-CAM on "
+                        help="a flagged cell's heatmap on the module map and its overlay: 'coarse', LayerCAM on "
                              "the last feature map (8 x 8 at 225 px: which part of the cell, not the crack's "
                              "line) from the calls that score the cells, no backward pass; 'fine', the model's "
                              "LayerCAM at stride 8 or 16 (as `explain` draws), a backward pass per view. A model "

@@ -4,7 +4,7 @@ Graph: input `images` uint8 [batch, 1, H, W] (gray, H = W = decoding.size);
 outputs `probs` float [batch, N] (sigmoid applied), `heatmap` float
 [batch, N, h, w] (each label's map as `extra.heatmap` says; see
 elcell.training.nets.cellnet) and, in models exported since module maps got
-it, `heatmap_coarse` [batch, N, h32, w32] (Grad-CAM on the last map). Normalisation
+it, `heatmap_coarse` [batch, N, h32, w32] (LayerCAM on the last map). Normalisation
 happens inside the graph, so a caller only decodes (`elcell.cells.images.load_cell`
 with the model's `decoding`).
 """

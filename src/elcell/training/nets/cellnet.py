@@ -67,9 +67,13 @@ VIEWS = (
 
 HEATMAP_MIN_SIDE = 16  # a heatmap coarser than this cannot show where a crack runs
 CAM_STRIDES = (32, 16, 8)
-# The graph's second map, for module maps (elcell.options.MAP_DETAIL): Grad-CAM on
+# The graph's second map, for module maps (elcell.options.MAP_DETAIL): LayerCAM on
 # the last feature map needs the head's gradient only, not a backward pass.
-COARSE_MAP = {"method": "gradcam", "stride": 32}
+# LayerCAM, not Grad-CAM: a cell sent to review has mostly negative evidence,
+# which Grad-CAM's summed channels ReLU to an empty map; LayerCAM weighs each
+# channel by its positive gradient only, so it shows where the evidence for the
+# label is.
+COARSE_MAP = {"method": "layercam", "stride": 32}
 
 
 def heatmap_settings(size: int, rotate90: bool, method: str = "layercam") -> dict:
@@ -211,7 +215,7 @@ class CellNet(nn.Module):
         through the layers after it by elcell.training.nets.vjp: no autograd, so it exports to
         ONNX as a plain output.
 
-        Third, the coarse map [B, N, h32, w32] (COARSE_MAP): Grad-CAM on the last
+        Third, the coarse map [B, N, h32, w32] (COARSE_MAP): LayerCAM on the last
         map, from the head's gradient alone.
         """
         units = self.units()
@@ -225,7 +229,7 @@ class CellNet(nn.Module):
             tapes.append((unit, tape))
         logits, grad = self.head_gradient(self.pool(x))
         grad = self.map_gradient(x, grad)  # [B, N, C, h32, w32]
-        coarse = torch.relu(torch.einsum("bnc,bchw->bnhw", grad.mean(dim=(3, 4)), x))
+        coarse = torch.relu((torch.relu(grad) * x.unsqueeze(1)).sum(dim=2))
         for unit, tape in reversed(tapes):
             grad = unit.vjp(tape, grad)
         if self.cam_method == "layercam":
