@@ -48,6 +48,7 @@ def test_int8_export_writes_a_quantised_model(exported, capsys):
     assert info.extra["quantization"]["reduce_range"] is True and info.extra["quantization"]["scheme"] == "qdq-u8-s7"
     int8_weights = [onnx.numpy_helper.to_array(w) for w in graph.initializer if w.data_type == onnx.TensorProto.INT8]
     assert int8_weights and max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights) <= 64
+
     # every convolution's weights are int8, a quarter of float ones; the heatmap's
     # backward pass through the last stage keeps its own int8 copy of that stage's
     # weights (about half of a ResNet's), so about half the float bytes, not a
@@ -58,6 +59,26 @@ def test_int8_export_writes_a_quantised_model(exported, capsys):
 
     assert conv_bytes(int8_path, onnx.TensorProto.FLOAT) == 0
     assert conv_bytes(int8_path, onnx.TensorProto.INT8) < 0.55 * conv_bytes(float_path, onnx.TensorProto.FLOAT)
+
+
+def test_8bit_weights_are_recorded_and_warned_about_without_vnni(exported, seed_csv, tmp_path, monkeypatch):
+    """The scheme that saturates without VNNI, kept for measuring it
+    (benchmarks/int8_emulated_cpu.py): its file says so, and opening it on such a
+    CPU warns."""
+    import elcell.infer.runtime as runtime
+
+    _, float_path, _ = exported
+    cells = np.stack([load_cell(p, Decoding(read_info(float_path).decoding.size))
+                      for p in load_table(str(seed_csv)).paths[:8]])
+    path = quantize_module.quantize(float_path, tmp_path / "s8.onnx", cells, reduce_range=False)
+    quantization = read_info(path).extra["quantization"]
+    assert (quantization["scheme"], quantization["reduce_range"]) == ("qdq-u8-s8", False)
+    int8_weights = [onnx.numpy_helper.to_array(w) for w in onnx.load(str(path)).graph.initializer
+                    if w.data_type == onnx.TensorProto.INT8]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights) > 64  # the full 8-bit range
+    monkeypatch.setattr(runtime, "has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match="without VNNI"):
+        open_model(path)
 
 
 def test_int8_agrees_with_float_on_real_cells(exported, elpv):

@@ -56,6 +56,7 @@ MAX_RECALL_DROP = 0.02
 # McNemar test): one lost cell of 16 positives is not evidence.
 EVIDENCE = 0.05
 SCHEME = "qdq-u8-s7"  # uint8 activations, int8 weights in 7 bits (reduce_range)
+SCHEME_8BIT = "qdq-u8-s8"  # full 8-bit weights: saturates without VNNI; for measuring that only
 
 
 class CellReader(CalibrationDataReader):
@@ -106,9 +107,11 @@ def float_clips(model_path: str | Path) -> list[str]:
 
 
 def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
-             source: str = "") -> Path:
+             source: str = "", reduce_range: bool = True) -> Path:
     """Write a statically quantised (QDQ, per-channel int8) copy of `float_path`,
-    with the float model's metadata plus how it was quantised."""
+    with the float model's metadata plus how it was quantised. `reduce_range`
+    False gives 8-bit weights, the scheme that saturates on CPUs without VNNI
+    (benchmarks/int8_emulated_cpu.py measures it; nothing ships it)."""
     float_path, out = Path(float_path), Path(out)
     info = read_info(float_path)
     with tempfile.TemporaryDirectory(prefix="elcell-int8-") as tmp:
@@ -122,14 +125,15 @@ def quantize(float_path: str | Path, out: str | Path, calibration: np.ndarray,
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(quantized), CellReader(calibration),
-                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_clips(prepared),
             )  # MinMax calibration keeps only per-batch minima and maxima: memory stays small
         finally:
             logger.setLevel(level)
-        quantization = {"format": "QDQ", "scheme": SCHEME, "reduce_range": True,
-                        "weights": "int8 per channel, 7-bit range", "activations": "uint8",
+        quantization = {"format": "QDQ", "scheme": SCHEME if reduce_range else SCHEME_8BIT,
+                        "reduce_range": reduce_range,
+                        "weights": f"int8 per channel, {7 if reduce_range else 8}-bit range", "activations": "uint8",
                         "ops": QUANTIZED_OPS, "calibration": source, "calibration_cells": len(calibration),
                         "float_model": float_path.name}
         write_info(quantized, out, replace(info, extra={**info.extra, "quantization": quantization}))
