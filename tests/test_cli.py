@@ -117,10 +117,13 @@ def test_full_recipe_is_the_measured_winner_of_docs_accuracy(tmp_path):
 
 def test_transfer_recipe_is_the_measured_transfer_run_t04():
     """The default with the ImageNet weights installed: T04 of docs/accuracy.md
-    (from the spec's base values, as T04's YAML is)."""
+    (from the spec's base values, as T04's YAML is), with K12's class weights."""
     transfer, t04 = TrainConfig.from_recipe("transfer"), measured("T04-lite0-225-20-epochs", "transfer")
     t04.pop("group")  # the cell type column of the experiment's data
     t04["recipe"] = "transfer"
+    k12 = yaml.safe_load((REPO / "experiments" / "kfold" / "K12-transfer-sqrt.yaml").read_text())
+    assert k12["recipe"] == "transfer" and t04["loss_weighting"] == "balanced"
+    t04["loss_weighting"] = k12["loss_weighting"]  # the one change K12 measured against K07 (T04's settings)
     assert {k: getattr(transfer, k) for k in t04} == t04
     # the recall-first thresholds are chosen after training and change no weight
     after_training = {"threshold_recall": 0.95, "review_recall": 0.99, "threshold_estimator": "expected"}
