@@ -23,8 +23,9 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 
 
 
-# `inspect` and `serve --map-views`: a module's flagged cells get fine heatmaps of
-# one view each (with --map-detail fine, or any --map-views above 1) (elcell.infer.runtime.Model.run). A view costs about five times a
+# `inspect` and `serve --map-views`: with --map-detail fine, a module's flagged
+# cells get fine heatmaps of one view each (elcell.infer.runtime.Model.run); any
+# --map-views above 1 asks for the fine map. A view costs about five times a
 # cell's probabilities and a module may have dozens of flagged cells; one view's
 # peak lands on the defect nearly as often as eight's (docs/heatmaps.md), it only
 # does not follow a turned cell. `explain` draws a cell with all the model's views.
