@@ -37,6 +37,7 @@ import cv2
 import elcell.pvmodules.inspect
 from elcell.cells.images import read_pixels, read_reduced
 from elcell.cells.labels import elpv_table
+from elcell.infer.cpuinfo import cpu_model
 from elcell.infer.predict import predict
 from elcell.infer.quantize import calibration_cells, quantize
 from elcell.infer.runtime import open_model, score_cells
@@ -178,8 +179,7 @@ def main() -> None:
                         help="also time the map with all of the model's views (minutes on a module of many "
                              "flagged cells)")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model() or platform.processor()
     print(" ".join(sys.argv), "|", cpu, "| cv2 threads", cv2.getNumThreads())
     rules = load_rules()
     with tempfile.TemporaryDirectory(prefix="elcell-inspect-") as tmp:

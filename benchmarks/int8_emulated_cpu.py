@@ -38,15 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.utils
 import onnxruntime as ort
 
 from elcell.cells.images import load_cell
 from elcell.cells.labels import load_table
-from elcell.infer.cpuinfo import cpu_flags, has_vnni
+from elcell.infer.cpuinfo import cpu_flags, cpu_model, has_vnni
 from elcell.infer.modelinfo import INPUT_NAME, read_info
 from elcell.infer.quantize import calibration_cells, quantize
-from elcell.infer.runtime import decide, resolve_model_path
+from elcell.infer.runtime import cut_graph, decide, resolve_model_path
 
 # Runs in the emulated process: the CPU features it sees, then the model's probabilities.
 SCORE = """
@@ -67,7 +66,7 @@ def probs_only(path: Path, out: Path) -> Path:
     """The graph cut down to `probs` (as elcell's runtime scores cells): ONNX Runtime
     computes every output of a graph, and the heatmap's backward pass would
     multiply the time under emulation."""
-    onnx.save(onnx.utils.Extractor(onnx.load(str(path))).extract_model([INPUT_NAME], ["probs"]), out)
+    onnx.save(cut_graph(onnx.load(str(path)), ["probs"]), out)
     return out
 
 
@@ -136,8 +135,7 @@ def main() -> None:
         sys.exit("qemu-x86_64 not found: apt-get install qemu-user")
     float_path = resolve_model_path(args.model)
     calibration = args.calibration or str(float_path.parent / "val.csv")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model() or platform.processor()
     print(" ".join(sys.argv), "|", cpu, "| VNNI" if has_vnni() else "| no VNNI",
           "| bf16" if cpu_flags() and "avx512_bf16" in cpu_flags() else "| no bf16", "| onnxruntime", ort.__version__)
     info = read_info(float_path)

@@ -44,6 +44,7 @@ import numpy as np
 
 from elcell.cells.images import read_pixels
 from elcell.cells.labels import read_labels_csv
+from elcell.infer.cpuinfo import cpu_model
 from elcell.infer.runtime import DEFECT, OK, REVIEW, open_model, score_files
 from elcell.io import atomic_write_json
 from elcell.judging.intervals import Scored, paired_difference
@@ -269,13 +270,7 @@ def main() -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpu_model() or platform.processor()
 
 
 if __name__ == "__main__":

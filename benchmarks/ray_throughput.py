@@ -26,13 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from elcell.infer.cpuinfo import cpu_model
+
 
 def cpu_name() -> str:
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return cpu_model() or platform.processor()
 
 
 def actor_rss_mib() -> dict[int, float]:

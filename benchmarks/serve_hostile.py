@@ -43,6 +43,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from elcell.infer.cpuinfo import cpu_model
+
 MODULES = Path(__file__).resolve().parents[1] / "tests" / "data" / "modules"
 GIB = 2**30
 
@@ -261,9 +263,7 @@ def main() -> int:
     from elcell.cells.labels import elpv_table, read_labels_csv
 
     cells = (read_labels_csv(args.cells) if args.cells else elpv_table()).paths[:40]
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    print(f"# {' '.join(sys.argv)}\n# CPU: {names[0] if names else '?'}, {os.cpu_count()} logical CPUs; "
+    print(f"# {' '.join(sys.argv)}\n# CPU: {cpu_model() or '?'}, {os.cpu_count()} logical CPUs; "
           "other processes may share them")
     import tempfile
 

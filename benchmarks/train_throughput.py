@@ -97,14 +97,12 @@ from PIL import Image, ImageEnhance  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from elcell.infer import cpuinfo  # noqa: E402
+
 
 # --------------------------------------------------------------------------- machine
 def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return cpuinfo.cpu_model() or platform.processor() or "unknown"
 
 
 def cpu_flags() -> str:

@@ -28,6 +28,16 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+@functools.cache
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux), for quoting with a figure; None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+
+
 def has_vnni() -> bool | None:
     """Whether int8 dot products run without saturating (None: unknown)."""
     flags = cpu_flags()

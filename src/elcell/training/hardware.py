@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from elcell.errors import DataError
+from elcell.infer.cpuinfo import cpu_model
 from elcell.training.config import TrainConfig
 
 
@@ -53,11 +54,7 @@ def resolve_precision(config: TrainConfig) -> str:
 
 def machine(config: TrainConfig) -> dict:
     """What trained the model, for comparing wall times between runs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if gpu_available(config) else None
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": gpu, "precision": resolve_precision(config),
             "torch": torch.__version__}
