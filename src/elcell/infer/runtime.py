@@ -95,8 +95,7 @@ class Model:
     def coarse_session(self) -> ort.InferenceSession:
         with self._lock:
             if self._coarse is None:
-                graph = onnx.load(str(self.path))
-                part = onnx.utils.Extractor(graph).extract_model([INPUT_NAME], ["probs", COARSE_OUTPUT])
+                part = cut_graph(onnx.load(str(self.path)), ["probs", COARSE_OUTPUT])
                 self._coarse = ort.InferenceSession(part.SerializeToString(), sess_options=self.options,
                                                     providers=self.providers)
             return self._coarse
@@ -194,6 +193,12 @@ def warn_saturating_int8(info: ModelInfo, path: Path) -> None:
                       stacklevel=3)
 
 
+def cut_graph(graph: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The graph cut down to `outputs`: ONNX Runtime computes every output a graph
+    has, whatever a caller fetches (see Model)."""
+    return onnx.utils.Extractor(graph).extract_model([INPUT_NAME], outputs)
+
+
 def open_model(path: str | Path, providers: list[str] | None = None, threads: int = 0,
                spin: bool = True) -> Model:
     """Open an elcell ONNX file (or a run folder's best model); the fastest
@@ -222,7 +227,7 @@ def open_model(path: str | Path, providers: list[str] | None = None, threads: in
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    probs_only = onnx.utils.Extractor(graph).extract_model([INPUT_NAME], ["probs"])
+    probs_only = cut_graph(graph, ["probs"])
     session = ort.InferenceSession(probs_only.SerializeToString(), sess_options=options, providers=providers)
     has_coarse = COARSE_OUTPUT in {output.name for output in graph.graph.output}
     return Model(session=session, info=info, path=path, options=options, providers=providers, has_coarse=has_coarse)
