@@ -209,7 +209,24 @@ def test_a_label_no_cell_knows_gives_no_figure_rather_than_a_crash():
     figures = bootstrap(scored, replicates=50)
     assert figures["inactive/at_0.5_f1"] == {"value": None, "low": None, "high": None}
     assert figures["mean_f1/at_0.5"]["value"] == pytest.approx(1.0)  # crack alone: the known label
-    assert paired_difference(scored, scored, replicates=50)["figures"]["inactive/roc_auc"]["verdict"] == "same"
+    assert paired_difference(scored, scored, replicates=50)["figures"]["inactive/roc_auc"]["verdict"] == "n/a"
+
+
+def test_a_gate_on_a_figure_these_cells_cannot_measure_refuses(tmp_path, capsys):
+    from elcell.cli import main
+
+    # no inactive cell among them: inactive recall is undefined, not "the same"
+    rows = ["path;true_crack;true_inactive;prob_crack;prob_inactive;decision_crack;decision_inactive"]
+    rows += [f"c{i};{i % 2};0;{0.9 if i % 2 else 0.1};0.1;{'defect' if i % 2 else 'ok'};ok" for i in range(12)]
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    args = ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    assert main([*args, "--require", "recall=crack"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--require", "recall=inactive"]) == 1
+    out = capsys.readouterr().out
+    assert "inactive/own_recall cannot be measured on these 12 cells" in out and "not promoted" in out
+    assert "0.000" not in next(line for line in out.splitlines() if line.startswith("inactive/own_recall "))
 
 
 def test_a_protocol_refuses_data_whose_cells_moved_between_folds(seed_csv, tmp_path):

@@ -8,6 +8,7 @@ from scipy.stats import t as student_t
 from sklearn.metrics import f1_score, roc_auc_score
 
 from elcell.errors import DataError
+from elcell.infer.evaluate import format_report
 from elcell.infer.metrics import (
     burden_note,
     label_metrics,
@@ -121,13 +122,31 @@ def test_a_label_no_cell_knows_is_not_scored_and_left_out_of_the_mean():
     positives[:, 1] = 0
     m = label_metrics(positives[:, 1], probs[:, 1], 0.5, 0.5, known[:, 1])
     assert m["cells"] == 0 and m["unknown"] == 40 and "not scored" in m["note"]
-    assert m["f1"] == 0 and m["roc_auc"] is None and m["average_precision"] is None
+    assert m["f1"] is None and m["roc_auc"] is None and m["average_precision"] is None
     assert sum(m["confusion_matrix"].values()) == 0
     result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.5, 0.5], known)
     assert result["mean_f1"] == pytest.approx(result["per_label"]["crack"]["f1"])
     assert result["weighted_f1"] == pytest.approx(result["per_label"]["crack"]["f1"])
     assert result["cells"] == 40  # decisions (ok / review) need no labels: every cell counts
     assert "note" not in result["per_label"]["crack"]
+
+
+def test_figures_without_their_cells_are_undefined_not_zero():
+    # no positive known: recall has nothing to count; a false alarm still makes F1 0
+    clean = np.zeros(6, dtype=bool)
+    quiet = label_metrics(clean, np.array([0.1, 0.2, 0.1, 0.3, 0.2, 0.1]), 0.5, 0.4)
+    assert quiet["recall"] is None and quiet["precision"] is None and quiet["f1"] is None
+    assert quiet["recall_with_review"] is None and quiet["accuracy"] == 1.0
+    alarm = label_metrics(clean, np.array([0.9, 0.2, 0.1, 0.3, 0.2, 0.1]), 0.5, 0.4)
+    assert alarm["recall"] is None and alarm["precision"] == 0.0 and alarm["f1"] == 0.0
+    positives = np.stack([np.array([1, 0, 0, 1, 0, 0], bool), clean], axis=1)
+    probs = np.stack([np.array([0.9, 0.1, 0.2, 0.8, 0.1, 0.1]), np.full(6, 0.1)], axis=1)
+    result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.4, 0.4])
+    assert result["per_label"]["inactive"]["f1"] is None
+    assert result["mean_f1"] == result["per_label"]["crack"]["f1"] == 1.0  # the undefined label stays out
+    text = format_report({**result, "tta": False, "labels_not_in_data": [], "failed": [], "images": 6})
+    inactive = next(line for line in text.splitlines() if line.strip().startswith("inactive"))
+    assert "0.000" not in inactive and " -" in inactive
 
 
 def test_summary_per_label_figures_use_each_labels_known_cells():

@@ -23,7 +23,14 @@ from elcell.cells.images import load_cell, read_gray
 from elcell.cells.inputs import Unreadable, report_unreadable
 from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError
-from elcell.infer.metrics import check_estimator, parse_review_band, parse_tuning, summary, tune
+from elcell.infer.metrics import (
+    check_estimator,
+    fmt,
+    parse_review_band,
+    parse_tuning,
+    summary,
+    tune,
+)
 from elcell.infer.modelinfo import write_info
 from elcell.infer.plots import plot_curves
 from elcell.infer.predict import CSV_SEPARATOR
@@ -269,7 +276,7 @@ def report_tables(metrics: dict) -> list[Table]:
                ("cells flagged as defect", metrics["cells_flagged"]),
                ("cells for a person to review", metrics["cells_in_review"]),
                ("review burden (share flagged or in review)", metrics["review_burden"]),
-               ("recall counting review", ", ".join(f"{label} {m['recall_with_review']:.3f}"
+               ("recall counting review", ", ".join(f"{label} {fmt(m['recall_with_review'])}"
                                                     for label, m in metrics["per_label"].items())),
                ("test-time augmentation", "yes" if metrics["tta"] else "no")]
     missing = metrics["labels_not_in_data"]
@@ -335,14 +342,14 @@ def format_report(metrics: dict) -> str:
             auc = "-" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
             ap = "-" if m["average_precision"] is None else f"{m['average_precision']:.3f}"
             lines.append(f"  {label:<14}{m['cells']:>6}{m['unknown']:>6}{m['positives']:>6}{m['threshold']:>8.3f}"
-                         f"{m['precision']:>7.3f}{m['recall']:>7.3f}{m['f1']:>7.3f}{auc:>7}{ap:>7}"
-                         f"{m['review']:>7}{m['recall_with_review']:>8.3f}")
+                         f"{fmt(m['precision']):>7}{fmt(m['recall']):>7}{fmt(m['f1']):>7}{auc:>7}{ap:>7}"
+                         f"{m['review']:>7}{fmt(m['recall_with_review']):>8}")
         if _unknown_note(block):
             lines.append(f"  {_unknown_note(block)}")
-        lines.append(f"  weighted F1 {block['weighted_f1']:.4f}, mean F1 {block['mean_f1']:.4f}, "
+        lines.append(f"  weighted F1 {fmt(block['weighted_f1'], '.4f')}, mean F1 {fmt(block['mean_f1'], '.4f')}, "
                      f"{block['cells_in_review']} of {block['cells']} cells in review, "
                      f"{block['cells_ok']} ok for every label")
-        caught = ", ".join(f"{label} {m['recall_with_review']:.3f}" for label, m in block["per_label"].items())
+        caught = ", ".join(f"{label} {fmt(m['recall_with_review'])}" for label, m in block["per_label"].items())
         lines.append(f"  review burden {block['review_burden']:.1%}: {block['cells_flagged']} flagged + "
                      f"{block['cells_in_review']} in review of {block['cells']} cells, for recall counting "
                      f"review {caught}")
@@ -361,11 +368,11 @@ def format_report(metrics: dict) -> str:
                      f"on these {tuning['cells']} cells -> {tuning['model']}")
         for label, d in tuning["per_label"].items():
             lines.append(f"  {label}: threshold {d['previous_threshold']:.4f} -> {d['threshold']:.4f} "
-                         f"(precision {d['precision']:.3f}, recall {d['recall']:.3f}, F1 {d['f1']:.3f}), "
+                         f"(precision {fmt(d['precision'])}, recall {fmt(d['recall'])}, F1 {fmt(d['f1'])}), "
                          f"review from {d['review_threshold']:.4f}: {d['review']} cells"
                          + (f" [{d['note']}]" if "note" in d else ""))
-        lines.append(f"  before tuning: weighted F1 {before['weighted_f1']:.4f}, mean F1 "
-                     f"{before['mean_f1']:.4f}; metrics tuned on the same cells are optimistic: "
+        lines.append(f"  before tuning: weighted F1 {fmt(before['weighted_f1'], '.4f')}, mean F1 "
+                     f"{fmt(before['mean_f1'], '.4f')}; metrics tuned on the same cells are optimistic: "
                      "tune on validation cells, evaluate on others")
     if metrics["labels_not_in_data"]:
         lines.append(f"model labels not in the data (not evaluated): {metrics['labels_not_in_data']}")

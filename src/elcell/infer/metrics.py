@@ -16,16 +16,21 @@ import math
 import re
 
 import numpy as np
-from scipy.stats import t as student_t
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from elcell.errors import DataError
 from elcell.infer.runtime import DEFECT, OK, REVIEW, decide
 from elcell.options import RECALL_ESTIMATORS
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den else 0.0
+def _ratio(num: float, den: float) -> float | None:
+    """None where the figure is undefined (recall without positives, precision
+    without a cell called positive): a 0 there reads as "every defect missed"."""
+    return float(num / den) if den else None
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    """A figure for a person: '-' where there is none."""
+    return "-" if x is None else format(x, spec)
 
 
 def known_cells(positive: np.ndarray, prob: np.ndarray,
@@ -44,6 +49,10 @@ def label_metrics(positive: np.ndarray, prob: np.ndarray, threshold: float,
     """Metrics of one label at one operating point, on the cells whose label is
     `known` (default all). ROC-AUC and average precision need both classes
     (positives for AP) and are None otherwise."""
+    # imported here: `compare` and the k-fold report format figures through this
+    # module, and scikit-learn's import costs them a second
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     positive, prob, unknown = known_cells(positive, prob, known)
     predicted = prob >= threshold
     in_review = (prob >= min(review_threshold, threshold)) & ~predicted
@@ -86,17 +95,17 @@ def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresho
                                       None if known is None else known[:, j])
                  for j, label in enumerate(labels)}
     support = np.array([m["positives"] for m in per_label.values()], dtype=np.float64)
-    f1 = np.array([m["f1"] for m in per_label.values()])
-    # a label no cell knows has F1 0 by convention, not by the model: keep it out of the mean
-    # (the weighted F1 gives it no weight: it has no positives)
-    scored = np.array([m["cells"] > 0 for m in per_label.values()], dtype=bool)
+    # F1 is undefined (None) for a label with no known positive and no false alarm:
+    # it stays out of the mean, and the weighted F1 gives it no weight (no positives)
+    scored = np.array([m["f1"] is not None for m in per_label.values()], dtype=bool)
+    f1 = np.array([m["f1"] if m["f1"] is not None else 0.0 for m in per_label.values()])
     decisions = decide(probs, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
     flagged = (decisions == DEFECT).any(axis=1)
     review_only = (decisions == REVIEW).any(axis=1) & ~flagged
     return {
         "cells": int(len(probs)),
-        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
-        "mean_f1": float(f1[scored].mean()) if scored.any() else 0.0,
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() else None,
+        "mean_f1": float(f1[scored].mean()) if scored.any() else None,
         "cells_flagged": int(flagged.sum()),
         "cells_in_review": int(review_only.sum()),
         "cells_ok": int((decisions == OK).all(axis=1).sum()) if len(probs) else 0,
@@ -166,6 +175,8 @@ def _logit_normal_quantile(caught: np.ndarray, recall: float) -> float:
     the positives' logits are normal: the Student-t prediction bound, which
     counts the uncertainty of a mean and spread fitted to a few cells. A smooth
     tail where the lowest few positives are all there is. len(caught) >= 3."""
+    from scipy.stats import t as student_t  # imported here, as scikit-learn above
+
     logits = np.log(np.clip(caught, 1e-6, 1 - 1e-6) / np.clip(1 - caught, 1e-6, 1))
     n = len(logits)
     bound = logits.mean() + student_t.ppf(1 - recall, n - 1) * logits.std(ddof=1) * math.sqrt(1 + 1 / n)

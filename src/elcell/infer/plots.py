@@ -47,9 +47,10 @@ def plot_curves(labels: list[str], positives: np.ndarray, probs: np.ndarray,
         line, = ax_pr.plot(recall, precision, label=f"{label} (AP {average_precision_score(y, p):.3f})")
         for cut, marker in ((thresholds[j], "o"), (review_thresholds[j], "v")):
             predicted = p >= cut
-            ax_pr.plot(_ratio((predicted & (y == 1)).sum(), y.sum()),
-                       _ratio((predicted & (y == 1)).sum(), predicted.sum()), marker,
-                       color=line.get_color())
+            if predicted.any():  # no cell called positive: no precision to mark
+                ax_pr.plot(_ratio((predicted & (y == 1)).sum(), y.sum()),
+                           _ratio((predicted & (y == 1)).sum(), predicted.sum()), marker,
+                           color=line.get_color())
         if not y.all():
             fpr, tpr, _ = roc_curve(y, p)
             ax_roc.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")

@@ -34,7 +34,7 @@ from elcell.cells.inputs import Unreadable, decode_batches
 from elcell.cells.labels import LabelTable, load_table
 from elcell.errors import DataError, ExportError
 from elcell.infer.evaluate import known_labels, predict_table
-from elcell.infer.metrics import summary
+from elcell.infer.metrics import fmt, summary
 from elcell.infer.modelinfo import INPUT_NAME, read_info, write_info
 from elcell.infer.runtime import Model, decide, default_workers, open_model
 from elcell.io import atomic_path, output_mode
@@ -165,7 +165,8 @@ def compare(float_model: Model, int8_model: Model, table: LabelTable, batch_size
             "positives": f["positives"], "unknown": f["unknown"],
             **{f"{metric}_{name}": m[metric] for name, m in (("float", f), ("int8", q))
                for metric in ("precision", "recall", "f1")},
-            "recall_drop": f["recall"] - q["recall"],
+            # no positives known: no recall to lose
+            "recall_drop": 0.0 if f["recall"] is None else f["recall"] - q["recall"],
             **lost_and_gained(a, b, j, high[j]),
             "decision_agreement": float(agree[:, j].mean()),
             "max_prob_diff": float(np.abs(a.probs[:, j] - b.probs[:, j]).max()),
@@ -243,13 +244,13 @@ def format_comparison(comparison: dict) -> str:
              f"  {'label':<14}{'pos':>6}{'unk':>6}{'F1 fp32':>9}{'F1 int8':>9}{'rec fp32':>10}{'rec int8':>10}"
              f"{'lost':>6}{'gained':>7}{'agree':>8}{'max|dp|':>9}"]
     for label, m in comparison["per_label"].items():
-        lines.append(f"  {label:<14}{m['positives']:>6}{m['unknown']:>6}{m['f1_float']:>9.3f}{m['f1_int8']:>9.3f}"
-                     f"{m['recall_float']:>10.3f}{m['recall_int8']:>10.3f}"
+        lines.append(f"  {label:<14}{m['positives']:>6}{m['unknown']:>6}{fmt(m['f1_float']):>9}{fmt(m['f1_int8']):>9}"
+                     f"{fmt(m['recall_float']):>10}{fmt(m['recall_int8']):>10}"
                      f"{m['positives_lost']:>6}{m['positives_gained']:>7}"
                      f"{m['decision_agreement']:>8.3f}{m['max_prob_diff']:>9.4f}")
     lines.append("  lost/gained: positives float catches and int8 misses, and the reverse; a recall drop "
                  f"refuses the model only when the losses are beyond chance (p < {EVIDENCE})")
-    lines.append(f"  mean F1 {comparison['mean_f1_float']:.4f} (fp32) vs {comparison['mean_f1_int8']:.4f} "
+    lines.append(f"  mean F1 {fmt(comparison['mean_f1_float'], '.4f')} (fp32) vs {fmt(comparison['mean_f1_int8'], '.4f')} "
                  f"(int8); decisions agree on {100 * comparison['decision_agreement']:.1f}% of cell labels")
     # those also compared on were named on stderr already
     unnamed = [p for p in comparison["calibration_failed"] if p not in comparison["failed"]]

@@ -115,7 +115,9 @@ def _data_uri(image: bytes | str | Path | Image.Image | Any) -> str:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
+    if value is None:  # a figure with nothing to measure it on
+        return "-"
+    if isinstance(value, bool):
         return html.escape(str(value))
     if isinstance(value, int | np.integer):
         return f"{int(value):,}"

@@ -20,9 +20,10 @@ import numpy as np
 
 from elcell.cells.labels import label_fields
 from elcell.errors import DataError
+from elcell.infer.metrics import fmt
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.judging.folds import OOF, PROTOCOL
-from elcell.judging.intervals import Scored, align, fmt, paired_difference, read_scored
+from elcell.judging.intervals import Scored, align, paired_difference, read_scored
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
@@ -109,7 +110,8 @@ def format_comparison(result: dict, names: tuple[str, str]) -> str:
 def compare(a_source: str, b_source: str, data: str | None = None, group: str | None = None,
             out: str | None = None, require: list[str] | None = None, tta: bool = False,
             progress: bool = True, seed: int = 0, overlays: int = 50) -> tuple[dict, list[str]]:
-    """The comparison and the --require figures on which B is worse than A; with
+    """The comparison and the --require figures on which B is worse than A or that
+    these cells cannot measure (a gate needs evidence); with
     `out`, and two models, the first `overlays` disagreements drawn."""
     for text in require or []:  # a mistyped --require is named before any model is scored
         parse_require(text, None)
@@ -120,7 +122,8 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     rows = disagreements(a, b)
     result.update(a=a_source, b=b_source, disagreements=len(rows))
     required = [name for text in require or [] for name in parse_require(text, result["labels"])]
-    failed = [name for name in required if result["figures"][name]["verdict"] == "worse"]
+    # a gate passed without evidence is no gate: a figure these cells cannot measure refuses too
+    failed = [name for name in required if result["figures"][name]["verdict"] in ("worse", "n/a")]
     result["required"] = {name: result["figures"][name]["verdict"] for name in required}
     if out:
         folder = Path(out)
@@ -143,8 +146,15 @@ def main(args) -> int:
     if args.out:
         drawn = f" and {Path(args.out) / 'disagreements.html'}" if result.get("overlays") else ""
         print(f"wrote {Path(args.out) / 'compare.json'}, {Path(args.out) / 'disagreements.csv'}{drawn}")
+    worse = [name for name in failed if result["figures"][name]["verdict"] == "worse"]
+    unmeasured = [name for name in failed if name not in worse]
+    if worse:
+        print(f"elcell: B is worse than A beyond the interval on {', '.join(worse)}: not promoted")
+    if unmeasured:
+        print(f"elcell: {', '.join(unmeasured)} cannot be measured on these {result['cells']} cells "
+              "(no positive cell of that label, or none called positive): not promoted; compare on cells "
+              "that hold the label's defects")
     if failed:
-        print(f"elcell: B is worse than A beyond the interval on {', '.join(failed)}: not promoted")
         return 1
     if result["required"]:
         print(json.dumps({"required": result["required"]}))

@@ -85,7 +85,8 @@ def read_scored(path: str | Path) -> Scored:
 # the whole set is one replicate of ones. Sums become matrix products, which
 # keeps 2,000 replicates of 2,600 cells to a fraction of a second.
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    """NaN where undefined (no positives, nothing called positive): no figure, not a 0."""
+    return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
 
 
 def _auc(weights: np.ndarray, positive: np.ndarray, prob: np.ndarray) -> np.ndarray:
@@ -140,10 +141,11 @@ def _figures(scored: Scored, weights: np.ndarray) -> dict[str, np.ndarray]:
         for name, values in _label_figures(scored.truth[:, j], scored.probs[:, j], scored.decisions[:, j],
                                            weights).items():
             figures[f"{label}/{name}"] = values
-    judged = [label for j, label in enumerate(scored.labels) if (~np.isnan(scored.truth[:, j])).any()]
-    for point in ("at_0.5", "own"):  # over the labels some cell knows, as metrics.summary
-        figures[f"mean_f1/{point}"] = np.mean([figures[f"{label}/{point}_f1"] for label in judged], axis=0) \
-            if judged else np.full(len(weights), np.nan)
+    for point in ("at_0.5", "own"):  # over the labels whose F1 is defined, as metrics.summary
+        f1 = np.array([figures[f"{label}/{point}_f1"] for label in scored.labels])  # [labels, B]
+        defined = ~np.isnan(f1)
+        figures[f"mean_f1/{point}"] = np.divide(np.where(defined, f1, 0).sum(axis=0), defined.sum(axis=0),
+                                                out=np.full(len(weights), np.nan), where=defined.any(axis=0))
     cells = weights.sum(axis=1)
     looked_at = (scored.decisions != OK).any(axis=1)  # flagged or in review for any label
     figures["review_burden"] = weights @ looked_at.astype(np.float64) / cells
@@ -164,11 +166,6 @@ def _resamples(n: int, replicates: int, seed: int, groups: np.ndarray | None = N
     keys, member = np.unique(np.asarray(groups), return_inverse=True)
     drawn = np.random.default_rng(seed).multinomial(len(keys), np.full(len(keys), 1 / len(keys)), size=replicates)
     return drawn[:, member]
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    """A figure for a person: '-' where there is none."""
-    return "-" if x is None else format(x, spec)
 
 
 def _value(x: float) -> float | None:
@@ -219,7 +216,8 @@ def align(a: Scored, b: Scored) -> tuple[Scored, Scored]:
 def paired_difference(a: Scored, b: Scored, replicates: int = REPLICATES, seed: int = 0,
                       groups: dict[str, str] | None = None) -> dict:
     """B minus A for every figure, on the cells both scored, with the paired 95 %
-    interval and a verdict: 'better'/'worse' only where the interval excludes 0.
+    interval and a verdict: 'better'/'worse' only where the interval excludes 0,
+    'n/a' where the figure cannot be measured on these cells.
     groups: path -> key; rows sharing a key are resampled together (a cluster bootstrap)."""
     a, b = align(a, b)
     if not np.array_equal(np.isnan(a.truth), np.isnan(b.truth)) or \
@@ -233,10 +231,12 @@ def paired_difference(a: Scored, b: Scored, replicates: int = REPLICATES, seed: 
     for name in point_a:
         low, high = _interval(diff_b[name] - diff_a[name])
         lower_is_better = name in ("review_burden", "flagged")
-        verdict = "same"
-        if low is not None and (low > 0 or high < 0):
-            verdict = "better" if (low > 0) != lower_is_better else "worse"
         a_value, b_value = _value(point_a[name][0]), _value(point_b[name][0])
+        verdict = "same"
+        if a_value is None or b_value is None or low is None:  # e.g. recall where no cell is positive
+            verdict = "n/a"
+        elif low > 0 or high < 0:
+            verdict = "better" if (low > 0) != lower_is_better else "worse"
         result[name] = {"a": a_value, "b": b_value, "low": low, "high": high, "verdict": verdict,
                         "difference": None if a_value is None or b_value is None else b_value - a_value}
     return {"cells": len(a.paths), "labels": a.labels, "figures": result}

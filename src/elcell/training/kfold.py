@@ -27,7 +27,7 @@ import yaml
 
 from elcell.cells.labels import LabelTable, label_fields, load_table
 from elcell.errors import DataError
-from elcell.infer.metrics import tune
+from elcell.infer.metrics import fmt, tune
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.judging.folds import (
     ASSIGNMENT,
@@ -37,7 +37,7 @@ from elcell.judging.folds import (
     finished_folds,
     fold_folder,
 )
-from elcell.judging.intervals import Scored, bootstrap, fmt, point_figures, read_scored
+from elcell.judging.intervals import Scored, bootstrap, point_figures, read_scored
 from elcell.training.config import TrainConfig, complete_run_record
 from elcell.training.data import check_labels, fold_split, limit_table
 from elcell.training.train import check_options, prepare, train, with_absolute_paths
@@ -264,8 +264,8 @@ def format_report(report: dict) -> str:
                      f"(min {spread['min']:.3f}, max {spread['max']:.3f})")
     for label, d in report.get("oof_thresholds", {}).items():
         lines.append(f"thresholds for {label} chosen on all out-of-fold scores: {d['threshold']:.3f}, review "
-                     f"from {d['review_threshold']:.3f} (recall {d['recall']:.3f}, with review "
-                     f"{d['recall_with_review']:.3f} on those same cells)")
+                     f"from {d['review_threshold']:.3f} (recall {fmt(d['recall'])}, with review "
+                     f"{fmt(d['recall_with_review'])} on those same cells)")
     return "\n".join(lines)
 
 

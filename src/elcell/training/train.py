@@ -375,7 +375,7 @@ def main(config: TrainConfig) -> int:
             shown["thresholds"] = summary["thresholds"]
         for part in ("val", "test"):  # the exported model on held-out cells: accuracy and F1 per label
             if part in summary:
-                shown[part] = {label: {k: round(summary[part][label][k], 4)
+                shown[part] = {label: {k: None if summary[part][label][k] is None else round(summary[part][label][k], 4)
                                        for k in ("accuracy", "f1", "recall_with_review")}
                                for label in summary["labels"]}
                 shown[f"{part}_review_burden"] = round(summary[part]["review_burden"], 4)
