@@ -246,6 +246,30 @@ def test_the_queue_and_its_counts_survive_a_restart(model, cells, probs, tmp_pat
     assert not (folder / "queue" / f"{held['id']}.png").exists()  # answered cells leave the queue's folder
 
 
+def test_a_restart_with_another_model_scores_the_waiting_cells_again(model, cells, probs, tmp_path):
+    folder = tmp_path / "reviewed"
+    with station(model, folder, probs) as client:
+        client.post("/api/v1/cells", files=upload(cells))
+        waiting = client.get("/api/v1/review").json()["waiting"]
+        assert waiting > 0 and client.app.state.station.rescored is None  # a new folder
+    with station(model, folder, probs) as client:  # the same model and thresholds: nothing to redo
+        assert client.app.state.station.rescored is None
+    low = float(probs[:, 0].min()) / 2  # every cell a crack to this "model": all stay, now flagged
+    settings = Settings(labels_out=folder, thresholds=[low, 1.0], review_thresholds=[low, 1.0])
+    with TestClient(create_app(model, settings), base_url=STATION) as client:
+        note = client.app.state.station.rescored
+        assert note and f"{waiting} cells waiting" in note and f"{waiting} still wait" in note
+        handed = [client.get("/api/v1/review/next", params={"session": f"s{i}"}).json()["item"]
+                  for i in range(waiting)]
+        assert all(item["decisions"]["crack"] == "defect" for item in handed)
+    high = float(probs[:, 0].max()) * 1e-3 + 0.999  # nothing near this threshold: nothing left to review
+    settings = Settings(labels_out=folder, thresholds=[high, 1.0], review_thresholds=[high, 1.0])
+    with TestClient(create_app(model, settings), base_url=STATION) as client:
+        assert "left the queue" in client.app.state.station.rescored
+        assert client.get("/api/v1/review").json()["waiting"] == 0
+    assert not list((folder / "queue").glob("*.png"))  # their images went with them
+
+
 def test_reviewers_answering_one_cell_at_once_leave_one_row_and_its_image(cells, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

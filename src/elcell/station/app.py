@@ -291,6 +291,8 @@ def main(args) -> int:
         say += f"; reviews to {folder.csv} ({folder.rows} rows" + \
             (", a partial last line dropped)" if folder.dropped_partial_line else ")")
     print(say, file=sys.stderr)
+    if app.state.station.rescored:
+        print(f"elcell: {app.state.station.rescored}", file=sys.stderr)
     if not local:
         print(f"elcell: answering requests for {', '.join(sorted(hosts))}; others get 400 (add the names clients "
               "use with --allowed-host NAME)", file=sys.stderr)

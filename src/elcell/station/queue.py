@@ -21,8 +21,12 @@ closed tab).
 On disk, in the --labels-out folder: queue/<key>.png, the cell at its own
 resolution and depth (written and fsync'ed before it is listed), and
 queue.json, the list with what the model said (rewritten atomically on each
-change). Leases are not kept: after a restart every cell is free. Bounded:
-past `max_items` the cell the order would offer last is dropped (and counted).
+change), with the model and thresholds that scored them. Leases are not
+kept: after a restart every cell is free. A restart with another model (or
+other thresholds) scores the waiting cells again (`rescore`): what they show
+and the order they leave in are the serving model's, and a cell it would not
+queue leaves. Bounded: past `max_items` the cell the order would offer last
+is dropped (and counted).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +108,7 @@ class ReviewQueue:
         self._lock = threading.Lock()  # the items: held briefly, so pages are answered while cells are written
         self._offering = threading.Lock()  # one offer at a time: the same cell from two requests is written once
         self._items: dict[str, ReviewItem] = {}
+        self.scorer: dict[str, Any] | None = None  # what scored the waiting cells (rescore)
         self.files.mkdir(exist_ok=True)
         self._load()
 
@@ -120,13 +126,14 @@ class ReviewQueue:
                 if item.id not in self.folder.answered and self._file(item.id).is_file():
                     self._items[item.id] = item
             self.dropped = int(saved.get("dropped", 0))
+            self.scorer = saved.get("scorer")
         for file in self.files.glob("*.png"):  # images written but never listed
             if file.stem not in self._items:
                 file.unlink(missing_ok=True)
 
     def _save(self) -> None:
         """Rewrite queue.json atomically (under the lock)."""
-        data = json.dumps({"labels": self.labels, "dropped": self.dropped,
+        data = json.dumps({"labels": self.labels, "dropped": self.dropped, "scorer": self.scorer,
                            "items": [item.saved() for item in self._items.values()]})
         tmp = self.state.with_name(f".{self.state.name}.{secrets.token_hex(4)}.tmp")
         _write_synced(tmp, data.encode("utf-8"))
@@ -180,17 +187,58 @@ class ReviewQueue:
                 self._save()
         return keys
 
-    def _choose(self, key: str, cell: Scored) -> ReviewItem | None:
-        """The item for a cell that should be reviewed, else None."""
+    def _choose(self, key: str, cell: Scored, drawn: bool | None = None) -> ReviewItem | None:
+        """The item for a cell that should be reviewed, else None. drawn: whether
+        it was drawn at random already (None: draw now)."""
         probs = np.asarray(cell.probs, dtype=np.float64)
         margin = float(margins(probs[None], self.thresholds)[0][0])
         flagged = bool((np.asarray(cell.decisions) != "ok").any())
-        drawn = not flagged and self._rng.random() < self.random_share  # uniform over ok cells: an error rate
+        if drawn is None:
+            drawn = self._rng.random() < self.random_share  # uniform over ok cells: an error rate
+        drawn = drawn and not flagged
         if not (flagged or margin < UNCERTAIN_MARGIN or drawn):
             return None
         return ReviewItem(key, cell.name, dict(zip(self.labels, map(float, probs), strict=True)),
                           dict(zip(self.labels, map(str, cell.decisions), strict=True)), margin, drawn,
                           reason(probs, self.thresholds, self.labels, drawn, flagged))
+
+    # Cells scored again per call: a few MB of model input at a time.
+    RESCORE_BATCH = 32
+
+    def rescore(self, scorer: dict[str, Any],
+                score: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]) -> str | None:
+        """Make the waiting cells the serving model's: when `scorer` (its identity
+        and thresholds) is not what scored them, `score` them again (pixels ->
+        probs [B, N], decisions [B, N]) and keep those it would queue, and the
+        random draws (now random or flagged, as it scores them). Returns a line for
+        the log, None when nothing was scored again. Call before serving."""
+        with self._offering, self._lock:
+            before, self.scorer = self.scorer, scorer
+            if before == scorer or not self._items:
+                self._save()
+                return None
+            items = list(self._items.values())
+            kept = 0
+            for start in range(0, len(items), self.RESCORE_BATCH):
+                batch = items[start:start + self.RESCORE_BATCH]
+                pixels = [self.pixels(item.id) for item in batch]
+                readable = [(item, p) for item, p in zip(batch, pixels, strict=True) if p is not None]
+                probs, decisions = score([p for _, p in readable]) if readable else ([], [])
+                for item, p in zip(batch, pixels, strict=True):
+                    if p is None:  # its image is gone from disk: nothing to show
+                        self._forget(item.id)
+                for (item, p), prob, decision in zip(readable, probs, decisions, strict=True):
+                    new = self._choose(item.id, Scored(item.name, p, prob, decision), drawn=item.random)
+                    if new is not None:
+                        new.seq, new.skips = item.seq, item.skips
+                        self._items[item.id] = new
+                        kept += 1
+                    else:
+                        self._forget(item.id)
+            self._save()
+        gone = len(items) - kept
+        return (f"{len(items)} cells waiting for review were scored by another model or thresholds: scored again "
+                f"by this one, {kept} still wait" + (f", {gone} it would not queue left the queue" if gone else ""))
 
     def _bound(self) -> None:
         while len(self._items) > self.max_items:

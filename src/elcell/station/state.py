@@ -5,6 +5,7 @@ Torch-free."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from PIL import Image
 
 from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
-from elcell.infer.runtime import Model
+from elcell.infer.runtime import Model, score_cells
 from elcell.options import MAP_DETAIL, MAP_VIEWS
 from elcell.pvmodules.grading import load_rules
 from elcell.pvmodules.inspect import as_gray
@@ -73,6 +74,22 @@ class Station:
         self.folder = LabelsFolder(settings.labels_out, self.labels) if settings.labels_out else None
         self.queue = ReviewQueue(self.folder, list(self.thresholds), random_share=settings.review_random,
                                  seed=settings.review_seed, order=settings.review_order) if self.folder else None
+        # cells left waiting by another model (or thresholds) show this one's scores and order
+        self.rescored = self.queue.rescore(self.scorer(), self._score_pixels) if self.queue is not None else None
+
+    def scorer(self) -> dict:
+        """What decides which cells wait for review: the model file's content and the thresholds."""
+        digest = hashlib.sha256()
+        with open(self.model.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"model": self.model.path.name, "sha256": digest.hexdigest()[:16],
+                "thresholds": [float(t) for t in self.thresholds],
+                "review_thresholds": [float(t) for t in self.review_thresholds]}
+
+    def _score_pixels(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        scores = score_cells(self.model, pixels, thresholds=self.thresholds, review_thresholds=self.review_thresholds)
+        return scores.probs, scores.decisions
 
     def keep(self, results: list[CellResult]) -> list[str]:
         """Store scored cells (their result ids, in order); with reviews on, offer
