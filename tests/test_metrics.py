@@ -149,6 +149,14 @@ def test_figures_without_their_cells_are_undefined_not_zero():
     assert "0.000" not in inactive and " -" in inactive
 
 
+def test_a_label_without_positives_says_its_threshold_was_kept_and_has_no_band():
+    positives = np.zeros((8, 1), dtype=bool)
+    probs = np.linspace(0.1, 0.8, 8)[:, None]
+    thresholds, review, details = tune(["inactive"], positives, probs, [0.5], [0.4], "recall=0.95", "recall=0.99")
+    assert thresholds == [0.5] and review == [0.5]
+    assert details["inactive"]["note"] == "no positive cells: threshold kept at 0.5, no review band"
+
+
 def test_summary_per_label_figures_use_each_labels_known_cells():
     positives, probs, known = cells_with_unknowns()
     result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.5, 0.5], known)

@@ -298,7 +298,7 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
             review_thresholds[j] = min(threshold_for_recall(positive, prob, band[1], estimator), thresholds[j])
         else:
             review_thresholds[j] = thresholds[j]
-            note = f"{none}: no review band"
+            note = f"{none}: {'threshold kept at ' + format(old, '.3g') + ', ' if kind else ''}no review band"
         at = label_metrics(positive, prob, thresholds[j], review_thresholds[j])
         details[label] = {
             "cells": at["cells"], "unknown": unknown, "threshold": thresholds[j], "previous_threshold": old,
