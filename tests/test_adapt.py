@@ -94,6 +94,7 @@ def test_replay_keeps_the_old_cells_label_mix_even_when_few_are_drawn():
     ("no record", "give --replay 0"),
     ("recipe", "--recipe adapt is the schedule of `elcell train --from RUN`"),
     ("no data", "needs --data LABELS.csv"),
+    ("typo", "column 'Crack' differs from"),
 ])
 def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onnx, elpv, tmp_path, capsys):
     data = new_line_csv(tmp_path, elpv, count=8)
@@ -105,6 +106,8 @@ def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onn
         source = str(tmp_path / "empty")
     elif case == "backbone":
         extra = ["--backbone", "resnet34"]
+    elif case == "typo":  # a misspelt column would become a new output
+        data.write_text(data.read_text().replace("path;crack;", "path;Crack;", 1))
     elif case == "no record":  # a run folder whose split.csv was not kept
         shutil.copytree(tiny_run, tmp_path / "copy", ignore=shutil.ignore_patterns("split.csv"))
         source = str(tmp_path / "copy")

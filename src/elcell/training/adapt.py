@@ -75,6 +75,7 @@ def prepare_adapted(config: TrainConfig):
     checkpoint = starting_checkpoint(config)
     old_names = list(checkpoint["hyper_parameters"]["label_names"])
     new = load_table(config.data, group=config.group)
+    _check_new_labels(new, old_names, config.from_run)
     if config.limit:
         new = limit_table(new, config.limit, config.seed)
     split = stratified_split(new, config.val_fraction, config.seed, config.test_fraction)
@@ -83,6 +84,20 @@ def prepare_adapted(config: TrainConfig):
     _check_adapted_labels(table, split, new.names)
     images = build_cache(table.paths, config.decoding, config.cache_dir, progress=show_progress(config.progress))
     return table, split, images
+
+
+def _check_new_labels(new, old_names: list[str], source: str) -> None:
+    """A column the run does not know becomes a new output, so say so; one that
+    differs from a known label only in case is a typo, not a new defect."""
+    added = [name for name in new.names if name not in old_names]
+    for name in added:
+        near = [old for old in old_names if old.casefold() == name.casefold()]
+        if near:
+            raise DataError(f"{new.source}: column {name!r} differs from {source}'s label {near[0]!r} only in "
+                            "case; rename the column (a new column would become a new output)")
+    if added:
+        print(f"elcell: {new.source}: new label column(s) {added}: new outputs beside {source}'s {old_names}",
+              file=sys.stderr)
 
 
 def _check_adapted_labels(table, split: np.ndarray, new_names: list[str]) -> None:
