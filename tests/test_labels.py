@@ -32,6 +32,18 @@ def test_paths_are_relative_to_the_csv_folder_unless_absolute(tmp_path):
     assert table.paths == [tmp_path / "sub" / "imgs" / "a.png", absolute]
 
 
+def test_a_column_named_path_holds_the_paths_wherever_it_stands(tmp_path):
+    from elcell.cells.inputs import paths_from_csv
+
+    path = write(tmp_path, "crack;type;Path;inactive\n1;mono;a.png;0\n0;poly;b.png;1\n")
+    table = read_labels_csv(path, group="type")
+    assert table.names == ["crack", "inactive"] and table.groups == ["mono", "poly"]
+    assert table.paths == [tmp_path / "a.png", tmp_path / "b.png"] and table.targets.tolist() == [[1, 0], [0, 1]]
+    assert paths_from_csv(path) == table.paths  # predict reads the same column
+    with pytest.raises(DataError, match="the image path column holds '1'"):
+        paths_from_csv(write(tmp_path, "crack;inactive\n1;0\n0;1\n", "nopath.csv"))
+
+
 def test_bom_blank_lines_and_float_style_labels_are_accepted(tmp_path):
     path = write(tmp_path, "\ufeffpath,crack,inactive\n\na.png,1.0,0.0\nb.png,0,1\n\n")
     table = read_labels_csv(path)
@@ -68,6 +80,8 @@ def test_group_column_is_not_a_label(tmp_path):
         ('path;crack\n"a\nb.png";1\nc.png;yes\n', "line 4: label 'crack' is 'yes'; labels must be 0 or 1"),
         # the same image twice could be trained on and tested on
         ("path;crack\na.png;1\nb.png;0\n./a.png;0\n", "line 4: image './a.png' is listed again (first on line 2)"),
+        # no path column: the first column's labels are not file names
+        ("crack;inactive\n1;0\n0;1\n", "line 2: the image path column 'crack' holds '1'; put the image paths"),
     ],
 )
 def test_bad_csv_gives_one_clear_message_naming_file_and_row(tmp_path, text, message):

@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from elcell.cells.images import IMAGE_SUFFIXES, Decoding, find_images, load_cell
-from elcell.cells.labels import file_key, guess_separator
+from elcell.cells.labels import PATH, file_key, guess_separator, is_number, path_column
 from elcell.errors import DataError
 
 MODEL_SUFFIXES = (".onnx", ".ckpt")
@@ -52,9 +52,9 @@ def unreadable(path: str | Path, err: BaseException) -> Unreadable:
 
 # --------------------------------------------------------------------------- collecting
 def paths_from_csv(csv_path: Path) -> list[Path]:
-    """Image paths from the first column of a CSV (labels or predictions): relative
-    to the CSV's folder unless absolute. The first line is a header unless its
-    first field names an image file."""
+    """Image paths from a CSV (labels or predictions): the column its header names
+    `path`, else the first; relative to the CSV's folder unless absolute. The
+    first line is a header unless its first field names an image file."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -64,12 +64,17 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
         raise DataError(f"{csv_path}: the CSV is empty")
     sep = guess_separator(lines[0]) or ";"  # one column: any separator reads it whole
     rows = list(csv.reader(lines, delimiter=sep))
+    at = 0
     if Path(rows[0][0].strip()).suffix.lower() not in IMAGE_SUFFIXES:
-        rows = rows[1:]
+        at, rows = path_column(rows[0]), rows[1:]
     base = csv_path.resolve().parent
-    paths = [base / row[0].strip() for row in rows if row and row[0].strip()]  # absolute stays itself
+    values = [row[at].strip() for row in rows if len(row) > at and row[at].strip()]
+    if values and all(is_number(v) for v in values[:20]):  # labels where the paths should be
+        raise DataError(f"{csv_path}: the image path column holds {values[0]!r}; put the image paths in the first "
+                        f"column or name their column {PATH!r}")
+    paths = [base / value for value in values]  # absolute stays itself
     if not paths:
-        raise DataError(f"{csv_path}: no image paths in the first column")
+        raise DataError(f"{csv_path}: no image paths in the first column (or one named {PATH!r})")
     return paths
 
 

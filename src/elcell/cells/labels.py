@@ -81,7 +81,7 @@ def _detect_separator(header: str, csv_path: Path) -> str:
     return sep
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
@@ -122,12 +122,21 @@ def _read_text(csv_path: Path) -> str:
     return text
 
 
+PATH = "path"  # the column of image paths when a header names it; else the first column
+
+
+def path_column(header: list[str]) -> int:
+    """Where the image paths are: the column named `path` (any case), else the first."""
+    return next((i for i, name in enumerate(header) if name.strip().casefold() == PATH), 0)
+
+
 NOTE = "reason"  # a column of words beside the labels (why `segment --model` put a cell where it is), not a label
 
 
 def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path, group: str | None) -> list[int]:
     """The label columns of a header, or DataError saying what is wrong with it."""
-    if any(_is_number(name) for name in header[1:]):
+    at = path_column(header)
+    if any(is_number(name) for i, name in enumerate(header) if i != at):
         raise DataError(f"{csv_path}: the first line must be a header naming the columns (e.g. "
                         f"'path;crack;inactive'), got {header_line!r}")
     if not all(header):
@@ -135,9 +144,9 @@ def _check_header(header: list[str], header_line: str, sep: str, csv_path: Path,
         raise DataError(f"{csv_path}: header column {header.index('') + 1} has no name in {header_line!r}{trailing}")
     if len(set(header)) != len(header):
         raise DataError(f"{csv_path}: duplicate column names in header {header}")
-    if group is not None and group not in header[1:]:
+    if group is not None and (group not in header or header.index(group) == at):
         raise DataError(f"{csv_path}: no column {group!r} for groups; columns are {header}")
-    label_columns = [i for i, name in enumerate(header) if i > 0 and name not in (group, NOTE)]
+    label_columns = [i for i, name in enumerate(header) if i != at and name not in (group, NOTE)]
     if not label_columns:
         raise DataError(f"{csv_path}: no label columns; expected e.g. 'path;crack;inactive'")
     return label_columns
@@ -148,9 +157,9 @@ def _label_value(value: str, name: str, where: str) -> float:
     NaN for an empty value: unknown for this label (the loss and metrics skip it)."""
     if not value:
         return math.nan
-    if _is_number(value) and 0 <= float(value) <= 1:
+    if is_number(value) and 0 <= float(value) <= 1:
         return float(value)
-    names_a_group = value and not _is_number(value) and value.lower() not in _YES_NO
+    names_a_group = value and not is_number(value) and value.lower() not in _YES_NO
     hint = f" (if {name!r} names groups such as the cell type, pass --group {name})" if names_a_group else ""
     raise DataError(f"{where}: label {name!r} is {value!r}; labels must be 0 or 1, or a soft label in "
                     f"[0, 1]{hint}")
@@ -165,7 +174,8 @@ def label_fields(targets: np.ndarray) -> list[str]:
 def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTable:
     """Read a labels CSV in the spec's format.
 
-    First column: image path (relative to the CSV's folder unless absolute).
+    The column named `path`, else the first: image path (relative to the CSV's
+    folder unless absolute).
     Every other column is a label, 0/1 or soft in [0, 1] (positive from 0.5),
     or empty for unknown (NaN in targets; each row needs one known label),
     except `group` (e.g. cell type), which is kept as a group name for stratified
@@ -183,15 +193,19 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
     if len(rows) < 2:
         raise DataError(f"{csv_path}: the labels file has a header but no rows")
     base = csv_path.resolve().parent
+    at = path_column(header)
     paths, targets, groups = [], [], []
     first_line: dict[str, int] = {}  # each image once: a repeat could land in train and test
     for line_no, row in rows[1:]:
         where = f"{csv_path} line {line_no}"
         if len(row) != len(header):
             raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
-        image = row[0].strip()
+        image = row[at].strip()
         if not image:
             raise DataError(f"{where}: empty image path")
+        if is_number(image) and not Path(image).suffix:  # a label where the path should be
+            raise DataError(f"{where}: the image path column {header[at]!r} holds {image!r}; put the image paths "
+                            f"in the first column or name their column {PATH!r}")
         targets.append([_label_value(row[i].strip(), header[i], where) for i in label_columns])
         if all(math.isnan(t) for t in targets[-1]):  # a row with no known label teaches nothing
             raise DataError(f"{where}: every label of {image!r} is empty (unknown); give at least one "
