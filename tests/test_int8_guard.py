@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import elcell.infer.runtime as runtime
-from elcell.infer.quantize import lost_and_gained, recall_drops
+from elcell.infer.quantize import lost_and_gained, recall_drops, unguarded
 
 
 def _runs(lost: int, gained: int, kept: int):
@@ -36,6 +36,17 @@ def test_a_recall_drop_refuses_only_beyond_chance(lost, gained, kept, refused):
     comparison = {"per_label": {"inactive": {"positives": positives, "recall_drop": (lost - gained) / positives,
                                              **counts}}}
     assert bool(recall_drops(comparison)) == refused
+
+
+def test_a_check_set_too_small_to_refuse_anything_is_named():
+    # 4 positives, all lost by int8, none gained: p = 1/16, not beyond chance; the guard is blind there
+    a, b = _runs(lost=4, gained=0, kept=0)
+    few = {"positives": 4, "recall_drop": 1.0, **lost_and_gained(a, b, 0, threshold=0.5)}
+    a, b = _runs(lost=5, gained=0, kept=0)
+    enough = {"positives": 5, "recall_drop": 1.0, **lost_and_gained(a, b, 0, threshold=0.5)}
+    comparison = {"per_label": {"inactive": few, "crack": enough}}
+    assert not recall_drops({"per_label": {"inactive": few}}) and recall_drops({"per_label": {"crack": enough}})
+    assert unguarded(comparison) == ["inactive"]
 
 
 @pytest.mark.parametrize(("vnni", "reduce_range", "warned"), [(False, False, True), (True, False, False),

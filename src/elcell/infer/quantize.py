@@ -13,6 +13,7 @@ beyond chance.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import replace
@@ -191,6 +192,13 @@ def lost_and_gained(a, b, j: int, threshold: float) -> dict:
     return {"positives_lost": lost, "positives_gained": gained, "drop_p_value": chance}
 
 
+def unguarded(comparison: dict) -> list[str]:
+    """Labels with too few known positives for the guard to refuse anything: even
+    int8 losing every one of them would be within chance (p >= EVIDENCE)."""
+    needed = math.ceil(math.log(EVIDENCE) / math.log(0.5))  # every positive lost, none gained
+    return [label for label, m in comparison["per_label"].items() if m["positives"] < needed]
+
+
 def recall_drops(comparison: dict, limit: float = MAX_RECALL_DROP) -> dict[str, float]:
     """Labels whose int8 recall is more than `limit` below float's, with more
     lost positives than chance explains (p < EVIDENCE)."""
@@ -223,6 +231,7 @@ def quantize_checked(float_path: str | Path, out: str | Path, calibration: str,
         comparison.update(calibration=str(calibration), calibration_cells=len(cells),
                           calibration_failed=[u.path for u in failed], out=str(out))
         drops = recall_drops(comparison)
+        comparison["unguarded"] = unguarded(comparison)
         comparison["refused"] = bool(drops) and not allow_recall_drop
         if drops and not allow_recall_drop:
             detail = ", ".join(f"{label} -{drop:.3f}" for label, drop in drops.items())
@@ -252,6 +261,10 @@ def format_comparison(comparison: dict) -> str:
                  f"refuses the model only when the losses are beyond chance (p < {EVIDENCE})")
     lines.append(f"  mean F1 {fmt(comparison['mean_f1_float'], '.4f')} (fp32) vs {fmt(comparison['mean_f1_int8'], '.4f')} "
                  f"(int8); decisions agree on {100 * comparison['decision_agreement']:.1f}% of cell labels")
+    for label in comparison.get("unguarded", []):
+        lines.append(f"  warning: {comparison['per_label'][label]['positives']} known {label} positive(s) among these "
+                     "cells: too few for a recall drop to show beyond chance, so the guard could not refuse; "
+                     "compare on cells with more of them (--eval-data LABELS.csv)")
     # those also compared on were named on stderr already
     unnamed = [p for p in comparison["calibration_failed"] if p not in comparison["failed"]]
     if unnamed:
