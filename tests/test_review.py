@@ -85,7 +85,9 @@ def assert_teach_order(probs: np.ndarray, reasons: list[str]) -> None:
     cells nearest 0.5 alternate, random ok cells aside."""
     taught = [k for k, why in enumerate(reasons) if why != "random check of an ok cell"]
     likely, nearest = taught[0::2], taught[1::2]
-    assert all(reasons[k].startswith(f"likely {LABELS[n % 2]}: ") for n, k in enumerate(likely))
+    assert all(reasons[k].startswith(f"highest {LABELS[n % 2]} left: ") for n, k in enumerate(likely))
+    assert all(reasons[k].endswith(", likely" if probs[k, n % 2] >= 0.5 else ", though unlikely")
+               for n, k in enumerate(likely))
     assert likely[0] == int(np.argmax(probs[:, 0]))  # the most likely crack first
     for j in range(2):
         assert np.all(np.diff(probs[likely[j::2], j]) <= 1e-9)  # each label's most likely first
@@ -152,11 +154,11 @@ def test_the_station_can_hand_out_cells_in_the_order_to_teach(model, cells, prob
     assert len({item["id"] for item in handed}) == 4
     by = {item["id"]: waiting[item["id"]] for item in handed}
     assert handed[0]["id"] == max(waiting, key=lambda key: waiting[key]["crack"])
-    assert handed[0]["reason"].startswith("likely crack: ")
+    assert handed[0]["reason"].startswith("highest crack left: ")
     rest = set(waiting) - {handed[0]["id"]}
     nearest_half = min(rest, key=lambda key: margins(np.array([list(waiting[key].values())]), [0.5, 0.5])[0][0])
     assert handed[1]["id"] == nearest_half and handed[1]["reason"].startswith("nearest 0.5: ")
-    assert handed[2]["reason"].startswith("likely inactive: ")
+    assert handed[2]["reason"].startswith("highest inactive left: ")
     assert by[handed[2]["id"]]["inactive"] == max(waiting[key]["inactive"] for key in rest - {handed[1]["id"]})
 
 

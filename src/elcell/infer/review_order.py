@@ -73,9 +73,11 @@ def boundary(probs: Sequence[float]) -> float:
 
 def teach_reason(probs: Sequence[float], labels: Sequence[str], likely: int | None) -> str:
     """Why the `teach` order chose a cell: as the most likely `likely` defect
-    left, or as the cell nearest 0.5."""
+    left (said to be likely only from 0.5: an operator reads "likely" as the
+    model's answer), or as the cell nearest 0.5."""
     if likely is not None:
-        return f"likely {labels[likely]}: {float(probs[likely]):.2f}, the highest left"
+        p = float(probs[likely])
+        return f"highest {labels[likely]} left: {p:.2f}" + (", likely" if p >= 0.5 else ", though unlikely")
     j = min(range(len(labels)), key=lambda k: boundary([probs[k]]))
     return f"nearest 0.5: {labels[j]} {float(probs[j]):.2f}"
 
