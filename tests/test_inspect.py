@@ -345,3 +345,13 @@ def test_the_coarse_map_comes_from_the_pass_that_scores_the_cells(tiny_onnx, tmp
     # more than one view asks for the fine map
     many = inspect_module(model, image, 6, 10, load_rules(), thresholds=[0.5, 0.5], map_views=None)
     assert many.map_detail == "fine" and many.heatmaps[places[0]].shape == fine.heatmaps[places[0]].shape
+
+
+def test_segment_with_no_readable_photo_leaves_no_labels_csv(tmp_path, capsys):
+    bad = tmp_path / "notimg.png"
+    bad.write_text("not a picture")
+    out = tmp_path / "cells"
+    assert main(["segment", str(bad), "--grid", "6x10", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "notimg.png" in err and "labels.csv not written" in err
+    assert not (out / "labels.csv").exists()  # the corrected rerun needs no --overwrite

@@ -92,6 +92,9 @@ def main(args) -> int:
         found = in_review_order(found, np.concatenate(probs), model, args.review_random, args.seed,
                                 args.review_order)
         header.append("reason")
+    if not found:  # a header alone would only make the corrected rerun ask for --overwrite
+        print("elcell: no module image could be cut: labels.csv not written", file=sys.stderr)
+        return 1
     lines = [";".join(header)] + [";".join(row) for row in found]
     atomic_write_text(out / "labels.csv", "\n".join(lines) + "\n")
     print(f"elcell: wrote {len(found)} cells and {out / 'labels.csv'}"
