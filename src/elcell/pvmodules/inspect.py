@@ -379,8 +379,10 @@ def main(args, inspector: Inspector | None = None) -> int:
     else:
         if args.report:
             write_module_report(out, info.labels, model)
-        print(f"elcell: wrote {out / 'cells.csv'}, {out / 'modules.csv'}"
-              + (f", maps/ and {out / 'report.html'}" if args.report else ""), file=sys.stderr)
+        written = [str(out / "cells.csv"), str(out / "modules.csv")]
+        written += ["maps/"] if any((out / "maps").glob("*")) else []  # --map, and a module to draw
+        written += [str(out / "report.html")] if args.report else []
+        print(f"elcell: wrote {', '.join(written[:-1])} and {written[-1]}", file=sys.stderr)
     if failed:
         print(f"elcell: {len(failed)} of {len(paths)} module images could not be inspected (listed above and "
               "in modules.csv)", file=sys.stderr)
