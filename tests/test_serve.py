@@ -428,3 +428,16 @@ def test_serve_refuses_to_start_open_to_the_network(tiny_onnx, tmp_path, monkeyp
     monkeypatch.setenv("ELCELL_TOKEN", "tok")
     assert main(["serve", str(tiny_onnx), "--host", "0.0.0.0", *labels]) == 0
     assert started == ["127.0.0.1", "0.0.0.0", "0.0.0.0"]
+
+
+def test_a_port_another_program_holds_is_refused_before_the_page_is_announced(tiny_onnx, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr("elcell.station.app._Server.run", lambda server: pytest.fail("the station started"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", str(tiny_onnx), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"elcell: error: --port {port}: cannot listen on 127.0.0.1:{port}" in err and "page http" not in err

@@ -17,6 +17,7 @@ declares it as HTTP bearer, so /docs can send it ("Authorize").
 
 from __future__ import annotations
 
+import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import fields
@@ -273,6 +274,7 @@ def main(args) -> int:
         raise DataError(f"--host {args.host} with --labels-out and no token: anyone on the network could write "
                         "training labels; give a token (--token-file FILE or $ELCELL_TOKEN) or listen on "
                         "127.0.0.1")
+    check_port(args.host, args.port)  # before the page's address is printed: it might be another program's
     model = open_model(args.model, threads=args.threads, spin=False)  # shares the cores with the web side
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
@@ -304,6 +306,23 @@ def main(args) -> int:
     _Server(config).run()
     print("elcell: stopped; requests in flight were answered", file=sys.stderr)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """DataError when this process cannot listen on host:port (another program
+    has it, or the address is not this machine's), as uvicorn would bind it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise DataError(f"--host {host}: not an address to listen on ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise DataError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); another program, "
+                            "perhaps another elcell serve, has it: pick another --port") from None
 
 
 class _Server(uvicorn.Server):
