@@ -242,6 +242,8 @@ def test_the_queue_and_its_counts_survive_a_restart(model, cells, probs, tmp_pat
         assert saved.status_code == 200 and saved.json()["rows"] == 2
         lost = client.post("/api/v1/review/0123456789abcdef", json={"labels": {}})
         assert lost.status_code == 410 and "no longer waits for review" in lost.json()["detail"]
+        skipped = client.post("/api/v1/review/0123456789abcdef/skip")
+        assert skipped.status_code == 410 and skipped.json()["detail"].endswith("nothing to skip")
         assert client.get("/api/v1/review").json()["answered"] == 2
     table = read_labels_csv(folder / "labels.csv")
     assert len(table) == 2 and all(p.is_file() for p in table.paths)

@@ -28,9 +28,9 @@ Session = Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{0,64}$", max_length=64,
                                description="the page's session id: its cell comes back to it after a reload")]
 
 
-def gone(item_id: str) -> HTTPException:
+def gone(item_id: str, what: str = "that answer was not saved") -> HTTPException:
     return HTTPException(410, f"cell {item_id[:16]!r} no longer waits for review: the station does not know it "
-                              "(dropped from a full queue, or its queue was cleared); that answer was not saved")
+                              f"(dropped from a full queue, or its queue was cleared); {what}")
 
 
 def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one route per nested function
@@ -102,7 +102,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
     async def review_skip(item_id: str) -> dict:
         """Send a cell behind the others without labelling it."""
         if not await run_in_threadpool(queue().skip, item_id):
-            raise gone(item_id)
+            raise gone(item_id, "nothing to skip")
         return status()
 
     @app.get(f"{API}/review/{{item_id}}/image.png", responses={200: PNG, **ERRORS}, tags=["review"],
