@@ -69,3 +69,11 @@ def test_explain_rejects_an_unknown_label(tiny_onnx, seed_csv, tmp_path, capsys)
                    "--label", "finger"])
     assert status == 2
     assert "--label finger: the model's labels are crack, inactive" in capsys.readouterr().err
+
+
+def test_an_output_path_through_a_file_is_one_line_not_a_traceback(tiny_onnx, seed_csv, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file where a folder is needed")
+    image = seed_rows(seed_csv)[0][0]
+    assert main(["explain", str(tiny_onnx), str(image), "--out", str(tmp_path / "notes.txt" / "why")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"elcell: error: {tmp_path / 'notes.txt' / 'why'}: Not a directory"

@@ -169,7 +169,7 @@ def _run_export(args) -> int:
                             "folder's val.csv is taken by default, and none was found beside "
                             f"{args.checkpoint}")
     if args.int8_out:  # before any work
-        output_mode(args.int8_out, "--int8-out", overwrite=args.overwrite)
+        output_mode(args.int8_out, "--int8-out", overwrite=args.overwrite, file=True)
     source = args.checkpoint
     if Path(source).is_dir():  # a run folder stands for its best model, as in predict
         from elcell.infer.runtime import resolve_model_path
@@ -242,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("elcell: interrupted" + _resume_hint(argv), file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None:  # not about a path: a fault to see whole
+            raise
+        # a path that could not be written (read-only, a file where a folder should be, disk
+        # full) where the command got to it: one line naming it, not a traceback
+        # (output_mode refuses most such paths before any work)
+        print(f"elcell: error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAINING_PACKAGES:
             raise

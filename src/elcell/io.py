@@ -46,12 +46,16 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def output_mode(path: str | Path, option: str = "--out", *, overwrite: bool = False,
-                resume: bool | None = None) -> str:
+                resume: bool | None = None, file: bool = False) -> str:
     """One policy for every output a command writes: `new` when nothing is there
     (or an empty file or folder), else `resume` or `overwrite` when the user said
     so, else DataError naming the path and the way on. `resume=None`: the command
-    cannot resume, so only --overwrite is offered."""
+    cannot resume, so only --overwrite is offered. Also refused before any work:
+    a path that cannot be written, and (file=True) a folder where a file goes."""
     path = Path(path)
+    _check_writable(path, option)
+    if file and path.is_dir():
+        raise DataError(f"{option} {path} is a folder; name the file to write")
     if not path.exists() or (path.is_file() and path.stat().st_size == 0) or \
             (path.is_dir() and not any(path.iterdir())):
         return "new"
@@ -62,6 +66,18 @@ def output_mode(path: str | Path, option: str = "--out", *, overwrite: bool = Fa
     way = ("pass --resume to continue it, or --overwrite to replace it" if resume is not None
            else f"pass --overwrite to replace it, or choose another {option}")
     raise DataError(f"{path} exists: {way}")
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """DataError when `path` could not be written: its nearest existing folder is
+    a file, or cannot be written in (permissions, a read-only file system)."""
+    target = path if path.is_dir() else path.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise DataError(f"{option} {path}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise DataError(f"{option} {path}: cannot write in {target} (read-only, or not yours)")
 
 
 def safe_name(text: str) -> str:

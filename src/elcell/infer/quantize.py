@@ -276,7 +276,7 @@ def format_comparison(comparison: dict) -> str:
 def main(args, float_path: Path) -> int:
     """`elcell export --int8` once the float model exists (options: elcell.cli)."""
     int8_out = Path(args.int8_out) if args.int8_out else float_path.with_name(f"{float_path.stem}.int8.onnx")
-    output_mode(int8_out, "--int8-out", overwrite=args.overwrite)
+    output_mode(int8_out, "--int8-out", overwrite=args.overwrite, file=True)
     comparison = quantize_checked(
         float_path, int8_out, args.calibration, eval_data=args.eval_data, count=args.calibration_count,
         allow_recall_drop=args.allow_recall_drop, batch_size=args.batch_size,
