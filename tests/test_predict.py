@@ -280,3 +280,19 @@ def test_a_threshold_that_leaves_no_cell_ok_is_warned_about(tiny_onnx, cell_fold
     assert main(["predict", str(tiny_onnx), str(many), "--out", str(out), "--overwrite",
                  "--no-progress", "--threshold", "0.99", "--review-threshold", "0.99"]) == 0
     assert "no cell is ok" not in capsys.readouterr().err  # thresholds under which most cells are ok
+
+
+def test_resume_matches_files_not_the_text_typed(tiny_onnx, cell_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "preds.csv"
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(tiny_onnx), "cells", "--out", "preds.csv", "--no-progress"]) == 0
+    rows = read_rows(out)
+    # the same cells typed another way (absolute): nothing scored twice
+    assert main(["predict", str(tiny_onnx), str(cell_folder), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert read_rows(out) == rows
+    # rows typed relative to another folder cannot be matched from here: refused, not doubled
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["predict", str(tiny_onnx), "../cells", "--out", "../preds.csv", "--resume"]) == 2
+    assert "resume from the folder the first run ran in" in capsys.readouterr().err
+    assert read_rows(out) == rows

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from elcell.cells.images import read_gray
 from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable
+from elcell.cells.labels import file_key
 from elcell.errors import DataError
 from elcell.infer.explain import explain_cell
 from elcell.infer.runtime import (
@@ -252,6 +253,20 @@ def _write_overlays(folder: str | Path, scored: ScoredBatch, names: dict[Path, s
     return written
 
 
+def _not_done(paths: list[Path], done: set[str], out: Path | None) -> list[Path]:
+    """The paths `out` does not hold yet, matched as files (relative or absolute,
+    through links), not as the text typed. Rows written as relative paths from
+    another folder cannot be matched: refused, rather than every cell twice."""
+    if not done:
+        return list(paths)
+    if not any(Path(p).exists() for p in list(done)[:50]):
+        example = next(iter(done))
+        raise DataError(f"--resume {out}: its rows name files that are not there from this folder (e.g. "
+                        f"{example!r}): resume from the folder the first run ran in, or write to a new --out")
+    keys = {file_key(p) for p in done}
+    return [p for p in paths if file_key(p) not in keys]
+
+
 def _local_scorer(workers: int, heatmaps: bool) -> Scorer:
     """runtime.score_files: decoding in `workers` threads, one ONNX Runtime session."""
     def scorer(model, todo, batch_size, tta, thresholds, review_thresholds):
@@ -286,7 +301,7 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     result = PredictResult(total=len(paths), defect=dict.fromkeys(info.labels, 0),
                            review=dict.fromkeys(info.labels, 0))
     done, writer = _open_output(out, header, resume, overwrite, trailer, result)
-    todo = [p for p in paths if str(p) not in done]
+    todo = _not_done(paths, done, out)
     result.skipped = len(paths) - len(todo)
     names = dict(zip(todo, unique_names(todo))) if heatmaps_dir is not None else {}  # once: no clashes
     scorer = scorer or _local_scorer(default_workers() if workers is None else workers, heatmaps_dir is not None)
