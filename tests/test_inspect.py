@@ -197,7 +197,7 @@ def test_the_report_shows_file_names_and_errors_as_text_not_markup(tiny_onnx, tm
 
 
 @pytest.mark.slow  # inspects 3 modules twice; predict's resume is in the fast tier
-def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_path, monkeypatch, capsys):
     photos = [assembled(originals, tmp_path, f"m{i}", seed=i, rotation_deg=3 * i)[0] for i in range(3)]
     clean = tmp_path / "clean"
     assert main(["inspect", str(tiny_onnx), *map(str, photos), "--grid", "6x10", "--out", str(clean),
@@ -225,6 +225,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_csv(out / "modules.csv")) == strip(read_csv(clean / "modules.csv"))
     assert read_csv(out / "cells.csv") == read_csv(clean / "cells.csv")
+    # another photo under a name the folder holds (a camera's counter restarted): skipped and said
+    (tmp_path / "camera2").mkdir()
+    again = tmp_path / "camera2" / photos[0].name
+    again.write_bytes(photos[1].read_bytes())
+    capsys.readouterr()
+    assert main(["inspect", str(tiny_onnx), str(again), "--grid", "6x10", "--out", str(out), "--no-map",
+                 "--resume"]) == 1
+    assert f"already holds a module named 'm0', from {photos[0]}" in capsys.readouterr().err
+    assert strip(read_csv(out / "modules.csv")) == strip(read_csv(clean / "modules.csv"))
 
 
 def test_half_cells_are_found_and_stretched_to_the_models_square(tiny_onnx, originals, monkeypatch):

@@ -24,6 +24,7 @@ import numpy as np
 
 from elcell.cells.images import read_reduced, to_uint8
 from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
+from elcell.cells.labels import file_key
 from elcell.errors import DataError, ImageError
 from elcell.infer.explain import explain_cell
 from elcell.infer.predict import CSV_SEPARATOR, RowWriter, model_column, thresholds_column
@@ -80,7 +81,7 @@ class Batch:
     labels: list[str]
     thresholds: list[float]
     review: list[float]
-    done: set[str] = field(default_factory=set)
+    done: dict[str, str] = field(default_factory=dict)  # resumed: module name -> its photo's path
 
     def cell_rows(self, name: str, found: ModuleInspection) -> list[list[str]]:
         rows, cols = found.decisions.shape[:2]
@@ -117,7 +118,7 @@ def _prepare(out: Path, batch: Batch, resume: bool, overwrite: bool) -> None:
         if row["model"].rpartition("@")[2] != ours:
             raise DataError(f"--resume {out}: its modules were inspected by another model ({row['model']}, this "
                             f"is {model_column(batch.model)}); resume with that model, or write to a new --out")
-    batch.done = {row["module"] for row in modules if not row["error"]}
+    batch.done = {row["module"]: row["path"] for row in modules if not row["error"]}
     cells = _read(out / "cells.csv", cell_header(batch.labels), "cells.csv") if (out / "cells.csv").is_file() else []
     wanted = thresholds_column(batch.labels, batch.thresholds, batch.review)
     if any(row["thresholds"] != wanted for row in cells):
@@ -260,7 +261,7 @@ class ParquetOut:
         if self.sink.exists():
             target = batch.out if batch.out.is_file() else self.sink.parts
             if output_mode(target, overwrite=overwrite, resume=resume) == "resume":
-                self._check(self.sink.previous(["module", "model", "thresholds"]).to_pydict())
+                self._check(self.sink.previous(["module", "path", "model", "thresholds"]).to_pydict())
             else:
                 self.sink.clear()
         batch.out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +275,7 @@ class ParquetOut:
         if any(t != wanted for t in previous["thresholds"]):
             raise DataError(f"--resume {batch.out}: its cells were decided with other thresholds; resume with the "
                             "same --threshold/--review-threshold, or write to a new --out")
-        batch.done = set(previous["module"])
+        batch.done = dict(zip(previous["module"], previous["path"], strict=True))
 
     def add(self, path: Path, name: str, found: ModuleInspection) -> None:
         head = [name, str(path), self.grid, found.grade, found.rule_text]
@@ -304,8 +305,7 @@ def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: 
     writer = ParquetOut(batch, grid, resume, overwrite) if parquet else \
         FolderOut(batch, grid, resume, overwrite, want_map)
     job = Job(rows, cols, rules, want_map and not parquet, batch.thresholds, batch.review, map_views, map_detail)
-    todo = [(path, name) for path, name in zip(paths, unique_names(paths), strict=True) if name not in batch.done]
-    failed = []
+    todo, failed = _not_done(paths, batch)
     try:
         for path, name, found in (inspector or local_inspector)(model, todo, job):
             if isinstance(found, Unreadable):
@@ -319,6 +319,22 @@ def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: 
     finally:
         writer.close()
     return failed
+
+
+def _not_done(paths: list[Path], batch: Batch) -> tuple[list[tuple[Path, str]], list[Unreadable]]:
+    """The photos (with their module names) a resumed folder does not hold yet,
+    and those whose name it holds from another photo (a camera's counter
+    restarted): reported and skipped, as their rows would mix with the other's."""
+    todo, clashes = [], []
+    for path, name in zip(paths, unique_names(paths), strict=True):
+        earlier = batch.done.get(name)
+        if earlier is None:
+            todo.append((path, name))
+        elif file_key(earlier) != file_key(path):
+            clashes.append(Unreadable(str(path), f"{batch.out} already holds a module named {name!r}, from "
+                                                 f"{earlier}: inspect this photo into another --out, or rename it"))
+            report_unreadable(clashes[-1], "skipped")
+    return todo, clashes
 
 
 # --------------------------------------------------------------------------- report
