@@ -223,6 +223,13 @@ BAD = {
                                   "runs through the middle of cells of a 2x4 grid"),
     "5x10 of the 6x10 module (busbars are no gaps)": (lambda poly, mono: poly, 5, 10, GridMismatchError,
                                                        "horizontal gap runs through the middle of cells"),
+    # a lone row or column: the other axis' cells give the scale its gaps would show at
+    "1x10 of the 6x10 module": (lambda poly, mono: poly, 1, 10, GridMismatchError,
+                                "horizontal gap runs through the middle of cells of a 1x10 grid"),
+    "6x1 of the 6x10 module": (lambda poly, mono: poly, 6, 1, GridMismatchError,
+                               "vertical gap runs through the middle of cells of a 6x1 grid"),
+    "1x2 of the 2x2 minimodule": (lambda poly, mono: mono, 1, 2, GridMismatchError, "horizontal gap runs"),
+    "1x1 of the 6x10 module": (lambda poly, mono: poly, 1, 1, GridMismatchError, "a 1x1 grid is a single cell"),
     "tiny": (lambda poly, mono: np.zeros((20, 30), np.uint8), 6, 10, ImageTooSmallError,
              "30x20 pixels: too small to hold a 6x10 grid"),
     "shrunk module": (lambda poly, mono: cv2.resize(poly, (130, 82), interpolation=cv2.INTER_AREA), 6, 10,

@@ -52,10 +52,13 @@ def find_borders(flat: np.ndarray, count: int, across: int, axis: int) -> _Borde
     the mean profiles of strips across it (one a cell, at least 4). Each is found
     walking in from the edges, then again near the middle of its neighbours."""
     pitch = flat.shape[axis] / count
+    # a lone cell along this axis gives no scale for gaps: the other axis' cells do (were the
+    # grid wrong, its gaps would be blurred away and bridged at the whole module's length)
+    scale = pitch if count > 1 else flat.shape[1 - axis] / max(1, across)
     cuts = np.linspace(0, flat.shape[1 - axis], max(4, across) + 1).round().astype(int)
     strips = [flat[s0:s1] if axis == 1 else flat[:, s0:s1] for s0, s1 in zip(cuts[:-1], cuts[1:])]
     profiles = np.stack([cv2.reduce(p, 1 - axis, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel() for p in strips])
-    profiles = cv2.GaussianBlur(profiles, (0, 0), sigmaX=max(0.5, 0.004 * pitch), sigmaY=1e-3)  # [strips, L]
+    profiles = cv2.GaussianBlur(profiles, (0, 0), sigmaX=max(0.5, 0.004 * scale), sigmaY=1e-3)  # [strips, L]
     depth = _gap_depth(profiles, pitch)  # an envelope a cell long bridges even a wide split
     at, widths, strengths = np.arange(count + 1) * pitch, np.zeros(count + 1), np.zeros(count + 1)
     found = {0, count}
@@ -83,7 +86,7 @@ def find_borders(flat: np.ndarray, count: int, across: int, axis: int) -> _Borde
         at[missing] = np.interp(missing, known, at[known])
         widths[missing] = np.median(widths[known[1:-1]]) if len(known) > 2 else 0.0
     # for the inside check: a gap is dark in (nearly) every strip, shading narrower than half a cell
-    return _Borders(at, widths, strengths, missing, _gap_depth(profiles, 0.4 * pitch, 25), pitch)
+    return _Borders(at, widths, strengths, missing, _gap_depth(profiles, 0.4 * scale, 25), pitch)
 
 
 def _gap_depth(profiles: np.ndarray, length: float, quantile: float = 50) -> np.ndarray:

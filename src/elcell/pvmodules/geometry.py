@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from elcell.errors import DataError, ImageError
-from elcell.pvmodules.cellgrid import check_fit, find_borders
+from elcell.pvmodules.cellgrid import GridMismatchError, check_fit, find_borders
 
 _FIND_SIDE = 800  # long side (px) of the copy the module is found on
 _MIN_CELL_PX = 16  # fewer pixels a cell and its gaps cannot be seen
@@ -120,6 +120,9 @@ def find_module(image: np.ndarray, rows: int, cols: int) -> tuple[ModuleGeometry
     """`locate_module` and the rectified module it found the cell borders on, which
     is `rectify(image, geometry)`: callers that cut cells use it rather than warp
     a large photo a second time."""
+    if rows == cols == 1:  # nothing to find: no gap tells a module from a cell
+        raise GridMismatchError("a 1x1 grid is a single cell: score cells with elcell predict; give the module's "
+                                "rows x columns, such as 6x10")
     image = _check_image(image, rows, cols)
     scale = min(1.0, _FIND_SIDE / max(image.shape))
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
