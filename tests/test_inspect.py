@@ -265,9 +265,14 @@ def test_grades_follow_the_users_rules(tiny_onnx, originals, tmp_path, capsys):
                  "--rules", str(rules)]) == 0
     row = read_csv(out / "modules.csv")[0]
     assert (row["grade"], row["rule"]) == ("X", "rule 1: every cell counted")
+    rules.write_text("rules:\n  - grade: C\n    when: cells > 100\n")  # no rule for this module
+    assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(tmp_path / "none"),
+                 "--no-map", "--rules", str(rules)]) == 0
+    assert "module: warning: no rule matched, no grade" in capsys.readouterr().err
     for text, message in (("rules:\n  - grade: A\n    when: defect_cells >\n", "cannot read when"),
                           ("rules:\n  - grade: A\n    when: __import__('os')\n", "cannot read when"),
                           ("rules:\n  - grade: A\n    when: cracks >= 1\n", "unknown name 'cracks'"),
+                          ("rules:\n  - grade: A\n    when: defect_crak >= 1\n", "did you mean 'defect_crack'?"),
                           ("grades: []\n", "expected 'rules:'"), ("rules:\n  - when: true\n", "needs 'grade'")):
         rules.write_text(text)
         assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(tmp_path / "x"),

@@ -23,6 +23,7 @@ is evaluated. Names (per module):
 from __future__ import annotations
 
 import ast
+import difflib
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,7 +133,9 @@ def names_used(rules: list[Rule]) -> set[str]:
 
 def check_names(rules: list[Rule], labels: list[str]) -> list[str]:
     """Names the rules use that this model cannot give: DataError for a name that
-    is no count or area at all; a label the model lacks is returned (it counts 0)."""
+    is no count or area at all, or whose label is one letter or two off the
+    model's (a typo, not another model's label); a label the model lacks is
+    returned (it counts 0)."""
     known = set(GENERAL_NAMES) | {f"{kind}_{label}" for kind in ("defect", "review") for label in labels}
     missing = []
     for name in sorted(names_used(rules) - known):
@@ -140,6 +143,10 @@ def check_names(rules: list[Rule], labels: list[str]) -> list[str]:
         if kind not in ("defect", "review") or not label:
             raise DataError(f"grading rules: unknown name {name!r}; use {', '.join(GENERAL_NAMES)}, "
                             f"or defect_LABEL / review_LABEL with the model's labels {labels}")
+        near = difflib.get_close_matches(label, labels, n=1, cutoff=0.75)
+        if near and near[0] != label:
+            raise DataError(f"grading rules: {name!r} is not a name of this model's; did you mean "
+                            f"'{kind}_{near[0]}'? (its labels are {labels})")
         missing.append(name)
     return missing
 

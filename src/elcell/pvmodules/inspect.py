@@ -314,8 +314,9 @@ def inspect_paths(model: Model, paths: list[Path], grid: str, out: Path, rules: 
                 writer.fail(path, name, found.reason)
                 continue
             writer.add(path, name, found)
-            print(f"elcell: {name}: grade {found.grade} ({found.rule_text}), {found.seconds:.2f} s",
-                  file=sys.stderr)
+            graded = f"grade {found.grade} ({found.rule_text})" if found.grade else \
+                "warning: no rule matched, no grade (end the rules with one whose when is \"true\")"
+            print(f"elcell: {name}: {graded}, {found.seconds:.2f} s", file=sys.stderr)
     finally:
         writer.close()
     return failed
