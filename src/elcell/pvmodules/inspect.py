@@ -401,7 +401,8 @@ def main(args, inspector: Inspector | None = None) -> int:
         written += [str(out / "report.html")] if args.report else []
         print(f"elcell: wrote {', '.join(written[:-1])} and {written[-1]}", file=sys.stderr)
     if failed:
+        where = f"{out}'s error column" if is_parquet(out) else "modules.csv"
         print(f"elcell: {len(failed)} of {len(paths)} module images could not be inspected (listed above and "
-              "in modules.csv)", file=sys.stderr)
+              f"in {where})", file=sys.stderr)
         return 1
     return 0
