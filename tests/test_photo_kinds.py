@@ -98,7 +98,8 @@ def test_a_16_bit_tiff_of_a_12_bit_camera_needs_and_takes_its_bit_depth(tiny_onn
     cells, _ = inspect(tiny_onnx, tiff, "6x10", tmp_path / "out", "--no-map")
     assert len(cells) == 60
     assert_row4_on_measured_gaps(cells, 1.0)  # the geometry is relative to the photo's own levels
-    assert "--bit-depth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--bit-depth" in err and "poly-12bit cell 1,1: 16-bit image" in err  # the photo's cell, named
 
 
 @pytest.mark.slow  # 144 half-cells judged and drawn; the fast tier's half-cells: test_inspect

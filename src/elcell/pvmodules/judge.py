@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from elcell.cells.images import to_uint8
 from elcell.infer.runtime import DEFECT, OK, REVIEW, Model, score_cells
 from elcell.options import MAP_DETAIL, MAP_DETAILS, MAP_VIEWS
 from elcell.pvmodules.geometry import ModuleGeometry, cut_cells, find_module
@@ -98,7 +99,10 @@ def inspect_module(model: Model, image: np.ndarray, rows: int, cols: int, rules:
     cells = cut_cells(flat, geometry)
     labels = model.info.labels
     coarse = want_map and map_detail == "coarse" and model.has_coarse and map_views == 1
-    scores = score_cells(model, [cell for row in cells for cell in row], thresholds=thresholds,
+    # converted here rather than in score_cells so that a warning about the pixels names the photo's cell
+    gray = [to_uint8(cell, model.decoding.bit_depth, f"{name} cell {r + 1},{c + 1}")
+            for r, row in enumerate(cells) for c, cell in enumerate(row)]
+    scores = score_cells(model, gray, thresholds=thresholds,
                          review_thresholds=review_thresholds, heatmaps=coarse, map_views=1, map_detail="coarse")
     probs = scores.probs.reshape(rows, cols, len(labels))
     decisions = scores.decisions.reshape(rows, cols, len(labels))
