@@ -356,8 +356,9 @@ def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
     body = [table_html(summary)]
     esc = html.escape  # names, paths and errors come from file names, which can hold markup
     for row in rows:
-        body.append(f"<h2>{esc(row['module'])}: "
-                    f"{esc('grade ' + row['grade']) if row['grade'] else 'not inspected'}</h2>")
+        graded = "not inspected" if row["error"] else esc(f"grade {row['grade']}") if row["grade"] else \
+            "no grade: no rule matched"
+        body.append(f"<h2>{esc(row['module'])}: {graded}</h2>")
         if row["error"]:
             body.append(f'<p class="note">{esc(row["path"])}: {esc(row["error"])}</p>')
             continue
@@ -368,7 +369,12 @@ def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
         body.append(table_html(counts))
         overlays = sorted((out / "flagged" / row["module"]).glob("*.png"))
         items = [GalleryItem(f"{row['module']} {p.stem}", p, "") for p in overlays]
-        body.append(gallery_html(Gallery(f"flagged cells ({len(items)} overlays)", items)))
+        looked_at = int(row["defect_cells"]) + int(row["review_cells"])
+        if looked_at and not items:  # inspected with --no-map: nothing drawn, which is not "none flagged"
+            body.append(f'<p class="note">{looked_at} cells flagged or in review; no overlays (inspected '
+                        "without maps)</p>")
+        else:
+            body.append(gallery_html(Gallery(f"flagged cells ({len(items)} overlays)", items)))
     return write_page(out / "report.html", "elcell module inspection",
                       f"{len(rows)} modules, {model.path.name}", body)
 
