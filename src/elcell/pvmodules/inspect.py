@@ -12,7 +12,6 @@ reason, the others go on, and the command exits with status 1.
 from __future__ import annotations
 
 import csv
-import html
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,15 +27,6 @@ from elcell.cells.labels import file_key
 from elcell.errors import DataError, ImageError
 from elcell.infer.explain import explain_cell
 from elcell.infer.predict import CSV_SEPARATOR, RowWriter, model_column, thresholds_column
-from elcell.infer.report import (
-    Gallery,
-    GalleryItem,
-    Table,
-    figures_html,
-    gallery_html,
-    table_html,
-    write_page,
-)
 from elcell.infer.runtime import OK, Model, chosen_thresholds, open_model
 from elcell.infer.tables import ParquetRows, is_parquet
 from elcell.io import atomic_path, output_mode, unique_names
@@ -44,6 +34,7 @@ from elcell.options import MAP_DETAIL, MAP_VIEWS
 from elcell.pvmodules.geometry import parse_grid
 from elcell.pvmodules.grading import Rule, check_names, load_rules
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
+from elcell.pvmodules.module_report import write_module_report
 from elcell.pvmodules.modulemap import encode_png
 
 OUTPUTS = ("cells.csv", "modules.csv", "maps", "flagged", "report.html")
@@ -338,47 +329,6 @@ def _not_done(paths: list[Path], batch: Batch) -> tuple[list[tuple[Path, str]], 
     return todo, clashes
 
 
-# --------------------------------------------------------------------------- report
-def _rule_number(row: dict[str, str]) -> int:
-    text = row["rule"].removeprefix("rule ").split(":")[0]
-    return int(text) if text.isdigit() else 10**6  # failed photos last
-
-
-def write_module_report(out: Path, labels: list[str], model: Model) -> Path:
-    """report.html: every module of the folder (resumed ones too), in the order of
-    the rule that graded it (the rules file's first rule first), with its map,
-    its counts and its flagged cells enlarged."""
-    rows = sorted(_read(out / "modules.csv", module_header(labels), "modules.csv"),
-                  key=lambda row: (_rule_number(row), row["module"]))
-    summary = Table("Modules", ["grade", "rule", "defect cells", "review cells", "dark area", "seconds"],
-                    [(row["module"], [row["grade"] or "-", row["rule"] or row["error"], row["defect_cells"],
-                                      row["review_cells"], row["dark_area"], row["seconds"]]) for row in rows])
-    body = [table_html(summary)]
-    esc = html.escape  # names, paths and errors come from file names, which can hold markup
-    for row in rows:
-        graded = "not inspected" if row["error"] else esc(f"grade {row['grade']}") if row["grade"] else \
-            "no grade: no rule matched"
-        body.append(f"<h2>{esc(row['module'])}: {graded}</h2>")
-        if row["error"]:
-            body.append(f'<p class="note">{esc(row["path"])}: {esc(row["error"])}</p>')
-            continue
-        if (out / "maps" / f"{row['module']}.png").is_file():
-            body.append(figures_html([(row["path"], out / "maps" / f"{row['module']}.png")], css="figures maps"))
-        counts = Table("", labels, [("defect cells", [row[f"defect_{label}"] for label in labels]),
-                                    ("review cells", [row[f"review_{label}"] for label in labels])])
-        body.append(table_html(counts))
-        overlays = sorted((out / "flagged" / row["module"]).glob("*.png"))
-        items = [GalleryItem(f"{row['module']} {p.stem}", p, "") for p in overlays]
-        looked_at = int(row["defect_cells"]) + int(row["review_cells"])
-        if looked_at and not items:  # inspected with --no-map: nothing drawn, which is not "none flagged"
-            body.append(f'<p class="note">{looked_at} cells flagged or in review; no overlays (inspected '
-                        "without maps)</p>")
-        else:
-            body.append(gallery_html(Gallery(f"flagged cells ({len(items)} overlays)", items)))
-    return write_page(out / "report.html", "elcell module inspection",
-                      f"{len(rows)} modules, {model.path.name}", body)
-
-
 def main(args, inspector: Inspector | None = None) -> int:
     """`elcell inspect` (options: elcell.cli); `inspector`: see `inspect_paths`."""
     model = open_model(args.model, threads=args.threads)
@@ -401,7 +351,8 @@ def main(args, inspector: Inspector | None = None) -> int:
         print(f"elcell: wrote {out} (one row per cell, with its module's grade)", file=sys.stderr)
     else:
         if args.report:
-            write_module_report(out, info.labels, model)
+            write_module_report(out, _read(out / "modules.csv", module_header(info.labels), "modules.csv"),
+                                info.labels, model)
         written = [str(out / "cells.csv"), str(out / "modules.csv")]
         written += ["maps/"] if any((out / "maps").glob("*")) else []  # --map, and a module to draw
         written += [str(out / "report.html")] if args.report else []
