@@ -84,8 +84,10 @@ def heatmap_box(heatmap: np.ndarray, size: int | tuple[int, int],
     The heatmap is upsampled to `size` (int or (height, width)), thresholded at
     `threshold` x its peak, and the connected region holding the most heat is
     boxed. Returns {"x", "y", "width", "height", "peak_x", "peak_y", "peak"}
-    (x, y: top-left corner; peak: the heatmap's largest raw value), or None when
-    the heatmap is all zero (nothing speaks for the label anywhere).
+    (x, y: top-left corner; peak_x, peak_y: the hottest point inside the box's
+    region, so the point always lies in the box; peak: the heatmap's largest raw
+    value, its strength), or None when the heatmap is all zero (nothing speaks
+    for the label anywhere).
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"box threshold must be in (0, 1], got {threshold}")
@@ -95,8 +97,9 @@ def heatmap_box(heatmap: np.ndarray, size: int | tuple[int, int],
     heat = upsample_heatmap(heatmap, size)
     regions, count = ndimage.label(heat >= threshold * float(heat.max()))
     mass = ndimage.sum_labels(heat, regions, index=np.arange(1, count + 1))
-    ys, xs = np.nonzero(regions == int(np.argmax(mass)) + 1)
-    peak_y, peak_x = heatmap_peak(heat)
+    boxed = regions == int(np.argmax(mass)) + 1
+    ys, xs = np.nonzero(boxed)
+    peak_y, peak_x = heatmap_peak(np.where(boxed, heat, -np.inf))
     return {"x": int(xs.min()), "y": int(ys.min()),
             "width": int(xs.max() - xs.min() + 1), "height": int(ys.max() - ys.min() + 1),
             "peak_x": int(peak_x), "peak_y": int(peak_y), "peak": raw_peak}
