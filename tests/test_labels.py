@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from elcell.cells.labels import LabelTable, load_table, read_labels_csv
 from elcell.errors import DataError
@@ -183,3 +184,16 @@ def test_split_and_limit_keep_unknowns_stratified_apart_from_negatives():
     assert len(small) == 40
     assert np.isnan(small.targets[:, 0]).sum() == pytest.approx(60 * 40 / 200, abs=1)
     assert np.isnan(small.targets[:, 1]).sum() == pytest.approx(30 * 40 / 200, abs=1)
+
+
+def test_windows_backslashes_and_tab_separated_lists_are_understood(tmp_path):
+    from elcell.cells.inputs import collect_inputs
+
+    (tmp_path / "cells").mkdir()
+    Image.new("L", (32, 32)).save(tmp_path / "cells" / "a.png")
+    with pytest.raises(DataError, match=r"line 2: 'cells.*a\.png' uses \\ between folders; write / instead"):
+        read_labels_csv(write(tmp_path, "path;crack\ncells\\a.png;1\n"))
+    with pytest.raises(DataError, match="between folders"):
+        collect_inputs([write(tmp_path, "path;crack\ncells\\a.png;1\n", "list.csv")])
+    listed = write(tmp_path, "path\tcrack\ncells/a.png\t1\n", "list.tsv")
+    assert collect_inputs([listed]) == [tmp_path / "cells" / "a.png"]  # a .tsv is a list, not an image

@@ -21,7 +21,14 @@ from typing import TextIO
 import numpy as np
 
 from elcell.cells.images import IMAGE_SUFFIXES, Decoding, find_images, load_cell
-from elcell.cells.labels import PATH, file_key, guess_separator, is_number, path_column
+from elcell.cells.labels import (
+    PATH,
+    check_slashes,
+    file_key,
+    guess_separator,
+    is_number,
+    path_column,
+)
 from elcell.errors import DataError
 
 MODEL_SUFFIXES = (".onnx", ".ckpt")
@@ -72,6 +79,7 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
     if values and all(is_number(v) for v in values[:20]):  # labels where the paths should be
         raise DataError(f"{csv_path}: the image path column holds {values[0]!r}; put the image paths in the first "
                         f"column or name their column {PATH!r}")
+    check_slashes(values[0], base, str(csv_path))
     paths = [base / value for value in values]  # absolute stays itself
     if not paths:
         raise DataError(f"{csv_path}: no image paths in the first column (or one named {PATH!r})")
@@ -86,13 +94,16 @@ def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:
             yield from sorted(glob.glob(str(item), recursive=True)) or [item]
 
 
+TABLE_SUFFIXES = (".csv", ".tsv")  # lists of images (labels CSVs: `;`, `,` or tab)
+
+
 def _expand(item: Path) -> list[Path]:
     if item.is_dir():
         images = find_images([item])
         if not images:
             raise DataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
-    if item.suffix.lower() == ".csv" and item.is_file():
+    if item.suffix.lower() in TABLE_SUFFIXES and item.is_file():
         return paths_from_csv(item)
     if item.suffix.lower() in MODEL_SUFFIXES:
         raise DataError(f"{item}: a model, not an image; give one model, then the images "

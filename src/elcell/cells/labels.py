@@ -130,6 +130,13 @@ def path_column(header: list[str]) -> int:
     return next((i for i, name in enumerate(header) if name.strip().casefold() == PATH), 0)
 
 
+def check_slashes(image: str, base: Path, where: str) -> None:
+    """DataError for a path written with Windows' backslashes that names a file
+    only when read with slashes (which every system reads)."""
+    if "\\" in image and not (base / image).exists() and (base / image.replace("\\", "/")).exists():
+        raise DataError(f"{where}: {image!r} uses \\ between folders; write / instead (Windows reads it too)")
+
+
 NOTE = "reason"  # a column of words beside the labels (why `segment --model` put a cell where it is), not a label
 
 
@@ -203,6 +210,7 @@ def read_labels_csv(csv_path: str | Path, group: str | None = None) -> LabelTabl
         image = row[at].strip()
         if not image:
             raise DataError(f"{where}: empty image path")
+        check_slashes(image, base, where)
         if is_number(image) and not Path(image).suffix:  # a label where the path should be
             raise DataError(f"{where}: the image path column {header[at]!r} holds {image!r}; put the image paths "
                             f"in the first column or name their column {PATH!r}")
