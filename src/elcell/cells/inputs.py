@@ -79,11 +79,10 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
     if values and all(is_number(v) for v in values[:20]):  # labels where the paths should be
         raise DataError(f"{csv_path}: the image path column holds {values[0]!r}; put the image paths in the first "
                         f"column or name their column {PATH!r}")
-    check_slashes(values[0], base, str(csv_path))
-    paths = [base / value for value in values]  # absolute stays itself
-    if not paths:
+    if not values:
         raise DataError(f"{csv_path}: no image paths in the first column (or one named {PATH!r})")
-    return paths
+    check_slashes(values[0], base, str(csv_path))
+    return [base / value for value in values]  # absolute stays itself
 
 
 def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:
