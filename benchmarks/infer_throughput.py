@@ -136,6 +136,7 @@ def main() -> None:
     import torch
 
     from elcell.cells.labels import load_table
+    from elcell.infer.metrics import fmt
     from elcell.infer.quantize import calibration_cells, compare, quantize
     from elcell.infer.runtime import decide, open_model, score_files
     from elcell.training.export import export_onnx
@@ -235,11 +236,12 @@ def main() -> None:
         result = compare(float_model, int8_model, table, args.batch_size, progress=False)
         print(f"\nF1 on {result['cells']} held-out cells of {held_out.source}:")
         for label, m in result["per_label"].items():
-            print(f"  {label}: F1 fp32 {m['f1_float']:.4f}, int8 {m['f1_int8']:.4f}; recall fp32 "
-                  f"{m['recall_float']:.4f}, int8 {m['recall_int8']:.4f}; decisions agree "
+            print(f"  {label}: F1 fp32 {fmt(m['f1_float'], '.4f')}, int8 {fmt(m['f1_int8'], '.4f')}; recall fp32 "
+                  f"{fmt(m['recall_float'], '.4f')}, int8 {fmt(m['recall_int8'], '.4f')}; decisions agree "
                   f"{m['decision_agreement']:.3f}")
-        print(f"  mean F1 fp32 {result['mean_f1_float']:.4f}, int8 {result['mean_f1_int8']:.4f} "
-              f"(difference {result['mean_f1_int8'] - result['mean_f1_float']:+.4f})")
+        a, b = result["mean_f1_float"], result["mean_f1_int8"]
+        print(f"  mean F1 fp32 {fmt(a, '.4f')}, int8 {fmt(b, '.4f')} "
+              f"(difference {fmt(None if a is None or b is None else b - a, '+.4f')})")
     else:
         rest = [cells_table.paths[i] for i in pick[-args.eval_count:]]
         eval_images = decode(rest)

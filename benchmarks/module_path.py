@@ -45,6 +45,7 @@ import numpy as np
 from elcell.cells.images import read_pixels
 from elcell.cells.labels import read_labels_csv
 from elcell.infer.cpuinfo import cpu_model
+from elcell.infer.metrics import fmt
 from elcell.infer.runtime import DEFECT, OK, REVIEW, open_model, score_files
 from elcell.io import atomic_write_json
 from elcell.judging.intervals import Scored, paired_difference
@@ -218,8 +219,8 @@ def show(report: dict) -> None:
               f"inspect {c['seconds_per_module']:.2f} s per module (median)")
         print(f"  {'figure':28s} {'files':>6s} {'module':>7s} {'diff':>7s}  95 % interval")
         for name, f in [*c["figures"].items(), ("mean_f1 (own)", c["mean_f1"]), ("flagged share", c["flagged"])]:
-            print(f"  {name:28s} {f['a']:6.3f} {f['b']:7.3f} {f['difference']:+7.3f}  "
-                  f"[{f['low']:+.3f}, {f['high']:+.3f}] {f['verdict']}")
+            print(f"  {name:28s} {fmt(f['a']):>6s} {fmt(f['b']):>7s} {fmt(f['difference'], '+.3f'):>7s}  "
+                  f"[{fmt(f['low'], '+.3f')}, {fmt(f['high'], '+.3f')}] {f['verdict']}")
     for family, g in report["grades"].items():
         print(f"\n{family} grades ({g['modules']} modules): inspect gives the true grade to {g['inspect_right']:.0%}, "
               f"the files' decisions to {g['files_right']:.0%}; inspect = files {g['inspect_as_files']:.0%}")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from elcell.infer.metrics import fmt
+
 
 def score_test_with_tta(run: Path, summary: dict, config: dict) -> dict:
     from elcell.cells.labels import load_table
@@ -51,7 +53,7 @@ def short_name(run: Path) -> str:
 
 
 def cells(block: dict, label: str = "defective") -> tuple[str, str]:
-    return f"{block[label]['accuracy']:.3f}", f"{block[label]['f1']:.3f}"
+    return fmt(block[label]["accuracy"]), fmt(block[label]["f1"])
 
 
 def row(run: Path, tta: bool) -> str:
@@ -63,7 +65,7 @@ def row(run: Path, tta: bool) -> str:
         f"**{short_name(run)}** {describe(run)}",
         *cells(val), *(cells(test) if test else ("-", "-")),
         f"{test['defective']['roc_auc']:.3f}" if test else "-",
-        *(f"{groups[g]['defective']['accuracy']:.3f} / {groups[g]['defective']['f1']:.3f}" if g in groups else "-"
+        *(f"{fmt(groups[g]['defective']['accuracy'])} / {fmt(groups[g]['defective']['f1'])}" if g in groups else "-"
           for g in ("mono", "poly")),
     ]
     if tta:

@@ -37,10 +37,11 @@ import numpy as np
 
 from elcell.cells.labels import LabelTable, label_fields, read_labels_csv
 from elcell.infer.evaluate import evaluate
+from elcell.infer.metrics import fmt
 from elcell.infer.review_order import review_order
 from elcell.infer.runtime import open_model, score_files
 from elcell.io import atomic_write_text
-from elcell.judging.intervals import Scored, fmt, paired_difference, read_scored
+from elcell.judging.intervals import Scored, paired_difference, read_scored
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "A00-lite0-129-6ep.yaml"

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from elcell.cells.labels import read_labels_csv
+from elcell.infer.metrics import fmt
 from elcell.infer.runtime import decide, open_model
 from elcell.io import atomic_write_json
-from elcell.judging.intervals import Scored, bootstrap, fmt, paired_difference
+from elcell.judging.intervals import Scored, bootstrap, paired_difference
 from elcell.judging.scoring import score_table
 from elcell.training.distill import teacher_models, teacher_probs
 

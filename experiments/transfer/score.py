@@ -19,7 +19,7 @@ from pathlib import Path
 
 from elcell.cells.labels import load_table
 from elcell.infer.evaluate import evaluate, predict_table
-from elcell.infer.metrics import summary, tune
+from elcell.infer.metrics import fmt, summary, tune
 from elcell.infer.runtime import open_model, resolve_model_path
 
 
@@ -33,8 +33,8 @@ def model_of(run: Path) -> Path:
 
 
 def line(name: str, block: dict) -> str:
-    labels = ", ".join(f"{label} {m['f1']:.3f} (AUC {m['roc_auc']:.3f})" for label, m in block["per_label"].items())
-    return f"{name}: {labels}; mean F1 {block['mean_f1']:.3f}"
+    labels = ", ".join(f"{label} {fmt(m['f1'])} (AUC {fmt(m['roc_auc'])})" for label, m in block["per_label"].items())
+    return f"{name}: {labels}; mean F1 {fmt(block['mean_f1'])}"
 
 
 def score(run: Path) -> dict:
