@@ -144,6 +144,9 @@ def test_figures_without_their_cells_are_undefined_not_zero():
     result = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.4, 0.4])
     assert result["per_label"]["inactive"]["f1"] is None
     assert result["mean_f1"] == result["per_label"]["crack"]["f1"] == 1.0  # the undefined label stays out
+    probs[0, 1] = 0.9  # one false alarm: inactive's F1 is 0, yet a label without positives is no part of the mean
+    alarmed = summary(positives, probs, ["crack", "inactive"], [0.5, 0.5], [0.4, 0.4])
+    assert alarmed["per_label"]["inactive"]["f1"] == 0.0 and alarmed["mean_f1"] == 1.0
     text = format_report({**result, "tta": False, "labels_not_in_data": [], "failed": [], "images": 6})
     inactive = next(line for line in text.splitlines() if line.strip().startswith("inactive"))
     assert "0.000" not in inactive and " -" in inactive

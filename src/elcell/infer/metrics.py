@@ -89,15 +89,15 @@ def summary(positives: np.ndarray, probs: np.ndarray, labels: list[str], thresho
             review_thresholds: list[float], known: np.ndarray | None = None) -> dict:
     """Per-label metrics on the cells whose label is `known` (bool like positives;
     default all), plus the seed's weighted F1 (weighted by positives), the mean
-    F1 over the labels with a known cell, and how many cells land in review
+    F1 over the labels with a known positive, and how many cells land in review
     (decisions need no labels: every cell counts there)."""
     per_label = {label: label_metrics(positives[:, j], probs[:, j], thresholds[j], review_thresholds[j],
                                       None if known is None else known[:, j])
                  for j, label in enumerate(labels)}
     support = np.array([m["positives"] for m in per_label.values()], dtype=np.float64)
-    # F1 is undefined (None) for a label with no known positive and no false alarm:
-    # it stays out of the mean, and the weighted F1 gives it no weight (no positives)
-    scored = np.array([m["f1"] is not None for m in per_label.values()], dtype=bool)
+    # the mean is over labels with a known positive: without one F1 is undefined (None), or 0
+    # after a single false alarm, which would halve the mean; the weighted F1 gives them no weight
+    scored = support > 0
     f1 = np.array([m["f1"] if m["f1"] is not None else 0.0 for m in per_label.values()])
     decisions = decide(probs, thresholds, review_thresholds) if len(probs) else np.zeros((0, 0))
     flagged = (decisions == DEFECT).any(axis=1)

@@ -141,9 +141,13 @@ def _figures(scored: Scored, weights: np.ndarray) -> dict[str, np.ndarray]:
         for name, values in _label_figures(scored.truth[:, j], scored.probs[:, j], scored.decisions[:, j],
                                            weights).items():
             figures[f"{label}/{name}"] = values
-    for point in ("at_0.5", "own"):  # over the labels whose F1 is defined, as metrics.summary
+    # over the labels with a known positive in the resample, as metrics.summary: a label without
+    # one has no F1 worth averaging (one false alarm would make it 0 and halve the mean)
+    truth = np.nan_to_num(scored.truth, nan=0.0) >= 0.5  # unknown counts as no positive here
+    has_positive = (weights @ truth.astype(np.float64)).T > 0  # [labels, B]
+    for point in ("at_0.5", "own"):
         f1 = np.array([figures[f"{label}/{point}_f1"] for label in scored.labels])  # [labels, B]
-        defined = ~np.isnan(f1)
+        defined = has_positive & ~np.isnan(f1)
         figures[f"mean_f1/{point}"] = np.divide(np.where(defined, f1, 0).sum(axis=0), defined.sum(axis=0),
                                                 out=np.full(len(weights), np.nan), where=defined.any(axis=0))
     cells = weights.sum(axis=1)
