@@ -274,6 +274,30 @@ def test_a_restart_with_another_model_scores_the_waiting_cells_again(model, cell
     assert not list((folder / "queue").glob("*.png"))  # their images went with them
 
 
+def test_a_cell_the_new_model_cannot_read_leaves_without_stopping_the_start(cells, probs, tmp_path):
+    from elcell.station.queue import ReviewQueue, Scored
+    from elcell.station.review import LabelsFolder
+
+    folder = LabelsFolder(tmp_path / "labels", LABELS)
+    queue = ReviewQueue(folder, [0.0, 0.0])  # every cell flagged: all queued
+    pixels = [read_pixels(p) for p in cells[:4]]
+    keys = queue.offer([Scored(p.name, px, pr, np.array(["defect", "ok"]))
+                        for p, px, pr in zip(cells[:4], pixels, probs[:4], strict=True)])
+    bad = keys[1]
+
+    def score(batch):  # a model that cannot read one of them (say, another bit depth)
+        if any(np.array_equal(b, pixels[1]) for b in batch):
+            raise ValueError("cannot read this cell")
+        return np.full((len(batch), 2), 0.9), np.full((len(batch), 2), "defect")
+
+    note = queue.rescore({"model": "new"}, score)
+    assert "4 cells waiting for review had no record" in note and "1 it cannot read left the queue" in note
+    assert queue.get(bad) is None and len(queue) == 3 and not (tmp_path / "labels" / "queue" / f"{bad}.png").exists()
+    assert all(queue.get(k).probs["crack"] == 0.9 for k in keys if k != bad)
+    again = ReviewQueue(folder, [0.0, 0.0])  # what was saved: the new scores and scorer
+    assert len(again) == 3 and again.rescore({"model": "new"}, score) is None
+
+
 def test_reviewers_answering_one_cell_at_once_leave_one_row_and_its_image(cells, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -210,35 +210,58 @@ class ReviewQueue:
         """Make the waiting cells the serving model's: when `scorer` (its identity
         and thresholds) is not what scored them, `score` them again (pixels ->
         probs [B, N], decisions [B, N]) and keep those it would queue, and the
-        random draws (now random or flagged, as it scores them). Returns a line for
-        the log, None when nothing was scored again. Call before serving."""
+        random draws (now random or flagged, as it scores them). A cell this model
+        cannot read (another bit depth) or whose image is gone leaves too. The
+        list is saved before any image is deleted. Returns a line for the log,
+        None when nothing was scored again. Call before serving."""
         with self._offering, self._lock:
-            before, self.scorer = self.scorer, scorer
+            before = self.scorer
             if before == scorer or not self._items:
+                self.scorer = scorer
                 self._save()
                 return None
             items = list(self._items.values())
-            kept = 0
+            kept: dict[str, ReviewItem] = {}
+            unreadable = 0
             for start in range(0, len(items), self.RESCORE_BATCH):
-                batch = items[start:start + self.RESCORE_BATCH]
-                pixels = [self.pixels(item.id) for item in batch]
-                readable = [(item, p) for item, p in zip(batch, pixels, strict=True) if p is not None]
-                probs, decisions = score([p for _, p in readable]) if readable else ([], [])
-                for item, p in zip(batch, pixels, strict=True):
-                    if p is None:  # its image is gone from disk: nothing to show
-                        self._forget(item.id)
-                for (item, p), prob, decision in zip(readable, probs, decisions, strict=True):
-                    new = self._choose(item.id, Scored(item.name, p, prob, decision), drawn=item.random)
-                    if new is not None:
+                for item, new in self._rescored(items[start:start + self.RESCORE_BATCH], score):
+                    if new is False:
+                        unreadable += 1
+                    elif new is not None:
                         new.seq, new.skips = item.seq, item.skips
-                        self._items[item.id] = new
-                        kept += 1
-                    else:
-                        self._forget(item.id)
+                        kept[item.id] = new
+            gone = [key for key in self._items if key not in kept]
+            self._items, self.scorer = kept, scorer
             self._save()
-        gone = len(items) - kept
-        return (f"{len(items)} cells waiting for review were scored by another model or thresholds: scored again "
-                f"by this one, {kept} still wait" + (f", {gone} it would not queue left the queue" if gone else ""))
+            for key in gone:
+                self._file(key).unlink(missing_ok=True)
+        why = "had no record of the model that scored them" if before is None else \
+            "were scored by another model or thresholds"
+        left = len(gone) - unreadable
+        return (f"{len(items)} cells waiting for review {why}: scored again by this one, {len(kept)} still wait"
+                + (f", {left} it would not queue left the queue" if left else "")
+                + (f", {unreadable} it cannot read left the queue" if unreadable else ""))
+
+    def _rescored(self, batch: list[ReviewItem], score) -> list[tuple[ReviewItem, ReviewItem | None | bool]]:
+        """Each item with its new item (None: not queued now; False: its image is
+        gone or this model cannot read it), cell by cell where the batch fails."""
+        pixels = [self.pixels(item.id) for item in batch]
+        try:
+            probs, decisions = score([p for p in pixels if p is not None]) if any(
+                p is not None for p in pixels) else ([], [])
+        except Exception:  # noqa: BLE001 - one unreadable cell must not keep the station from starting
+            if len(batch) == 1:
+                return [(batch[0], False)]
+            return [pair for item in batch for pair in self._rescored([item], score)]
+        scored = iter(zip(probs, decisions, strict=True))
+        result: list[tuple[ReviewItem, ReviewItem | None | bool]] = []
+        for item, p in zip(batch, pixels, strict=True):
+            if p is None:
+                result.append((item, False))
+                continue
+            prob, decision = next(scored)
+            result.append((item, self._choose(item.id, Scored(item.name, p, prob, decision), drawn=item.random)))
+        return result
 
     def _bound(self) -> None:
         while len(self._items) > self.max_items:
