@@ -267,12 +267,12 @@ def test_grades_follow_the_users_rules(tiny_onnx, originals, tmp_path, capsys):
     assert (row["grade"], row["rule"]) == ("X", "rule 1: every cell counted")
     rules.write_text("rules:\n  - grade: C\n    when: cells > 100\n")  # no rule for this module
     assert main(["inspect", str(tiny_onnx), str(module), "--grid", "6x10", "--out", str(tmp_path / "none"),
-                 "--no-map", "--rules", str(rules)]) == 0
+                 "--no-map", "--rules", str(rules), "--threshold", "crack=0"]) == 0  # every cell a crack
     assert "module: warning: no rule matched, no grade" in capsys.readouterr().err
     page, row = (tmp_path / "none" / "report.html").read_text(), read_csv(tmp_path / "none" / "modules.csv")[0]
-    assert "module: no grade: no rule matched" in page
-    if int(row["defect_cells"]) + int(row["review_cells"]):  # --no-map: nothing drawn is not "none flagged"
-        assert "no overlays (inspected without maps)" in page and "(0 overlays)" not in page
+    assert "module: no grade: no rule matched" in page and row["defect_cells"] == "60"
+    assert "60 cells flagged or in review; no overlays (inspected without maps)" in page  # not "none flagged"
+    assert "(0 overlays)" not in page
     for text, message in (("rules:\n  - grade: A\n    when: defect_cells >\n", "cannot read when"),
                           ("rules:\n  - grade: A\n    when: __import__('os')\n", "cannot read when"),
                           ("rules:\n  - grade: A\n    when: cracks >= 1\n", "unknown name 'cracks'"),

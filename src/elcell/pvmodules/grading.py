@@ -23,7 +23,6 @@ is evaluated. Names (per module):
 from __future__ import annotations
 
 import ast
-import difflib
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,11 +130,23 @@ def names_used(rules: list[Rule]) -> set[str]:
     return used
 
 
-def check_names(rules: list[Rule], labels: list[str]) -> list[str]:
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by one letter added, dropped or changed, or only in case."""
+    a, b = a.casefold(), b.casefold()
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    short, long = sorted((a, b), key=len)
+    i = next((k for k, (x, y) in enumerate(zip(short, long)) if x != y), len(short))
+    return short[i + (len(short) == len(long)):] == long[i + 1:]
+
+
+def check_names(rules: list[Rule], labels: list[str], typos: bool = False) -> list[str]:
     """Names the rules use that this model cannot give: DataError for a name that
-    is no count or area at all, or whose label is one letter or two off the
-    model's (a typo, not another model's label); a label the model lacks is
-    returned (it counts 0)."""
+    is no count or area at all, or (typos: a user's own rules) whose label is one
+    letter off one of the model's; a label the model lacks is returned (it
+    counts 0: rules may serve models with other labels)."""
     known = set(GENERAL_NAMES) | {f"{kind}_{label}" for kind in ("defect", "review") for label in labels}
     missing = []
     for name in sorted(names_used(rules) - known):
@@ -143,8 +154,8 @@ def check_names(rules: list[Rule], labels: list[str]) -> list[str]:
         if kind not in ("defect", "review") or not label:
             raise DataError(f"grading rules: unknown name {name!r}; use {', '.join(GENERAL_NAMES)}, "
                             f"or defect_LABEL / review_LABEL with the model's labels {labels}")
-        near = difflib.get_close_matches(label, labels, n=1, cutoff=0.75)
-        if near and near[0] != label:
+        near = [known for known in labels if _one_edit(label, known)] if typos else []
+        if near:
             raise DataError(f"grading rules: {name!r} is not a name of this model's; did you mean "
                             f"'{kind}_{near[0]}'? (its labels are {labels})")
         missing.append(name)

@@ -337,7 +337,7 @@ def main(args, inspector: Inspector | None = None) -> int:
     rules = load_rules(args.rules)
     parse_grid(args.grid)
     paths = collect_inputs(args.inputs)
-    missing = check_names(rules, info.labels)
+    missing = check_names(rules, info.labels, typos=bool(args.rules))
     if missing and args.rules:
         print(f"elcell: note: the rules name {', '.join(missing)}, which this model does not give: counted as 0",
               file=sys.stderr)
