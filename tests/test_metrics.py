@@ -183,7 +183,7 @@ def test_tuning_uses_only_known_cells():
         assert details[label]["cells"] == len(y) and details[label]["unknown"] == 40 - len(y)
     known[:, 1] = False
     kept, _, details = tune(labels, positives, probs, [0.5, 0.7], [0.5, 0.6], "f1", None, known)
-    assert kept[1] == 0.7 and details["inactive"]["note"] == "no known cells: threshold kept"
+    assert kept[1] == 0.7 and details["inactive"]["note"] == "no known cells: threshold kept at 0.7"
 
 
 def test_review_burden_is_the_share_of_cells_a_person_looks_at():

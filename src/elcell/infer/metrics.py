@@ -285,7 +285,7 @@ def tune(labels: list[str], positives: np.ndarray, probs: np.ndarray, thresholds
         none = "no known cells" if not len(positive) else "no positive cells"
         note = None
         if kind and not positive.any():
-            note = f"{none}: threshold kept"
+            note = f"{none}: threshold kept at {old:.3g}"
         elif kind == "f1":
             thresholds[j] = threshold_for_f1(positive, prob)
         elif kind == "recall":

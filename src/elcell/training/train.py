@@ -267,12 +267,12 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
                 summary["thresholds"] = {label: {k: d[k] for k in ("threshold", "review_threshold")}
                                          for label, d in metrics["tuning"]["per_label"].items()}
             summary[part] = headline(metrics)
+            retune = " ".join(f"--{option.replace('_', '-')} {value}" for option, value in tuning.items())
             for label, d in metrics.get("tuning", {}).get("per_label", {}).items():
                 if "note" in d:  # a threshold not read off positives is worth a word where the user looks
                     print(f"elcell: note: {run.name}: {label} thresholds: {d['note']} on the {d['cells']} "
                           "validation cells; set them on cells that hold this label's defects with "
-                          f"`elcell evaluate {run} --data CELLS.csv --tune-thresholds "
-                          f"recall={config.threshold_recall:g}`", file=sys.stderr)
+                          f"`elcell evaluate {run} --data CELLS.csv {retune}`", file=sys.stderr)
             note = burden_note(metrics["review_burden"], config.review_recall or config.threshold_recall,
                                "validation cells") if "tuning" in metrics else None
             if note:
