@@ -9,6 +9,7 @@ commands' options are declared here.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -229,6 +230,12 @@ def _dispatch(args) -> int:
     return importlib.import_module(args.module).main(args)
 
 
+# What a path a user gave can do to a command that writes there (a missing input is named
+# by the commands themselves; a file missing anywhere else is a fault, shown whole)
+PATH_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print("elcell: interrupted" + _resume_hint(argv), file=sys.stderr)
         return 130
     except OSError as err:
-        if err.filename is None:  # not about a path: a fault to see whole
+        if err.filename is None or err.errno not in PATH_ERRORS:  # a fault to see whole, not a user's path
             raise
         # a path that could not be written (read-only, a file where a folder should be, disk
         # full) where the command got to it: one line naming it, not a traceback
