@@ -310,19 +310,20 @@ def main(args) -> int:
 
 def check_port(host: str, port: int) -> None:
     """DataError when this process cannot listen on host:port (another program
-    has it, or the address is not this machine's), as uvicorn would bind it."""
+    has it, or the address is not this machine's), on every address the name
+    gives, as uvicorn binds them."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
         raise DataError(f"--host {host}: not an address to listen on ({err.strerror})") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
-        try:
-            probe.bind(address)
-        except OSError as err:
-            raise DataError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); another program, "
-                            "perhaps another elcell serve, has it: pick another --port") from None
+    for family, kind, proto, _, address in dict.fromkeys(found):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as err:
+                raise DataError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); another "
+                                "program, perhaps another elcell serve, has it: pick another --port") from None
 
 
 class _Server(uvicorn.Server):
