@@ -8,7 +8,6 @@ from scipy.stats import t as student_t
 from sklearn.metrics import f1_score, roc_auc_score
 
 from elcell.errors import DataError
-from elcell.infer.evaluate import format_report
 from elcell.infer.metrics import (
     burden_note,
     label_metrics,
@@ -17,6 +16,7 @@ from elcell.infer.metrics import (
     threshold_for_recall,
     tune,
 )
+from elcell.infer.scorecard import format_report
 
 
 def test_threshold_search_is_exact():
