@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -83,6 +84,17 @@ def paths_from_csv(csv_path: Path) -> list[Path]:
         raise DataError(f"{csv_path}: no image paths in the first column (or one named {PATH!r})")
     check_slashes(values[0], base, str(csv_path))
     return [base / value for value in values]  # absolute stays itself
+
+
+def check_resumed_paths(earlier: Iterable[str], out: Path) -> None:
+    """DataError when an output being resumed names files none of which is there
+    from this folder: paths typed relative to the folder the first run ran in,
+    which cannot be matched from here (everything would be done twice, or
+    taken for another file)."""
+    sample = list(itertools.islice(earlier, 50))
+    if sample and not any(Path(p).exists() for p in sample):
+        raise DataError(f"--resume {out}: it names files that are not there from this folder (e.g. "
+                        f"{sample[0]!r}): resume from the folder the first run ran in, or write to a new --out")
 
 
 def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:

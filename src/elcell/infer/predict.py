@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from elcell.cells.images import read_gray
-from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable
+from elcell.cells.inputs import Unreadable, check_resumed_paths, collect_inputs, report_unreadable
 from elcell.cells.labels import file_key
 from elcell.errors import DataError
 from elcell.infer.explain import explain_cell
@@ -259,10 +259,7 @@ def _not_done(paths: list[Path], done: set[str], out: Path | None) -> list[Path]
     another folder cannot be matched: refused, rather than every cell twice."""
     if not done:
         return list(paths)
-    if not any(Path(p).exists() for p in list(done)[:50]):
-        example = next(iter(done))
-        raise DataError(f"--resume {out}: its rows name files that are not there from this folder (e.g. "
-                        f"{example!r}): resume from the folder the first run ran in, or write to a new --out")
+    check_resumed_paths(done, out)
     keys = {file_key(p) for p in done}
     return [p for p in paths if file_key(p) not in keys]
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from elcell.cells.images import read_reduced, to_uint8
-from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, unreadable
+from elcell.cells.inputs import (
+    Unreadable,
+    check_resumed_paths,
+    collect_inputs,
+    report_unreadable,
+    unreadable,
+)
 from elcell.cells.labels import file_key
 from elcell.errors import DataError, ImageError
 from elcell.infer.explain import explain_cell
@@ -317,10 +323,7 @@ def _not_done(paths: list[Path], batch: Batch) -> tuple[list[tuple[Path, str]], 
     """The photos (with their module names) a resumed folder does not hold yet,
     and those whose name it holds from another photo (a camera's counter
     restarted): reported and skipped, as their rows would mix with the other's."""
-    earlier_paths = list(batch.done.values())[:50]
-    if earlier_paths and not any(Path(p).exists() for p in earlier_paths):  # typed relative to another folder
-        raise DataError(f"--resume {batch.out}: its modules name photos that are not there from this folder "
-                        f"(e.g. {earlier_paths[0]!r}): resume from the folder the first run ran in")
+    check_resumed_paths(batch.done.values(), batch.out)
     todo, clashes = [], []
     for path, name in zip(paths, unique_names(paths), strict=True):
         earlier = batch.done.get(name)
