@@ -5,7 +5,6 @@ Torch-free."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from PIL import Image
 
 from elcell.cells.images import read_pixels
 from elcell.errors import ImageError
+from elcell.infer.predict import model_column
 from elcell.infer.runtime import Model, score_cells
 from elcell.options import MAP_DETAIL, MAP_VIEWS
 from elcell.pvmodules.grading import load_rules
@@ -78,12 +78,9 @@ class Station:
         self.rescored = self.queue.rescore(self.scorer(), self._score_pixels) if self.queue is not None else None
 
     def scorer(self) -> dict:
-        """What decides which cells wait for review: the model file's content and the thresholds."""
-        digest = hashlib.sha256()
-        with open(self.model.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return {"model": self.model.path.name, "sha256": digest.hexdigest()[:16],
+        """What decides which cells wait for review: the model (its weights' hash, as
+        predict and inspect record it) and the thresholds."""
+        return {"model": model_column(self.model),
                 "thresholds": [float(t) for t in self.thresholds],
                 "review_thresholds": [float(t) for t in self.review_thresholds]}
 
