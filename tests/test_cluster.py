@@ -211,3 +211,5 @@ def test_inspect_on_ray_matches_the_local_path_on_real_photos(tiny_onnx, ray_add
     unusable = [row for row in table if row["module"] == "unusable"]
     assert len(unusable) == 1 and unusable[0]["error"] and unusable[0]["row"] is None
     assert np.isclose(sum(row["dark_area"] for row in poly) / 60, float(grade["dark_area"]), atol=1e-4)
+    # resumed with another layout: refused before anything is cut
+    assert main([*args, "--out", str(tmp_path / "modules.parquet"), "--resume", "--grid", "10x6"]) == 2

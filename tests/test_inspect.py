@@ -225,6 +225,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_csv(out / "modules.csv")) == strip(read_csv(clean / "modules.csv"))
     assert read_csv(out / "cells.csv") == read_csv(clean / "cells.csv")
+    # resumed with another layout or map choice: the folder would mix them
+    capsys.readouterr()
+    assert main([*args, "--resume", "--grid", "10x6"]) == 2
+    assert "were cut as --grid 6x10, not 10x6" in capsys.readouterr().err
+    assert main([*args[:-1], "--resume"]) == 2
+    assert "were inspected with --no-map; resume with --no-map" in capsys.readouterr().err
     # another photo under a name the folder holds (a camera's counter restarted): skipped and said
     (tmp_path / "camera2").mkdir()
     again = tmp_path / "camera2" / photos[0].name

@@ -99,9 +99,9 @@ class Batch:
                 f"{found.seconds:.3f}", "", model_column(self.model)]
 
 
-def _prepare(out: Path, batch: Batch, resume: bool, overwrite: bool) -> None:
+def _prepare(out: Path, batch: Batch, grid: str, resume: bool, overwrite: bool, want_map: bool) -> None:
     """Refuse an earlier run's folder unless told; when resuming, check it was this
-    model and these thresholds, and drop cell rows of modules not finished."""
+    model, grid, thresholds and map choice, and drop cell rows of modules not finished."""
     mode = output_mode(out, overwrite=overwrite, resume=resume)
     if mode == "overwrite":
         for name in OUTPUTS:
@@ -116,6 +116,8 @@ def _prepare(out: Path, batch: Batch, resume: bool, overwrite: bool) -> None:
             raise DataError(f"--resume {out}: its modules were inspected by another model ({row['model']}, this "
                             f"is {model_column(batch.model)}); resume with that model, or write to a new --out")
     batch.done = {row["module"]: row["path"] for row in modules if not row["error"]}
+    _check_grid(out, [row["grid"] for row in modules if not row["error"]], grid)
+    _check_maps(out, batch.done, want_map)
     cells = _read(out / "cells.csv", cell_header(batch.labels), "cells.csv") if (out / "cells.csv").is_file() else []
     wanted = thresholds_column(batch.labels, batch.thresholds, batch.review)
     if any(row["thresholds"] != wanted for row in cells):
@@ -123,6 +125,25 @@ def _prepare(out: Path, batch: Batch, resume: bool, overwrite: bool) -> None:
                         "--threshold/--review-threshold, or write to a new --out")
     _rewrite(out / "modules.csv", module_header(batch.labels), [r for r in modules if r["module"] in batch.done])
     _rewrite(out / "cells.csv", cell_header(batch.labels), [r for r in cells if r["module"] in batch.done])
+
+
+def _check_grid(out: Path, grids: Sequence[str], grid: str) -> None:
+    """A resumed run cuts its modules as the first run did: one folder, one layout."""
+    other = next((g for g in grids if g and parse_grid(g) != parse_grid(grid)), None)
+    if other is not None:
+        raise DataError(f"--resume {out}: its modules were cut as --grid {other}, not {grid}; resume with "
+                        f"--grid {other}, or write to a new --out")
+
+
+def _check_maps(out: Path, done: dict[str, str], want_map: bool) -> None:
+    """A resumed run draws maps as the first run did, so the report shows all or none."""
+    mapped = [(out / "maps" / f"{name}.png").is_file() for name in done]
+    if want_map and mapped and not any(mapped):
+        raise DataError(f"--resume {out}: its modules were inspected with --no-map; resume with --no-map, "
+                        "or write to a new --out")
+    if not want_map and any(mapped):
+        raise DataError(f"--resume {out}: its modules were inspected with their maps; resume without "
+                        "--no-map, or write to a new --out")
 
 
 def _read(path: Path, header: list[str], what: str) -> list[dict[str, str]]:
@@ -223,7 +244,7 @@ class FolderOut:
 
     def __init__(self, batch: Batch, grid: str, resume: bool, overwrite: bool, want_map: bool):
         self.batch, self.grid, self.want_map, out = batch, grid, want_map, batch.out
-        _prepare(out, batch, resume, overwrite)
+        _prepare(out, batch, grid, resume, overwrite, want_map)
         out.mkdir(parents=True, exist_ok=True)
         self.cells = RowWriter(out / "cells.csv", cell_header(batch.labels), not (out / "cells.csv").is_file())
         self.modules = RowWriter(out / "modules.csv", module_header(batch.labels),
@@ -258,7 +279,7 @@ class ParquetOut:
         if self.sink.exists():
             target = batch.out if batch.out.is_file() else self.sink.parts
             if output_mode(target, overwrite=overwrite, resume=resume) == "resume":
-                self._check(self.sink.previous(["module", "path", "model", "thresholds"]).to_pydict())
+                self._check(self.sink.previous(["module", "path", "grid", "model", "thresholds"]).to_pydict())
             else:
                 self.sink.clear()
         batch.out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +293,7 @@ class ParquetOut:
         if any(t != wanted for t in previous["thresholds"]):
             raise DataError(f"--resume {batch.out}: its cells were decided with other thresholds; resume with the "
                             "same --threshold/--review-threshold, or write to a new --out")
+        _check_grid(batch.out, previous["grid"], self.grid)
         batch.done = dict(zip(previous["module"], previous["path"], strict=True))
 
     def add(self, path: Path, name: str, found: ModuleInspection) -> None:
