@@ -181,6 +181,28 @@ def test_a_killed_ray_run_resumes_where_it_stopped(tiny_onnx, cells, ray_address
 
 
 @pytest.mark.slow
+def test_a_warning_said_in_a_ray_worker_reaches_the_user(tiny_onnx, cells, ray_address, tmp_path, capsys,
+                                                          monkeypatch):
+    """A 12-bit camera's cells in 16-bit files: the decoding task meets the low
+    range, and the driver says so once, as the local path does (workers' stderr
+    goes to Ray's logs only)."""
+    import cv2
+
+    import elcell.cells.images
+
+    monkeypatch.setattr(elcell.cells.images, "_warned_low_range", False)
+    twelve = tmp_path / "twelve"
+    twelve.mkdir()
+    for path in sorted(cells.glob("cell*.png"))[:6]:
+        cv2.imwrite(str(twelve / path.name), cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16)
+    capsys.readouterr()
+    assert main(["predict", str(tiny_onnx), str(twelve), "--out", str(tmp_path / "p.csv"), "--ray",
+                 "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("16-bit image whose largest value is") == 1 and "train with --bit-depth" in err
+
+
+@pytest.mark.slow
 def test_inspect_on_ray_matches_the_local_path_on_real_photos(tiny_onnx, ray_address, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

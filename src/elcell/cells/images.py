@@ -87,6 +87,7 @@ def _scale_table(full: int) -> np.ndarray:
 
 
 _warned_low_range = False
+_unsent_warning = ""  # met here since the last take_worker_warning (a Ray worker hands it back)
 _warn_lock = threading.Lock()  # inference decodes in threads
 
 
@@ -94,15 +95,38 @@ def _warn_low_range(path: str | Path, top: int) -> None:
     """Once per process (so once per decoding worker): a 16-bit image read as
     0..65535 that uses less than a quarter of it keeps only a few grey levels:
     most likely a camera with fewer bits."""
+    global _unsent_warning
+    levels = round(top * 255 / 65535) + 1
+    message = (f"{path}: 16-bit image whose largest value is {top}: read as 0..65535 it keeps {levels} grey "
+               f"levels; for a camera with fewer bits, train with --bit-depth (at least "
+               f"{max(8, top.bit_length())} for this image; README: Train on your own cells).")
+    with _warn_lock:
+        _unsent_warning = message  # every time: a Ray worker outlives one run's once
+    _say_once(message)
+
+
+def _say_once(message: str) -> None:
     global _warned_low_range
     with _warn_lock:
         if _warned_low_range:
             return
         _warned_low_range = True
-    levels = round(top * 255 / 65535) + 1
-    print(f"elcell: warning: {path}: 16-bit image whose largest value is {top}: read as 0..65535 it "
-          f"keeps {levels} grey levels; for a camera with fewer bits, train with --bit-depth (at least "
-          f"{max(8, top.bit_length())} for this image; README: Train on your own cells).", file=sys.stderr)
+    print(f"elcell: warning: {message}", file=sys.stderr)
+
+
+def take_worker_warning() -> str:
+    """The warning met here since the last call ('' if none): a Ray worker's
+    stderr never reaches the user, so its tasks return it to the driver."""
+    global _unsent_warning
+    with _warn_lock:
+        message, _unsent_warning = _unsent_warning, ""
+    return message
+
+
+def echo_worker_warning(message: str) -> None:
+    """The driver: a worker's warning said once per run, as the local path says it."""
+    if message:
+        _say_once(message)
 
 
 def min_filter_size(source: int, size: int) -> int:

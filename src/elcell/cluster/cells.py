@@ -11,7 +11,7 @@ import numpy as np
 
 from elcell.cells.images import Decoding
 from elcell.cells.inputs import Unreadable, read_cell
-from elcell.cluster.pipeline import ModelActor, Plan, stream
+from elcell.cluster.pipeline import ModelActor, Plan, echo_warnings, stream, warning_column
 from elcell.infer.predict import Scorer
 from elcell.infer.runtime import CellScores, Model, ScoredBatch, score_cells
 
@@ -23,7 +23,8 @@ def decode_cells(batch: dict[str, np.ndarray], decoding: Decoding) -> dict[str, 
     cells = [read_cell(Path(path), decoding) for path in batch["path"]]
     return {"path": batch["path"],
             "image": np.stack([blank if isinstance(c, Unreadable) else c for c in cells]),
-            "error": np.array([c.reason if isinstance(c, Unreadable) else "" for c in cells], dtype=object)}
+            "error": np.array([c.reason if isinstance(c, Unreadable) else "" for c in cells], dtype=object),
+            "warning": warning_column(len(cells))}
 
 
 class CellActor(ModelActor):
@@ -40,7 +41,8 @@ class CellActor(ModelActor):
         probs = np.full((len(ok), len(self.model.info.labels)), np.nan, dtype=np.float32)
         plain = probs.copy()
         probs[ok], plain[ok] = scores.probs, scores.plain
-        return {"path": batch["path"], "error": batch["error"], "probs": probs, "plain": plain}
+        return {"path": batch["path"], "error": batch["error"], "probs": probs, "plain": plain,
+                "warning": batch["warning"]}
 
 
 def _scored(batch: dict[str, np.ndarray], model: Model, thresholds: list[float],
@@ -59,5 +61,6 @@ def ray_scorer(plan: Plan) -> Scorer:
         items = [{"path": str(path)} for path in todo]
         for batch in stream(model, items, decode_cells, {"decoding": model.decoding}, CellActor, {"tta": tta},
                             batch_size, plan):
+            echo_warnings(batch)
             yield _scored(batch, model, thresholds, review)
     return scorer

@@ -21,7 +21,7 @@ from ray import cloudpickle
 
 from elcell.cells.images import read_reduced
 from elcell.cells.inputs import Unreadable, unreadable
-from elcell.cluster.pipeline import ModelActor, Plan, stream
+from elcell.cluster.pipeline import ModelActor, Plan, echo_warnings, stream, warning_column
 from elcell.errors import ImageError
 from elcell.infer.runtime import Model
 from elcell.pvmodules.inspect import Inspected, Inspector, Job, decode_size, inspect_photo
@@ -76,7 +76,7 @@ class ModuleActor(ModelActor):
             except (ImageError, MemoryError) as err:
                 errors[i] = unreadable(path, err).reason
         return {"path": batch["path"], "name": batch["name"], "found": np.array(results, dtype=object),
-                "error": np.array(errors, dtype=object)}
+                "error": np.array(errors, dtype=object), "warning": warning_column(len(results))}
 
 
 def ray_inspector(plan: Plan) -> Inspector:
@@ -85,6 +85,7 @@ def ray_inspector(plan: Plan) -> Inspector:
     def inspector(model: Model, todo: list[tuple[Path, str]], job: Job) -> Iterator[Inspected]:
         items = [{"path": str(path), "name": name} for path, name in todo]
         for batch in stream(model, items, read_photos, {"size": decode_size(model, job.rows, job.cols)}, ModuleActor, {"job": job}, 1, plan):
+            echo_warnings(batch)
             for path, name, found, error in zip(batch["path"], batch["name"], batch["found"], batch["error"],
                                                 strict=True):
                 yield (Path(str(path)), str(name),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from elcell.cells.images import echo_worker_warning, take_worker_warning
 from elcell.cluster.session import Cluster, import_ray
 from elcell.infer.runtime import Model, open_model
 
@@ -44,6 +45,20 @@ class Plan:
     def describe(self) -> str:
         return f"{self.actors} actor{'s' if self.actors != 1 else ''} x {self.threads} ONNX Runtime thread" + \
             ("s" if self.threads != 1 else "")
+
+
+def warning_column(rows: int) -> np.ndarray:
+    """A batch's `warning` column: what the worker said while making it, on its first row."""
+    column = np.full(rows, "", dtype=object)
+    if rows:
+        column[0] = take_worker_warning()
+    return column
+
+
+def echo_warnings(batch: dict[str, np.ndarray]) -> None:
+    """The driver says what the workers said (their stderr goes to Ray's logs only)."""
+    for message in batch["warning"]:
+        echo_worker_warning(str(message))
 
 
 class ModelActor:
