@@ -230,7 +230,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_onnx, originals, tmp_p
     assert main([*args, "--resume", "--grid", "10x6"]) == 2
     assert "were cut as --grid 6x10, not 10x6" in capsys.readouterr().err
     assert main([*args[:-1], "--resume"]) == 2
-    assert "were inspected with --no-map; resume with --no-map" in capsys.readouterr().err
+    assert "finished modules have no maps in maps/" in capsys.readouterr().err
+    # the pictures of a module cut off before its row are not kept for a run without maps
+    (out / "maps").mkdir()
+    (out / "maps" / "m9.png").write_bytes(b"a map of a module that never got its row")
+    assert main([*args, "--resume"]) == 0
+    assert not (out / "maps" / "m9.png").exists()
     # another photo under a name the folder holds (a camera's counter restarted): skipped and said
     (tmp_path / "camera2").mkdir()
     again = tmp_path / "camera2" / photos[0].name

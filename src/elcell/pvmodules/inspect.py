@@ -42,6 +42,7 @@ from elcell.pvmodules.grading import Rule, check_names, load_rules
 from elcell.pvmodules.judge import ModuleInspection, inspect_module
 from elcell.pvmodules.module_report import write_module_report
 from elcell.pvmodules.modulemap import encode_png
+from elcell.pvmodules.resumed import check_grid, check_maps, drop_pictures
 
 OUTPUTS = ("cells.csv", "modules.csv", "maps", "flagged", "report.html")
 CORNERS = ["x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"]  # TL, TR, BR, BL in the photo's pixels
@@ -116,8 +117,8 @@ def _prepare(out: Path, batch: Batch, grid: str, resume: bool, overwrite: bool, 
             raise DataError(f"--resume {out}: its modules were inspected by another model ({row['model']}, this "
                             f"is {model_column(batch.model)}); resume with that model, or write to a new --out")
     batch.done = {row["module"]: row["path"] for row in modules if not row["error"]}
-    _check_grid(out, [row["grid"] for row in modules if not row["error"]], grid)
-    _check_maps(out, batch.done, want_map)
+    check_grid(out, [row["grid"] for row in modules if not row["error"]], grid)
+    check_maps(out, batch.done, want_map)
     cells = _read(out / "cells.csv", cell_header(batch.labels), "cells.csv") if (out / "cells.csv").is_file() else []
     wanted = thresholds_column(batch.labels, batch.thresholds, batch.review)
     if any(row["thresholds"] != wanted for row in cells):
@@ -125,25 +126,7 @@ def _prepare(out: Path, batch: Batch, grid: str, resume: bool, overwrite: bool, 
                         "--threshold/--review-threshold, or write to a new --out")
     _rewrite(out / "modules.csv", module_header(batch.labels), [r for r in modules if r["module"] in batch.done])
     _rewrite(out / "cells.csv", cell_header(batch.labels), [r for r in cells if r["module"] in batch.done])
-
-
-def _check_grid(out: Path, grids: Sequence[str], grid: str) -> None:
-    """A resumed run cuts its modules as the first run did: one folder, one layout."""
-    other = next((g for g in grids if g and parse_grid(g) != parse_grid(grid)), None)
-    if other is not None:
-        raise DataError(f"--resume {out}: its modules were cut as --grid {other}, not {grid}; resume with "
-                        f"--grid {other}, or write to a new --out")
-
-
-def _check_maps(out: Path, done: dict[str, str], want_map: bool) -> None:
-    """A resumed run draws maps as the first run did, so the report shows all or none."""
-    mapped = [(out / "maps" / f"{name}.png").is_file() for name in done]
-    if want_map and mapped and not any(mapped):
-        raise DataError(f"--resume {out}: its modules were inspected with --no-map; resume with --no-map, "
-                        "or write to a new --out")
-    if not want_map and any(mapped):
-        raise DataError(f"--resume {out}: its modules were inspected with their maps; resume without "
-                        "--no-map, or write to a new --out")
+    drop_pictures(out, batch.done)
 
 
 def _read(path: Path, header: list[str], what: str) -> list[dict[str, str]]:
@@ -293,7 +276,7 @@ class ParquetOut:
         if any(t != wanted for t in previous["thresholds"]):
             raise DataError(f"--resume {batch.out}: its cells were decided with other thresholds; resume with the "
                             "same --threshold/--review-threshold, or write to a new --out")
-        _check_grid(batch.out, previous["grid"], self.grid)
+        check_grid(batch.out, previous["grid"], self.grid)
         batch.done = dict(zip(previous["module"], previous["path"], strict=True))
 
     def add(self, path: Path, name: str, found: ModuleInspection) -> None:
