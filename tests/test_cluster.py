@@ -203,14 +203,26 @@ def test_a_warning_said_in_a_ray_worker_reaches_the_user(tiny_onnx, cells, ray_a
 
 
 @pytest.mark.slow
-def test_inspect_on_ray_matches_the_local_path_on_real_photos(tiny_onnx, ray_address, tmp_path):
+def test_inspect_on_ray_matches_the_local_path_on_real_photos(tiny_onnx, ray_address, tmp_path, capsys,
+                                                              monkeypatch):
+    """A real photo as a 12-bit camera stores it (16-bit PNG, values 0..4095) and an
+    unusable one: the same rows both ways, and the low-range warning, met in an
+    actor, said once by the driver."""
+    import cv2
+
+    import elcell.cells.images
+
     photos = tmp_path / "photos"
     photos.mkdir()
-    shutil.copy(MODULES / "poly-6x10-A1.jpg", photos)
+    gray = cv2.imread(str(MODULES / "poly-6x10-A1.jpg"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(photos / "poly-6x10-A1.png"), gray.astype(np.uint16) * 16)
     (photos / "unusable.jpg").write_bytes(b"not a photo")
     args = ["inspect", str(tiny_onnx), str(photos), "--grid", "6x10"]
     assert main([*args, "--out", str(tmp_path / "local")]) == 1
+    monkeypatch.setattr(elcell.cells.images, "_warned_low_range", False)
+    capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "ray"), "--ray"]) == 1
+    assert capsys.readouterr().err.count("16-bit image whose largest value is") == 1
     for name, key in (("cells.csv", ("module", "row", "col")), ("modules.csv", ("module",))):
         local, ray = (sorted(csv.DictReader(open(tmp_path / where / name, encoding="utf-8"), delimiter=";"),
                              key=lambda row: tuple(row[k] for k in key)) for where in ("local", "ray"))

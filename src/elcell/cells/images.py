@@ -87,22 +87,24 @@ def _scale_table(full: int) -> np.ndarray:
 
 
 _warned_low_range = False
-_unsent_warning = ""  # met here since the last take_worker_warning (a Ray worker hands it back)
+_hand_back = False  # a Ray worker: warnings wait for take_worker_warning instead of printing
+_unsent_warning = ""  # met here since the last take_worker_warning
 _warn_lock = threading.Lock()  # inference decodes in threads
 
 
 def _warn_low_range(path: str | Path, top: int) -> None:
-    """Once per process (so once per decoding worker): a 16-bit image read as
-    0..65535 that uses less than a quarter of it keeps only a few grey levels:
-    most likely a camera with fewer bits."""
+    """Once per run: a 16-bit image read as 0..65535 that uses less than a quarter
+    of it keeps only a few grey levels: most likely a camera with fewer bits."""
     global _unsent_warning
     levels = round(top * 255 / 65535) + 1
     message = (f"{path}: 16-bit image whose largest value is {top}: read as 0..65535 it keeps {levels} grey "
                f"levels; for a camera with fewer bits, train with --bit-depth (at least "
                f"{max(8, top.bit_length())} for this image; README: Train on your own cells).")
-    with _warn_lock:
-        _unsent_warning = message  # every time: a Ray worker outlives one run's once
-    _say_once(message)
+    if _hand_back:
+        with _warn_lock:
+            _unsent_warning = message
+    else:
+        _say_once(message)
 
 
 def _say_once(message: str) -> None:
@@ -114,9 +116,16 @@ def _say_once(message: str) -> None:
     print(f"elcell: warning: {message}", file=sys.stderr)
 
 
+def hand_back_warnings() -> None:
+    """Called in a Ray worker: its stderr reaches Ray's logs, or every worker's copy
+    reaches the user, so warnings wait to be returned to the driver, which says
+    them once (take_worker_warning, echo_worker_warning)."""
+    global _hand_back
+    _hand_back = True
+
+
 def take_worker_warning() -> str:
-    """The warning met here since the last call ('' if none): a Ray worker's
-    stderr never reaches the user, so its tasks return it to the driver."""
+    """The warning met in this worker since the last call ('' if none)."""
     global _unsent_warning
     with _warn_lock:
         message, _unsent_warning = _unsent_warning, ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elcell.cells.images import Decoding
+from elcell.cells.images import Decoding, hand_back_warnings
 from elcell.cells.inputs import Unreadable, read_cell
 from elcell.cluster.pipeline import ModelActor, Plan, echo_warnings, stream, warning_column
 from elcell.infer.predict import Scorer
@@ -19,6 +19,7 @@ from elcell.infer.runtime import CellScores, Model, ScoredBatch, score_cells
 def decode_cells(batch: dict[str, np.ndarray], decoding: Decoding) -> dict[str, np.ndarray]:
     """A task: the files of a batch as the model's input; a file that cannot be
     used gets a blank cell and its reason in `error` (empty when fine)."""
+    hand_back_warnings()
     blank = np.zeros((decoding.size, decoding.size), dtype=np.uint8)
     cells = [read_cell(Path(path), decoding) for path in batch["path"]]
     return {"path": batch["path"],

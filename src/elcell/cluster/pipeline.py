@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from elcell.cells.images import echo_worker_warning, take_worker_warning
+from elcell.cells.images import echo_worker_warning, hand_back_warnings, take_worker_warning
 from elcell.cluster.session import Cluster, import_ray
 from elcell.infer.runtime import Model, open_model
 
@@ -67,6 +67,7 @@ class ModelActor:
     and no spin-waiting (other actors and decoding tasks share the cores)."""
 
     def __init__(self, model_bytes: bytes, name: str, threads: int):
+        hand_back_warnings()
         self.folder = tempfile.TemporaryDirectory(prefix="elcell-actor-")
         path = Path(self.folder.name) / name
         path.write_bytes(model_bytes)
