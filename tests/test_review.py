@@ -16,6 +16,7 @@ from PIL import Image
 
 from elcell.cells.images import load_cell, read_pixels
 from elcell.cells.labels import read_labels_csv
+from elcell.errors import DataError
 from elcell.infer.review_order import margins, random_turn, review_order
 from elcell.infer.runtime import OK, score_cells
 from elcell.station.app import Settings, create_app
@@ -245,9 +246,28 @@ def test_the_queue_and_its_counts_survive_a_restart(model, cells, probs, tmp_pat
         skipped = client.post("/api/v1/review/0123456789abcdef/skip")
         assert skipped.status_code == 410 and skipped.json()["detail"].endswith("nothing to skip")
         assert client.get("/api/v1/review").json()["answered"] == 2
+        typo = client.post("/api/v1/review/abc.def", json={"labels": {}})
+        assert typo.status_code == 404 and "is not a review cell's id" in typo.json()["detail"]
+        while (item := client.get("/api/v1/review/next").json()["item"]) is not None:
+            client.post(f"/api/v1/review/{item['id']}", json={"labels": {}})
+        emptied = client.get("/api/v1/review").json()  # an empty queue still counts its answers
+        assert (emptied["waiting"], emptied["answered"]) == (0, after["waiting"] + 1)
     table = read_labels_csv(folder / "labels.csv")
-    assert len(table) == 2 and all(p.is_file() for p in table.paths)
+    assert len(table) == after["waiting"] + 1 and all(p.is_file() for p in table.paths)
     assert not (folder / "queue" / f"{held['id']}.png").exists()  # answered cells leave the queue's folder
+
+
+def test_an_unreadable_queue_file_stops_the_station_and_keeps_its_cells(model, cells, probs, tmp_path):
+    folder = tmp_path / "reviewed"
+    with station(model, folder, probs) as client:
+        client.post("/api/v1/cells", files=upload(cells))
+        waiting = client.get("/api/v1/review").json()["waiting"]
+    assert waiting > 0
+    state = folder / "queue.json"
+    state.write_bytes(state.read_bytes()[:300])  # cut short by a failing disk or an editor
+    with pytest.raises(DataError, match="the review queue cannot be read .* nothing was changed"):
+        station(model, folder, probs)
+    assert len(list((folder / "queue").glob("*.png"))) == waiting
 
 
 def test_a_restart_with_another_model_scores_the_waiting_cells_again(model, cells, probs, tmp_path):

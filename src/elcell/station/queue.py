@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elcell.errors import DataError
 from elcell.infer.review_order import (
     UNCERTAIN_MARGIN,
     boundary,
@@ -117,11 +118,8 @@ class ReviewQueue:
         """The queue as the last run left it, less cells answered since (a crash
         between a row and the queue's update) and cells whose image is gone."""
         if self.state.is_file():
-            try:
-                saved = json.loads(self.state.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                saved = {}
-            for entry in saved.get("items", []):
+            saved = self._read_state()
+            for entry in saved["items"]:
                 item = ReviewItem(**entry)
                 if item.id not in self.folder.answered and self._file(item.id).is_file():
                     self._items[item.id] = item
@@ -130,6 +128,21 @@ class ReviewQueue:
         for file in self.files.glob("*.png"):  # images written but never listed
             if file.stem not in self._items:
                 file.unlink(missing_ok=True)
+
+    def _read_state(self) -> dict:
+        """queue.json, or a refusal to start: read as empty, the waiting cells'
+        images would be removed as never listed."""
+        try:
+            saved = json.loads(self.state.read_text(encoding="utf-8"))
+            for entry in saved["items"]:
+                ReviewItem(**entry)
+            return saved
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            waiting = len(list(self.files.glob("*.png")))
+            raise DataError(f"{self.state}: the review queue cannot be read ({err}); nothing was changed. Move it "
+                            f"aside to start with an empty queue (the {waiting} images in {self.files} it listed "
+                            "are then removed: label them first with another copy of the folder if they matter)"
+                            ) from err
 
     def _save(self) -> None:
         """Rewrite queue.json atomically (under the lock)."""

@@ -11,6 +11,7 @@ saying so in words.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated
 
@@ -28,6 +29,14 @@ Session = Annotated[str, Query(pattern=r"^[A-Za-z0-9_-]{0,64}$", max_length=64,
                                description="the page's session id: its cell comes back to it after a reload")]
 
 
+def check_id(item_id: str) -> None:
+    """A 404 for what cannot be a queued cell's id (a typo, a truncated link),
+    rather than the 410 of a cell that left the queue."""
+    if not re.fullmatch(r"[0-9a-f]{16}", item_id):
+        raise HTTPException(404, f"{item_id[:20]!r} is not a review cell's id (16 hex digits, as "
+                                 f"{API}/review/next gives)")
+
+
 def gone(item_id: str, what: str = "that answer was not saved") -> HTTPException:
     return HTTPException(410, f"cell {item_id[:16]!r} no longer waits for review: the station does not know it "
                               f"(dropped from a full queue, or its queue was cleared); {what}")
@@ -42,7 +51,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
 
     def status() -> dict:
         folder = station.folder
-        counts = station.queue.counts() if station.queue else {}
+        counts = station.queue.counts() if station.queue is not None else {}  # an empty queue still counts
         return {"enabled": folder is not None, "labels": labels, **counts,
                 "rows": folder.rows if folder else 0, "csv": str(folder.csv) if folder else None}
 
@@ -79,6 +88,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
         """Label a cell: 1 for each label it has (none: ok). Appends a row to labels.csv;
         a second answer for a cell answered before replaces its row if it differs."""
         folder, waiting = station.review_folder(), queue()
+        check_id(item_id)
         unknown = sorted(set(answer.labels) - set(labels))
         if unknown:
             raise HTTPException(422, f"labels: {unknown} are not this model's labels {labels}")
@@ -101,6 +111,7 @@ def review_routes(app: FastAPI, station: Station) -> None:  # noqa: C901 - one r
     @app.post(f"{API}/review/{{item_id}}/skip", response_model=ReviewStatus, responses=ERRORS, tags=["review"])
     async def review_skip(item_id: str) -> dict:
         """Send a cell behind the others without labelling it."""
+        check_id(item_id)
         if not await run_in_threadpool(queue().skip, item_id):
             raise gone(item_id, "nothing to skip")
         return status()
