@@ -156,8 +156,11 @@ class Guard:
             return ("the request has no Host header, and this station answers only requests naming one of its "
                     "hosts (elcell serve --allowed-host NAME adds one)")
         shown = header.strip()[:100]
+        name = host_name(shown)
+        if not _NAME.fullmatch(name) or (":" in name and not shown.startswith("[")):  # a port not of digits
+            return f"host {shown!r} is not a host name or address (with a port of digits, if any)"
         return (f"host {shown!r} is not a name this station serves: if clients reach it by that name, start "
-                f"elcell serve with --allowed-host {host_name(shown) or 'NAME'}")
+                f"elcell serve with --allowed-host {name}")
 
     def _authorised(self, headers: dict[str, bytes]) -> bool:
         scheme, _, token = headers.get("authorization", b"").partition(b" ")
