@@ -200,6 +200,11 @@ def test_status_codes_a_client_can_act_on(model, seed_cells, tmp_path):
         bomb = client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
                            files={"file": ("m.png", bomb_png(12000, 11000), "image/png")})
         assert bomb.status_code == 400 and "m.png: image is 12000x11000 pixels" in bomb.json()["detail"]
+        for width, height in ((11000, 10000), (20000, 10000)):  # past Pillow's warning and its own refusal
+            bomb = client.post("/api/v1/cells", headers=auth, files={"files": ("c.png", bomb_png(width, height),
+                                                                                "image/png")})
+            assert bomb.status_code == 400 and f"c.png: image is {width}x{height} pixels, more than the 25 million " \
+                "accepted here" in bomb.json()["detail"], bomb.json()
         blank = client.post("/api/v1/modules", headers=auth, data={"grid": "6x10"},
                             files={"file": ("blank.png", png_bytes(np.zeros((400, 600), np.uint8)), "image/png")})
         assert blank.status_code == 422 and blank.json()["detail"].startswith("blank.png: no module found")

@@ -177,6 +177,10 @@ def _source_name(source: str | Path | BinaryIO) -> str:
 
 
 MAX_PIXELS = 120_000_000  # a 12 000 x 10 000 module photo; larger is refused before decoding
+# Every size is checked here (and by the station's limits) from the header, before decoding, in
+# words that name the file and the limit. Pillow's own check would warn from 89 million pixels,
+# inside MAX_PIXELS, and refuse from 179 million in its words: off, as ours come first.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8,
