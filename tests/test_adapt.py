@@ -215,3 +215,13 @@ def test_the_disagreements_page_keeps_file_names_as_text(tiny_onnx, lenient, see
                           str(tmp_path / "two")], capsys)
     page = (tmp_path / "two" / "disagreements.html").read_text()
     assert code == 0 and "a&lt;b&gt;&amp;&#x27;x.png" in page and "a<b>" not in page
+    # again into the same folder without drawings: the first run's are not left to mislead
+    assert (tmp_path / "two" / "overlays").is_dir()
+    run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(data), "--out", str(tmp_path / "two"),
+             "--overlays", "0"], capsys)
+    assert not (tmp_path / "two" / "overlays").exists() and not (tmp_path / "two" / "disagreements.html").exists()
+    # a cell that cannot be read: compared on the rest, and no promotion on incomplete cells
+    data.write_text(data.read_text() + "missing.png;0;0\n")
+    code, _, err = run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(data), "--require",
+                            "recall=crack"], capsys)
+    assert code == 1 and "1 cells of " in err and "not promoted on incomplete cells" in err

@@ -217,7 +217,8 @@ def test_a_gate_on_a_figure_these_cells_cannot_measure_refuses(tmp_path, capsys)
 
     # no inactive cell among them: inactive recall is undefined, not "the same"
     rows = ["path;true_crack;true_inactive;prob_crack;prob_inactive;decision_crack;decision_inactive"]
-    rows += [f"c{i};{i % 2};0;{0.9 if i % 2 else 0.1};0.1;{'defect' if i % 2 else 'ok'};ok" for i in range(12)]
+    rows += [f"{tmp_path / f'c{i}'};{i % 2};0;{0.9 if i % 2 else 0.1};0.1;{'defect' if i % 2 else 'ok'};ok"
+             for i in range(12)]
     for name in ("a.csv", "b.csv"):
         (tmp_path / name).write_text("\n".join(rows) + "\n")
     args = ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
@@ -227,6 +228,15 @@ def test_a_gate_on_a_figure_these_cells_cannot_measure_refuses(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "inactive/own_recall cannot be measured on these 12 cells" in out and "not promoted" in out
     assert "0.000" not in next(line for line in out.splitlines() if line.startswith("inactive/own_recall "))
+    # --data limits scored cells to those it lists, as it limits models' cells
+    (tmp_path / "c0").write_bytes(b"")
+    (tmp_path / "c1").write_bytes(b"")
+    (tmp_path / "few.csv").write_text("path;crack;inactive\nc0;0;0\nc1;1;0\n")
+    assert main([*args, "--data", str(tmp_path / "few.csv")]) == 0
+    assert "2 cells both scored" in capsys.readouterr().out
+    (tmp_path / "out").write_text("a file, not a folder")
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "--out " + str(tmp_path / "out") + ": exists and is not a folder" in capsys.readouterr().err
 
 
 def test_a_protocol_refuses_data_whose_cells_moved_between_folds(seed_csv, tmp_path):

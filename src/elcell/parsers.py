@@ -257,7 +257,9 @@ def add_compare(commands) -> None:
     parser.add_argument("a", metavar="A", help="the reference: a k-fold folder, a scored CSV, or a model")
     parser.add_argument("b", metavar="B", help="the challenger: any of the same kinds (compared on the cells "
                                                "both scored)")
-    parser.add_argument("--data", metavar="LABELS.csv", help="labelled cells to score two models on")
+    parser.add_argument("--data", metavar="LABELS.csv", help="labelled cells to score two models on; for "
+                                                              "k-fold folders and scored CSVs, the cells to "
+                                                              "compare them on (the others are left out)")
     parser.add_argument("--group", metavar="COLUMN", help="with --data: a group column that is not a label")
     parser.add_argument("--require", action="append", metavar="METRIC=LABEL",
                         help="fail (exit 1) if B is worse than A beyond the interval on this figure "
@@ -267,10 +269,10 @@ def add_compare(commands) -> None:
                              "0 by chance")
     parser.add_argument("--out", metavar="DIR", help="write compare.json and disagreements.csv (the cells "
                                                      "decided differently) here")
-    parser.add_argument("--overlays", type=non_negative_int, default=50, metavar="N",
+    parser.add_argument("--overlays", type=non_negative_int, default=None, metavar="N",
                         help="with two models, --data and --out: draw the N cells whose probability changed "
                              "most among those decided differently, A's heatmap beside B's, into "
-                             "OUT/overlays/ with OUT/disagreements.html (0: none)")
+                             "OUT/overlays/ with OUT/disagreements.html (default 50; 0: none)")
     parser.add_argument("--tta", action="store_true", help="with --data: test-time augmentation")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar on stderr while scoring models (default: on a terminal)")

@@ -14,21 +14,27 @@ import csv
 import io
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from elcell.cells.labels import label_fields
+from elcell.cells.labels import file_key, label_fields, load_table
 from elcell.errors import DataError
 from elcell.infer.metrics import fmt
+from elcell.infer.modelinfo import read_info
+from elcell.infer.runtime import resolve_model_path
 from elcell.io import atomic_write_json, atomic_write_text
 from elcell.judging.folds import OOF, PROTOCOL
 from elcell.judging.intervals import Scored, align, paired_difference, read_scored
+from elcell.judging.overlays import INDEX, OVERLAY_FOLDER
 from elcell.options import show_progress
 
 # --require METRIC=LABEL: the figure each metric names, at the model's own thresholds
 REQUIRE = {"recall": "own_recall", "recall_with_review": "own_recall_with_review", "f1": "own_f1",
            "precision": "own_precision", "roc_auc": "roc_auc", "f1_at_0.5": "at_0.5_f1"}
+OVERLAYS = 50  # disagreements drawn by default with --out
 SHOWN = ("roc_auc", "at_0.5_f1", "own_f1", "own_recall", "own_recall_with_review")
 
 
@@ -55,22 +61,52 @@ def is_model(source: str) -> bool:
 
 
 def load_scored(source: str, data: str | None, group: str | None, tta: bool, progress: bool) -> Scored:
-    """Scored cells from a k-fold folder, a scored CSV, or a model scored on --data."""
+    """Scored cells from a k-fold folder, a scored CSV (limited to --data's cells
+    when given), or a model scored on --data."""
     path = Path(source)
     if path.is_dir() and (path / PROTOCOL).is_file():
         if not (path / OOF).is_file():
             raise DataError(f"{path}: no fold of this k-fold protocol has finished yet")
-        return read_scored(path / OOF)
+        return _within(read_scored(path / OOF), source, data, group)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        return read_scored(path)
+        return _within(read_scored(path), source, data, group)
     if data is None:
         raise DataError(f"{source}: a model is compared on labelled cells: give --data LABELS.csv "
                         "(or compare k-fold folders or scored CSVs)")
     from elcell.judging.scoring import score_model  # ONNX Runtime: only when models are compared
 
     return score_model(source, data, group=group, tta=tta, progress=progress)
+
+
+def _within(scored: Scored, source: str, data: str | None, group: str | None) -> Scored:
+    """Scored cells limited to those --data lists (matched as files): --data then
+    means the same for scored cells as for models, the cells compared on."""
+    if data is None:
+        return scored
+    wanted = {file_key(p) for p in load_table(data, group=group).paths}
+    keep = [i for i, p in enumerate(scored.paths) if file_key(p) in wanted]
+    if not keep:
+        raise DataError(f"{source}: none of its scored cells is in --data {data}")
+    rows = np.array(keep)
+    return Scored([scored.paths[i] for i in keep], scored.labels, scored.truth[rows], scored.probs[rows],
+                  scored.decisions[rows])
+
+
+def unread(source: str, scored: Scored, data: str | None, group: str | None) -> int:
+    """How many of --data's cells a model scored here could not read (0 for scored cells)."""
+    if data is None or not is_model(source):
+        return 0
+    return len(load_table(data, group=group).paths) - len(scored.paths)
+
+
+def same_model(a_source: str, b_source: str) -> bool:
+    """Whether two model sources hold the same weights (a copy, or a folder and its ONNX file)."""
+    if not (is_model(a_source) and is_model(b_source)):
+        return False
+    a, b = (read_info(resolve_model_path(source)).identity for source in (a_source, b_source))
+    return a == b
 
 
 def disagreements(a: Scored, b: Scored) -> list[int]:
@@ -115,8 +151,10 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     `out`, and two models, the first `overlays` disagreements drawn."""
     for text in require or []:  # a mistyped --require is named before any model is scored
         parse_require(text, None)
+    folder = _out_folder(out)
     a, b = load_scored(a_source, data, group, tta, progress), load_scored(b_source, data, group, tta, progress)
-    cells = {"cells_a": len(a.paths), "cells_b": len(b.paths)}
+    cells = {"cells_a": len(a.paths), "cells_b": len(b.paths), "same_model": same_model(a_source, b_source),
+             "unread": max(unread(a_source, a, data, group), unread(b_source, b, data, group))}
     a, b = align(a, b)
     result = {**paired_difference(a, b, seed=seed), **cells}
     rows = disagreements(a, b)
@@ -125,9 +163,10 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     # a gate passed without evidence is no gate: a figure these cells cannot measure refuses too
     failed = [name for name in required if result["figures"][name]["verdict"] in ("worse", "n/a")]
     result["required"] = {name: result["figures"][name]["verdict"] for name in required}
-    if out:
-        folder = Path(out)
+    if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in (folder / OVERLAY_FOLDER, folder / INDEX):  # an earlier comparison's drawings
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         atomic_write_json(folder / "compare.json", result)
         write_disagreements(folder / "disagreements.csv", a, b, rows)
         if overlays and rows and data and is_model(a_source) and is_model(b_source):
@@ -138,11 +177,25 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     return result, failed
 
 
+def _out_folder(out: str | None) -> Path | None:
+    """--out, refused before any model is scored if it cannot be the folder."""
+    if out is None:
+        return None
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--out {folder}: exists and is not a folder")
+    return folder
+
+
 def main(args) -> int:
+    if args.overlays is not None and not args.out:
+        print("elcell: note: --overlays draws into --out DIR; without it none are drawn", file=sys.stderr)
     result, failed = compare(args.a, args.b, data=args.data, group=args.group, out=args.out,
                              require=args.require, tta=args.tta, progress=show_progress(args.progress),
-                             overlays=args.overlays)
+                             overlays=OVERLAYS if args.overlays is None else args.overlays)
     print(format_comparison(result, (args.a, args.b)))
+    if result["same_model"]:
+        print("elcell: note: A and B are the same model (the same weights): every difference is 0")
     if args.out:
         drawn = f" and {Path(args.out) / 'disagreements.html'}" if result.get("overlays") else ""
         print(f"wrote {Path(args.out) / 'compare.json'}, {Path(args.out) / 'disagreements.csv'}{drawn}")
@@ -154,8 +207,11 @@ def main(args) -> int:
         print(f"elcell: {', '.join(unmeasured)} cannot be measured on these {result['cells']} cells "
               "(no positive cell of that label, or none called positive): not promoted; compare on cells "
               "that hold the label's defects")
+    if result["unread"]:
+        print(f"elcell: {result['unread']} cells of {args.data} could not be read (named above): compared on "
+              f"the other {result['cells']}; not promoted on incomplete cells", file=sys.stderr)
     if failed:
         return 1
     if result["required"]:
         print(json.dumps({"required": result["required"]}))
-    return 0
+    return 1 if result["unread"] else 0
