@@ -186,6 +186,17 @@ def test_corrupt_files_name_the_file(tmp_path, content):
         load_cell(path, Decoding(64))
 
 
+def test_an_icon_is_not_read_whatever_its_name(tmp_path):
+    """ICO embeds an image that Pillow decodes while opening, before any header
+    check could see its size: a format elcell does not read, under any suffix."""
+    icon = Image.fromarray(np.full((64, 64), 128, dtype=np.uint8))
+    icon.save(tmp_path / "cell.ico", sizes=[(64, 64)])
+    (tmp_path / "cell.png").write_bytes((tmp_path / "cell.ico").read_bytes())
+    for name in ("cell.ico", "cell.png"):
+        with pytest.raises(ImageError, match=f"{name}: not a readable image"):
+            load_cell(tmp_path / name, Decoding(64))
+
+
 def test_truncated_png_is_rejected(tmp_path, elpv):
     data = elpv.paths[0].read_bytes()
     path = tmp_path / "truncated.png"

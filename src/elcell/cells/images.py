@@ -12,6 +12,7 @@ import functools
 import math
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -177,10 +178,24 @@ def _source_name(source: str | Path | BinaryIO) -> str:
 
 
 MAX_PIXELS = 120_000_000  # a 12 000 x 10 000 module photo; larger is refused before decoding
-# Every size is checked here (and by the station's limits) from the header, before decoding, in
-# words that name the file and the limit. Pillow's own check would warn from 89 million pixels,
-# inside MAX_PIXELS, and refuse from 179 million in its words: off, as ours come first.
-Image.MAX_IMAGE_PIXELS = None
+# The formats IMAGE_SUFFIXES name, and no others: Pillow decodes an ICO's or ICNS's embedded
+# image, of any size, before its header can be checked.
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # JPEG opens a camera's MPO too
+# Sizes are checked from the header before decoding (MAX_PIXELS, the station's limits), in words
+# that name the file and the limit. Pillow's own check stays behind them, moved to MAX_PIXELS so
+# that it does not warn about photos elcell accepts (from 89 million pixels by default).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # ours refuse those first
+
+
+def open_image(source: str | Path | BinaryIO, where: str | Path = "image") -> Image.Image:
+    """Image.open for the formats elcell reads; Pillow's size refusal (past twice
+    MAX_PIXELS, a size our header checks cannot see first) in elcell's words."""
+    try:
+        return Image.open(source, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{where}: image of more than {2 * MAX_PIXELS // 1_000_000} million pixels, more than "
+                         f"the {MAX_PIXELS // 1_000_000} million elcell reads") from None
 
 
 def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size: int = 8,
@@ -196,7 +211,7 @@ def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size
     (checked from the header, before the pixels are decoded)."""
     where = Path(name if name is not None else _source_name(source))
     try:
-        with Image.open(source) as image:
+        with open_image(source, where) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"{where}: image is {image.width}x{image.height} pixels, more than the "
                                  f"{MAX_PIXELS // 1_000_000} million elcell reads")
@@ -210,8 +225,6 @@ def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size
         if isinstance(err, ImageError):
             raise
         raise ImageError(f"{where}: not a readable image ({err})") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{where}: image too large ({err})") from None
     if gray.ndim != 2 or min(gray.shape) < min_size:
         raise ImageError(f"{where}: image is {gray.shape}, expected a 2-D image of at least "
                          f"{min_size}x{min_size} pixels")
@@ -223,7 +236,7 @@ def read_reduced(path: str | Path, at_least: tuple[int, int], min_size: int = 8)
     the returned ones spans (1, or 2, 4, 8 for a JPEG decoded smaller)."""
     pixels = read_pixels(path, min_size=min_size, at_least=at_least)
     try:
-        with Image.open(path) as image:
+        with open_image(path, path) as image:
             return pixels, float(round(image.width / pixels.shape[1]))  # odd sizes round up: 2599 -> 1300
     except OSError as err:  # read a moment ago: only a file replaced meanwhile gets here
         raise ImageError(f"{path}: not a readable image ({err})") from None

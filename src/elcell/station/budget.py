@@ -86,10 +86,12 @@ def decoded_bytes(data: bytes, max_pixels: int) -> int:
     pixels (refused unread, with its own message, by the decoder)."""
     import io
 
-    from PIL import Image  # here, not at the top: `elcell --help` reads Budget and needs no Pillow
+    from elcell.cells.images import (
+        open_image,  # here, not at the top: `elcell --help` reads Budget and needs no Pillow
+    )
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data)) as image:
             width, height, mode = image.width, image.height, image.mode
     except Exception:  # noqa: BLE001 - the decoder names what is wrong with it
         return 0

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elcell.cells.images import Decoding, read_pixels, to_cell, to_uint8
+from elcell.cells.images import Decoding, open_image, read_pixels, to_cell, to_uint8
 from elcell.errors import ImageError
 from elcell.infer.heatmaps import heatmap_box, overlay_png, png_bytes
 from elcell.infer.runtime import OK
@@ -49,7 +49,7 @@ def check_header(data: bytes, name: str, max_pixels: int) -> None:
     """Refuse an image whose header says it is larger than `max_pixels`, before
     decoding a single pixel (a decompression bomb is a tiny file)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data), name) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001 - read_pixels names what is wrong with it
         return

@@ -16,9 +16,8 @@ import anyio
 import anyio.to_thread
 import numpy as np
 from fastapi import HTTPException
-from PIL import Image
 
-from elcell.cells.images import read_pixels
+from elcell.cells.images import open_image, read_pixels
 from elcell.errors import ImageError
 from elcell.infer.predict import model_column
 from elcell.infer.runtime import Model, score_cells
@@ -168,7 +167,7 @@ def decode_module(data: bytes, name: str, at_least: tuple[int, int] | None = Non
         if not data:
             raise ImageError(f"{name}: empty file")
         pixels = read_pixels(io.BytesIO(data), name=name, min_size=32, at_least=at_least)
-        with Image.open(io.BytesIO(data)) as header:  # the header only: the photo's own width
+        with open_image(io.BytesIO(data), name) as header:  # the header only: the photo's own width
             return as_gray(pixels), float(round(header.width / pixels.shape[1]))
     except ImageError as err:
         raise HTTPException(400, clean(str(err))) from None
