@@ -203,8 +203,9 @@ def test_compare_draws_disagreements_and_gates_on_recall(lenient, adapted, seed_
 
 @pytest.mark.slow
 def test_the_disagreements_page_keeps_file_names_as_text(tiny_onnx, lenient, seed_csv, tmp_path, capsys):
-    run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(seed_csv), "--out", str(tmp_path / "one"),
-             "--overlays", "0"], capsys)
+    _, out, _ = run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(seed_csv), "--out",
+                         str(tmp_path / "one"), "--overlays", "0"], capsys)
+    assert "the same weights with other thresholds" in out  # lenient: tiny_onnx with tuned thresholds
     row = _rows(tmp_path / "one" / "disagreements.csv")[0]  # a cell the two decide differently
     assert not (tmp_path / "one" / "overlays").exists()  # --overlays 0 draws none
     odd = tmp_path / "a<b>&'x.png"  # its copy, under a name that would be markup on the page
@@ -222,6 +223,7 @@ def test_the_disagreements_page_keeps_file_names_as_text(tiny_onnx, lenient, see
     assert not (tmp_path / "two" / "overlays").exists() and not (tmp_path / "two" / "disagreements.html").exists()
     # a cell that cannot be read: compared on the rest, and no promotion on incomplete cells
     data.write_text(data.read_text() + "missing.png;0;0\n")
-    code, _, err = run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(data), "--require",
+    code, out, err = run_cli(["compare", str(lenient), str(tiny_onnx), "--data", str(data), "--require",
                             "recall=crack"], capsys)
     assert code == 1 and "1 cells of " in err and "not promoted on incomplete cells" in err
+    assert '{"required"' not in out  # no verdicts line a script could promote on

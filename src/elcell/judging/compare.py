@@ -85,13 +85,15 @@ def _within(scored: Scored, source: str, data: str | None, group: str | None) ->
     means the same for scored cells as for models, the cells compared on."""
     if data is None:
         return scored
-    wanted = {file_key(p) for p in load_table(data, group=group).paths}
-    keep = [i for i, p in enumerate(scored.paths) if file_key(p) in wanted]
+    listed = {file_key(p): str(p) for p in load_table(data, group=group).paths}
+    keep = [i for i, p in enumerate(scored.paths) if file_key(p) in listed]
     if not keep:
-        raise DataError(f"{source}: none of its scored cells is in --data {data}")
+        raise DataError(f"{source}: none of its scored cells is in --data {data} (matched as files: its "
+                        f"{scored.paths[0]!r} against {next(iter(listed.values()), 'nothing')!r})")
     rows = np.array(keep)
-    return Scored([scored.paths[i] for i in keep], scored.labels, scored.truth[rows], scored.probs[rows],
-                  scored.decisions[rows])
+    # --data's spelling of each path, so that a model scored on --data pairs with these rows
+    return Scored([listed[file_key(scored.paths[i])] for i in keep], scored.labels, scored.truth[rows],
+                  scored.probs[rows], scored.decisions[rows])
 
 
 def unread(source: str, scored: Scored, data: str | None, group: str | None) -> int:
@@ -101,12 +103,16 @@ def unread(source: str, scored: Scored, data: str | None, group: str | None) -> 
     return len(load_table(data, group=group).paths) - len(scored.paths)
 
 
-def same_model(a_source: str, b_source: str) -> bool:
-    """Whether two model sources hold the same weights (a copy, or a folder and its ONNX file)."""
+def same_model(a_source: str, b_source: str) -> str | None:
+    """'model' when two model sources are the same model (a copy, or a folder and its
+    ONNX file), 'weights' when only their thresholds or decoding differ (a tuned copy)."""
     if not (is_model(a_source) and is_model(b_source)):
-        return False
-    a, b = (read_info(resolve_model_path(source)).identity for source in (a_source, b_source))
-    return a == b
+        return None
+    a, b = (read_info(resolve_model_path(source)) for source in (a_source, b_source))
+    if a.identity != b.identity:
+        return None
+    same = (a.thresholds, a.review_thresholds, a.decoding) == (b.thresholds, b.review_thresholds, b.decoding)
+    return "model" if same else "weights"
 
 
 def disagreements(a: Scored, b: Scored) -> list[int]:
@@ -165,8 +171,9 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     result["required"] = {name: result["figures"][name]["verdict"] for name in required}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in (folder / OVERLAY_FOLDER, folder / INDEX):  # an earlier comparison's drawings
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if (folder / "compare.json").is_file():  # an earlier comparison's folder: its drawings go
+            for stale in (folder / OVERLAY_FOLDER, folder / INDEX):
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
         atomic_write_json(folder / "compare.json", result)
         write_disagreements(folder / "disagreements.csv", a, b, rows)
         if overlays and rows and data and is_model(a_source) and is_model(b_source):
@@ -194,8 +201,11 @@ def main(args) -> int:
                              require=args.require, tta=args.tta, progress=show_progress(args.progress),
                              overlays=OVERLAYS if args.overlays is None else args.overlays)
     print(format_comparison(result, (args.a, args.b)))
-    if result["same_model"]:
-        print("elcell: note: A and B are the same model (the same weights): every difference is 0")
+    if result["same_model"] == "model":
+        print("elcell: note: A and B are the same model (weights, thresholds, decoding): every difference is 0")
+    elif result["same_model"] == "weights":
+        print("elcell: note: A and B hold the same weights with other thresholds or decoding: only the figures "
+              "at their own thresholds can differ")
     if args.out:
         drawn = f" and {Path(args.out) / 'disagreements.html'}" if result.get("overlays") else ""
         print(f"wrote {Path(args.out) / 'compare.json'}, {Path(args.out) / 'disagreements.csv'}{drawn}")
@@ -208,10 +218,12 @@ def main(args) -> int:
               "(no positive cell of that label, or none called positive): not promoted; compare on cells "
               "that hold the label's defects")
     if result["unread"]:
-        print(f"elcell: {result['unread']} cells of {args.data} could not be read (named above): compared on "
-              f"the other {result['cells']}; not promoted on incomplete cells", file=sys.stderr)
+        print(f"elcell: {result['unread']} cells of {args.data} could not be read (named above), and are left "
+              "out of the comparison: not promoted on incomplete cells", file=sys.stderr)
     if failed:
         return 1
+    if result["unread"]:
+        return 1  # no verdicts line: a script reading it would promote on incomplete cells
     if result["required"]:
         print(json.dumps({"required": result["required"]}))
-    return 1 if result["unread"] else 0
+    return 0
