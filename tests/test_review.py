@@ -268,6 +268,9 @@ def test_an_unreadable_queue_file_stops_the_station_and_keeps_its_cells(model, c
     with pytest.raises(DataError, match="the review queue cannot be read .* nothing was changed"):
         station(model, folder, probs)
     assert len(list((folder / "queue").glob("*.png"))) == waiting
+    state.write_text('{"labels": ["crack", "inactive"], "dropped": null, "items": []}')  # edited by hand
+    with station(model, folder, probs) as client:  # readable: starts (the images it does not list go)
+        assert client.get("/api/v1/review").json()["waiting"] == 0
 
 
 def test_a_restart_with_another_model_scores_the_waiting_cells_again(model, cells, probs, tmp_path):

@@ -123,7 +123,7 @@ class ReviewQueue:
                 item = ReviewItem(**entry)
                 if item.id not in self.folder.answered and self._file(item.id).is_file():
                     self._items[item.id] = item
-            self.dropped = int(saved.get("dropped", 0))
+            self.dropped = saved["dropped"]
             self.scorer = saved.get("scorer")
         for file in self.files.glob("*.png"):  # images written but never listed
             if file.stem not in self._items:
@@ -136,13 +136,14 @@ class ReviewQueue:
             saved = json.loads(self.state.read_text(encoding="utf-8"))
             for entry in saved["items"]:
                 ReviewItem(**entry)
+            saved["dropped"] = int(saved.get("dropped") or 0)
             return saved
         except (OSError, ValueError, TypeError, KeyError) as err:
             waiting = len(list(self.files.glob("*.png")))
-            raise DataError(f"{self.state}: the review queue cannot be read ({err}); nothing was changed. Move it "
-                            f"aside to start with an empty queue (the {waiting} images in {self.files} it listed "
-                            "are then removed: label them first with another copy of the folder if they matter)"
-                            ) from err
+            raise DataError(f"{self.state}: the review queue cannot be read ({err}); nothing was changed. To go "
+                            f"on, copy its {waiting} images in {self.files} aside, move queue.json aside and start "
+                            "again (the queue starts empty and those images are removed from it); upload the "
+                            "copies to queue them again") from err
 
     def _save(self) -> None:
         """Rewrite queue.json atomically (under the lock)."""
