@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elcell.cells.labels import file_key, label_fields, load_table
+from elcell.cells.labels import LabelTable, file_key, label_fields, load_table
 from elcell.errors import DataError
 from elcell.infer.metrics import fmt
 from elcell.infer.modelinfo import read_info
@@ -60,32 +60,32 @@ def is_model(source: str) -> bool:
     return not (path.is_dir() and (path / PROTOCOL).is_file()) and path.suffix.lower() != ".csv"
 
 
-def load_scored(source: str, data: str | None, group: str | None, tta: bool, progress: bool) -> Scored:
-    """Scored cells from a k-fold folder, a scored CSV (limited to --data's cells
-    when given), or a model scored on --data."""
+def load_scored(source: str, data: str | None, table: LabelTable | None, tta: bool, progress: bool) -> Scored:
+    """Scored cells from a k-fold folder, a scored CSV (limited to --data's cells,
+    `table`, when given), or a model scored on them."""
     path = Path(source)
     if path.is_dir() and (path / PROTOCOL).is_file():
         if not (path / OOF).is_file():
             raise DataError(f"{path}: no fold of this k-fold protocol has finished yet")
-        return _within(read_scored(path / OOF), source, data, group)
+        return _within(read_scored(path / OOF), source, data, table)
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        return _within(read_scored(path), source, data, group)
-    if data is None:
+        return _within(read_scored(path), source, data, table)
+    if table is None:
         raise DataError(f"{source}: a model is compared on labelled cells: give --data LABELS.csv "
                         "(or compare k-fold folders or scored CSVs)")
     from elcell.judging.scoring import score_model  # ONNX Runtime: only when models are compared
 
-    return score_model(source, data, group=group, tta=tta, progress=progress)
+    return score_model(source, table, tta=tta, progress=progress)
 
 
-def _within(scored: Scored, source: str, data: str | None, group: str | None) -> Scored:
+def _within(scored: Scored, source: str, data: str | None, table: LabelTable | None) -> Scored:
     """Scored cells limited to those --data lists (matched as files): --data then
     means the same for scored cells as for models, the cells compared on."""
-    if data is None:
+    if table is None:
         return scored
-    listed = {file_key(p): str(p) for p in load_table(data, group=group).paths}
+    listed = {file_key(p): str(p) for p in table.paths}
     keep = [i for i, p in enumerate(scored.paths) if file_key(p) in listed]
     if not keep:
         raise DataError(f"{source}: none of its scored cells is in --data {data} (matched as files: its "
@@ -96,11 +96,11 @@ def _within(scored: Scored, source: str, data: str | None, group: str | None) ->
                   scored.probs[rows], scored.decisions[rows])
 
 
-def unread(source: str, scored: Scored, data: str | None, group: str | None) -> int:
+def unread(source: str, scored: Scored, table: LabelTable | None) -> int:
     """How many of --data's cells a model scored here could not read (0 for scored cells)."""
-    if data is None or not is_model(source):
+    if table is None or not is_model(source):
         return 0
-    return len(load_table(data, group=group).paths) - len(scored.paths)
+    return len(table.paths) - len(scored.paths)
 
 
 def same_model(a_source: str, b_source: str) -> str | None:
@@ -158,9 +158,10 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     for text in require or []:  # a mistyped --require is named before any model is scored
         parse_require(text, None)
     folder = _out_folder(out)
-    a, b = load_scored(a_source, data, group, tta, progress), load_scored(b_source, data, group, tta, progress)
+    table = load_table(data, group=group) if data else None
+    a, b = (load_scored(source, data, table, tta, progress) for source in (a_source, b_source))
     cells = {"cells_a": len(a.paths), "cells_b": len(b.paths), "same_model": same_model(a_source, b_source),
-             "unread": max(unread(a_source, a, data, group), unread(b_source, b, data, group))}
+             "unread": max(unread(a_source, a, table), unread(b_source, b, table))}
     a, b = align(a, b)
     result = {**paired_difference(a, b, seed=seed), **cells}
     rows = disagreements(a, b)

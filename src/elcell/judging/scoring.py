@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from elcell.cells.labels import LabelTable, load_table
+from elcell.cells.labels import LabelTable
 from elcell.infer.evaluate import known_labels, predict_table
 from elcell.infer.runtime import Model, decide, open_model
 from elcell.judging.intervals import Scored
@@ -26,8 +26,6 @@ def score_table(model: Model, table: LabelTable, tta: bool = False, progress: bo
                   predictions.probs.astype(np.float64), np.asarray(decisions))
 
 
-def score_model(source: str, data: str, group: str | None = None, tta: bool = False,
-                progress: bool = True) -> Scored:
-    """A model file or run folder scored on a labels CSV (or 'elpv')."""
-    table = load_table(data, group=group)
+def score_model(source: str, table: LabelTable, tta: bool = False, progress: bool = True) -> Scored:
+    """A model file or run folder scored on labelled cells (its groups set aside)."""
     return score_table(open_model(source), replace(table, groups=None), tta=tta, progress=progress)
