@@ -231,15 +231,19 @@ def read_pixels(source: str | Path | BinaryIO, name: str | None = None, min_size
     return gray
 
 
-def read_reduced(path: str | Path, at_least: tuple[int, int], min_size: int = 8) -> tuple[np.ndarray, float]:
-    """`read_pixels(path, at_least=...)`, and how many of the file's pixels one of
+def read_reduced(source: str | Path | BinaryIO, at_least: tuple[int, int] | None, min_size: int = 8,
+                 name: str | None = None) -> tuple[np.ndarray, float]:
+    """`read_pixels(source, at_least=...)`, and how many of the file's pixels one of
     the returned ones spans (1, or 2, 4, 8 for a JPEG decoded smaller)."""
-    pixels = read_pixels(path, min_size=min_size, at_least=at_least)
+    where = Path(name if name is not None else _source_name(source))
+    pixels = read_pixels(source, name=name, min_size=min_size, at_least=at_least)
+    if not isinstance(source, str | Path):
+        source.seek(0)  # the header again, from the same bytes
     try:
-        with open_image(path, path) as image:
+        with open_image(source, where) as image:
             return pixels, float(round(image.width / pixels.shape[1]))  # odd sizes round up: 2599 -> 1300
     except OSError as err:  # read a moment ago: only a file replaced meanwhile gets here
-        raise ImageError(f"{path}: not a readable image ({err})") from None
+        raise ImageError(f"{where}: not a readable image ({err})") from None
 
 
 def read_gray(source: str | Path | BinaryIO, bit_depth: int = 16, name: str | None = None) -> np.ndarray:

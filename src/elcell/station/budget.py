@@ -86,9 +86,8 @@ def decoded_bytes(data: bytes, max_pixels: int) -> int:
     pixels (refused unread, with its own message, by the decoder)."""
     import io
 
-    from elcell.cells.images import (
-        open_image,  # here, not at the top: `elcell --help` reads Budget and needs no Pillow
-    )
+    # here, not at the top: `elcell --help` reads Budget and needs no Pillow
+    from elcell.cells.images import open_image
 
     try:
         with open_image(io.BytesIO(data)) as image:

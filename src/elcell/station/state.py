@@ -17,7 +17,7 @@ import anyio.to_thread
 import numpy as np
 from fastapi import HTTPException
 
-from elcell.cells.images import open_image, read_pixels
+from elcell.cells.images import read_reduced
 from elcell.errors import ImageError
 from elcell.infer.predict import model_column
 from elcell.infer.runtime import Model, score_cells
@@ -166,9 +166,8 @@ def decode_module(data: bytes, name: str, at_least: tuple[int, int] | None = Non
     try:
         if not data:
             raise ImageError(f"{name}: empty file")
-        pixels = read_pixels(io.BytesIO(data), name=name, min_size=32, at_least=at_least)
-        with open_image(io.BytesIO(data), name) as header:  # the header only: the photo's own width
-            return as_gray(pixels), float(round(header.width / pixels.shape[1]))
+        pixels, scale = read_reduced(io.BytesIO(data), at_least, min_size=32, name=name)
+        return as_gray(pixels), scale
     except ImageError as err:
         raise HTTPException(400, clean(str(err))) from None
     except Exception as err:  # noqa: BLE001 - whatever else a crafted file provokes is still bad input
