@@ -86,13 +86,14 @@ def _within(scored: Scored, source: str, data: str | None, table: LabelTable | N
     if table is None:
         return scored
     listed = {file_key(p): str(p) for p in table.paths}
-    keep = [i for i, p in enumerate(scored.paths) if file_key(p) in listed]
+    keys = [file_key(p) for p in scored.paths]  # realpath: a few system calls a cell, once
+    keep = [i for i, key in enumerate(keys) if key in listed]
     if not keep:
         raise DataError(f"{source}: none of its scored cells is in --data {data} (matched as files: its "
                         f"{scored.paths[0]!r} against {next(iter(listed.values()), 'nothing')!r})")
     rows = np.array(keep)
     # --data's spelling of each path, so that a model scored on --data pairs with these rows
-    return Scored([listed[file_key(scored.paths[i])] for i in keep], scored.labels, scored.truth[rows],
+    return Scored([listed[keys[i]] for i in keep], scored.labels, scored.truth[rows],
                   scored.probs[rows], scored.decisions[rows])
 
 
