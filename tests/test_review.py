@@ -212,6 +212,9 @@ def test_one_row_per_cell_and_a_different_answer_replaces_it(model, cells, probs
         client.post("/api/v1/cells", files=upload(cells))
         item = client.get("/api/v1/review/next").json()["item"]
         assert client.post(f"/api/v1/review/{item['id']}", json={"labels": {"bogus": 1}}).status_code == 422
+        for loose in (True, "1", 1.0, 2):  # only the numbers 0 and 1 are answers
+            refused = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"crack": loose}})
+            assert refused.status_code == 422 and "crack" in refused.text, loose
         first = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"crack": 1}}).json()
         same = client.post(f"/api/v1/review/{item['id']}", json={"labels": {"crack": 1}}).json()
         assert same["same"] and same["rows"] == first["rows"] == 1

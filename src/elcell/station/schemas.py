@@ -134,8 +134,11 @@ class ReviewNext(BaseModel):
 
 
 class ReviewAnswer(BaseModel):
-    labels: dict[str, Annotated[int, Field(ge=0, le=1)]] = Field(
-        default_factory=dict, description="1 for each label the cell has; a label left out is 0; {} is ok")
+    # strict: `true`, "1" or 1.0 would be read as 1, and a typo in a client
+    # would write a label nobody chose into labels.csv
+    labels: dict[str, Annotated[int, Field(ge=0, le=1, strict=True)]] = Field(
+        default_factory=dict, description="1 for each label the cell has (the number 0 or 1); "
+                                          "a label left out is 0; {} is ok")
 
 
 class ReviewSaved(BaseModel):
