@@ -104,6 +104,15 @@ def unread(source: str, scored: Scored, table: LabelTable | None) -> int:
     return len(table.paths) - len(scored.paths)
 
 
+def _read_by(a: Scored, a_source: str, table: LabelTable | None) -> LabelTable | None:
+    """--data's cells less those model A could not read: they were reported once
+    already, and B would meet the same file. (B's unread count still counts them.)"""
+    if table is None or not is_model(a_source) or len(a.paths) == len(table.paths):
+        return table
+    read = set(a.paths)
+    return table.subset(np.array([i for i, p in enumerate(table.paths) if str(p) in read], dtype=np.int64))
+
+
 def same_model(a_source: str, b_source: str) -> str | None:
     """'model' when two model sources are the same model (a copy, or a folder and its
     ONNX file), 'weights' when only their thresholds or decoding differ (a tuned copy)."""
@@ -160,7 +169,8 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
         parse_require(text, None)
     folder = _out_folder(out)
     table = load_table(data, group=group) if data else None
-    a, b = (load_scored(source, data, table, tta, progress) for source in (a_source, b_source))
+    a = load_scored(a_source, data, table, tta, progress)
+    b = load_scored(b_source, data, _read_by(a, a_source, table), tta, progress)
     cells = {"cells_a": len(a.paths), "cells_b": len(b.paths), "same_model": same_model(a_source, b_source),
              "unread": max(unread(a_source, a, table), unread(b_source, b, table))}
     a, b = align(a, b)
@@ -220,8 +230,10 @@ def main(args) -> int:
               "(no positive cell of that label, or none called positive): not promoted; compare on cells "
               "that hold the label's defects")
     if result["unread"]:
-        print(f"elcell: {result['unread']} cells of {args.data} could not be read (named above), and are left "
-              "out of the comparison: not promoted on incomplete cells", file=sys.stderr)
+        n = result["unread"]
+        print(f"elcell: {n} cell{'s' if n != 1 else ''} of {args.data} could not be read (named above), and "
+              f"{'are' if n != 1 else 'is'} left out of the comparison: not promoted on incomplete cells",
+              file=sys.stderr)
     if failed:
         return 1
     if result["unread"]:
