@@ -118,6 +118,24 @@ def test_resume_continues_from_the_checkpoint(tiny_run, seed_csv, tmp_path):
     assert read_info(out / summary["onnx"]).labels == ["crack", "inactive"]
 
 
+def test_a_moved_run_resumes_with_its_own_best_checkpoint(tiny_run, tmp_path, capsys):
+    run = tmp_path / "moved"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "*.onnx"))
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    for saved in state["callbacks"].values():  # as after `mv`: its record names a folder that is gone
+        if "dirpath" in saved:
+            gone = "/gone/run/checkpoints"
+            saved.update(dirpath=gone, best_model_path=f"{gone}/{Path(saved['best_model_path']).name}",
+                         best_k_models={f"{gone}/{Path(k).name}": v for k, v in saved["best_k_models"].items()})
+    torch.save(state, last)
+    assert main(["train", "--resume", str(last), "--no-progress"]) == 0  # no epoch left: it exports
+    summary, original = (json.loads((folder / "summary.json").read_text()) for folder in (run, tiny_run))
+    assert summary["best_checkpoint"] == original["best_checkpoint"]  # this folder's, the old best
+    assert summary["best_val_f1"] == pytest.approx(original["best_val_f1"])
+    assert (run / summary["onnx"]).is_file() and summary["onnx"] == original["onnx"]
+
+
 @pytest.mark.slow
 def test_a_onecycle_run_cannot_be_extended(tmp_path):
     config = TrainConfig.from_recipe("spec", data="elpv", limit=48, out=str(tmp_path / "run"), backbone="test_resnet",

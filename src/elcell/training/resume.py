@@ -4,10 +4,12 @@ the whole data set first)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from elcell.errors import DataError
 from elcell.training.config import TrainConfig, checkpoint_run
@@ -56,3 +58,30 @@ def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
         raise DataError(f"--resume {config.resume}: the run trained "
                         f"{'with' if averaged else 'without'} --ema-decay; resume it "
                         f"{'with --ema-decay' if averaged else 'without it'}")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose record of the best checkpoints follows its run folder
+    when the folder is copied or moved. Lightning keeps that record only while the
+    folder's path is unchanged: after a move, the best score so far would be
+    forgotten (an epoch worse than the old best would become "best") and the
+    export would read the old folder's, or a missing, checkpoint."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints of either class resume into the other
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        def here(path):  # the same file name in this folder
+            return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+        before, best = state_dict.get("dirpath"), state_dict.get("best_model_path")
+        # Only a folder that holds the best checkpoint is the run moved: a run resumed
+        # into a new --out keeps Lightning's way, and its top-k never deletes the old run's files.
+        if before and best and before != self.dirpath and os.path.isfile(here(best)):
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          **{key: here(state_dict.get(key)) for key in
+                             ("best_model_path", "kth_best_model_path", "last_model_path")},
+                          "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)

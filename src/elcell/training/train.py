@@ -24,7 +24,6 @@ from lightning.pytorch.callbacks import (
     EarlyStopping,
     EMAWeightAveraging,
     LearningRateMonitor,
-    ModelCheckpoint,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -68,7 +67,7 @@ from elcell.training.hardware import (
 from elcell.training.history import EpochLines, merge_session_logs, next_session, plot_losses
 from elcell.training.lightning_module import ELCellModule
 from elcell.training.nets.build import load_pretrained
-from elcell.training.resume import check_resumable, resume_checkpoint
+from elcell.training.resume import RunCheckpoint, check_resumable, resume_checkpoint
 
 
 def check_options(config: TrainConfig) -> None:
@@ -245,7 +244,8 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
                 older.unlink()
     summary = {
         "best_checkpoint": os.path.relpath(kept, run),  # the model's, --keep last's included
-        "best_val_f1": float(checkpoint.best_model_score),
+        # None when a run resumed into a new --out trained no further epoch
+        "best_val_f1": float("nan") if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
         "kept": config.keep, "kept_val_f1": float("nan") if kept_f1 is None else float(kept_f1),
         "onnx": onnx_path.name,
         "onnx_max_abs_diff": parity,
@@ -329,14 +329,14 @@ def _train_two_stages(config: TrainConfig, callbacks: list[L.Callback] | None) -
 
 
 def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -> L.Trainer:
-    best = ModelCheckpoint(
+    best = RunCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch{epoch}-f1{val_f1:.4f}",
         monitor="val_f1", mode="max", auto_insert_metric_name=False,
     )
     # last.ckpt after every epoch, whatever the score (the monitored one above only
     # saves on improvement, and Lightning's save_last follows it); written once the
     # epoch is complete, so --resume starts the next epoch instead of repeating it.
-    last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
+    last = RunCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     # --keep last keeps the schedule's end: no early stop before it
     stopping = [EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)] if config.keep == "best" else []
