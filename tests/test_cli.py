@@ -290,6 +290,16 @@ def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
     assert_clean_failure(code, err, out, *expect)
 
 
+def test_an_out_that_is_a_file_is_refused_before_a_cell_is_read(tmp_path, elpv, capsys):
+    lines = make_cells(tmp_path, elpv)
+    lines[3] = "cells/nowhere.png;1;0"  # named first, were the cells read before --out is checked
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    out.write_text("a file")
+    code, _, err = run_cli(["train", "--data", str(tmp_path / "data.csv"), "--out", str(out), *QUICK], capsys)
+    assert code == 2 and f"--out {out}: exists and is not a folder" in err and "nowhere" not in err
+
+
 @pytest.mark.slow
 def test_bad_input_exits_non_zero_without_traceback_in_a_real_process(tmp_path):
     csv_path = tmp_path / "data.csv"

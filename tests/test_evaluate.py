@@ -138,6 +138,9 @@ def test_user_mistakes_are_one_line_errors(tiny_onnx, seed_csv, tmp_path, capsys
     assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--group", "type"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("elcell: error:") == 3
+    (tmp_path / "a-file").write_text("")  # refused before a cell is scored, naming the option
+    assert main(["evaluate", str(tiny_onnx), "--data", str(seed_csv), "--out", str(tmp_path / "a-file")]) == 2
+    assert "--out " + str(tmp_path / "a-file") + ": exists and is not a folder" in capsys.readouterr().err
     # a column spelt with other capitals would otherwise go unscored with only a note
     misspelt = tmp_path / "misspelt.csv"
     misspelt.write_text(seed_csv.read_text().replace("crack", "Crack", 1))

@@ -247,6 +247,10 @@ def test_predict_heatmaps_writes_overlays_only_for_cells_not_ok(tiny_onnx, seed_
     with Image.open(tmp_path / "maps" / overlays[0]) as overlay:
         assert overlay.mode == "RGB" and overlay.size[0] >= 256
     assert f"{len(cells)} heatmap overlays" in capsys.readouterr().err
+    # --heatmaps naming a file: refused by name before the CSV is begun, so the same command can be rerun
+    again = tmp_path / "again.csv"
+    assert main(["predict", str(tiny_onnx), str(seed_csv), "--out", str(again), "--heatmaps", str(out)]) == 2
+    assert f"--heatmaps {out}: exists and is not a folder" in capsys.readouterr().err and not again.exists()
 
 
 def test_a_run_folder_stands_for_its_model_and_a_second_model_is_not_read_as_an_image(

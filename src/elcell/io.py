@@ -68,6 +68,16 @@ def output_mode(path: str | Path, option: str = "--out", *, overwrite: bool = Fa
     raise DataError(f"{path} exists: {way}")
 
 
+def check_out_folder(path: str | Path, option: str = "--out") -> Path:
+    """A folder a command will write in, refused before any work when it is a
+    file or cannot be written in."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path}: exists and is not a folder")
+    _check_writable(path, option)
+    return path
+
+
 def _check_writable(path: Path, option: str) -> None:
     """DataError when `path` could not be written: its nearest existing folder is
     a file, or cannot be written in (permissions, a read-only file system)."""

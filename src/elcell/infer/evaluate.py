@@ -37,7 +37,7 @@ from elcell.infer.predict import CSV_SEPARATOR
 from elcell.infer.report import Table, build_galleries, write_report
 from elcell.infer.runtime import Model, decide, default_workers, open_model, score_files
 from elcell.infer.scorecard import format_report, unknown_note
-from elcell.io import atomic_write_json, atomic_write_text
+from elcell.io import atomic_write_json, atomic_write_text, check_out_folder
 from elcell.options import show_progress
 
 
@@ -164,13 +164,13 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     `out/report.html`. Returns the metrics. `data` is a labels CSV, 'elpv', or an
     already loaded table (its groups, if any, are reported)."""
     reads_recall = _check_tuning(tune_thresholds, review_band, recall_estimator)
+    out = check_out_folder(out)  # before a cell is scored
     if isinstance(data, LabelTable):
         table, data = data, data.source
     else:
         table = load_table(data, group=group)
         if group is None:
             table = replace(table, groups=None)  # ELPV always has cell types; report them when asked
-    out = Path(out)
     info = model.info
     predictions = predict_table(model, table, batch_size, workers, tta, progress)
     known = known_labels(predictions)

@@ -21,7 +21,7 @@ from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, u
 from elcell.errors import DataError
 from elcell.infer.heatmaps import BOX_THRESHOLD, heatmap_box, heatmap_note, overlay_png
 from elcell.infer.runtime import Model, open_model, score_cells
-from elcell.io import atomic_path, atomic_write_json, safe_name, unique_names
+from elcell.io import atomic_path, atomic_write_json, check_out_folder, safe_name, unique_names
 
 
 def explain_cell(out_dir: str | Path, name: str, cell: np.ndarray, heatmaps: np.ndarray,
@@ -94,9 +94,7 @@ def write_explanations(model: Model, paths: Sequence[str | Path], out_dir: str |
     heatmap (.npy), and per image `{name}.json` with probabilities, decisions
     and boxes (in the original image's pixels). Unreadable images are skipped,
     reported through `on_skip` and listed in the result."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir}: exists and is not a folder")
+    out_dir = check_out_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     which = label_indices(model.info.labels, labels)
     names = unique_names(paths)

@@ -39,7 +39,7 @@ from elcell.infer.runtime import (
     score_files,
 )
 from elcell.infer.tables import ParquetRows, is_parquet
-from elcell.io import atomic_path, output_mode, unique_names
+from elcell.io import atomic_path, check_out_folder, output_mode, unique_names
 from elcell.options import show_progress
 
 # Scores files batch by batch: runtime.score_files on this machine, or
@@ -295,6 +295,8 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
     out = Path(out) if out is not None and str(out) != "-" else None
     if batch_size < 1:  # before the output file is made
         raise DataError(f"--batch-size {batch_size}: need at least 1")
+    if heatmaps_dir is not None:
+        check_out_folder(heatmaps_dir, "--heatmaps")
     result = PredictResult(total=len(paths), defect=dict.fromkeys(info.labels, 0),
                            review=dict.fromkeys(info.labels, 0))
     done, writer = _open_output(out, header, resume, overwrite, trailer, result)

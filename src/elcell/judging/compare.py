@@ -25,7 +25,7 @@ from elcell.errors import DataError
 from elcell.infer.metrics import fmt
 from elcell.infer.modelinfo import read_info
 from elcell.infer.runtime import resolve_model_path
-from elcell.io import atomic_write_json, atomic_write_text
+from elcell.io import atomic_write_json, atomic_write_text, check_out_folder
 from elcell.judging.folds import OOF, PROTOCOL
 from elcell.judging.intervals import Scored, align, paired_difference, read_scored
 from elcell.judging.overlays import INDEX, OVERLAY_FOLDER
@@ -200,10 +200,7 @@ def _out_folder(out: str | None) -> Path | None:
     """--out, refused before any model is scored if it cannot be the folder."""
     if out is None:
         return None
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"--out {folder}: exists and is not a folder")
-    return folder
+    return check_out_folder(out)
 
 
 def main(args) -> int:

@@ -33,7 +33,7 @@ from elcell.errors import DataError
 from elcell.infer.evaluate import evaluate
 from elcell.infer.metrics import burden_note, headline
 from elcell.infer.runtime import open_model
-from elcell.io import atomic_write_json, atomic_write_text
+from elcell.io import atomic_write_json, atomic_write_text, check_out_folder
 from elcell.options import show_progress, validate
 from elcell.training import adapt
 from elcell.training.augment import crack_label, label_index
@@ -141,6 +141,8 @@ def train(config: TrainConfig, callbacks: list[L.Callback] | None = None) -> dic
     # a wrong file is named before anything else, a wrong option before decoding
     # (a wrong --shrink would decode the whole data set first)
     checkpoint = resume_checkpoint(config.resume) if config.resume else None
+    if config.out:
+        check_out_folder(config.out)
     if config.finetune_epochs > 0:
         return _train_two_stages(config, callbacks)
     if checkpoint is not None:
