@@ -78,6 +78,12 @@ def test_metrics_plots_and_groups(tiny_onnx, typed_csv, tmp_path, capsys):
     for name in ["", *(f"_{g}" for g in groups)]:
         for plot in ("pr_curve", "roc_curve", "confusion_matrix"):
             assert (out / f"{plot}{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # again into the same folder without groups: the groups' plots go with their figures
+    untyped = typed_csv.parent / "untyped.csv"
+    untyped.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in typed_csv.read_text().splitlines()))
+    assert main(["evaluate", str(tiny_onnx), "--data", str(untyped), "--out", str(out), "--no-progress"]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(json.loads((out / "metrics.json").read_text())["plots"])
+    assert not list(out.glob("*_mono.png"))
 
 
 def test_tuned_thresholds_round_trip_into_predict(tiny_onnx, seed_csv, tmp_path, capsys):

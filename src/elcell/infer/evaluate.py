@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -232,6 +233,7 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
                                  title=f"({name}) ", known=known[rows])
     write_predictions(out / "predictions.csv", predictions, thresholds, review_thresholds)
     metrics["plots"] = [p.name for p in plots]
+    _drop_earlier_plots(out, metrics["plots"])
     atomic_write_json(out / "metrics.json", metrics)
     if html_report:
         write_html_report(model, predictions, metrics, plots, thresholds, out / "report.html",
@@ -239,6 +241,18 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
     else:  # one from an earlier evaluation into `out` would contradict metrics.json
         (out / "report.html").unlink(missing_ok=True)
     return metrics
+
+
+def _drop_earlier_plots(out: Path, plots: list[str]) -> None:
+    """Plots an earlier evaluation into `out` drew and this one did not (another
+    --group, other labels): left there, they would contradict metrics.json."""
+    try:
+        earlier = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("plots", [])
+    except (OSError, ValueError, AttributeError):  # none, or not elcell's: nothing is removed
+        return
+    for name in earlier:
+        if isinstance(name, str) and name not in plots and Path(name).name == name and name.endswith(".png"):
+            (out / name).unlink(missing_ok=True)
 
 
 PER_LABEL = (("cells", "cells scored"), ("unknown", "unknown (not scored)"), ("positives", "positives"),
