@@ -95,6 +95,8 @@ def test_replay_keeps_the_old_cells_label_mix_even_when_few_are_drawn():
     ("recipe", "--recipe adapt is the schedule of `elcell train --from RUN`"),
     ("no data", "needs --data LABELS.csv"),
     ("typo", "column 'Crack' differs from"),
+    ("not a checkpoint", "fake.ckpt: not a checkpoint of `elcell train`"),
+    ("resume", "starts a new fine-tuning: give one of them"),
 ])
 def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onnx, elpv, tmp_path, capsys):
     data = new_line_csv(tmp_path, elpv, count=8)
@@ -108,6 +110,11 @@ def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onn
         extra = ["--backbone", "resnet34"]
     elif case == "typo":  # a misspelt column would become a new output
         data.write_text(data.read_text().replace("path;crack;", "path;Crack;", 1))
+    elif case == "not a checkpoint":  # named itself, not a config.yaml of the folder it lies in
+        (tmp_path / "fake.ckpt").write_text("not a checkpoint")
+        source = str(tmp_path / "fake.ckpt")
+    elif case == "resume":  # a run that was not a fine-tuning, resumed with --from
+        extra = ["--resume", str(tiny_run / "checkpoints" / "last.ckpt")]
     elif case == "no record":  # a run folder whose split.csv was not kept
         shutil.copytree(tiny_run, tmp_path / "copy", ignore=shutil.ignore_patterns("split.csv"))
         source = str(tmp_path / "copy")

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from elcell.cells.labels import load_table
 from elcell.errors import DataError
 from elcell.options import show_progress
-from elcell.training.config import TrainConfig, train_defaults
+from elcell.training.config import TrainConfig, checkpoint_run, train_defaults
 from elcell.training.data import build_cache, check_labels, limit_table, stratified_split
 from elcell.training.fromrun import find_checkpoint, replay_cells, run_folder, with_replay
 from elcell.training.resume import resume_checkpoint
@@ -64,9 +66,23 @@ def starting_checkpoint(config: TrainConfig) -> dict:
 def check_adapt_options(config: TrainConfig) -> None:
     if config.recipe == "adapt" and not config.from_run:
         raise DataError("--recipe adapt is the schedule of `elcell train --from RUN`: give --from")
+    if config.from_run and config.resume and _started_from(config.resume) != _where(config.from_run):
+        raise DataError(f"--resume {config.resume} goes on with its own run's options, and --from "
+                        f"{config.from_run} starts a new fine-tuning: give one of them")
     if config.from_run and not config.data:
         raise DataError(f"--from {config.from_run} needs --data LABELS.csv: the new cells to fine-tune on "
                         "(e.g. the station's reviewed/labels.csv)")
+
+
+def _where(path: str | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
+
+
+def _started_from(resume: str) -> Path | None:
+    """The --from of the run a checkpoint belongs to (None: not a fine-tuning)."""
+    record = checkpoint_run(resume) / "config.yaml"
+    options = yaml.safe_load(record.read_text(encoding="utf-8")) if record.is_file() else None
+    return _where(options.get("from_run")) if isinstance(options, dict) else None
 
 
 def prepare_adapted(config: TrainConfig):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,16 @@ NOT_INHERITED = frozenset((
     "init_seed"))
 
 
+def _is_torch_archive(path: Path) -> bool:
+    """Whether `path` is in torch.save's zip format (what Lightning writes), read
+    without PyTorch: a zip holding a pickle at <archive>/data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def find_checkpoint(source: str) -> Path:
     """The checkpoint `source` stands for: a .ckpt file, or a run folder's best
     checkpoint (summary.json's, else the best-scored one in RUN/checkpoints,
@@ -43,6 +54,9 @@ def find_checkpoint(source: str) -> Path:
         if path.suffix.lower() == ".onnx":
             raise DataError(f"--from {source}: an ONNX file holds no training state; give the run folder it "
                             "was exported from (or its checkpoints/*.ckpt)")
+        if not _is_torch_archive(path):  # named before its folder's config.yaml is looked for
+            raise DataError(f"--from {source}: not a checkpoint of `elcell train`; give a run folder or "
+                            "its checkpoints/*.ckpt")
         return path
     if (path / PROTOCOL).is_file():
         raise DataError(f"--from {source}: a k-fold protocol holds one model per fold; give one fold "
