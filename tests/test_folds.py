@@ -226,8 +226,11 @@ def test_a_gate_on_a_figure_these_cells_cannot_measure_refuses(tmp_path, capsys)
     capsys.readouterr()
     assert main([*args, "--require", "recall=inactive"]) == 1
     out = capsys.readouterr().out
-    assert "inactive/own_recall cannot be measured on these 12 cells" in out and "not promoted" in out
+    assert "cannot be measured on these 12 cells (inactive/own_recall needs a cell with the label's defect)" \
+        in out and "not promoted" in out
     assert "0.000" not in next(line for line in out.splitlines() if line.startswith("inactive/own_recall "))
+    assert main([*args, "--require", "roc_auc=inactive"]) == 1  # every cell without: the reason is that
+    assert "inactive/roc_auc needs cells with and without the label's defect" in capsys.readouterr().out
     # --data limits scored cells to those it lists, as it limits models' cells
     (tmp_path / "c0").write_bytes(b"")
     (tmp_path / "c1").write_bytes(b"")

@@ -252,8 +252,11 @@ def add_compare(commands) -> None:
                       "each for A and B with the paired 95 % bootstrap interval of B - A: 'better' or "
                       "'worse' only where the interval excludes 0. The interval covers the choice of "
                       "cells, not of training seeds. Exits with 1 when B is worse on a --require "
-                      "figure, so a script can gate a model's promotion on it.",
-                      usage="elcell compare A B [--data LABELS.csv] [--require recall=crack] [--out DIR]")
+                      "figure, when these cells cannot measure one, or when a --data cell could not be "
+                      "read (and then prints no verdicts line), so a script can gate a model's promotion "
+                      "on it; 2 on bad input.",
+                      usage="elcell compare A B [--data LABELS.csv [--group COLUMN]] [--require METRIC=LABEL] "
+                            "[--out DIR [--overlays N]] [--tta]")
     parser.add_argument("a", metavar="A", help="the reference: a k-fold folder, a scored CSV, or a model")
     parser.add_argument("b", metavar="B", help="the challenger: any of the same kinds (compared on the cells "
                                                "both scored)")

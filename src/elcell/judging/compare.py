@@ -196,6 +196,17 @@ def compare(a_source: str, b_source: str, data: str | None = None, group: str | 
     return result, failed
 
 
+def _needs(figure: str) -> str:
+    """What a figure that came out unmeasurable needs among the cells."""
+    if figure.endswith("roc_auc"):
+        return "cells with and without the label's defect"
+    if figure.endswith("precision"):
+        return "a cell called positive"
+    if figure.endswith("recall") or figure.endswith("recall_with_review"):
+        return "a cell with the label's defect"
+    return "a cell with the label's defect or one called positive"
+
+
 def _out_folder(out: str | None) -> Path | None:
     """--out, refused before any model is scored if it cannot be the folder."""
     if out is None:
@@ -223,9 +234,9 @@ def main(args) -> int:
     if worse:
         print(f"elcell: B is worse than A beyond the interval on {', '.join(worse)}: not promoted")
     if unmeasured:
-        print(f"elcell: {', '.join(unmeasured)} cannot be measured on these {result['cells']} cells "
-              "(no positive cell of that label, or none called positive): not promoted; compare on cells "
-              "that hold the label's defects")
+        needs = "; ".join(f"{name} needs {_needs(name)}" for name in unmeasured)
+        print(f"elcell: cannot be measured on these {result['cells']} cells ({needs}): not promoted; compare "
+              "on cells that hold the label's defects and cells without them")
     if result["unread"]:
         n = result["unread"]
         print(f"elcell: {n} cell{'s' if n != 1 else ''} of {args.data} could not be read (named above), and "
