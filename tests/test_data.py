@@ -161,9 +161,13 @@ def test_bad_images_stop_the_build_naming_the_files(tmp_path, cells):
     gone = [tmp_path / f"gone{i}.png" for i in range(12)]
     with pytest.raises(DataError) as err:
         build_cache([*cells, *gone], Decoding(32), tmp_path / "cache", progress=False)
-    assert str(err.value).startswith("12 image(s) cannot be used:")
+    assert str(err.value).startswith("13 image(s) cannot be used:")  # the 12, and the corrupt one
     assert f"{gone[0]}: image file not found\n  {gone[1]}: image file not found" in str(err.value)
-    assert str(err.value).endswith("... and 2 more")
+    assert str(err.value).endswith("... and 3 more")
+    with pytest.raises(DataError) as err:  # a file that is no image is named with the missing ones
+        build_cache([*cells, gone[0]], Decoding(32), tmp_path / "cache", progress=False)
+    assert str(err.value).startswith("2 image(s) cannot be used:") and f"{cells[4]}: not a readable image" \
+        in str(err.value)
 
 
 class _InlinePool:

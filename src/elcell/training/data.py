@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from elcell.cells.images import Decoding, load_cell
+from elcell.cells.images import Decoding, load_cell, open_image
 from elcell.cells.labels import LabelTable, label_fields
 from elcell.errors import DataError, ImageError
 from elcell.io import atomic_write_text
@@ -148,17 +148,29 @@ def cache_key(paths: list[Path], decoding: Decoding) -> str:
     how = (f"size={decoding.size}" + ("" if decoding.shrink == "bilinear" else f" shrink={decoding.shrink}")
            + ("" if decoding.bit_depth == 16 else f" bit_depth={decoding.bit_depth}"))
     digest = hashlib.blake2b(f"elcell-cache-v1 {how}".encode(), digest_size=16)
-    errors = []  # every missing file at once, not one per run
+    errors, found = [], []  # every missing file at once, not one per run
     for path in paths:
         try:
             digest.update(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest())
+            found.append(path)
         except FileNotFoundError:
             errors.append(f"{path}: image file not found")
         except OSError as err:
             errors.append(f"{path}: cannot read image ({err})")
-    if errors:
-        raise DataError(_listed(errors))
+    if errors:  # and the files that are there but no image, rather than in the next run
+        raise DataError(_listed(errors + [error for error in map(_not_an_image, found) if error]))
     return digest.hexdigest()
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why `path` does not open as an image (its header only), or None."""
+    try:
+        with open_image(path, path):
+            return None
+    except ImageError as err:
+        return str(err)
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's UnidentifiedImageError among them
+        return f"{path}: not a readable image ({err})"
 
 
 def _listed(errors: list[str], shown: int = 10) -> str:
