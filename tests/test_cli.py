@@ -257,7 +257,7 @@ def assert_clean_failure(code, err, out_dir, *fragments):
 
 
 @pytest.mark.parametrize("case", ["missing image", "corrupt png", "no labels", "non-binary label",
-                                  "empty csv", "no positives in train", "offline weights"])
+                                  "empty csv", "no positives in train", "too few to split", "offline weights"])
 def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
     lines = make_cells(tmp_path, elpv)
     extra = []
@@ -279,7 +279,10 @@ def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
         expect = ["data.csv", "empty"]
     elif case == "no positives in train":
         lines = [lines[0]] + [line.rsplit(";", 1)[0] + ";0" for line in lines[1:]]
-        expect = ["label 'inactive' has no positive example in the train split"]
+        expect = ["label 'inactive' has no positive example in the train split", "add positive cells"]
+    elif case == "too few to split":  # both kinds in the file, but one cell each: the split takes one
+        lines = lines[:3]
+        expect = ["the file has 1 positive and 1 negative cells, too few for the split to leave both in train"]
     elif case == "offline weights":
         extra = ["--pretrained", "http://127.0.0.1:9/resnet18-f37072fd.pth"]
         expect = ["Could not download ImageNet weights", "--pretrained none"]

@@ -116,13 +116,18 @@ def check_labels(table: LabelTable, split: np.ndarray) -> None:
             raise DataError(f"{table.source}: label {name!r} is unknown (empty) on all {int(train.sum())} "
                             "train cells; label some cells or drop the column")
         positives = int(table.positives[train, i][known].sum())
+        # both kinds in the file, one kind in train: the split took the others to validation or test
+        everywhere = table.positives[table.known[:, i], i] == 1
+        split_off = (f"; the file has {int(everywhere.sum())} positive and {int((~everywhere).sum())} negative "
+                     f"cells, too few for the split to leave both in train: label more cells"
+                     if everywhere.any() and not everywhere.all() else "")
         if positives == 0:
             raise DataError(
                 f"{table.source}: label {name!r} has no positive example in the train split "
-                f"({cells}); add positive cells or drop the column"
+                f"({cells}){split_off or '; add positive cells or drop the column'}"
             )
         if positives == int(known.sum()):
-            raise DataError(f"{table.source}: label {name!r} is positive on every train cell ({cells})")
+            raise DataError(f"{table.source}: label {name!r} is positive on every train cell ({cells}){split_off}")
 
 
 def pos_weights(targets: np.ndarray, weighting: str = "balanced") -> list[float]:
