@@ -137,7 +137,8 @@ def _add_export(commands) -> None:
                              "a label's recall drops by more than 0.02 beyond chance")
     parser.add_argument("--calibration", metavar="LABELS.csv",
                         help="labelled cells for --int8 (CSV or 'elpv'): calibration and comparison "
-                             "(default: the run's own val.csv)")
+                             "(default: the run's own val.csv); unreadable ones are named and left out, "
+                             "and the command then exits with status 1")
     parser.add_argument("--calibration-count", type=positive_int, default=200,
                         help="cells drawn from --calibration to calibrate on")
     parser.add_argument("--eval-data", metavar="LABELS.csv",
@@ -178,8 +179,11 @@ def _run_export(args) -> int:
         source = str(resolve_model_path(source))
     if source.lower().endswith(".onnx"):
         if not args.int8:
-            raise DataError(f"{source} is already ONNX; pass --int8 --calibration to quantise "
-                            "it, or give a .ckpt checkpoint to re-export")
+            run = Path(args.checkpoint)
+            again = (f"give {run / 'checkpoints' / 'last.ckpt'} (or one of its checkpoints) to export again"
+                     if run.is_dir() else "give a .ckpt checkpoint to export again")
+            calibrate = "" if _run_validation_cells(args.checkpoint) else " --calibration LABELS.csv"
+            raise DataError(f"{source} is already ONNX: pass --int8{calibrate} to quantise it, or {again}")
         if args.out:
             raise DataError(f"--out is where a checkpoint is exported to; {source} is already "
                             "ONNX: name its int8 model with --int8-out")

@@ -285,4 +285,5 @@ def main(args, float_path: Path) -> int:
     if comparison["refused"]:
         raise ExportError(comparison["refusal"])
     print(f"wrote {int8_out}")
-    return 0
+    # as predict and evaluate: written from the cells that could be read, and said so in the status
+    return 1 if comparison["calibration_failed"] or comparison["failed"] else 0
