@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -71,9 +72,22 @@ def test_explain_rejects_an_unknown_label(tiny_onnx, seed_csv, tmp_path, capsys)
     assert "--label finger: the model's labels are crack, inactive" in capsys.readouterr().err
 
 
+def test_a_folder_explained_into_itself_does_not_take_its_overlays_for_cells(tiny_onnx, seed_csv, tmp_path,
+                                                                              capsys):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for image in [path for path, _ in seed_rows(seed_csv)[:2]]:
+        shutil.copy(image, cells / image.name)
+    for _ in range(2):  # the second run finds the first one's overlays under cells/explained
+        assert main(["explain", str(tiny_onnx), str(cells), "--out", str(cells / "explained")]) == 0
+        assert "explained 2 images" in capsys.readouterr().err
+    assert not list((cells / "explained").glob("*_crack_crack*"))
+
+
 def test_an_output_path_through_a_file_is_one_line_not_a_traceback(tiny_onnx, seed_csv, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("a file where a folder is needed")
     image = seed_rows(seed_csv)[0][0]
     assert main(["explain", str(tiny_onnx), str(image), "--out", str(tmp_path / "notes.txt" / "why")]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"elcell: error: {tmp_path / 'notes.txt' / 'why'}: Not a directory"
+    assert err.splitlines()[-1] == (f"elcell: error: --out {tmp_path / 'notes.txt' / 'why'}: "
+                                    f"{tmp_path / 'notes.txt'} is a file, not a folder")

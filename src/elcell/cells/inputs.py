@@ -108,9 +108,9 @@ def _expand_patterns(inputs: Iterable[str | Path]) -> Iterator[str | Path]:
 TABLE_SUFFIXES = (".csv", ".tsv")  # lists of images (labels CSVs: `;`, `,` or tab)
 
 
-def _expand(item: Path) -> list[Path]:
+def _expand(item: Path, written: list[Path]) -> list[Path]:
     if item.is_dir():
-        images = find_images([item])
+        images = [p for p in find_images([item]) if not any(p.resolve().is_relative_to(w) for w in written)]
         if not images:
             raise DataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
@@ -124,12 +124,15 @@ def _expand(item: Path) -> list[Path]:
     raise DataError(f"{item}: no such file or folder")
 
 
-def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+def collect_inputs(inputs: Iterable[str | Path], outputs: Iterable[str | Path | None] = ()) -> list[Path]:
     """Image files, folders (searched recursively) and CSVs (first column) -> image
     paths, in order, each once. A named input that does not exist is an error; an
     image listed in a CSV that does not exist is reported per image later. A
-    pattern such as cells/*.png is expanded here where no shell did (Windows)."""
-    found = [path for item in map(Path, _expand_patterns(inputs)) for path in _expand(item)]
+    pattern such as cells/*.png is expanded here where no shell did (Windows).
+    `outputs`: folders the command writes pictures into; a folder searched does
+    not give their files (an earlier run's overlays are not cells)."""
+    written = [Path(o).resolve() for o in outputs if o is not None]
+    found = [path for item in map(Path, _expand_patterns(inputs)) for path in _expand(item, written)]
     # each file once, however it was named (a CSV's paths are absolute, a folder's as given)
     unique: dict[str, Path] = {}
     for path in found:

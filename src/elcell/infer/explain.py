@@ -139,7 +139,7 @@ def main(args) -> int:
     """`elcell explain` (options: elcell.cli)."""
     model = open_model(args.model, threads=args.threads)
     labels = [model.info.labels[i] for i in label_indices(model.info.labels, args.label)]
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs, outputs=[args.out])
     print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; labels {labels}",
           file=sys.stderr)
     result = write_explanations(model, paths, args.out, labels, batch_size=args.batch_size,

@@ -359,7 +359,7 @@ def main(args, scorer: Scorer | None = None) -> int:
     model = open_model(args.model, threads=args.threads)
     info = model.info
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs, outputs=[args.heatmaps])
     for label, high, low in zip(info.labels, thresholds, review, strict=True):
         if low > high:
             _say(f"note: {label}: review threshold {low:g} is above the threshold {high:g}, so there is "

@@ -348,7 +348,7 @@ def main(args, inspector: Inspector | None = None) -> int:
     thresholds, review = chosen_thresholds(info, args.threshold, args.review_threshold)
     rules = load_rules(args.rules)
     parse_grid(args.grid)
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs, outputs=[args.out])
     missing = check_names(rules, info.labels, typos=bool(args.rules))
     if missing and args.rules:
         print(f"elcell: note: the rules name {', '.join(missing)}, which this model does not give: counted as 0",

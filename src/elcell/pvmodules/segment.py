@@ -69,7 +69,7 @@ def main(args) -> int:
         raise DataError(f"--labels {args.labels!r}: name at least one label, e.g. crack,inactive")
     out = Path(args.out)
     output_mode(out / "labels.csv", overwrite=args.overwrite)
-    paths = collect_inputs(args.inputs)
+    paths = collect_inputs(args.inputs, outputs=[out])
     found: list[list[str]] = []  # path and label fields, one per cell
     probs: list[np.ndarray] = []
     failed = []
