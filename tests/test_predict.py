@@ -251,6 +251,8 @@ def test_predict_heatmaps_writes_overlays_only_for_cells_not_ok(tiny_onnx, seed_
     again = tmp_path / "again.csv"
     assert main(["predict", str(tiny_onnx), str(seed_csv), "--out", str(again), "--heatmaps", str(out)]) == 2
     assert f"--heatmaps {out}: exists and is not a folder" in capsys.readouterr().err and not again.exists()
+    assert main(["predict", str(tiny_onnx), str(seed_csv), "--out", str(tmp_path / "p.json")]) == 2
+    assert "predict writes CSV (FILE.csv) or Parquet (FILE.parquet), not JSON" in capsys.readouterr().err
 
 
 def test_a_run_folder_stands_for_its_model_and_a_second_model_is_not_read_as_an_image(

@@ -271,6 +271,9 @@ def _local_scorer(workers: int, heatmaps: bool) -> Scorer:
     return scorer
 
 
+OTHER_FORMATS = (".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".html", ".npy")
+
+
 def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
             batch_size: int = 16, workers: int | None = None, tta: bool = False,
             thresholds: list[float] | None = None, review_thresholds: list[float] | None = None,
@@ -297,6 +300,9 @@ def predict(model: Model, paths: list[Path], out: str | Path | None = None, *,
         raise DataError(f"--batch-size {batch_size}: need at least 1")
     if heatmaps_dir is not None:
         check_out_folder(heatmaps_dir, "--heatmaps")
+    if out is not None and out.suffix.lower() in OTHER_FORMATS:  # it would hold CSV under that name
+        raise DataError(f"--out {out}: predict writes CSV (FILE.csv) or Parquet (FILE.parquet), not "
+                        f"{out.suffix.lower()[1:].upper()}")
     result = PredictResult(total=len(paths), defect=dict.fromkeys(info.labels, 0),
                            review=dict.fromkeys(info.labels, 0))
     done, writer = _open_output(out, header, resume, overwrite, trailer, result)
