@@ -17,7 +17,8 @@ cell compared with the same cell scored as a file (score_files, as `predict`):
 * per label, recall and F1 at the model's own thresholds (and F1 at 0.5) on both
   paths, and module minus file with a paired 95 % bootstrap interval that
   resamples cells (a cell in modules of several seeds counts once);
-* decision agreement: the share of cell x label decisions (ok/review/defect) alike;
+* decision agreement: the share of cell x label decisions (ok/review/defect) alike,
+  and of decisions at 0.5 (defect or not), which a fold's low own thresholds do not sway;
 * grades: each module graded (elcell.pvmodules.grading, the default rules) from
   its cells' true labels (dark area measured on the cells as files), from the
   file decisions, and by inspect: share given the true grade, confusion.
@@ -189,6 +190,8 @@ def compare(modules: list[dict], results: dict, table, files: dict, labels: list
             found=float(found.mean()), agreement=float((module_decisions == a.decisions).mean()),
             agreement_per_label={label: float((module_decisions[:, j] == a.decisions[:, j]).mean())
                                  for j, label in enumerate(labels)},
+            # at 0.5: a threshold away from the dense low scores, where a fold's own may not be
+            agreement_at_half=float(((module_probs >= 0.5) == (a.probs >= 0.5)).mean()),
             positives={label: int(np.nansum(truth[:, j] >= 0.5)) for j, label in enumerate(labels)},
             figures={f"{label}/{name}": diff[f"{label}/{name}"] for label in labels for name in FIGURES},
             mean_f1=diff["mean_f1/own"], flagged=diff["flagged"],
@@ -215,8 +218,8 @@ def show(report: dict) -> None:
     for layout, c in report["paths"].items():
         print(f"\n{layout}: {c['modules']} modules, {c['cells']} cells ({c['distinct_cells']} distinct); "
               f"found {c['found']:.1%}; decisions agree {c['agreement']:.1%} "
-              f"({', '.join(f'{k} {v:.1%}' for k, v in c['agreement_per_label'].items())}); "
-              f"inspect {c['seconds_per_module']:.2f} s per module (median)")
+              f"({', '.join(f'{k} {v:.1%}' for k, v in c['agreement_per_label'].items())}), "
+              f"at 0.5 {c['agreement_at_half']:.1%}; inspect {c['seconds_per_module']:.2f} s per module (median)")
         print(f"  {'figure':28s} {'files':>6s} {'module':>7s} {'diff':>7s}  95 % interval")
         for name, f in [*c["figures"].items(), ("mean_f1 (own)", c["mean_f1"]), ("flagged share", c["flagged"])]:
             print(f"  {name:28s} {fmt(f['a']):>6s} {fmt(f['b']):>7s} {fmt(f['difference'], '+.3f'):>7s}  "
