@@ -82,6 +82,14 @@ def test_a_folder_explained_into_itself_does_not_take_its_overlays_for_cells(tin
         assert main(["explain", str(tiny_onnx), str(cells), "--out", str(cells / "explained")]) == 0
         assert "explained 2 images" in capsys.readouterr().err
     assert not list((cells / "explained").glob("*_crack_crack*"))
+    # --out the searched folder itself, or one above it: its images still count
+    for out in (cells, tmp_path):
+        shutil.rmtree(cells / "explained")
+        assert main(["explain", str(tiny_onnx), str(cells), "--out", str(out), "--label", "crack"]) == 0
+        assert "explained 2 images" in capsys.readouterr().err
+        for made in [*cells.glob("*_crack.png"), *cells.glob("*.json"), *cells.glob("*.npy")]:
+            made.unlink()
+        (cells / "explained").mkdir()
 
 
 def test_an_output_path_through_a_file_is_one_line_not_a_traceback(tiny_onnx, seed_csv, tmp_path, capsys):

@@ -110,7 +110,13 @@ TABLE_SUFFIXES = (".csv", ".tsv")  # lists of images (labels CSVs: `;`, `,` or t
 
 def _expand(item: Path, written: list[Path]) -> list[Path]:
     if item.is_dir():
-        images = [p for p in find_images([item]) if not any(p.resolve().is_relative_to(w) for w in written)]
+        images = find_images([item])
+        root = item.resolve()
+        inside = [w for w in written if w != root and w.is_relative_to(root)]  # an output folder within it
+        kept = [p for p in images if not any((root / p.relative_to(item)).is_relative_to(w) for w in inside)]
+        if images and not kept:
+            raise DataError(f"{item}: its only images are under {inside[0]}, where this command writes")
+        images = kept
         if not images:
             raise DataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return images
