@@ -125,6 +125,24 @@ def test_from_refuses_what_it_cannot_fine_tune(case, message, tiny_run, tiny_onn
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_with_from_takes_its_own_source_however_spelt_or_moved(tiny_run, tmp_path):
+    from elcell.training.adapt import _resumes_from
+    from elcell.training.fromrun import find_checkpoint
+
+    run, other = tmp_path / "adapted", tmp_path / "other"
+    for folder in (run, other):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    last = str(run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"from_run": str(tiny_run)}))
+    assert _resumes_from(last, str(tiny_run)) and _resumes_from(last, str(find_checkpoint(str(tiny_run))))
+    assert not _resumes_from(last, str(other))  # another run than the one it fine-tuned
+    (run / "config.yaml").write_text(yaml.safe_dump({"from_run": str(tmp_path / "moved-away")}))
+    assert _resumes_from(last, str(tiny_run))  # the source moved: --from says where it went
+    (run / "config.yaml").write_text(yaml.safe_dump({"epochs": 3}))
+    assert not _resumes_from(last, str(tiny_run))  # not a fine-tuning at all
+
+
 def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open(), delimiter=";"))
 

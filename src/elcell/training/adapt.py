@@ -66,7 +66,7 @@ def starting_checkpoint(config: TrainConfig) -> dict:
 def check_adapt_options(config: TrainConfig) -> None:
     if config.recipe == "adapt" and not config.from_run:
         raise DataError("--recipe adapt is the schedule of `elcell train --from RUN`: give --from")
-    if config.from_run and config.resume and _started_from(config.resume) != _where(config.from_run):
+    if config.from_run and config.resume and not _resumes_from(config.resume, config.from_run):
         raise DataError(f"--resume {config.resume} goes on with its own run's options, and --from "
                         f"{config.from_run} starts a new fine-tuning: give one of them")
     if config.from_run and not config.data:
@@ -74,15 +74,21 @@ def check_adapt_options(config: TrainConfig) -> None:
                         "(e.g. the station's reviewed/labels.csv)")
 
 
-def _where(path: str | None) -> Path | None:
-    return Path(path).expanduser().resolve() if path else None
-
-
-def _started_from(resume: str) -> Path | None:
-    """The --from of the run a checkpoint belongs to (None: not a fine-tuning)."""
+def _resumes_from(resume: str, source: str) -> bool:
+    """Whether --from SOURCE may go with --resume: the resumed run is a fine-tuning,
+    from that run (spelt as its folder or a checkpoint), or from one no longer
+    there (moved: SOURCE is where it went, and names its cells for replay)."""
     record = checkpoint_run(resume) / "config.yaml"
     options = yaml.safe_load(record.read_text(encoding="utf-8")) if record.is_file() else None
-    return _where(options.get("from_run")) if isinstance(options, dict) else None
+    started = options.get("from_run") if isinstance(options, dict) else None
+    if not started:
+        return False
+    if not Path(started).exists():
+        return True
+    try:
+        return run_folder(find_checkpoint(started)).resolve() == run_folder(find_checkpoint(source)).resolve()
+    except DataError:
+        return False
 
 
 def prepare_adapted(config: TrainConfig):
