@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -251,7 +253,8 @@ def test_a_run_folder_is_quantised_as_its_best_model(tiny_run, seed_csv, tmp_pat
     assert read_info(out).extra["quantization"]["float_model"] == best.name
     assert main(["export", str(tiny_run)]) == 2  # without --int8 there is nothing to do: said so
     err = capsys.readouterr().err  # with the way on: its val.csv calibrates, its checkpoint exports again
-    assert "already ONNX: pass --int8 to quantise it" in err and str(tiny_run / "checkpoints" / "last.ckpt") in err
+    best = json.loads((tiny_run / "summary.json").read_text())["best_checkpoint"]  # the model's, not last.ckpt
+    assert "already ONNX: pass --int8 to quantise it" in err and f"give {tiny_run / best} to export it again" in err
 
 
 

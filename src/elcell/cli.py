@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -162,6 +163,15 @@ def _run_validation_cells(source: str) -> str | None:
     return str(run / "val.csv") if (run / "val.csv").is_file() else None
 
 
+def _kept_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a run folder's model was exported from (summary.json's), if it is there."""
+    try:
+        kept = run / json.loads((run / "summary.json").read_text(encoding="utf-8"))["best_checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return kept if kept.is_file() else None
+
+
 def _run_export(args) -> int:
     if args.int8 and not args.calibration:
         # the run's own validation cells: never its test cells, and decoded as it trained
@@ -179,9 +189,8 @@ def _run_export(args) -> int:
         source = str(resolve_model_path(source))
     if source.lower().endswith(".onnx"):
         if not args.int8:
-            run = Path(args.checkpoint)
-            again = (f"give {run / 'checkpoints' / 'last.ckpt'} (or one of its checkpoints) to export again"
-                     if run.is_dir() else "give a .ckpt checkpoint to export again")
+            kept = _kept_checkpoint(Path(args.checkpoint))
+            again = f"give {kept} to export it again" if kept else "give a .ckpt checkpoint to export again"
             calibrate = "" if _run_validation_cells(args.checkpoint) else " --calibration LABELS.csv"
             raise DataError(f"{source} is already ONNX: pass --int8{calibrate} to quantise it, or {again}")
         if args.out:
