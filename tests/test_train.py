@@ -134,6 +134,10 @@ def test_a_moved_run_resumes_with_its_own_best_checkpoint(tiny_run, tmp_path, ca
     assert summary["best_checkpoint"] == original["best_checkpoint"]  # this folder's, the old best
     assert summary["best_val_f1"] == pytest.approx(original["best_val_f1"])
     assert (run / summary["onnx"]).is_file() and summary["onnx"] == original["onnx"]
+    # resumed into a third folder with nothing left to train: the best is read where the run lies now
+    third = tmp_path / "third"
+    assert main(["train", "--resume", str(last), "--out", str(third), "--no-progress"]) == 0
+    assert json.loads((third / "summary.json").read_text())["onnx"] == original["onnx"]
 
 
 @pytest.mark.slow

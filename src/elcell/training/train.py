@@ -236,6 +236,12 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
     eval/val and eval/test, headline figures in the summary returned."""
     checkpoint = trainer.checkpoint_callback
     kept = checkpoint.best_model_path if config.keep == "best" else str(run / "checkpoints" / "last.ckpt")
+    if config.resume and not Path(kept).is_file():  # the resumed run moved, and this run trained no better
+        beside = checkpoint_run(config.resume) / "checkpoints" / Path(kept).name
+        if not beside.is_file():
+            raise DataError(f"--resume {config.resume}: its best checkpoint {kept} is gone; export the one "
+                            "you want with `elcell export CHECKPOINT`")
+        kept = str(beside)
     kept_f1 = checkpoint.best_model_score if config.keep == "best" else trainer.callback_metrics.get("val_f1")
     kept_epoch = int(torch.load(kept, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     plot_losses(merge_session_logs(run), run / "losses.png", kept_epoch)
