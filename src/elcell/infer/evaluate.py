@@ -339,6 +339,7 @@ def main(args) -> int:
     """`elcell evaluate` (options: elcell.cli)."""
     model = open_model(args.model, threads=args.threads)
     out = Path(args.out) if args.out else model.path.parent / f"{model.path.stem}-eval"
+    check_out_folder(out, "--out" if args.out else "the report folder (--out DIR to choose another)")
     print(f"elcell: {model.path.name} on {model.provider}; data {args.data}", file=sys.stderr)
     metrics = evaluate(model, args.data, out, group=args.group, tta=args.tta,
                        tune_thresholds=args.tune_thresholds, review_band=args.review_band,
