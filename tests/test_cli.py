@@ -282,7 +282,7 @@ def test_bad_input_gets_one_clear_message(tmp_path, elpv, capsys, case):
         expect = ["label 'inactive' has no positive example in the train split", "add positive cells"]
     elif case == "too few to split":  # both kinds in the file, but one cell each: the split takes one
         lines = lines[:3]
-        expect = ["the file has 1 positive and 1 negative cells, too few for the split to leave both in train"]
+        expect = ["these cells have 1 positive and 1 negative ones, and the split left one kind out of train"]
     elif case == "offline weights":
         extra = ["--pretrained", "http://127.0.0.1:9/resnet18-f37072fd.pth"]
         expect = ["Could not download ImageNet weights", "--pretrained none"]

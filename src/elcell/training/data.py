@@ -118,8 +118,8 @@ def check_labels(table: LabelTable, split: np.ndarray) -> None:
         positives = int(table.positives[train, i][known].sum())
         # both kinds in the file, one kind in train: the split took the others to validation or test
         everywhere = table.positives[table.known[:, i], i] == 1
-        split_off = (f"; the file has {int(everywhere.sum())} positive and {int((~everywhere).sum())} negative "
-                     f"cells, too few for the split to leave both in train: label more cells"
+        split_off = (f"; these cells have {int(everywhere.sum())} positive and {int((~everywhere).sum())} "
+                     "negative ones, and the split left one kind out of train: label more cells"
                      if everywhere.any() and not everywhere.all() else "")
         if positives == 0:
             raise DataError(
