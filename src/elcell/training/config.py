@@ -204,8 +204,9 @@ class TrainConfig:
     module_path: float = option(0.0, "probability per cell of each distortion the module path adds "
                                 "(elcell.training.linepath): residual perspective and rotation, a jittered border, a "
                                 "light gradient, defocus, a lower native resolution, sensor noise; for "
-                                "models that judge cells cut from module photos (off by default: at 0.25 "
-                                "it cost file-path crack F1, docs/accuracy.md K04)", "augmentation",
+                                "models that judge cells cut from module photos (off by default: at 0.1 on "
+                                "the default recipe it closes the modules' crack-ranking gap but costs "
+                                "file-path crack F1 at 0.5, docs/accuracy.md K16)", "augmentation",
                                 check=_PROBABILITY, metavar="P")
     synthetic_cracks: float = option(0.0, "probability that a clean training cell gets drawn cracks and is "
                                      "labelled a crack (its 'crack' label, or its only label)",
