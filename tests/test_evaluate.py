@@ -152,6 +152,13 @@ def test_user_mistakes_are_one_line_errors(tiny_onnx, seed_csv, tmp_path, capsys
     misspelt.write_text(seed_csv.read_text().replace("crack", "Crack", 1))
     assert main(["evaluate", str(tiny_onnx), "--data", str(misspelt), "--out", str(tmp_path / "ev")]) == 2
     assert "column 'Crack' differs from the model's label 'crack' only in case" in capsys.readouterr().err
+    # a column that is no label of the model is scored by nothing: said, not silently left
+    extra = tmp_path / "extra.csv"
+    lines = seed_csv.read_text().splitlines()
+    extra.write_text(f"{lines[0]};defect\n" + "".join(f"{seed_csv.parent / line};{i % 2}\n"
+                                                      for i, line in enumerate(lines[1:])))
+    assert main(["evaluate", str(tiny_onnx), "--data", str(extra), "--out", str(tmp_path / "ex"), "--no-progress"]) == 0
+    assert "data columns that are not the model's labels (not evaluated): ['defect']" in capsys.readouterr().out
 
 
 def test_evaluate_report_shows_metrics_curves_and_the_models_mistakes(tiny_onnx, seed_csv, tmp_path):

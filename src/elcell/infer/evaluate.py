@@ -183,6 +183,7 @@ def evaluate(model: Model, data: str | LabelTable, out: str | Path, group: str |
         "model": str(model.path), "data": str(data), "provider": model.provider, "tta": tta,
         "labels": predictions.labels,
         "labels_not_in_data": [label for label in info.labels if label not in predictions.labels],
+        "columns_not_labels": [name for name in table.names if name not in info.labels],
         "images": len(table), "failed": [{"path": u.path, "error": u.reason} for u in predictions.failed],
     }
     tuned_model = None

@@ -62,6 +62,8 @@ def format_report(metrics: dict) -> str:
                      "tune on validation cells, evaluate on others")
     if metrics["labels_not_in_data"]:
         lines.append(f"model labels not in the data (not evaluated): {metrics['labels_not_in_data']}")
+    if metrics.get("columns_not_labels"):  # older metrics.json files lack it
+        lines.append(f"data columns that are not the model's labels (not evaluated): {metrics['columns_not_labels']}")
     failed = metrics["failed"]
     if failed:
         lines.append(f"{len(failed)} of {metrics['images']} images could not be read and were skipped "
