@@ -345,7 +345,7 @@ def _trainer(config: TrainConfig, run: Path, gpu: bool, extra_callbacks: list) -
     # saves on improvement, and Lightning's save_last follows it); written once the
     # epoch is complete, so --resume starts the next epoch instead of repeating it.
     last = RunCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False)
+                         save_on_train_epoch_end=True, enable_version_counter=False)
     # --keep last keeps the schedule's end: no early stop before it
     stopping = [EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)] if config.keep == "best" else []
     if config.ema_decay > 0:
