@@ -23,7 +23,8 @@ def test_explain_writes_overlays_heatmaps_and_boxes(tiny_onnx, seed_csv, tmp_pat
     status = main(["explain", str(tiny_onnx), *map(str, images), str(bad), "--out", str(out),
                    "--label", "crack"])
     assert status == 1  # finished, but says that one image failed
-    assert "broken.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "4 images; labels ['crack']" in err and "explained 3 images x 1 label in" in err
     assert not list(out.glob("broken*"))
     assert not list(out.glob("*inactive*"))  # only the label asked for
     for image in images:

@@ -90,6 +90,11 @@ def _check_writable(path: Path, option: str) -> None:
         raise DataError(f"{option} {path}: cannot write in {target} (read-only, or not yours)")
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 image', '2 images': a count in a message."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def safe_name(text: str) -> str:
     """A file-name-safe version of a label or image stem."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"

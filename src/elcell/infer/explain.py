@@ -21,7 +21,14 @@ from elcell.cells.inputs import Unreadable, collect_inputs, report_unreadable, u
 from elcell.errors import DataError
 from elcell.infer.heatmaps import BOX_THRESHOLD, heatmap_box, heatmap_note, overlay_png
 from elcell.infer.runtime import Model, open_model, score_cells
-from elcell.io import atomic_path, atomic_write_json, check_out_folder, safe_name, unique_names
+from elcell.io import (
+    atomic_path,
+    atomic_write_json,
+    check_out_folder,
+    counted,
+    safe_name,
+    unique_names,
+)
 
 
 def explain_cell(out_dir: str | Path, name: str, cell: np.ndarray, heatmaps: np.ndarray,
@@ -140,12 +147,12 @@ def main(args) -> int:
     model = open_model(args.model, threads=args.threads)
     labels = [model.info.labels[i] for i in label_indices(model.info.labels, args.label)]
     paths = collect_inputs(args.inputs, outputs=[args.out])
-    print(f"elcell: {model.path.name} on {model.provider}; {len(paths)} images; labels {labels}",
+    print(f"elcell: {model.path.name} on {model.provider}; {counted(len(paths), 'image')}; labels {labels}",
           file=sys.stderr)
     result = write_explanations(model, paths, args.out, labels, batch_size=args.batch_size,
                                 threshold=args.box_threshold,
                                 on_skip=lambda item: report_unreadable(item, "skipped"))
-    print(f"elcell: explained {len(result.records)} images x {len(labels)} labels in {args.out}",
+    print(f"elcell: explained {counted(len(result.records), 'image')} x {counted(len(labels), 'label')} in {args.out}",
           file=sys.stderr)
     if result.skipped:
         print(f"elcell: {len(result.skipped)} of {len(paths)} images could not be read (listed above)",

@@ -39,7 +39,7 @@ from elcell.infer.runtime import (
     score_files,
 )
 from elcell.infer.tables import ParquetRows, is_parquet
-from elcell.io import atomic_path, check_out_folder, output_mode, unique_names
+from elcell.io import atomic_path, check_out_folder, counted, output_mode, unique_names
 from elcell.options import show_progress
 
 # Scores files batch by batch: runtime.score_files on this machine, or
@@ -332,10 +332,6 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{label} {n}" for label, n in counts.items())
 
 
-def _cells(n: int) -> str:
-    return f"{n} cell" if n == 1 else f"{n} cells"
-
-
 def _say(text: str) -> None:
     print(f"elcell: {text}", file=sys.stderr)
 
@@ -348,9 +344,9 @@ def _report(result: PredictResult, args, paths: list[Path]) -> int:
     rate = result.predicted / result.seconds if result.seconds > 0 else 0.0
     # after --resume the counts are of this run's cells, not of the whole file
     skipped = f" ({result.skipped} were already in {args.out}); among the new ones," if result.skipped else ";"
-    _say(f"predicted {_cells(result.predicted)} in {result.seconds:.1f} s ({rate:.1f} cells/s){skipped} "
+    _say(f"predicted {counted(result.predicted, 'cell')} in {result.seconds:.1f} s ({rate:.1f} cells/s){skipped} "
          f"defect: {_counts(result.defect)}; review: {_counts(result.review)}; "
-         f"{_cells(result.cells_in_review)} for a person to review")
+         f"{counted(result.cells_in_review, 'cell')} for a person to review")
     if result.predicted >= 20 and result.cells_ok == 0:
         _say(f"warning: no cell is ok: all {result.predicted} are defect or review for some label. Are the "
              "thresholds what you meant (a tuned model's, --threshold, --review-threshold)?")
@@ -372,7 +368,7 @@ def main(args, scorer: Scorer | None = None) -> int:
                  "no review band")
     bands = ", ".join(f"{label} defect >= {t:.4g}, review >= {min(r, t):.4g}"
                       for label, t, r in zip(info.labels, thresholds, review, strict=True))
-    _say(f"{model.path.name} on {model.provider}; {len(paths)} images; {bands}")
+    _say(f"{model.path.name} on {model.provider}; {counted(len(paths), 'image')}; {bands}")
     try:
         result = predict(model, paths, args.out, batch_size=args.batch_size, workers=args.workers,
                          tta=args.tta, thresholds=thresholds, review_thresholds=review, resume=args.resume,
