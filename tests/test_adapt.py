@@ -166,7 +166,7 @@ def test_from_fine_tunes_with_replay_and_exports_every_label(adapted, tiny_run, 
     assert summary["labels"] == ["crack", "inactive", "severe"]
     # adapt keeps the schedule's end, whatever the few validation cells said
     assert (summary["kept"], summary["best_checkpoint"], summary["onnx"]) == \
-        ("last", "checkpoints/last.ckpt", "best_model_epoch1.onnx")
+        ("last", "checkpoints/last.ckpt", "best_model_epoch2.onnx")  # epochs count from 1
     assert open_model(adapted / summary["onnx"]).info.labels == ["crack", "inactive", "severe"]
     rows = _rows(adapted / "split.csv")
     new = {str(p.resolve()) for p in (adapted.parent / "cells").iterdir()}

@@ -35,6 +35,10 @@ def test_run_folder_holds_every_output(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert (tiny_run / summary["best_checkpoint"]).is_file()
     assert summary["onnx"] == f"best_model_epoch{read_info(tiny_run / summary['onnx']).epoch}.onnx"
+    # N counts from 1, as the log's "epoch N/E" does: the epoch of the best val_f1 in metrics.csv, plus one
+    rows = [r for r in csv.DictReader(open(tiny_run / "metrics.csv")) if r.get("val_f1")]
+    best = max(rows, key=lambda r: float(r["val_f1"]))
+    assert summary["onnx"] == f"best_model_epoch{int(best['epoch']) + 1}.onnx"
     assert summary["onnx_max_abs_diff"] <= 1e-4
     assert summary["cells"] == {"train": 48, "val": 16, "test": 0}
     assert yaml.safe_load((tiny_run / "config.yaml").read_text())["backbone"] == "test_resnet"

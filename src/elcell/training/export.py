@@ -142,7 +142,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
                       tolerance: float = PARITY_TOLERANCE) -> tuple[Path, float]:
     """Re-export a Lightning checkpoint. `out` may be a file or a folder (default: the
     checkpoint's folder; a path ending in a separator is a folder, created if
-    need be); in a folder the file is named best_model_epoch{N}.onnx."""
+    need be); in a folder the file is named best_model_epoch{N}.onnx, N counted
+    from 1 as the training log counts."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ExportError(f"{checkpoint}: checkpoint not found")
@@ -150,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None,
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         module = ELCellModule(**state["hyper_parameters"])
         module.load_state_dict(state["state_dict"])
-        epoch = int(state["epoch"])
+        epoch = int(state["epoch"]) + 1  # counted from 1, as the training log and losses.png count
     except Exception as err:  # not a file torch can read, or a checkpoint of something else
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ExportError(f"{checkpoint}: not a checkpoint of `elcell train` ({reason})") from None
