@@ -417,6 +417,16 @@ def test_a_token_file_must_hold_a_token(tiny_onnx, tmp_path, monkeypatch, capsys
         assert f"elcell: error: --token-file {tmp_path / file}: {why}" in capsys.readouterr().err
 
 
+def test_a_labels_folder_that_cannot_be_one_is_refused_before_serving(tiny_onnx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("elcell.station.app._Server.run", lambda server: pytest.fail("the station started"))
+    (tmp_path / "a-file").write_text("not a folder")
+    for folder, why in (("a-file", "exists and is not a folder"), ("a-file/reviewed", "is a file, not a folder")):
+        assert main(["serve", str(tiny_onnx), "--labels-out", str(tmp_path / folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"elcell: error: --labels-out {tmp_path / folder}: " in err and why in err, err
+        assert "Traceback" not in err
+
+
 def test_serve_refuses_to_start_open_to_the_network(tiny_onnx, tmp_path, monkeypatch, capsys):
     """Beyond loopback with --labels-out and no token: refused before the model is
     opened (exit 2), not only warned about; on loopback, or with a token, it starts."""

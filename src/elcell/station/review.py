@@ -44,7 +44,7 @@ from PIL import Image
 
 from elcell.cells.labels import guess_separator
 from elcell.errors import DataError
-from elcell.io import safe_name
+from elcell.io import check_out_folder, safe_name
 
 try:  # advisory locks between processes (POSIX); a thread lock alone elsewhere
     import fcntl
@@ -85,8 +85,7 @@ class LabelsFolder:
         self.csv = self.folder / "labels.csv"
         self.cells = self.folder / "cells"
         self._lock = threading.Lock()
-        if self.folder.exists() and not self.folder.is_dir():
-            raise DataError(f"--labels-out {self.folder}: exists and is not a folder")
+        check_out_folder(self.folder, "--labels-out")  # a file, or unwritable: said before serving
         self.cells.mkdir(parents=True, exist_ok=True)
         _sync_folder(self.folder)  # cells/ itself survives a power cut
         self.separator = SEPARATOR
