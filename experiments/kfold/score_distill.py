@@ -5,9 +5,12 @@ differences.
     python experiments/kfold/score_distill.py runs/kfold/K03-teacher runs/kfold/K03-student \
         runs/data/distill/test.csv --out runs/kfold/K03-scores.json
 
-The ensemble averages the fold models' probabilities; its thresholds are the
-teacher protocol's `oof_thresholds` (chosen on its pooled out-of-fold scores,
-never on these cells). The student and each fold model use their own.
+The teacher is a k-fold folder (its fold models) or, as `--teacher` takes it,
+run folders and ONNX files separated by commas (K19: one fold's models of
+several recipes); the first model is the single model the others are
+compared with. The ensemble averages the models' probabilities; its
+thresholds are a protocol's `oof_thresholds` (the teacher folder's, or
+`--thresholds-from KFOLD`). The student and each single model use their own.
 """
 
 from __future__ import annotations
@@ -40,26 +43,30 @@ def ensemble(models: list[Path], table, oof: dict, labels: list[str]) -> Scored:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("teacher", type=Path)
+    parser.add_argument("teacher", help="a k-fold folder, or models separated by commas")
     parser.add_argument("student", type=Path)
     parser.add_argument("test", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--thresholds-from", type=Path, help="the k-fold folder whose oof_thresholds the "
+                        "ensemble decides at (default: the teacher's)")
     args = parser.parse_args()
     table = read_labels_csv(args.test, group="type")
-    models = teacher_models(str(args.teacher))
-    scored = {f"single fold{i}": score_table(open_model(m), table, progress=False) for i, m in enumerate(models)}
-    labels = scored["single fold0"].labels
-    oof = json.loads((args.teacher / "kfold.json").read_text())["oof_thresholds"]
+    models = teacher_models(args.teacher)
+    scored = {f"{m.parent.parent.name}/{m.parent.name}": score_table(open_model(m), table, progress=False)
+              for m in models}
+    single = next(iter(scored))
+    labels = scored[single].labels
+    protocol = args.thresholds_from or Path(args.teacher)
+    oof = json.loads((protocol / "kfold.json").read_text())["oof_thresholds"]
     scored["ensemble"] = ensemble(models, table, oof, labels)
     scored["student"] = score_table(open_model(args.student), table, progress=False)
     report = {"cells": len(table), "figures": {name: bootstrap(s) for name, s in scored.items()},
               "differences": {f"{b} - {a}": paired_difference(scored[a], scored[b])["figures"]
-                              for a, b in (("single fold0", "ensemble"), ("single fold0", "student"),
-                                           ("ensemble", "student"))}}
+                              for a, b in ((single, "ensemble"), (single, "student"), ("ensemble", "student"))}}
     atomic_write_json(args.out, report)
-    print(f"{'model':<16}" + "".join(f"{name:>24}" for name in SHOWN))
+    print(f"{'model':<20}" + "".join(f"{name:>24}" for name in SHOWN))
     for name, figures in report["figures"].items():
-        print(f"{name:<16}" + "".join(f"{fmt(figures[k]['value']) + ' [' + fmt(figures[k]['low']) + ',' + fmt(figures[k]['high']) + ']':>24}"
+        print(f"{name:<20}" + "".join(f"{fmt(figures[k]['value']) + ' [' + fmt(figures[k]['low']) + ',' + fmt(figures[k]['high']) + ']':>24}"
                                       for k in SHOWN))
     for pair, figures in report["differences"].items():
         print(f"{pair:<24}" + "  ".join(f"{k} {fmt(figures[k]['difference'], '+.3f')} [{fmt(figures[k]['low'], '+.3f')}, "
