@@ -60,16 +60,20 @@ def machine(config: TrainConfig) -> dict:
             "torch": torch.__version__}
 
 
-_noted_busy = False
+_looked_at_load = False
 
 
 def note_busy_machine() -> None:
     """A training shares its cores badly: two heavy processes on 2 cores take 3-10x
-    as long. Say so once, at the start, rather than leave the user wondering."""
-    global _noted_busy
+    as long. Say so once, at the start, rather than leave the user wondering.
+    Only the process's first training looks: the load a k-fold run's next fold
+    (or a two-stage run's second stage) sees is mostly the previous one's."""
+    global _looked_at_load
+    if _looked_at_load:
+        return
+    _looked_at_load = True
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if rank_zero_only.rank == 0 and load > max(1.0, 0.5 * cores) and not _noted_busy:
-        _noted_busy = True
+    if rank_zero_only.rank == 0 and load > max(1.0, 0.5 * cores):
         print(f"elcell: note: this machine is busy (load {load:.1f} on {cores} cores): training will take "
               "longer than the times given for an idle machine", file=sys.stderr)
