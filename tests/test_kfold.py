@@ -128,6 +128,16 @@ def test_fold_and_test_fraction_need_a_protocol(seed_csv, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_protocol_folder_under_a_file_is_refused_before_any_cell_is_read(seed_csv, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr("elcell.training.kfold.prepare", lambda *a, **k: pytest.fail("cells were read"))
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "kf"
+    assert main(["train", "--data", str(seed_csv), "--folds", "3", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: {tmp_path / 'a-file'} is a file, not a folder" in err and "Traceback" not in err
+
+
 def test_compare_gives_paired_intervals_and_gates_on_require(protocol, seed_csv, tmp_path, capsys):
     fold0, fold1 = protocol / "fold0", protocol / "fold1"
     code = main(["compare", str(fold0), str(fold1), "--data", str(seed_csv), "--out", str(tmp_path / "cmp"),

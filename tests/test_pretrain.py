@@ -85,6 +85,12 @@ def test_bad_inputs_fail_before_a_run_folder_exists(tmp_path, elpv):
     with pytest.raises(DataError, match="--bit-depth 7: choose from"):
         pretrain(PretrainConfig(data=str(folder), out=str(out), bit_depth=7, progress=False))
     assert not out.exists()
+    enough = copy_cells(tmp_path / "enough", elpv, 8)
+    (tmp_path / "a-file").write_text("not a folder")
+    for where, why in ((tmp_path / "a-file", "exists and is not a folder"),
+                       (tmp_path / "a-file" / "run", "is a file, not a folder")):
+        with pytest.raises(DataError, match=f"--out {where}: .*{why}"):
+            pretrain(PretrainConfig(data=str(enough), out=str(where), progress=False))
 
 
 def test_pretrain_on_a_folder_then_fine_tune_from_its_backbone(tmp_path, elpv, seed_csv, capsys):

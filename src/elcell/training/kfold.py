@@ -28,7 +28,7 @@ import yaml
 from elcell.cells.labels import LabelTable, label_fields, load_table
 from elcell.errors import DataError
 from elcell.infer.metrics import fmt, tune
-from elcell.io import atomic_write_json, atomic_write_text
+from elcell.io import atomic_write_json, atomic_write_text, check_out_folder
 from elcell.judging.folds import (
     ASSIGNMENT,
     OOF,
@@ -140,7 +140,7 @@ def run_kfold(config: TrainConfig) -> dict:
                         "again continues it")
     check_options(config)
     config = with_absolute_paths(config)
-    run = Path(config.out)
+    run = check_out_folder(config.out)  # before the cells are decoded
     _check_protocol(run, config)
     if (run / PROTOCOL).is_file():
         _check_assignment(run, config)

@@ -29,7 +29,7 @@ from torch import nn
 from elcell.cells.inputs import collect_inputs
 from elcell.cells.labels import load_table
 from elcell.errors import DataError
-from elcell.io import atomic_path, atomic_write_json, atomic_write_text
+from elcell.io import atomic_path, atomic_write_json, atomic_write_text, check_out_folder
 from elcell.options import show_progress, validate
 from elcell.training.augment import BatchAugment, normalise
 from elcell.training.data import (
@@ -139,6 +139,7 @@ def pretrain(config: PretrainConfig) -> dict:
     validate(config)
     paths = pretrain_cells(config)
     run = Path(config.out) if config.out else Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    check_out_folder(run)
     if run.exists() and any(run.iterdir()):  # before decoding: a large folder takes minutes
         raise DataError(f"{run}: run folder exists and is not empty; choose another --out")
     progress = show_progress(config.progress)
