@@ -39,6 +39,7 @@ def test_run_folder_holds_every_output(tiny_run):
     rows = [r for r in csv.DictReader(open(tiny_run / "metrics.csv")) if r.get("val_f1")]
     best = max(rows, key=lambda r: float(r["val_f1"]))
     assert summary["onnx"] == f"best_model_epoch{int(best['epoch']) + 1}.onnx"
+    assert summary["best_checkpoint"].startswith(f"checkpoints/best-epoch{int(best['epoch']) + 1}-")
     assert summary["onnx_max_abs_diff"] <= 1e-4
     assert summary["cells"] == {"train": 48, "val": 16, "test": 0}
     assert yaml.safe_load((tiny_run / "config.yaml").read_text())["backbone"] == "test_resnet"

@@ -72,6 +72,13 @@ class RunCheckpoint(ModelCheckpoint):
         # ModelCheckpoint's key, so that checkpoints of either class resume into the other
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def format_checkpoint_name(self, metrics: dict, filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        # the epoch counted from 1, as the log, losses.png and the exported model count it
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
     def load_state_dict(self, state_dict: dict) -> None:
         def here(path):  # the same file name in this folder
             return os.path.join(self.dirpath, os.path.basename(path)) if path else path
