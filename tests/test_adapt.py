@@ -15,6 +15,7 @@ import yaml
 from conftest import write_seed_csv
 
 from elcell.cli import main
+from elcell.errors import DataError
 
 
 def run_cli(args, capsys):
@@ -139,8 +140,13 @@ def test_resume_with_from_takes_its_own_source_however_spelt_or_moved(tiny_run, 
     assert not _resumes_from(last, str(other))  # another run than the one it fine-tuned
     (run / "config.yaml").write_text(yaml.safe_dump({"from_run": str(tmp_path / "moved-away")}))
     assert _resumes_from(last, str(tiny_run))  # the source moved: --from says where it went
+    (run / "config.yaml").write_text(yaml.safe_dump({"from_run": str(tiny_run)}))
+    with pytest.raises(DataError, match=f"--from {tmp_path / 'typo'}: "):  # its own error, not "give one"
+        _resumes_from(last, str(tmp_path / "typo"))
     (run / "config.yaml").write_text(yaml.safe_dump({"epochs": 3}))
     assert not _resumes_from(last, str(tiny_run))  # not a fine-tuning at all
+    (run / "config.yaml").write_text("from_run: [unclosed")
+    assert not _resumes_from(last, str(tiny_run))  # an unreadable record: not known to be one
 
 
 def _rows(path: Path) -> list[dict]:

@@ -79,15 +79,19 @@ def _resumes_from(resume: str, source: str) -> bool:
     from that run (spelt as its folder or a checkpoint), or from one no longer
     there (moved: SOURCE is where it went, and names its cells for replay)."""
     record = checkpoint_run(resume) / "config.yaml"
-    options = yaml.safe_load(record.read_text(encoding="utf-8")) if record.is_file() else None
+    try:
+        options = yaml.safe_load(record.read_text(encoding="utf-8")) if record.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # no readable record: not known to be a fine-tuning
+        options = None
     started = options.get("from_run") if isinstance(options, dict) else None
     if not started:
         return False
     if not Path(started).exists():
         return True
+    source_run = run_folder(find_checkpoint(source))  # a --from that names no run says so itself
     try:
-        return run_folder(find_checkpoint(started)).resolve() == run_folder(find_checkpoint(source)).resolve()
-    except DataError:
+        return run_folder(find_checkpoint(started)).resolve() == source_run.resolve()
+    except DataError:  # the run it started from no longer holds a checkpoint: not that run
         return False
 
 
