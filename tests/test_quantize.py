@@ -255,6 +255,9 @@ def test_a_run_folder_is_quantised_as_its_best_model(tiny_run, seed_csv, tmp_pat
     err = capsys.readouterr().err  # with the way on: its val.csv calibrates, its checkpoint exports again
     best = json.loads((tiny_run / "summary.json").read_text())["best_checkpoint"]  # the model's, not last.ckpt
     assert "already ONNX: pass --int8 to quantise it" in err and f"give {tiny_run / best} to export it again" in err
+    model = tiny_run / json.loads((tiny_run / "summary.json").read_text())["onnx"]
+    assert main(["export", str(model)]) == 2  # the run's model named as a file: the same way back
+    assert f"give {tiny_run / best} to export it again" in capsys.readouterr().err
 
 
 

@@ -143,7 +143,8 @@ def _add_export(commands) -> None:
     parser.add_argument("--calibration-count", type=positive_int, default=200,
                         help="cells drawn from --calibration to calibrate on")
     parser.add_argument("--eval-data", metavar="LABELS.csv",
-                        help="compare float and int8 on these cells (default: all --calibration cells)")
+                        help="compare float and int8 on these cells (default: all --calibration cells); "
+                             "unreadable ones are named and left out, and the command then exits with status 1")
     parser.add_argument("--group", metavar="COLUMN",
                         help="a column of those CSVs that is a group (e.g. cell type), not a label")
     parser.add_argument("--int8-out", metavar="FILE.onnx",
@@ -156,15 +157,22 @@ def _add_export(commands) -> None:
     parser.set_defaults(run=_run_export)
 
 
-def _run_validation_cells(source: str) -> str | None:
-    """RUN/val.csv of the run a run folder, its model or its checkpoint belongs to."""
+def _run_of(source: str) -> Path:
+    """The run folder a run folder, its model or its checkpoint belongs to."""
     path = Path(source)
-    run = path if path.is_dir() else path.parent.parent if path.suffix == ".ckpt" else path.parent
+    return path if path.is_dir() else path.parent.parent if path.suffix == ".ckpt" else path.parent
+
+
+def _run_validation_cells(source: str) -> str | None:
+    """RUN/val.csv of the run `source` belongs to."""
+    run = _run_of(source)
     return str(run / "val.csv") if (run / "val.csv").is_file() else None
 
 
-def _kept_checkpoint(run: Path) -> Path | None:
-    """The checkpoint a run folder's model was exported from (summary.json's), if it is there."""
+def _kept_checkpoint(source: str) -> Path | None:
+    """The checkpoint the model of the run `source` belongs to was exported from
+    (summary.json's), if it is there."""
+    run = _run_of(source)
     try:
         kept = run / json.loads((run / "summary.json").read_text(encoding="utf-8"))["best_checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -189,7 +197,7 @@ def _run_export(args) -> int:
         source = str(resolve_model_path(source))
     if source.lower().endswith(".onnx"):
         if not args.int8:
-            kept = _kept_checkpoint(Path(args.checkpoint))
+            kept = _kept_checkpoint(args.checkpoint)
             again = f"give {kept} to export it again" if kept else "give a .ckpt checkpoint to export again"
             calibrate = "" if _run_validation_cells(args.checkpoint) else " --calibration LABELS.csv"
             raise DataError(f"{source} is already ONNX: pass --int8{calibrate} to quantise it, or {again}")
