@@ -10,7 +10,10 @@ run folders and ONNX files separated by commas (K19: one fold's models of
 several recipes); the first model is the single model the others are
 compared with. The ensemble averages the models' probabilities; its
 thresholds are a protocol's `oof_thresholds` (the teacher folder's, or
-`--thresholds-from KFOLD`). The student and each single model use their own.
+`--thresholds-from KFOLD`): chosen for that protocol's probabilities, and
+on these cells too where the protocol's folds hold them (K19), so read the
+ensemble's own-threshold figures with care. The student and each single
+model use their own.
 """
 
 from __future__ import annotations
@@ -50,13 +53,16 @@ def main() -> None:
     parser.add_argument("--thresholds-from", type=Path, help="the k-fold folder whose oof_thresholds the "
                         "ensemble decides at (default: the teacher's)")
     args = parser.parse_args()
+    protocol = args.thresholds_from or Path(args.teacher)
+    if not (protocol / "kfold.json").is_file():
+        parser.error(f"{protocol}: no kfold.json to take the ensemble's thresholds from; name a k-fold "
+                     "folder with --thresholds-from")
     table = read_labels_csv(args.test, group="type")
     models = teacher_models(args.teacher)
     scored = {f"{m.parent.parent.name}/{m.parent.name}": score_table(open_model(m), table, progress=False)
               for m in models}
     single = next(iter(scored))
     labels = scored[single].labels
-    protocol = args.thresholds_from or Path(args.teacher)
     oof = json.loads((protocol / "kfold.json").read_text())["oof_thresholds"]
     scored["ensemble"] = ensemble(models, table, oof, labels)
     scored["student"] = score_table(open_model(args.student), table, progress=False)
