@@ -60,6 +60,21 @@ def check_resumable(config: TrainConfig, checkpoint: dict) -> None:
                         f"{'with --ema-decay' if averaged else 'without it'}")
 
 
+def best_score(checkpoint: ModelCheckpoint, resume: str | None) -> float | None:
+    """The run's best validation F1: this session's record, else the resumed
+    checkpoint's. Lightning restores that record only into the run's own folder,
+    so a run resumed into a new --out that trains no further epoch has none."""
+    if checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    if not resume:
+        return None
+    state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+    for key, saved in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint{'monitor': 'val_f1'") and saved.get("best_model_score") is not None:
+            return float(saved["best_model_score"])
+    return None
+
+
 class RunCheckpoint(ModelCheckpoint):
     """A ModelCheckpoint whose record of the best checkpoints follows its run folder
     when the folder is copied or moved. Lightning keeps that record only while the

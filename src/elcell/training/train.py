@@ -67,7 +67,7 @@ from elcell.training.hardware import (
 from elcell.training.history import EpochLines, merge_session_logs, next_session, plot_losses
 from elcell.training.lightning_module import ELCellModule
 from elcell.training.nets.build import load_pretrained
-from elcell.training.resume import RunCheckpoint, check_resumable, resume_checkpoint
+from elcell.training.resume import RunCheckpoint, best_score, check_resumable, resume_checkpoint
 
 
 def check_options(config: TrainConfig) -> None:
@@ -239,10 +239,11 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
     if config.resume and not Path(kept).is_file():  # the resumed run moved, and this run trained no better
         beside = checkpoint_run(config.resume) / "checkpoints" / Path(kept).name
         if not beside.is_file():
-            raise DataError(f"--resume {config.resume}: its best checkpoint {kept} is gone; export the one "
+            raise DataError(f"--resume {config.resume}: its kept checkpoint {kept} is gone; export the one "
                             "you want with `elcell export CHECKPOINT`")
         kept = str(beside)
-    kept_f1 = checkpoint.best_model_score if config.keep == "best" else trainer.callback_metrics.get("val_f1")
+    best_f1 = best_score(checkpoint, config.resume)
+    kept_f1 = best_f1 if config.keep == "best" else trainer.callback_metrics.get("val_f1")
     kept_epoch = int(torch.load(kept, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     plot_losses(merge_session_logs(run), run / "losses.png", kept_epoch)
     onnx_path, parity = export_checkpoint(kept, out=run, check_images=images[np.flatnonzero(split == "val")[:4]])
@@ -252,11 +253,9 @@ def _export_and_score(config: TrainConfig, run: Path, trainer: L.Trainer, table:
                 older.unlink()
     summary = {
         "best_checkpoint": os.path.relpath(kept, run),  # the model's, --keep last's included
-        # None when a run resumed into a new --out trained no further epoch
-        "best_val_f1": float("nan") if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
+        "best_val_f1": float("nan") if best_f1 is None else float(best_f1),
         "kept": config.keep, "kept_val_f1": float("nan") if kept_f1 is None else float(kept_f1),
-        "onnx": onnx_path.name,
-        "onnx_max_abs_diff": parity,
+        "onnx": onnx_path.name, "onnx_max_abs_diff": parity,
         "epochs_run": trainer.current_epoch,
         "labels": table.names,
         "cells": {part: int((split == part).sum()) for part in ("train", "val", "test")},
