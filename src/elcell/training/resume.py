@@ -69,10 +69,8 @@ def best_score(checkpoint: ModelCheckpoint, resume: str | None) -> float | None:
     if not resume:
         return None
     state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
-    for key, saved in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint{'monitor': 'val_f1'") and saved.get("best_model_score") is not None:
-            return float(saved["best_model_score"])
-    return None
+    saved = state.get("callbacks", {}).get(checkpoint.state_key, {}).get("best_model_score")
+    return None if saved is None else float(saved)
 
 
 class RunCheckpoint(ModelCheckpoint):
