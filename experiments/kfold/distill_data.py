@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     table = read_labels_csv(args.all_cells, group="type")
     if args.test:
-        held_out = {str(p.resolve()) for p in read_labels_csv(args.test).paths}
-        test = {i for i, p in enumerate(table.paths) if str(Path(p).resolve()) in held_out}
+        held_out = {p.resolve() for p in read_labels_csv(args.test).paths}
+        test = {i for i, p in enumerate(table.paths) if p.resolve() in held_out}
         if len(test) != len(held_out):
             parser.error(f"{args.test}: {len(held_out) - len(test)} of its cells are not in {args.all_cells}")
     else:
